@@ -1,0 +1,13 @@
+//! Fuzzes the `AgentEvent` decoder: it must never panic, and whatever it accepts must re-encode
+//! and decode back to the same message.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use outpost_protocol::{AgentEvent, Message};
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(msg) = AgentEvent::decode(data) {
+        let bytes = msg.to_vec().expect("a decoded message re-encodes");
+        assert_eq!(AgentEvent::decode(&bytes).as_ref(), Ok(&msg));
+    }
+});

@@ -1,0 +1,13 @@
+//! Fuzzes the `NodeStatus` decoder: it must never panic, and whatever it accepts must re-encode
+//! and decode back to the same message.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use outpost_protocol::{NodeStatus, Message};
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(msg) = NodeStatus::decode(data) {
+        let bytes = msg.to_vec().expect("a decoded message re-encodes");
+        assert_eq!(NodeStatus::decode(&bytes).as_ref(), Ok(&msg));
+    }
+});

@@ -1,0 +1,25 @@
+//! Every bound on the wire, in one place. Changing one of these changes the protocol:
+//! bump [`crate::WIRE_VERSION`] when a bound shrinks.
+
+/// Longest node id, in bytes. A node id is also the node's MQTT username and a topic level.
+pub const MAX_NODE_ID_LEN: usize = 32;
+/// Longest image (or kernel/initrd) file name in an agent's image directory.
+pub const MAX_IMAGE_NAME_LEN: usize = 64;
+/// Longest label key (`zone`, `site`, `outpost.dev/gpu`...).
+pub const MAX_LABEL_KEY_LEN: usize = 32;
+/// Longest label value.
+pub const MAX_LABEL_VALUE_LEN: usize = 64;
+/// Most labels on a node or an instance.
+pub const MAX_LABELS: usize = 8;
+/// Most images an inventory lists.
+pub const MAX_IMAGES: usize = 32;
+/// Longest kernel command line for direct kernel boot.
+pub const MAX_CMDLINE_LEN: usize = 256;
+/// Longest libvirt network or host bridge name (Linux caps interface names at 15).
+pub const MAX_NET_NAME_LEN: usize = 15;
+/// Longest human-readable reason carried by an event.
+pub const MAX_REASON_LEN: usize = 160;
+/// Most instances one node can be asked to run.
+pub const MAX_INSTANCES_PER_NODE: usize = 32;
+/// Longest topic this crate produces.
+pub const MAX_TOPIC_LEN: usize = 64;

@@ -1,0 +1,1 @@
+//! End-to-end tests of Outpost: the real broker and real libvirt, driven from `tests/tests/`.
