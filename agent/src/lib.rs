@@ -1,4 +1,16 @@
 //! `outpost-agent`: the edge compute agent (Outpost's nova-compute).
 //!
-//! It owns the host side: fingerprinting, the hypervisor backends and the reconciler that
-//! converges libvirt to the node's desired state. It must never depend on the controller.
+//! It owns the host side of Outpost: reading its config, fingerprinting the host, the
+//! hypervisor backends (libvirt, and a fake one for simulation and tests), the durable copy of the
+//! node's desired state, and the reconciler that converges the host to it. It must never depend
+//! on the controller: the two meet only in `outpost-protocol`.
+//!
+//! Layout: [`reconcile`] is the pure core (no I/O, no clock reads); [`shell`] is the async I/O
+//! around it (MQTT, the hypervisor on blocking threads, disk, timers).
+
+pub mod config;
+pub mod fingerprint;
+pub mod hypervisor;
+pub mod reconcile;
+
+pub mod store;

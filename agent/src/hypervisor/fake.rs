@@ -1,0 +1,168 @@
+//! The fake backend: domains in memory, with failure injection and call counters. It is a
+//! declared backend for simulation and tests (`backend = "fake"`), never the only one that works.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use outpost_protocol::{Arch, HypervisorKind, InstanceId, InstanceSpec};
+
+use super::{Domain, DomainState, HostInfo, Hypervisor, HypervisorError};
+
+/// Which call a failure is injected into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Call {
+    /// `list`
+    List,
+    /// `create`
+    Create,
+    /// `start`
+    Start,
+    /// `stop`
+    Stop,
+    /// `reboot`
+    Reboot,
+    /// `delete`
+    Delete,
+}
+
+#[derive(Default)]
+struct State {
+    domains: BTreeMap<InstanceId, DomainState>,
+    fail_next: BTreeMap<Call, u32>,
+    calls: BTreeMap<(Call, InstanceId), u32>,
+}
+
+/// An in-memory hypervisor.
+pub struct FakeHypervisor {
+    host: HostInfo,
+    state: Mutex<State>,
+}
+
+impl FakeHypervisor {
+    /// A fake host of this architecture, kind and size.
+    pub fn new(arch: Arch, kind: HypervisorKind, vcpus: u16, memory_mib: u32) -> Self {
+        Self {
+            host: HostInfo {
+                arch,
+                kind,
+                vcpus,
+                memory_mib,
+            },
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind: keep using it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the next `times` calls of `call` fail.
+    pub fn fail_next(&self, call: Call, times: u32) {
+        self.lock().fail_next.insert(call, times);
+    }
+
+    /// Crashes a running domain (as if QEMU died).
+    pub fn crash(&self, id: InstanceId) {
+        if let Some(s) = self.lock().domains.get_mut(&id) {
+            *s = DomainState::Off { crashed: true };
+        }
+    }
+
+    /// Shuts a domain down as if the guest powered itself off.
+    pub fn guest_shutdown(&self, id: InstanceId) {
+        if let Some(s) = self.lock().domains.get_mut(&id) {
+            *s = DomainState::Off { crashed: false };
+        }
+    }
+
+    /// Stops every domain, as a host reboot does.
+    pub fn host_reboot(&self) {
+        for s in self.lock().domains.values_mut() {
+            *s = DomainState::Off { crashed: false };
+        }
+    }
+
+    /// Defines a domain directly, as if it had been created earlier.
+    pub fn insert(&self, id: InstanceId, state: DomainState) {
+        self.lock().domains.insert(id, state);
+    }
+
+    /// How many times `call` was made for `id`.
+    pub fn calls(&self, call: Call, id: InstanceId) -> u32 {
+        self.lock().calls.get(&(call, id)).copied().unwrap_or(0)
+    }
+
+    /// The state of one domain, if it exists.
+    pub fn state_of(&self, id: InstanceId) -> Option<DomainState> {
+        self.lock().domains.get(&id).copied()
+    }
+
+    fn enter(&self, call: Call, id: InstanceId) -> Result<MutexGuard<'_, State>, HypervisorError> {
+        let mut st = self.lock();
+        *st.calls.entry((call, id)).or_default() += 1;
+        if let Some(n) = st.fail_next.get_mut(&call).filter(|n| **n > 0) {
+            *n -= 1;
+            return Err(HypervisorError::Injected);
+        }
+        Ok(st)
+    }
+
+    fn set(&self, call: Call, id: InstanceId, to: DomainState) -> Result<(), HypervisorError> {
+        let mut st = self.enter(call, id)?;
+        let s = st
+            .domains
+            .get_mut(&id)
+            .ok_or(HypervisorError::NotFound(id))?;
+        *s = to;
+        Ok(())
+    }
+}
+
+impl Hypervisor for FakeHypervisor {
+    fn host(&self) -> Result<HostInfo, HypervisorError> {
+        Ok(self.host)
+    }
+
+    fn list(&self) -> Result<Vec<Domain>, HypervisorError> {
+        let st = self.enter(Call::List, InstanceId::from_u64(0))?;
+        Ok(st
+            .domains
+            .iter()
+            .map(|(&id, &state)| Domain { id, state })
+            .collect())
+    }
+
+    fn create(
+        &self,
+        id: InstanceId,
+        _spec: &InstanceSpec,
+        start: bool,
+    ) -> Result<(), HypervisorError> {
+        let mut st = self.enter(Call::Create, id)?;
+        let state = if start {
+            DomainState::Running
+        } else {
+            DomainState::Off { crashed: false }
+        };
+        st.domains.entry(id).or_insert(state);
+        Ok(())
+    }
+
+    fn start(&self, id: InstanceId) -> Result<(), HypervisorError> {
+        self.set(Call::Start, id, DomainState::Running)
+    }
+
+    fn stop(&self, id: InstanceId) -> Result<(), HypervisorError> {
+        self.set(Call::Stop, id, DomainState::Off { crashed: false })
+    }
+
+    fn reboot(&self, id: InstanceId) -> Result<(), HypervisorError> {
+        self.set(Call::Reboot, id, DomainState::Running)
+    }
+
+    fn delete(&self, id: InstanceId) -> Result<(), HypervisorError> {
+        self.enter(Call::Delete, id)?.domains.remove(&id);
+        Ok(())
+    }
+}

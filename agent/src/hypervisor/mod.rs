@@ -1,0 +1,144 @@
+//! The `Hypervisor` trait, in Outpost's own types, and its backends: libvirt (the real one) and
+//! a fake in-memory one with failure injection, the way Nova ships `nova/virt/fake.py`.
+//!
+//! Calls are blocking; the shell runs them on blocking threads, never on the async runtime.
+
+use outpost_protocol::{Arch, HypervisorKind, InstanceId, InstanceSpec};
+
+pub mod fake;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
+#[cfg(feature = "libvirt")]
+pub mod xml;
+
+/// The prefix of every domain name Outpost creates (`outpost-{instance id}`).
+pub const DOMAIN_PREFIX: &str = "outpost-";
+
+/// The libvirt domain name of an instance.
+pub fn domain_name(id: InstanceId) -> String {
+    format!("{DOMAIN_PREFIX}{id}")
+}
+
+/// What the host offers, as the hypervisor sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostInfo {
+    /// Host CPU architecture.
+    pub arch: Arch,
+    /// KVM, emulation or fake.
+    pub kind: HypervisorKind,
+    /// Host CPUs.
+    pub vcpus: u16,
+    /// Host memory in MiB.
+    pub memory_mib: u32,
+}
+
+/// A domain's state, reduced to what the reconciler needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainState {
+    /// Running (or blocked in the guest: still running).
+    Running,
+    /// Paused or suspended.
+    Paused,
+    /// Not running. `crashed` tells a crash from a clean shutdown or a stop.
+    Off {
+        /// It stopped because it crashed.
+        crashed: bool,
+    },
+    /// Shutting down, or a state libvirt could not name.
+    Transient,
+}
+
+/// One Outpost domain found on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Domain {
+    /// Its instance.
+    pub id: InstanceId,
+    /// Its state.
+    pub state: DomainState,
+}
+
+/// Why a hypervisor call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    /// libvirt refused or failed.
+    #[error("libvirt: {0}")]
+    Libvirt(String),
+    /// A needed image file is missing from the image directory.
+    #[error("image {0:?} is not in the image directory")]
+    MissingImage(String),
+    /// qemu-img could not make the instance's disk.
+    #[error("creating the instance disk failed: {0}")]
+    Disk(String),
+    /// A file operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The instance has no domain on this host.
+    #[error("instance {0} has no domain on this host")]
+    NotFound(InstanceId),
+    /// The fake backend was told to fail this call.
+    #[error("injected failure")]
+    Injected,
+}
+
+/// A hypervisor backend. Object-safe; every method is blocking.
+pub trait Hypervisor: Send + Sync {
+    /// What the host offers.
+    fn host(&self) -> Result<HostInfo, HypervisorError>;
+
+    /// Every domain Outpost created on this host (and only those).
+    fn list(&self) -> Result<Vec<Domain>, HypervisorError>;
+
+    /// Builds the instance (disk, definition) and starts it if `start`. Idempotent: a domain
+    /// that already exists is left as it is.
+    fn create(
+        &self,
+        id: InstanceId,
+        spec: &InstanceSpec,
+        start: bool,
+    ) -> Result<(), HypervisorError>;
+
+    /// Starts a defined, stopped domain.
+    fn start(&self, id: InstanceId) -> Result<(), HypervisorError>;
+
+    /// Stops a running domain: a clean power-off, forced after the configured timeout.
+    fn stop(&self, id: InstanceId) -> Result<(), HypervisorError>;
+
+    /// Reboots a running domain.
+    fn reboot(&self, id: InstanceId) -> Result<(), HypervisorError>;
+
+    /// Removes the domain and its files. Idempotent: an absent domain is not an error.
+    fn delete(&self, id: InstanceId) -> Result<(), HypervisorError>;
+}
+
+impl HypervisorError {
+    /// The wire error kind this failure is reported as.
+    pub fn kind(&self) -> outpost_protocol::ErrorKind {
+        match self {
+            Self::MissingImage(_) => outpost_protocol::ErrorKind::UnknownImage,
+            _ => outpost_protocol::ErrorKind::Hypervisor,
+        }
+    }
+}
+
+/// Runs one reconciler operation on a backend (blocking), in the form
+/// [`crate::reconcile::Reconciler::completed`] takes.
+pub fn execute(
+    hv: &dyn Hypervisor,
+    id: InstanceId,
+    op: &crate::reconcile::Op,
+) -> Result<(), (outpost_protocol::ErrorKind, String)> {
+    use crate::reconcile::Op;
+    let r = match op {
+        Op::Create { spec, start } => hv.create(id, spec, *start),
+        Op::Start => hv.start(id),
+        Op::Stop => hv.stop(id),
+        Op::Reboot => hv.reboot(id),
+        Op::Delete => hv.delete(id),
+    };
+    r.map_err(|e| (e.kind(), e.to_string()))
+}

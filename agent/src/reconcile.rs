@@ -1,0 +1,554 @@
+//! The agent's pure core: it converges the host (as listed by the hypervisor) to the node's
+//! desired state. No I/O and no clock reads: the shell passes `now` in, runs the returned
+//! [`Effect`]s, and feeds results back.
+//!
+//! Level-triggered: every [`Reconciler::observe`] pass compares the whole desired state with the
+//! whole list of domains, so a missed event, a restart or a replayed message converges the same
+//! way. At most one operation per instance is in flight.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use outpost_protocol::limits::MAX_INSTANCES_PER_NODE;
+use outpost_protocol::{
+    AckResult, AgentEvent, Arch, DesiredInstance, DesiredState, ErrorKind, HypervisorKind,
+    ImageName, InstanceId, InstanceReport, InstanceSpec, InstanceState, NodeReport, PowerState,
+    Reason, Resources, RestartPolicy, Usage,
+};
+
+use crate::hypervisor::{Domain, DomainState};
+
+/// First delay before retrying a failed operation or restarting a crashed instance.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Longest delay between retries.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// An instance running this long after its last restart has its restart count reset.
+pub const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+/// What the host offers, as the reconciler needs it for admission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFacts {
+    /// Host architecture.
+    pub arch: Arch,
+    /// KVM, emulation or fake.
+    pub kind: HypervisorKind,
+    /// Total minus reserved.
+    pub allocatable: Resources,
+    /// Files in the image directory.
+    pub images: BTreeSet<ImageName>,
+}
+
+/// An operation on one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Build it, and start it if `start`.
+    Create {
+        /// What to build.
+        spec: Box<InstanceSpec>,
+        /// Start it once built.
+        start: bool,
+    },
+    /// Start it.
+    Start,
+    /// Stop it.
+    Stop,
+    /// Reboot it.
+    Reboot,
+    /// Remove it and its files.
+    Delete,
+}
+
+impl Op {
+    /// A name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Create { .. } => "create",
+            Self::Start => "start",
+            Self::Stop => "stop",
+            Self::Reboot => "reboot",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+/// Something the shell must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Publish this event.
+    Publish(AgentEvent),
+    /// Run this operation on the hypervisor, then call [`Reconciler::completed`].
+    Run(InstanceId, Op),
+}
+
+/// How a received desired state compares with the one held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Offer {
+    /// Newer: store it durably, then [`Reconciler::accept`] it.
+    Newer,
+    /// The same generation again (a replay): answer with [`Reconciler::ack_current`].
+    Same,
+    /// Older than the one held: ignored, answered with this ack.
+    Stale(AgentEvent),
+}
+
+/// What the reconciler remembers about one instance between passes.
+#[derive(Debug, Default)]
+struct Track {
+    state: Option<InstanceState>,
+    reason: Reason,
+    busy: bool,
+    power_applied: Option<PowerState>,
+    reboot_applied: Option<u32>,
+    create_failed: bool,
+    attempts: u32,
+    not_before: Option<Instant>,
+}
+
+impl Track {
+    fn ready(&self, now: Instant) -> bool {
+        !self.busy && self.not_before.is_none_or(|t| now >= t)
+    }
+
+    fn back_off(&mut self, now: Instant) {
+        self.attempts = self.attempts.saturating_add(1);
+        let exp = self.attempts.saturating_sub(1).min(16);
+        let delay = BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_MAX);
+        self.not_before = Some(now + delay);
+    }
+}
+
+/// The agent's decision logic.
+#[derive(Debug)]
+pub struct Reconciler {
+    desired: Option<DesiredState>,
+    tracks: BTreeMap<InstanceId, Track>,
+    host: HostFacts,
+}
+
+fn event(generation: u64, id: InstanceId, state: InstanceState, reason: &Reason) -> Effect {
+    Effect::Publish(AgentEvent::Instance {
+        id,
+        generation,
+        state,
+        reason: reason.clone(),
+    })
+}
+
+/// Marks the instance busy and asks the shell to run `op`.
+fn run(out: &mut Vec<Effect>, t: &mut Track, id: InstanceId, op: Op) {
+    t.busy = true;
+    out.push(Effect::Run(id, op));
+}
+
+/// Records a state; returns the event to publish if it changed.
+fn set_state(
+    out: &mut Vec<Effect>,
+    generation: u64,
+    id: InstanceId,
+    t: &mut Track,
+    state: InstanceState,
+    reason: &str,
+) {
+    let reason = Reason::lossy(reason);
+    if t.state != Some(state) || t.reason != reason {
+        t.state = Some(state);
+        t.reason = reason;
+        out.push(event(generation, id, state, &t.reason));
+    }
+}
+
+/// Checks an instance that does not exist yet against the host. `used` is what the instances
+/// before it in the desired state already hold.
+fn admit(
+    spec: &InstanceSpec,
+    used: Resources,
+    host: &HostFacts,
+) -> Result<(), (ErrorKind, String)> {
+    spec.validate()
+        .map_err(|e| (ErrorKind::InvalidSpec, e.to_string()))?;
+    if spec.arch != host.arch {
+        return Err((
+            ErrorKind::ArchMismatch,
+            format!("instance is {}, host is {}", spec.arch, host.arch),
+        ));
+    }
+    if spec.require_kvm && host.kind != HypervisorKind::Kvm {
+        return Err((
+            ErrorKind::KvmUnavailable,
+            format!("instance requires KVM, host has {}", host.kind),
+        ));
+    }
+    if let Some(missing) = spec.boot.images().find(|i| !host.images.contains(*i)) {
+        return Err((
+            ErrorKind::UnknownImage,
+            format!("image {missing} is not in the image directory"),
+        ));
+    }
+    let want = used.saturating_add(spec.resources());
+    if !host.allocatable.contains(want) {
+        let free = host.allocatable.saturating_sub(used);
+        return Err((
+            ErrorKind::InsufficientResources,
+            format!(
+                "needs {} vCPU/{} MiB/{} GiB, host has {} vCPU/{} MiB/{} GiB free",
+                spec.vcpus,
+                spec.memory_mib,
+                spec.disk_gib,
+                free.vcpus,
+                free.memory_mib,
+                free.disk_gib
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Reconciler {
+    /// A reconciler for this host, holding the desired state restored from disk (`None` when
+    /// there is none yet or it could not be read: then nothing is created or deleted until the
+    /// controller sends one).
+    pub fn new(host: HostFacts, desired: Option<DesiredState>) -> Self {
+        Self {
+            desired,
+            tracks: BTreeMap::new(),
+            host,
+        }
+    }
+
+    /// The generation held (0 when none).
+    pub fn generation(&self) -> u64 {
+        self.desired.as_ref().map_or(0, |d| d.generation)
+    }
+
+    /// The desired state held.
+    pub fn desired(&self) -> Option<&DesiredState> {
+        self.desired.as_ref()
+    }
+
+    /// Updates what the host offers (after a new fingerprint).
+    pub fn set_host(&mut self, host: HostFacts) {
+        self.host = host;
+    }
+
+    /// Compares a received desired state with the held one.
+    pub fn offer(&self, d: &DesiredState) -> Offer {
+        match &self.desired {
+            None => Offer::Newer,
+            Some(cur) if d.generation > cur.generation => Offer::Newer,
+            Some(cur) if d.generation == cur.generation => Offer::Same,
+            Some(cur) => Offer::Stale(AgentEvent::Ack {
+                generation: d.generation,
+                result: AckResult::Stale {
+                    current: cur.generation,
+                },
+            }),
+        }
+    }
+
+    /// The ack for the generation held.
+    pub fn ack_current(&self) -> AgentEvent {
+        AgentEvent::Ack {
+            generation: self.generation(),
+            result: AckResult::Accepted,
+        }
+    }
+
+    /// Takes a newer desired state, already stored durably by the shell. The next
+    /// [`observe`](Self::observe) converges to it.
+    pub fn accept(&mut self, d: DesiredState) -> Vec<Effect> {
+        self.desired = Some(d);
+        // A new generation means the controller looked again: failed builds get another try.
+        for t in self.tracks.values_mut() {
+            t.create_failed = false;
+        }
+        vec![Effect::Publish(self.ack_current())]
+    }
+
+    /// One reconciliation pass over the domains the hypervisor listed.
+    pub fn observe(&mut self, now: Instant, domains: &[Domain]) -> Vec<Effect> {
+        let observed: BTreeMap<InstanceId, DomainState> =
+            domains.iter().map(|d| (d.id, d.state)).collect();
+        let mut out = Vec::new();
+        let Self {
+            desired,
+            tracks,
+            host,
+        } = self;
+        let Some(desired) = desired else {
+            // Desired state unknown: report what is there, change nothing.
+            for (&id, &state) in &observed {
+                let t = tracks.entry(id).or_default();
+                let s = match state {
+                    DomainState::Running => InstanceState::Running,
+                    DomainState::Off { crashed: true } => InstanceState::Crashed,
+                    _ => InstanceState::Stopped,
+                };
+                set_state(
+                    &mut out,
+                    0,
+                    id,
+                    t,
+                    s,
+                    "waiting for the controller's desired state",
+                );
+            }
+            return out;
+        };
+        let generation = desired.generation;
+        let mut used = Resources::default();
+        for di in &desired.instances {
+            let t = tracks.entry(di.id).or_default();
+            match observed.get(&di.id) {
+                None => Self::converge_absent(&mut out, now, generation, di, t, &mut used, host),
+                Some(&state) => {
+                    used = used.saturating_add(di.spec.resources());
+                    Self::converge_present(&mut out, now, generation, di, t, state);
+                }
+            }
+        }
+        let wanted: BTreeSet<InstanceId> = desired.instances.iter().map(|d| d.id).collect();
+        for &id in observed.keys().filter(|id| !wanted.contains(id)) {
+            let t = tracks.entry(id).or_default();
+            if t.ready(now) {
+                t.busy = true;
+                out.push(Effect::Run(id, Op::Delete));
+            }
+        }
+        // Instances neither wanted nor present (never built, or deleted): say so once, forget.
+        tracks.retain(|id, t| {
+            let keep = t.busy || wanted.contains(id) || observed.contains_key(id);
+            if !keep && t.state.is_some_and(|s| s != InstanceState::Deleted) {
+                out.push(event(
+                    generation,
+                    *id,
+                    InstanceState::Deleted,
+                    &Reason::default(),
+                ));
+            }
+            keep
+        });
+        out
+    }
+
+    fn converge_absent(
+        out: &mut Vec<Effect>,
+        now: Instant,
+        generation: u64,
+        di: &DesiredInstance,
+        t: &mut Track,
+        used: &mut Resources,
+        host: &HostFacts,
+    ) {
+        if t.busy || t.create_failed {
+            return;
+        }
+        if let Err((kind, reason)) = admit(&di.spec, *used, host) {
+            set_state(
+                out,
+                generation,
+                di.id,
+                t,
+                InstanceState::Error(kind),
+                &reason,
+            );
+            return;
+        }
+        *used = used.saturating_add(di.spec.resources());
+        if !t.ready(now) {
+            return;
+        }
+        t.busy = true;
+        t.power_applied = Some(di.power);
+        t.reboot_applied = Some(di.reboot_count);
+        set_state(out, generation, di.id, t, InstanceState::Building, "");
+        out.push(Effect::Run(
+            di.id,
+            Op::Create {
+                spec: Box::new(di.spec.clone()),
+                start: di.power == PowerState::Running,
+            },
+        ));
+    }
+
+    fn converge_present(
+        out: &mut Vec<Effect>,
+        now: Instant,
+        generation: u64,
+        di: &DesiredInstance,
+        t: &mut Track,
+        state: DomainState,
+    ) {
+        let id = di.id;
+        let applied_reboot = *t.reboot_applied.get_or_insert(di.reboot_count);
+        if t.busy {
+            return;
+        }
+        match (di.power, state) {
+            (_, DomainState::Paused | DomainState::Transient) => {}
+            (PowerState::Running, DomainState::Running) => {
+                t.power_applied = Some(PowerState::Running);
+                if t.attempts > 0 && t.not_before.is_none_or(|nb| now >= nb + STABLE_AFTER) {
+                    t.attempts = 0;
+                    t.not_before = None;
+                }
+                if di.reboot_count > applied_reboot {
+                    t.reboot_applied = Some(di.reboot_count);
+                    run(out, t, id, Op::Reboot);
+                }
+                set_state(out, generation, id, t, InstanceState::Running, "");
+            }
+            (PowerState::Running, DomainState::Off { crashed }) => {
+                let (s, why) = if crashed {
+                    (InstanceState::Crashed, "the instance crashed")
+                } else {
+                    (InstanceState::Stopped, "the guest shut down")
+                };
+                let restart = match t.power_applied {
+                    // Asked to run and never started by us (new desired power, agent restart,
+                    // host reboot): start it.
+                    None | Some(PowerState::Stopped) => true,
+                    Some(PowerState::Running) => {
+                        if t.state != Some(s) && t.state != Some(InstanceState::Building) {
+                            set_state(out, generation, id, t, s, why);
+                        }
+                        match di.spec.restart {
+                            RestartPolicy::Always => true,
+                            RestartPolicy::OnFailure => crashed,
+                            RestartPolicy::Never => false,
+                        }
+                    }
+                };
+                if restart && t.ready(now) {
+                    if t.power_applied == Some(PowerState::Running) {
+                        t.back_off(now);
+                    }
+                    t.power_applied = Some(PowerState::Running);
+                    t.reboot_applied = Some(di.reboot_count);
+                    run(out, t, id, Op::Start);
+                }
+            }
+            (PowerState::Stopped, DomainState::Running) => {
+                if t.ready(now) {
+                    t.power_applied = Some(PowerState::Stopped);
+                    run(out, t, id, Op::Stop);
+                }
+            }
+            (PowerState::Stopped, DomainState::Off { .. }) => {
+                t.power_applied = Some(PowerState::Stopped);
+                t.reboot_applied = Some(di.reboot_count);
+                set_state(out, generation, id, t, InstanceState::Stopped, "");
+            }
+        }
+    }
+
+    /// The result of an [`Effect::Run`]. On failure, `Err` holds the error's kind and text.
+    pub fn completed(
+        &mut self,
+        now: Instant,
+        id: InstanceId,
+        op: &Op,
+        result: Result<(), (ErrorKind, String)>,
+    ) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let generation = self.generation();
+        let wanted = self
+            .desired
+            .as_ref()
+            .is_some_and(|d| d.instances.iter().any(|i| i.id == id));
+        let Some(t) = self.tracks.get_mut(&id) else {
+            return out;
+        };
+        t.busy = false;
+        match (op, result) {
+            (Op::Create { start, .. }, Ok(())) => {
+                let s = if *start {
+                    InstanceState::Running
+                } else {
+                    InstanceState::Stopped
+                };
+                set_state(&mut out, generation, id, t, s, "");
+            }
+            (Op::Start | Op::Reboot, Ok(())) => {
+                set_state(&mut out, generation, id, t, InstanceState::Running, "");
+            }
+            (Op::Stop, Ok(())) => {
+                set_state(&mut out, generation, id, t, InstanceState::Stopped, "");
+            }
+            (Op::Delete, Ok(())) => {
+                if !wanted {
+                    set_state(&mut out, generation, id, t, InstanceState::Deleted, "");
+                    self.tracks.remove(&id);
+                }
+            }
+            (op, Err((kind, why))) => {
+                if matches!(op, Op::Create { .. }) {
+                    t.create_failed = true;
+                }
+                // Retry power operations after a back-off, from a clean slate.
+                t.power_applied = None;
+                t.back_off(now);
+                let reason = format!("{} failed: {why}", op.name());
+                set_state(
+                    &mut out,
+                    generation,
+                    id,
+                    t,
+                    InstanceState::Error(kind),
+                    &reason,
+                );
+            }
+        }
+        out
+    }
+
+    /// The periodic report: generation, usage and every instance's state.
+    pub fn report(&self) -> NodeReport {
+        let mut used = Resources::default();
+        let mut count: u16 = 0;
+        if let Some(d) = &self.desired {
+            for di in &d.instances {
+                let holds = self
+                    .tracks
+                    .get(&di.id)
+                    .and_then(|t| t.state)
+                    .is_some_and(|s| {
+                        !matches!(s, InstanceState::Error(_) | InstanceState::Deleted)
+                    });
+                if holds {
+                    used = used.saturating_add(di.spec.resources());
+                    count += 1;
+                }
+            }
+        }
+        NodeReport {
+            generation: self.generation(),
+            usage: Usage {
+                used,
+                instances: count,
+            },
+            instances: self
+                .tracks
+                .iter()
+                .filter_map(|(&id, t)| t.state.map(|state| InstanceReport { id, state }))
+                .take(MAX_INSTANCES_PER_NODE)
+                .collect(),
+        }
+    }
+
+    /// One event per known instance with its current state and reason: what the agent publishes
+    /// after (re)connecting so that the controller can reconcile.
+    pub fn resync(&self) -> Vec<AgentEvent> {
+        let generation = self.generation();
+        self.tracks
+            .iter()
+            .filter_map(|(&id, t)| {
+                t.state.map(|state| AgentEvent::Instance {
+                    id,
+                    generation,
+                    state,
+                    reason: t.reason.clone(),
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,515 @@
+//! The reconciler core driven against the fake hypervisor, with time passed in by hand:
+//! duplicates, stale generations, crashes and restart policies, deletes, admission errors,
+//! injected failures, and restarts with the desired state restored from disk.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use outpost_agent::hypervisor::fake::{Call, FakeHypervisor};
+use outpost_agent::hypervisor::{DomainState, Hypervisor, execute};
+use outpost_agent::reconcile::{Effect, HostFacts, Offer, Reconciler};
+use outpost_agent::store::DesiredStore;
+use outpost_protocol::*;
+
+fn id(n: u64) -> InstanceId {
+    InstanceId::from_u64(n)
+}
+
+fn facts(kind: HypervisorKind) -> HostFacts {
+    HostFacts {
+        arch: Arch::X86_64,
+        kind,
+        allocatable: Resources {
+            vcpus: 8,
+            memory_mib: 4096,
+            disk_gib: 100,
+        },
+        images: BTreeSet::from([ImageName::new("base.qcow2").unwrap()]),
+    }
+}
+
+fn spec(memory_mib: u32, restart: RestartPolicy) -> InstanceSpec {
+    InstanceSpec {
+        vcpus: 1,
+        memory_mib,
+        disk_gib: 2,
+        arch: Arch::X86_64,
+        require_kvm: false,
+        boot: Boot::Disk {
+            image: ImageName::new("base.qcow2").unwrap(),
+        },
+        network: Network::None,
+        restart,
+        labels: Labels::new(),
+    }
+}
+
+fn inst(n: u64, spec: InstanceSpec) -> DesiredInstance {
+    DesiredInstance {
+        id: id(n),
+        power: PowerState::Running,
+        reboot_count: 0,
+        spec,
+    }
+}
+
+fn desired(generation: u64, instances: Vec<DesiredInstance>) -> DesiredState {
+    DesiredState {
+        generation,
+        instances: instances.into_iter().collect(),
+    }
+}
+
+/// The shell, synchronously: delivers desired states, runs passes, records events.
+struct Sim {
+    rec: Reconciler,
+    hv: FakeHypervisor,
+    store: DesiredStore,
+    now: Instant,
+    events: Vec<AgentEvent>,
+    _dir: tempfile::TempDir,
+}
+
+impl Sim {
+    fn new(kind: HypervisorKind) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DesiredStore::open(dir.path()).unwrap();
+        Self {
+            rec: Reconciler::new(facts(kind), None),
+            hv: FakeHypervisor::new(Arch::X86_64, kind, 8, 4096),
+            store,
+            now: Instant::now(),
+            events: Vec::new(),
+            _dir: dir,
+        }
+    }
+
+    /// What the agent does after a restart: a new core from the file on disk, same host.
+    fn restart_agent(&mut self) {
+        let restored = self.store.load().unwrap();
+        self.rec = Reconciler::new(facts(HypervisorKind::Emulated), restored);
+    }
+
+    fn deliver(&mut self, d: DesiredState) {
+        match self.rec.offer(&d) {
+            Offer::Newer => {
+                self.store.save(&d).unwrap();
+                let effects = self.rec.accept(d);
+                self.apply(effects);
+            }
+            Offer::Same => self.events.push(self.rec.ack_current()),
+            Offer::Stale(ack) => self.events.push(ack),
+        }
+    }
+
+    fn apply(&mut self, effects: Vec<Effect>) {
+        for e in effects {
+            match e {
+                Effect::Publish(ev) => self.events.push(ev),
+                Effect::Run(id, op) => {
+                    let r = execute(&self.hv, id, &op);
+                    let more = self.rec.completed(self.now, id, &op, r);
+                    self.apply(more);
+                }
+            }
+        }
+    }
+
+    /// Reconciliation passes until nothing more happens.
+    fn converge(&mut self) {
+        for _ in 0..10 {
+            let domains = self.hv.list().unwrap();
+            let effects = self.rec.observe(self.now, &domains);
+            let ran = effects.iter().any(|e| matches!(e, Effect::Run(..)));
+            self.apply(effects);
+            if !ran {
+                return;
+            }
+        }
+        panic!("did not converge in 10 passes");
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+    }
+
+    fn state(&self, n: u64) -> Option<InstanceState> {
+        self.rec
+            .report()
+            .instances
+            .iter()
+            .find(|r| r.id == id(n))
+            .map(|r| r.state)
+    }
+
+    fn take_events(&mut self) -> Vec<AgentEvent> {
+        std::mem::take(&mut self.events)
+    }
+}
+
+fn states_of(events: &[AgentEvent], n: u64) -> Vec<InstanceState> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            AgentEvent::Instance { id: i, state, .. } if *i == id(n) => Some(*state),
+            _ => None,
+        })
+        .collect()
+}
+
+fn acks(events: &[AgentEvent]) -> Vec<(u64, AckResult)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            AgentEvent::Ack { generation, result } => Some((*generation, *result)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn creates_what_is_missing_once() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    s.deliver(desired(
+        1,
+        vec![
+            inst(1, spec(512, RestartPolicy::OnFailure)),
+            inst(2, spec(512, RestartPolicy::OnFailure)),
+        ],
+    ));
+    s.converge();
+    let ev = s.take_events();
+    assert_eq!(acks(&ev), vec![(1, AckResult::Accepted)]);
+    assert_eq!(
+        states_of(&ev, 1),
+        vec![InstanceState::Building, InstanceState::Running]
+    );
+    assert_eq!(s.hv.calls(Call::Create, id(1)), 1);
+    assert_eq!(s.hv.calls(Call::Create, id(2)), 1);
+    let r = s.rec.report();
+    assert_eq!(r.generation, 1);
+    assert_eq!(r.usage.instances, 2);
+    assert_eq!(r.usage.used.memory_mib, 1024);
+    // More passes change nothing.
+    s.converge();
+    s.converge();
+    assert!(s.take_events().is_empty());
+    assert_eq!(s.hv.calls(Call::Create, id(1)), 1);
+}
+
+#[test]
+fn duplicated_desired_state_changes_nothing() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    let d = desired(3, vec![inst(1, spec(512, RestartPolicy::OnFailure))]);
+    s.deliver(d.clone());
+    s.converge();
+    s.take_events();
+    s.deliver(d.clone());
+    s.deliver(d);
+    s.converge();
+    let ev = s.take_events();
+    assert_eq!(
+        acks(&ev),
+        vec![(3, AckResult::Accepted), (3, AckResult::Accepted)]
+    );
+    assert!(states_of(&ev, 1).is_empty());
+    assert_eq!(s.hv.calls(Call::Create, id(1)), 1);
+}
+
+#[test]
+fn stale_generation_is_refused_and_changes_nothing() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    s.deliver(desired(
+        5,
+        vec![inst(1, spec(512, RestartPolicy::OnFailure))],
+    ));
+    s.converge();
+    s.take_events();
+    // An older state that would delete 1 and create 2.
+    s.deliver(desired(
+        4,
+        vec![inst(2, spec(512, RestartPolicy::OnFailure))],
+    ));
+    s.converge();
+    let ev = s.take_events();
+    assert_eq!(acks(&ev), vec![(4, AckResult::Stale { current: 5 })]);
+    assert_eq!(s.hv.calls(Call::Delete, id(1)), 0);
+    assert_eq!(s.hv.calls(Call::Create, id(2)), 0);
+    assert_eq!(s.store.load().unwrap().unwrap().generation, 5);
+}
+
+#[test]
+fn removed_instances_are_deleted() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    s.deliver(desired(
+        1,
+        vec![
+            inst(1, spec(512, RestartPolicy::OnFailure)),
+            inst(2, spec(512, RestartPolicy::OnFailure)),
+        ],
+    ));
+    s.converge();
+    s.take_events();
+    s.deliver(desired(
+        2,
+        vec![inst(2, spec(512, RestartPolicy::OnFailure))],
+    ));
+    s.converge();
+    let ev = s.take_events();
+    assert_eq!(states_of(&ev, 1), vec![InstanceState::Deleted]);
+    assert_eq!(s.hv.state_of(id(1)), None);
+    assert_eq!(s.state(1), None);
+    assert_eq!(s.hv.state_of(id(2)), Some(DomainState::Running));
+}
+
+#[test]
+fn crashes_follow_the_restart_policy_with_backoff() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    s.deliver(desired(
+        1,
+        vec![
+            inst(1, spec(256, RestartPolicy::OnFailure)),
+            inst(2, spec(256, RestartPolicy::Never)),
+            inst(3, spec(256, RestartPolicy::Always)),
+            inst(4, spec(256, RestartPolicy::OnFailure)),
+        ],
+    ));
+    s.converge();
+    s.take_events();
+    s.hv.crash(id(1));
+    s.hv.crash(id(2));
+    s.hv.guest_shutdown(id(3));
+    s.hv.guest_shutdown(id(4));
+    s.converge();
+    let ev = s.take_events();
+    // on-failure + crash: restarted; never: left crashed; always: restarted; on-failure + clean
+    // shutdown: left stopped.
+    assert_eq!(
+        states_of(&ev, 1),
+        vec![InstanceState::Crashed, InstanceState::Running]
+    );
+    assert_eq!(states_of(&ev, 2), vec![InstanceState::Crashed]);
+    assert_eq!(
+        states_of(&ev, 3),
+        vec![InstanceState::Stopped, InstanceState::Running]
+    );
+    assert_eq!(states_of(&ev, 4), vec![InstanceState::Stopped]);
+    assert_eq!(
+        s.hv.state_of(id(2)),
+        Some(DomainState::Off { crashed: true })
+    );
+    assert_eq!(
+        s.hv.state_of(id(4)),
+        Some(DomainState::Off { crashed: false })
+    );
+
+    // A crash loop backs off: the second crash right away is not restarted before 1 s...
+    s.hv.crash(id(1));
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Start, id(1)), 1);
+    assert_eq!(s.state(1), Some(InstanceState::Crashed));
+    s.advance(Duration::from_millis(1100));
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Start, id(1)), 2);
+    assert_eq!(s.state(1), Some(InstanceState::Running));
+    // ...the third not before 2 s more.
+    s.hv.crash(id(1));
+    s.advance(Duration::from_millis(1500));
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Start, id(1)), 2);
+    s.advance(Duration::from_millis(600));
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Start, id(1)), 3);
+}
+
+#[test]
+fn restart_restores_desired_state_from_disk_without_duplicates() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    s.deliver(desired(
+        7,
+        vec![
+            inst(1, spec(512, RestartPolicy::Never)),
+            inst(2, spec(512, RestartPolicy::Never)),
+        ],
+    ));
+    s.converge();
+    // Agent restarts (kill -9): a new core from disk, the domains still there.
+    s.restart_agent();
+    assert_eq!(s.rec.generation(), 7);
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Create, id(1)), 1);
+    assert_eq!(s.hv.calls(Call::Start, id(1)), 0);
+    assert_eq!(s.state(1), Some(InstanceState::Running));
+
+    // Host reboot with no network: every domain is off; the agent restores them from disk,
+    // even with restart policy `never` (that policy is about the guest stopping itself).
+    s.hv.host_reboot();
+    s.restart_agent();
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Create, id(1)), 1);
+    assert_eq!(s.hv.calls(Call::Start, id(1)), 1);
+    assert_eq!(s.hv.calls(Call::Start, id(2)), 1);
+    assert_eq!(s.hv.state_of(id(1)), Some(DomainState::Running));
+    assert_eq!(s.rec.report().generation, 7);
+}
+
+#[test]
+fn without_a_desired_state_nothing_is_deleted() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    s.hv.insert(id(9), DomainState::Running);
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Delete, id(9)), 0);
+    assert_eq!(s.state(9), Some(InstanceState::Running));
+    // Once the controller speaks, an instance it does not want goes.
+    s.deliver(desired(1, vec![]));
+    s.converge();
+    assert_eq!(s.hv.state_of(id(9)), None);
+}
+
+#[test]
+fn impossible_instances_end_in_error_with_a_reason() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    let mut kvm = spec(256, RestartPolicy::OnFailure);
+    kvm.require_kvm = true;
+    let mut unknown = spec(256, RestartPolicy::OnFailure);
+    unknown.boot = Boot::Disk {
+        image: ImageName::new("missing.qcow2").unwrap(),
+    };
+    let mut arm = spec(256, RestartPolicy::OnFailure);
+    arm.arch = Arch::Aarch64;
+    s.deliver(desired(
+        1,
+        vec![
+            inst(1, kvm),
+            inst(2, unknown),
+            inst(3, arm),
+            inst(4, spec(3000, RestartPolicy::OnFailure)),
+            inst(5, spec(3000, RestartPolicy::OnFailure)), // fits alone, not after 4
+            inst(6, spec(0, RestartPolicy::OnFailure)),
+        ],
+    ));
+    s.converge();
+    let ev = s.take_events();
+    let reason_of = |n: u64| {
+        ev.iter()
+            .find_map(|e| match e {
+                AgentEvent::Instance { id: i, reason, .. } if *i == id(n) => {
+                    Some(reason.to_string())
+                }
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(
+        s.state(1),
+        Some(InstanceState::Error(ErrorKind::KvmUnavailable))
+    );
+    assert_eq!(
+        s.state(2),
+        Some(InstanceState::Error(ErrorKind::UnknownImage))
+    );
+    assert_eq!(
+        s.state(3),
+        Some(InstanceState::Error(ErrorKind::ArchMismatch))
+    );
+    assert_eq!(s.state(4), Some(InstanceState::Running));
+    assert_eq!(
+        s.state(5),
+        Some(InstanceState::Error(ErrorKind::InsufficientResources))
+    );
+    assert_eq!(
+        s.state(6),
+        Some(InstanceState::Error(ErrorKind::InvalidSpec))
+    );
+    assert_eq!(reason_of(1), "instance requires KVM, host has emulated");
+    assert_eq!(
+        reason_of(2),
+        "image missing.qcow2 is not in the image directory"
+    );
+    assert!(
+        reason_of(5).contains("needs 1 vCPU/3000 MiB"),
+        "{}",
+        reason_of(5)
+    );
+    assert_eq!(s.hv.calls(Call::Create, id(5)), 0);
+    assert_eq!(s.rec.report().usage.used.memory_mib, 3000);
+}
+
+#[test]
+fn failed_builds_are_reported_and_retried_only_on_a_new_generation() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    s.hv.fail_next(Call::Create, 1);
+    s.deliver(desired(
+        1,
+        vec![inst(1, spec(256, RestartPolicy::OnFailure))],
+    ));
+    s.converge();
+    assert_eq!(
+        s.state(1),
+        Some(InstanceState::Error(ErrorKind::Hypervisor))
+    );
+    let ev = s.take_events();
+    assert!(ev.iter().any(|e| matches!(e, AgentEvent::Instance { reason, .. } if reason.as_str() == "create failed: injected failure")));
+    s.advance(Duration::from_secs(600));
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Create, id(1)), 1);
+    s.deliver(desired(
+        2,
+        vec![inst(1, spec(256, RestartPolicy::OnFailure))],
+    ));
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Create, id(1)), 2);
+    assert_eq!(s.state(1), Some(InstanceState::Running));
+}
+
+#[test]
+fn power_and_reboot_are_level_triggered() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    let mut i = inst(1, spec(256, RestartPolicy::Always));
+    s.deliver(desired(1, vec![i.clone()]));
+    s.converge();
+    i.power = PowerState::Stopped;
+    s.deliver(desired(2, vec![i.clone()]));
+    s.converge();
+    assert_eq!(
+        s.hv.state_of(id(1)),
+        Some(DomainState::Off { crashed: false })
+    );
+    assert_eq!(s.state(1), Some(InstanceState::Stopped));
+    // Restart policy `always` does not fight a requested stop.
+    s.advance(Duration::from_secs(10));
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Start, id(1)), 0);
+
+    i.power = PowerState::Running;
+    i.reboot_count = 1;
+    s.deliver(desired(3, vec![i.clone()]));
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Start, id(1)), 1);
+    // Starting a stopped instance satisfies a pending reboot.
+    assert_eq!(s.hv.calls(Call::Reboot, id(1)), 0);
+
+    i.reboot_count = 2;
+    s.deliver(desired(4, vec![i.clone()]));
+    s.converge();
+    s.deliver(desired(4, vec![i.clone()]));
+    s.restart_agent();
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Reboot, id(1)), 1);
+}
+
+#[test]
+fn resync_lists_every_instance_with_its_reason() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    let mut kvm = spec(256, RestartPolicy::OnFailure);
+    kvm.require_kvm = true;
+    s.deliver(desired(
+        1,
+        vec![inst(1, spec(256, RestartPolicy::OnFailure)), inst(2, kvm)],
+    ));
+    s.converge();
+    let all = s.rec.resync();
+    assert_eq!(all.len(), 2);
+    assert!(all.iter().any(|e| matches!(e, AgentEvent::Instance { state: InstanceState::Error(ErrorKind::KvmUnavailable), reason, .. } if !reason.as_str().is_empty())));
+}
