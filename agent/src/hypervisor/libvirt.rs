@@ -1,1 +1,371 @@
+//! The real backend: libvirt through the `virt` crate. It writes the domain XML itself
+//! ([`super::xml`]), makes a copy-on-write overlay on the cached base image (or a blank data
+//! disk for direct kernel boot) with `qemu-img`, and touches only domains carrying Outpost's
+//! metadata.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use outpost_protocol::{Arch, Boot, HypervisorKind, InstanceId, InstanceSpec};
+use virt::connect::Connect;
+use virt::domain::{Domain as VirDomain, DomainShutoffReason, DomainState as VirState};
+use virt::enumutil::Enum;
+
+use super::xml::{BootDef, DomainDef, METADATA_NS, domain_xml};
+use super::{DOMAIN_PREFIX, Domain, DomainState, HostInfo, Hypervisor, HypervisorError};
+use crate::config::KindChoice;
+
+/// How long the KVM probe guest must stay up to count KVM as usable.
+const KVM_PROBE_SETTLE: Duration = Duration::from_millis(1500);
+
+/// What the libvirt backend needs to know.
+#[derive(Debug, Clone)]
+pub struct LibvirtConfig {
+    /// Connection URI (`qemu:///system`, `test:///default`...).
+    pub uri: String,
+    /// Probe for KVM, or force a choice.
+    pub kind: KindChoice,
+    /// Image cache.
+    pub image_dir: PathBuf,
+    /// Per-instance files.
+    pub instance_dir: PathBuf,
+    /// Clean shutdown allowance before a forced stop.
+    pub stop_timeout: Duration,
+}
+
+/// A libvirt connection and what Outpost learned about the host through it.
+pub struct LibvirtHypervisor {
+    conn: Connect,
+    cfg: LibvirtConfig,
+    arch: Arch,
+    kind: HypervisorKind,
+}
+
+fn lv(e: virt::error::Error) -> HypervisorError {
+    HypervisorError::Libvirt(e.message().to_owned())
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HypervisorError {
+    let what = what.into();
+    move |source| HypervisorError::Io { what, source }
+}
+
+/// The host architecture named in libvirt's capabilities XML (`<host><cpu><arch>`).
+fn host_arch(caps: &str) -> Option<Arch> {
+    let host = &caps[caps.find("<host>")?..];
+    let start = host.find("<arch>")? + "<arch>".len();
+    let end = start + host[start..].find("</arch>")?;
+    Arch::parse(&host[start..end])
+}
+
+fn is_qcow2(file: &Path) -> bool {
+    use std::io::Read as _;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(file)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"QFI\xfb"
+}
+
+fn qemu_img(args: &[&str]) -> Result<(), HypervisorError> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(|e| HypervisorError::Disk(format!("cannot run qemu-img: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(HypervisorError::Disk(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ))
+    }
+}
+
+impl LibvirtHypervisor {
+    /// Connects and learns the host's architecture and whether KVM works.
+    pub fn open(cfg: LibvirtConfig) -> Result<Self, HypervisorError> {
+        // Errors are returned to us; libvirt need not also print them to stderr.
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(&cfg.uri)).map_err(lv)?;
+        let caps = conn.capabilities().map_err(lv)?;
+        let arch = host_arch(&caps)
+            .or_else(Arch::native)
+            .ok_or_else(|| HypervisorError::Libvirt("unsupported host architecture".into()))?;
+        let kind = match cfg.kind {
+            KindChoice::Kvm => HypervisorKind::Kvm,
+            KindChoice::Emulated => HypervisorKind::Emulated,
+            KindChoice::Auto if probe_kvm(&conn, &caps, arch) => HypervisorKind::Kvm,
+            KindChoice::Auto => HypervisorKind::Emulated,
+        };
+        tracing::info!(uri = %cfg.uri, %arch, %kind, "libvirt connected");
+        Ok(Self {
+            conn,
+            cfg,
+            arch,
+            kind,
+        })
+    }
+
+    fn lookup(&self, id: InstanceId) -> Result<Option<VirDomain>, HypervisorError> {
+        match self.conn.lookup_domain_by_name(&super::domain_name(id)) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.code() == Enum::Known(virt::error::ErrorNumber::NoDomain) => Ok(None),
+            Err(e) => Err(lv(e)),
+        }
+    }
+
+    fn get(&self, id: InstanceId) -> Result<VirDomain, HypervisorError> {
+        self.lookup(id)?.ok_or(HypervisorError::NotFound(id))
+    }
+
+    fn instance_dir(&self, id: InstanceId) -> PathBuf {
+        self.cfg.instance_dir.join(id.to_string())
+    }
+
+    fn image(&self, name: &str) -> Result<PathBuf, HypervisorError> {
+        let p = self.cfg.image_dir.join(name);
+        if p.is_file() {
+            std::path::absolute(&p).map_err(io("resolving the image path"))
+        } else {
+            Err(HypervisorError::MissingImage(name.to_owned()))
+        }
+    }
+
+    /// Makes the instance's disk if it does not exist yet.
+    fn make_disk(&self, spec: &InstanceSpec, disk: &Path) -> Result<bool, HypervisorError> {
+        let size = format!("{}G", spec.disk_gib);
+        let disk_s = disk.to_string_lossy();
+        match &spec.boot {
+            Boot::Disk { image } => {
+                let base = self.image(image.as_str())?;
+                if !disk.exists() {
+                    let fmt = if is_qcow2(&base) { "qcow2" } else { "raw" };
+                    let base = base.to_string_lossy();
+                    qemu_img(&[
+                        "create", "-q", "-f", "qcow2", "-F", fmt, "-b", &base, &disk_s, &size,
+                    ])?;
+                }
+                Ok(true)
+            }
+            Boot::Kernel { .. } if spec.disk_gib > 0 => {
+                if !disk.exists() {
+                    qemu_img(&["create", "-q", "-f", "qcow2", &disk_s, &size])?;
+                }
+                Ok(true)
+            }
+            Boot::Kernel { .. } => Ok(false),
+        }
+    }
+}
+
+/// KVM counts as usable if libvirt offers a `kvm` domain type for the host architecture and a
+/// tiny transient KVM guest with the host CPU actually starts and stays up.
+fn probe_kvm(conn: &Connect, caps: &str, arch: Arch) -> bool {
+    if !(caps.contains("<domain type='kvm'") || caps.contains("<domain type=\"kvm\""))
+        || std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+    {
+        return false;
+    }
+    let machine = match arch {
+        Arch::X86_64 => "q35",
+        Arch::Aarch64 => "virt",
+    };
+    let xml = format!(
+        "<domain type='kvm'><name>outpost-kvm-probe-{pid}</name><memory unit='MiB'>32</memory>\
+         <os><type arch='{arch}' machine='{machine}'>hvm</type></os>\
+         <cpu mode='host-passthrough'/><devices><memballoon model='none'/></devices></domain>",
+        pid = std::process::id()
+    );
+    let Ok(dom) = conn.create_domain_xml(&xml, 0) else {
+        tracing::info!("KVM probe guest did not start: using software emulation");
+        return false;
+    };
+    let deadline = Instant::now() + KVM_PROBE_SETTLE;
+    let mut up = true;
+    while up && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        up = dom.is_active().unwrap_or(false)
+            && matches!(dom.state(), Ok((Enum::Known(VirState::Running), _)));
+    }
+    let _ = dom.destroy();
+    if !up {
+        tracing::info!("KVM probe guest died: using software emulation");
+    }
+    up
+}
+
+fn reduce(dom: &VirDomain) -> Result<DomainState, HypervisorError> {
+    let (state, reason) = dom.state().map_err(lv)?;
+    Ok(match state {
+        Enum::Known(VirState::Running | VirState::Blocked) => DomainState::Running,
+        Enum::Known(VirState::Paused | VirState::PMSuspended) => DomainState::Paused,
+        Enum::Known(VirState::Crashed) => DomainState::Off { crashed: true },
+        Enum::Known(VirState::Shutoff) => DomainState::Off {
+            crashed: matches!(
+                reason,
+                Enum::Known(virt::domain::DomainStateReason::Shutoff(Enum::Known(
+                    DomainShutoffReason::Crashed
+                )))
+            ),
+        },
+        _ => DomainState::Transient,
+    })
+}
+
+impl Hypervisor for LibvirtHypervisor {
+    fn host(&self) -> Result<HostInfo, HypervisorError> {
+        let info = self.conn.node_info().map_err(lv)?;
+        Ok(HostInfo {
+            arch: self.arch,
+            kind: self.kind,
+            vcpus: u16::try_from(info.cpus).unwrap_or(u16::MAX),
+            memory_mib: u32::try_from(info.memory / 1024).unwrap_or(u32::MAX),
+        })
+    }
+
+    fn list(&self) -> Result<Vec<Domain>, HypervisorError> {
+        let mut out = Vec::new();
+        for dom in self.conn.list_all_domains(0).map_err(lv)? {
+            let Ok(name) = dom.name() else { continue };
+            let Some(Ok(id)) = name
+                .strip_prefix(DOMAIN_PREFIX)
+                .map(str::parse::<InstanceId>)
+            else {
+                continue;
+            };
+            // A look-alike name is not enough: Outpost's domains carry its metadata.
+            if dom.metadata(2, Some(METADATA_NS), 0).is_err() {
+                continue;
+            }
+            out.push(Domain {
+                id,
+                state: reduce(&dom)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn create(
+        &self,
+        id: InstanceId,
+        spec: &InstanceSpec,
+        start: bool,
+    ) -> Result<(), HypervisorError> {
+        let dom = match self.lookup(id)? {
+            Some(dom) => dom,
+            None => {
+                let dir = self.instance_dir(id);
+                std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+                let dir =
+                    std::path::absolute(&dir).map_err(io("resolving the instance directory"))?;
+                let disk = dir.join("disk.qcow2");
+                let has_disk = self.make_disk(spec, &disk)?;
+                let kernel_files = match &spec.boot {
+                    Boot::Kernel { kernel, initrd, .. } => Some((
+                        self.image(kernel.as_str())?,
+                        initrd
+                            .as_ref()
+                            .map(|i| self.image(i.as_str()))
+                            .transpose()?,
+                    )),
+                    Boot::Disk { .. } => None,
+                };
+                let boot = match (&spec.boot, &kernel_files) {
+                    (Boot::Kernel { cmdline, .. }, Some((k, i))) => BootDef::Kernel {
+                        kernel: k,
+                        initrd: i.as_deref(),
+                        cmdline: cmdline.as_str(),
+                    },
+                    _ => BootDef::Disk,
+                };
+                let console = dir.join("console.log");
+                let xml = domain_xml(&DomainDef {
+                    id,
+                    kvm: self.kind == HypervisorKind::Kvm,
+                    arch: self.arch,
+                    vcpus: spec.vcpus,
+                    memory_mib: spec.memory_mib,
+                    boot,
+                    disk: has_disk.then_some(disk.as_path()),
+                    network: &spec.network,
+                    console_log: &console,
+                });
+                self.conn.define_domain_xml(&xml).map_err(lv)?
+            }
+        };
+        if start && !dom.is_active().map_err(lv)? {
+            dom.create().map_err(lv)?;
+        }
+        Ok(())
+    }
+
+    fn start(&self, id: InstanceId) -> Result<(), HypervisorError> {
+        let dom = self.get(id)?;
+        if !dom.is_active().map_err(lv)? {
+            dom.create().map_err(lv)?;
+        }
+        Ok(())
+    }
+
+    fn stop(&self, id: InstanceId) -> Result<(), HypervisorError> {
+        let dom = self.get(id)?;
+        if !dom.is_active().map_err(lv)? {
+            return Ok(());
+        }
+        if !self.cfg.stop_timeout.is_zero() && dom.shutdown().is_ok() {
+            let deadline = Instant::now() + self.cfg.stop_timeout;
+            while Instant::now() < deadline {
+                if !dom.is_active().map_err(lv)? {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            tracing::info!(%id, "guest ignored the power-off request: forcing it off");
+        }
+        match dom.destroy() {
+            Ok(()) => Ok(()),
+            // It may have stopped between the check and the destroy.
+            Err(_) if !dom.is_active().map_err(lv)? => Ok(()),
+            Err(e) => Err(lv(e)),
+        }
+    }
+
+    fn reboot(&self, id: InstanceId) -> Result<(), HypervisorError> {
+        // A hard reset: deterministic whether or not the guest listens to ACPI.
+        self.get(id)?.reset().map_err(lv)
+    }
+
+    fn delete(&self, id: InstanceId) -> Result<(), HypervisorError> {
+        if let Some(dom) = self.lookup(id)? {
+            if dom.is_active().map_err(lv)? {
+                dom.destroy().map_err(lv)?;
+            }
+            dom.undefine().map_err(lv)?;
+        }
+        let dir = self.instance_dir(id);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io(format!("removing {}", dir.display()))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_arch_is_read_from_capabilities() {
+        let caps = "<capabilities><host><uuid>x</uuid><cpu><arch>aarch64</arch></cpu></host>\
+                    <guest><arch name='x86_64'/></guest></capabilities>";
+        assert_eq!(host_arch(caps), Some(Arch::Aarch64));
+        assert_eq!(host_arch("<capabilities/>"), None);
+    }
+}

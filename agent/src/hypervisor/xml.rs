@@ -1,1 +1,228 @@
+//! The libvirt domain XML Outpost writes for an instance: a pure function, tested without
+//! libvirt.
 
+use std::fmt::Write as _;
+use std::path::Path;
+
+use outpost_protocol::{Arch, InstanceId, Network};
+
+/// The XML namespace of Outpost's domain metadata; a domain without it is not Outpost's.
+pub const METADATA_NS: &str = "urn:outpost:instance:1";
+
+/// How the guest boots.
+#[derive(Debug, Clone, Copy)]
+pub enum BootDef<'a> {
+    /// From the first disk (firmware boot).
+    Disk,
+    /// Direct kernel boot.
+    Kernel {
+        /// Kernel file.
+        kernel: &'a Path,
+        /// Initrd file.
+        initrd: Option<&'a Path>,
+        /// Command line.
+        cmdline: &'a str,
+    },
+}
+
+/// Everything the XML is made from.
+#[derive(Debug, Clone, Copy)]
+pub struct DomainDef<'a> {
+    /// The instance.
+    pub id: InstanceId,
+    /// `kvm` (hardware) or `qemu` (TCG emulation).
+    pub kvm: bool,
+    /// Guest (= host) architecture.
+    pub arch: Arch,
+    /// vCPUs.
+    pub vcpus: u16,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Boot method.
+    pub boot: BootDef<'a>,
+    /// The root (or data) disk, a qcow2 file.
+    pub disk: Option<&'a Path>,
+    /// Network.
+    pub network: &'a Network,
+    /// Where the serial console is written.
+    pub console_log: &'a Path,
+}
+
+/// Escapes text for XML content and attribute values.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn path(p: &Path) -> String {
+    esc(&p.to_string_lossy())
+}
+
+/// Writes the domain XML.
+pub fn domain_xml(d: &DomainDef<'_>) -> String {
+    let mut x = String::with_capacity(2048);
+    let (machine, efi) = match d.arch {
+        Arch::X86_64 => ("q35", false),
+        // aarch64 guests boot from disk through UEFI.
+        Arch::Aarch64 => ("virt", matches!(d.boot, BootDef::Disk)),
+    };
+    // `write!` to a String cannot fail; the results are ignored on purpose.
+    let _ = writeln!(x, "<domain type='{}'>", if d.kvm { "kvm" } else { "qemu" });
+    let _ = writeln!(x, "  <name>{}</name>", super::domain_name(d.id));
+    let _ = writeln!(
+        x,
+        "  <metadata><outpost:instance xmlns:outpost='{METADATA_NS}' id='{}'/></metadata>",
+        d.id
+    );
+    let _ = writeln!(x, "  <memory unit='MiB'>{}</memory>", d.memory_mib);
+    let _ = writeln!(x, "  <vcpu>{}</vcpu>", d.vcpus);
+    let _ = writeln!(x, "  <os{}>", if efi { " firmware='efi'" } else { "" });
+    let _ = writeln!(
+        x,
+        "    <type arch='{}' machine='{machine}'>hvm</type>",
+        d.arch
+    );
+    match d.boot {
+        BootDef::Disk => x.push_str("    <boot dev='hd'/>\n"),
+        BootDef::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            let _ = writeln!(x, "    <kernel>{}</kernel>", path(kernel));
+            if let Some(initrd) = initrd {
+                let _ = writeln!(x, "    <initrd>{}</initrd>", path(initrd));
+            }
+            let _ = writeln!(x, "    <cmdline>{}</cmdline>", esc(cmdline));
+        }
+    }
+    x.push_str("  </os>\n  <features><acpi/></features>\n");
+    match (d.kvm, d.arch) {
+        (true, _) => x.push_str("  <cpu mode='host-passthrough'/>\n"),
+        (false, Arch::Aarch64) => {
+            x.push_str("  <cpu mode='custom' match='exact'><model fallback='allow'>cortex-a57</model></cpu>\n");
+        }
+        (false, Arch::X86_64) => {}
+    }
+    x.push_str("  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n");
+    x.push_str("  <on_crash>destroy</on_crash>\n  <devices>\n");
+    if let Some(disk) = d.disk {
+        let _ = writeln!(
+            x,
+            "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+            path(disk)
+        );
+    }
+    match d.network {
+        Network::None => {}
+        Network::Libvirt { network } => {
+            let _ = writeln!(
+                x,
+                "    <interface type='network'><source network='{}'/><model type='virtio'/></interface>",
+                esc(network.as_str())
+            );
+        }
+        Network::Bridge { bridge } => {
+            let _ = writeln!(
+                x,
+                "    <interface type='bridge'><source bridge='{}'/><model type='virtio'/></interface>",
+                esc(bridge.as_str())
+            );
+        }
+    }
+    let _ = writeln!(
+        x,
+        "    <serial type='file'><source path='{}' append='on'/><target port='0'/></serial>",
+        path(d.console_log)
+    );
+    x.push_str("    <memballoon model='none'/>\n  </devices>\n</domain>\n");
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_protocol::NetName;
+
+    fn def<'a>(boot: BootDef<'a>, net: &'a Network) -> DomainDef<'a> {
+        DomainDef {
+            id: InstanceId::from_u64(0xab),
+            kvm: false,
+            arch: Arch::X86_64,
+            vcpus: 2,
+            memory_mib: 256,
+            boot,
+            disk: None,
+            network: net,
+            console_log: Path::new("/var/lib/outpost/instances/x/console.log"),
+        }
+    }
+
+    #[test]
+    fn direct_kernel_boot_under_tcg() {
+        let net = Network::None;
+        let x = domain_xml(&def(
+            BootDef::Kernel {
+                kernel: Path::new("/img/vmlinuz"),
+                initrd: Some(Path::new("/img/initrd.img")),
+                cmdline: "console=ttyS0 quiet",
+            },
+            &net,
+        ));
+        assert!(x.starts_with("<domain type='qemu'>"));
+        assert!(x.contains("<name>outpost-00000000000000ab</name>"));
+        assert!(x.contains("<type arch='x86_64' machine='q35'>hvm</type>"));
+        assert!(x.contains("<kernel>/img/vmlinuz</kernel>"));
+        assert!(x.contains("<initrd>/img/initrd.img</initrd>"));
+        assert!(x.contains("<cmdline>console=ttyS0 quiet</cmdline>"));
+        assert!(x.contains(
+            "<serial type='file'><source path='/var/lib/outpost/instances/x/console.log'"
+        ));
+        assert!(x.contains(METADATA_NS));
+        assert!(!x.contains("host-passthrough"));
+        assert!(!x.contains("<interface"));
+    }
+
+    #[test]
+    fn kvm_disk_boot_on_aarch64_uses_virt_machine_and_uefi() {
+        let net = Network::Bridge {
+            bridge: NetName::new("br0").expect("valid"),
+        };
+        let mut d = def(BootDef::Disk, &net);
+        d.kvm = true;
+        d.arch = Arch::Aarch64;
+        d.disk = Some(Path::new("/i/disk.qcow2"));
+        let x = domain_xml(&d);
+        assert!(x.starts_with("<domain type='kvm'>"));
+        assert!(x.contains("<os firmware='efi'>"));
+        assert!(x.contains("machine='virt'"));
+        assert!(x.contains("<cpu mode='host-passthrough'/>"));
+        assert!(x.contains("<source file='/i/disk.qcow2'/>"));
+        assert!(x.contains("<source bridge='br0'/>"));
+    }
+
+    #[test]
+    fn text_is_escaped() {
+        let net = Network::None;
+        let x = domain_xml(&def(
+            BootDef::Kernel {
+                kernel: Path::new("/a'b/k"),
+                initrd: None,
+                cmdline: "x=<y> & 'z'",
+            },
+            &net,
+        ));
+        assert!(x.contains("<kernel>/a&apos;b/k</kernel>"));
+        assert!(x.contains("<cmdline>x=&lt;y&gt; &amp; &apos;z&apos;</cmdline>"));
+    }
+}
