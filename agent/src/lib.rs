@@ -12,5 +12,6 @@ pub mod config;
 pub mod fingerprint;
 pub mod hypervisor;
 pub mod reconcile;
+pub mod shell;
 
 pub mod store;

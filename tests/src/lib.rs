@@ -1,1 +1,514 @@
-//! End-to-end tests of Outpost: the real broker and real libvirt, driven from `tests/tests/`.
+//! End-to-end test harness for Outpost: real processes, the real broker (mosquitto), real
+//! libvirt. The tests themselves live in `tests/tests/`.
+//!
+//! It provides a mosquitto started on a free loopback port, the workspace's binaries, an agent
+//! process with its own state directory, a test controller (a real MQTT client that publishes
+//! desired states and records what agents send), a libvirtd started the way
+//! `shared/PLATFORM.md` describes, and a tiny guest (Debian's cloud kernel and a busybox
+//! initramfs that prints a line on the serial console).
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use outpost_protocol::topics::{self, Channel};
+use outpost_protocol::*;
+use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The path of a workspace binary, built once per test process.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "-q", "--bins"])
+            .current_dir(root)
+            .status()
+            .unwrap();
+        assert!(st.success(), "building the workspace binaries failed");
+    });
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    target.join("debug").join(name)
+}
+
+/// Waits until `f` returns `Some`, polling every 50 ms, or panics with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    child: Option<Child>,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Self {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Self {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        c.wait().unwrap()
+    }
+
+    /// Whether it is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A mosquitto broker on loopback.
+pub struct Mosquitto {
+    /// Its port.
+    pub port: u16,
+    /// Its process.
+    pub proc: Proc,
+    dir: PathBuf,
+}
+
+impl Mosquitto {
+    /// Starts mosquitto with anonymous access on a free port, in `dir`.
+    pub fn start(dir: &Path) -> Self {
+        Self::start_on(dir, free_port())
+    }
+
+    /// Starts mosquitto on `port` (to restart it where agents expect it).
+    pub fn start_on(dir: &Path, port: u16) -> Self {
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"),
+        )
+        .unwrap();
+        let mut cmd = Command::new("mosquitto");
+        cmd.arg("-c").arg(&conf);
+        let proc = Proc::spawn(cmd, dir.join("mosquitto.log"));
+        wait_for(Duration::from_secs(10), "mosquitto to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Self {
+            port,
+            proc,
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// Stops it (SIGKILL) and starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        *self = Self::start_on(&self.dir.clone(), self.port);
+    }
+}
+
+/// An agent process with its own state and image directories.
+pub struct Agent {
+    /// The node id.
+    pub node: NodeId,
+    /// Its state directory.
+    pub state_dir: PathBuf,
+    /// Its config file.
+    pub config: PathBuf,
+    /// The process, once started.
+    pub proc: Option<Proc>,
+}
+
+impl Agent {
+    /// Writes a config for `node` under `dir`, with `extra` TOML appended, but does not start.
+    pub fn configure(dir: &Path, node: &str, broker_port: u16, extra: &str) -> Self {
+        let state_dir = dir.join(node);
+        std::fs::create_dir_all(state_dir.join("images")).unwrap();
+        let config = dir.join(format!("{node}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "node_id = \"{node}\"\nbrokers = [\"mqtt://127.0.0.1:{broker_port}\"]\n\
+                 state_dir = \"{}\"\nreport_interval_secs = 1\nreconcile_interval_secs = 1\n{extra}",
+                state_dir.display()
+            ),
+        )
+        .unwrap();
+        Self {
+            node: NodeId::new(node).unwrap(),
+            state_dir,
+            config,
+            proc: None,
+        }
+    }
+
+    /// Starts (or restarts) the agent process.
+    pub fn start(&mut self) {
+        let mut cmd = Command::new(bin("outpost-agent"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("--log-level")
+            .arg("debug");
+        self.proc = Some(Proc::spawn(cmd, self.state_dir.with_extension("log")));
+    }
+
+    /// The running process.
+    pub fn proc(&mut self) -> &mut Proc {
+        self.proc.as_mut().unwrap()
+    }
+}
+
+/// Everything a test controller has received.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    /// Latest status per node.
+    pub status: Vec<(NodeId, NodeStatus)>,
+    /// Latest inventory per node.
+    pub inventory: Vec<(NodeId, Inventory)>,
+    /// Latest report per node.
+    pub report: Vec<(NodeId, NodeReport)>,
+    /// Every event, in arrival order.
+    pub events: Vec<(NodeId, AgentEvent)>,
+    /// Payloads that did not decode.
+    pub malformed: usize,
+}
+
+fn upsert<T>(v: &mut Vec<(NodeId, T)>, node: NodeId, t: T) {
+    match v.iter_mut().find(|(n, _)| *n == node) {
+        Some(slot) => slot.1 = t,
+        None => v.push((node, t)),
+    }
+}
+
+impl Seen {
+    /// Latest status of `node`.
+    pub fn status_of(&self, node: &NodeId) -> Option<NodeStatus> {
+        self.status.iter().find(|(n, _)| n == node).map(|(_, s)| *s)
+    }
+
+    /// Latest inventory of `node`.
+    pub fn inventory_of(&self, node: &NodeId) -> Option<Inventory> {
+        self.inventory
+            .iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, s)| s.clone())
+    }
+
+    /// Latest report of `node`.
+    pub fn report_of(&self, node: &NodeId) -> Option<NodeReport> {
+        self.report
+            .iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, s)| s.clone())
+    }
+
+    /// The states `node` announced for `id`, in order.
+    pub fn states(&self, node: &NodeId, id: InstanceId) -> Vec<InstanceState> {
+        self.events
+            .iter()
+            .filter(|(n, _)| n == node)
+            .filter_map(|(_, e)| match e {
+                AgentEvent::Instance { id: i, state, .. } if *i == id => Some(*state),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The acks `node` sent.
+    pub fn acks(&self, node: &NodeId) -> Vec<(u64, AckResult)> {
+        self.events
+            .iter()
+            .filter(|(n, _)| n == node)
+            .filter_map(|(_, e)| match e {
+                AgentEvent::Ack { generation, result } => Some((*generation, *result)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// A stand-in controller: a real MQTT client subscribed to every node's topics.
+pub struct TestController {
+    client: AsyncClient,
+    /// What it has received.
+    pub seen: Arc<Mutex<Seen>>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl TestController {
+    /// Connects to the broker on `port` and subscribes to every agent channel.
+    pub fn connect(port: u16) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut opts = MqttOptions::new(
+            format!("test-controller-{}", free_port()),
+            "127.0.0.1",
+            port,
+        );
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        opts.set_keep_alive(Duration::from_secs(5));
+        let (client, mut el) = AsyncClient::new(opts, 1024);
+        let mut net = NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        el.set_network_options(net);
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let s = Arc::clone(&seen);
+        let c = client.clone();
+        rt.spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        for ch in [
+                            Channel::Status,
+                            Channel::Inventory,
+                            Channel::Report,
+                            Channel::Event,
+                        ] {
+                            c.subscribe(ch.all_nodes(), QoS::AtLeastOnce).await.unwrap();
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => record(&s, &p.topic, &p.payload),
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Self { client, seen, rt }
+    }
+
+    /// A snapshot of what was received.
+    pub fn seen(&self) -> Seen {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Publishes raw bytes on `node`'s `channel`, retained or not.
+    pub fn publish_raw(&self, node: &NodeId, channel: Channel, payload: Vec<u8>, retain: bool) {
+        let t = topics::topic(node, channel).to_string();
+        let c = self.client.clone();
+        self.rt
+            .block_on(async move { c.publish(t, QoS::AtLeastOnce, retain, payload).await })
+            .unwrap();
+    }
+
+    /// Publishes `node`'s desired state, retained, as the real controller does.
+    pub fn publish_desired(&self, node: &NodeId, d: &DesiredState) {
+        self.publish_raw(node, Channel::Desired, d.to_vec().unwrap(), true);
+    }
+
+    /// Waits until `f` holds for what was received.
+    pub fn wait<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut f: impl FnMut(&Seen) -> Option<T>,
+    ) -> T {
+        wait_for(timeout, what, || f(&self.seen.lock().unwrap()))
+    }
+}
+
+fn record(seen: &Mutex<Seen>, topic: &str, payload: &[u8]) {
+    let mut s = seen.lock().unwrap();
+    let Ok((node, ch)) = topics::parse(topic) else {
+        return;
+    };
+    let ok = match ch {
+        Channel::Status => NodeStatus::decode(payload)
+            .map(|m| upsert(&mut s.status, node, m))
+            .is_ok(),
+        Channel::Inventory => Inventory::decode(payload)
+            .map(|m| upsert(&mut s.inventory, node, m))
+            .is_ok(),
+        Channel::Report => NodeReport::decode(payload)
+            .map(|m| upsert(&mut s.report, node, m))
+            .is_ok(),
+        Channel::Event => AgentEvent::decode(payload)
+            .map(|m| s.events.push((node, m)))
+            .is_ok(),
+        Channel::Desired => true,
+    };
+    if !ok {
+        s.malformed += 1;
+    }
+}
+
+/// A desired instance with these resources, booting `boot`.
+pub fn instance(id: u64, boot: Boot, memory_mib: u32) -> DesiredInstance {
+    DesiredInstance {
+        id: InstanceId::from_u64(id),
+        power: PowerState::Running,
+        reboot_count: 0,
+        spec: InstanceSpec {
+            vcpus: 1,
+            memory_mib,
+            disk_gib: 0,
+            arch: Arch::native().unwrap(),
+            require_kvm: false,
+            boot,
+            network: Network::None,
+            restart: RestartPolicy::OnFailure,
+            labels: Labels::new(),
+        },
+    }
+}
+
+/// A desired state of `generation` with `instances`.
+pub fn desired(generation: u64, instances: Vec<DesiredInstance>) -> DesiredState {
+    DesiredState {
+        generation,
+        instances: instances.into_iter().collect(),
+    }
+}
+
+/// Direct kernel boot of `vmlinuz` + `initrd.img` from the image directory.
+pub fn kernel_boot(cmdline: &str) -> Boot {
+    Boot::Kernel {
+        kernel: ImageName::new("vmlinuz").unwrap(),
+        initrd: Some(ImageName::new("initrd.img").unwrap()),
+        cmdline: Cmdline::new(cmdline).unwrap(),
+    }
+}
+
+/// Starts libvirtd (and virtlogd) as `shared/PLATFORM.md` describes, unless one answers.
+/// Returns false (and says why) when libvirtd cannot be had on this machine.
+pub fn ensure_libvirtd() -> bool {
+    let answers = || {
+        Command::new("virsh")
+            .args(["-c", "qemu:///system", "version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if answers() {
+        return true;
+    }
+    // QEMU runs as root here, so instance files under the test's temp dir are readable.
+    let conf = Path::new("/etc/libvirt/qemu.conf");
+    if let Ok(text) = std::fs::read_to_string(conf)
+        && !text.lines().any(|l| l.trim_start().starts_with("user ="))
+    {
+        let _ = std::fs::write(conf, format!("{text}\nuser = \"root\"\ngroup = \"root\"\n"));
+    }
+    for d in ["/var/log/libvirt", "/var/run/libvirt"] {
+        let _ = std::fs::create_dir_all(d);
+    }
+    let _ = Command::new("virtlogd").arg("-d").status();
+    let _ = Command::new("libvirtd").arg("-d").status();
+    let mut ok = false;
+    for _ in 0..100 {
+        if answers() {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ok
+}
+
+/// The marker the test guest prints on its serial console.
+pub const GUEST_MARKER: &str = "OUTPOST-GUEST-BOOTED";
+
+/// Puts the tiny test guest (Debian's cloud kernel and a busybox initramfs whose init prints
+/// [`GUEST_MARKER`]) into `image_dir` as `vmlinuz` and `initrd.img`.
+pub fn install_test_guest(image_dir: &Path) {
+    let kernel = std::fs::read_dir("/boot")
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vmlinuz-")
+                && p.to_string_lossy().ends_with("-cloud-amd64")
+        })
+        .expect("Debian's cloud kernel (linux-image-cloud-amd64) is installed by scripts/setup");
+    std::fs::copy(&kernel, image_dir.join("vmlinuz")).unwrap();
+
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    for d in ["bin", "dev", "proc", "sys"] {
+        std::fs::create_dir_all(r.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", r.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", r.join("bin/sh")).unwrap();
+    let init = format!(
+        "#!/bin/sh\n/bin/busybox mount -t proc proc /proc\n/bin/busybox mount -t devtmpfs dev /dev\n\
+         echo {GUEST_MARKER} > /dev/ttyS0\nwhile true; do /bin/busybox sleep 3600; done\n"
+    );
+    std::fs::write(r.join("init"), init).unwrap();
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "chmod +x init && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
+            image_dir.join("initrd.img").display()
+        ))
+        .current_dir(r)
+        .status()
+        .unwrap();
+    assert!(st.success(), "building the test initramfs failed");
+}

@@ -1,0 +1,216 @@
+//! `outpost-agent`: reads its config, opens the hypervisor, and runs the agent.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use outpost_agent::config::{Backend, BackendName, Config, FileConfig, KindChoice};
+use outpost_agent::hypervisor::Hypervisor;
+use outpost_agent::hypervisor::fake::FakeHypervisor;
+use outpost_protocol::Arch;
+
+/// Outpost's edge agent: reports this host over MQTT and converges its VMs (libvirt/KVM) to the
+/// node's desired state. VMs keep running while the controller or the broker is away.
+#[derive(Debug, Parser)]
+#[command(name = "outpost-agent", version)]
+struct Cli {
+    /// Config file (TOML, see agent/README.md). Flags below override it.
+    #[arg(
+        short,
+        long,
+        env = "OUTPOST_AGENT_CONFIG",
+        default_value = "/etc/outpost/agent.toml"
+    )]
+    config: PathBuf,
+    /// Node id (also the MQTT username); lets the agent run without a config file.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Broker address, `mqtt://HOST:PORT`; repeat for fallbacks.
+    #[arg(long = "broker")]
+    brokers: Vec<String>,
+    /// Directory for the desired state and instance files.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Image cache directory (default: STATE_DIR/images).
+    #[arg(long)]
+    image_dir: Option<PathBuf>,
+    /// Hypervisor backend.
+    #[arg(long, value_enum)]
+    backend: Option<BackendArg>,
+    /// libvirt connection URI (default qemu:///system).
+    #[arg(long)]
+    libvirt_uri: Option<String>,
+    /// KVM or software emulation (default: probe).
+    #[arg(long, value_enum)]
+    hypervisor_kind: Option<KindArg>,
+    /// Seconds between usage reports.
+    #[arg(long)]
+    report_interval: Option<u64>,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, env = "OUTPOST_LOG", default_value = "info")]
+    log_level: tracing::Level,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Print this host's inventory as the agent would report it, and exit.
+    Fingerprint,
+    /// Check the config and print it, and exit.
+    CheckConfig,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Libvirt,
+    Fake,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KindArg {
+    Auto,
+    Kvm,
+    Emulated,
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut file = match std::fs::read_to_string(&cli.config) {
+        Ok(text) => FileConfig::from_toml(&text)
+            .with_context(|| format!("reading {}", cli.config.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && cli.node_id.is_some() => {
+            FileConfig::from_toml("node_id = \"x\"")?
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("cannot read {} (or give --node-id)", cli.config.display())
+            });
+        }
+    };
+    if let Some(n) = &cli.node_id {
+        file.node_id.clone_from(n);
+    }
+    if !cli.brokers.is_empty() {
+        file.brokers.clone_from(&cli.brokers);
+    }
+    if let Some(d) = &cli.state_dir {
+        file.state_dir = Some(d.clone());
+    }
+    if let Some(d) = &cli.image_dir {
+        file.image_dir = Some(d.clone());
+    }
+    if let Some(b) = cli.backend {
+        file.hypervisor.backend = match b {
+            BackendArg::Libvirt => BackendName::Libvirt,
+            BackendArg::Fake => BackendName::Fake,
+        };
+    }
+    if let Some(u) = &cli.libvirt_uri {
+        file.hypervisor.uri = Some(u.clone());
+    }
+    if let Some(k) = cli.hypervisor_kind {
+        file.hypervisor.kind = match k {
+            KindArg::Auto => KindChoice::Auto,
+            KindArg::Kvm => KindChoice::Kvm,
+            KindArg::Emulated => KindChoice::Emulated,
+        };
+    }
+    if let Some(r) = cli.report_interval {
+        file.report_interval_secs = Some(r);
+    }
+    Ok(file.validate()?)
+}
+
+fn open_hypervisor(cfg: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
+    match &cfg.backend {
+        Backend::Fake {
+            kind,
+            vcpus,
+            memory_mib,
+        } => {
+            let arch = Arch::native().context("unsupported host architecture")?;
+            Ok(Arc::new(FakeHypervisor::new(
+                arch,
+                *kind,
+                *vcpus,
+                *memory_mib,
+            )))
+        }
+        #[cfg(feature = "libvirt")]
+        Backend::Libvirt { uri, kind } => {
+            use outpost_agent::hypervisor::libvirt::{LibvirtConfig, LibvirtHypervisor};
+            let hv = LibvirtHypervisor::open(LibvirtConfig {
+                uri: uri.clone(),
+                kind: *kind,
+                image_dir: cfg.image_dir.clone(),
+                instance_dir: cfg.instance_dir.clone(),
+                stop_timeout: cfg.stop_timeout,
+            })
+            .with_context(|| format!("opening libvirt at {uri}"))?;
+            Ok(Arc::new(hv))
+        }
+        #[cfg(not(feature = "libvirt"))]
+        Backend::Libvirt { .. } => {
+            anyhow::bail!("this build has no libvirt backend; use --backend fake")
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_max_level(cli.log_level)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = load_config(&cli)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => {
+            println!("{cfg:#?}");
+            Ok(())
+        }
+        Command::Fingerprint => {
+            let hv = open_hypervisor(&cfg)?;
+            let host = hv.host()?;
+            let images = outpost_agent::fingerprint::scan_images(&cfg.image_dir);
+            let disk = outpost_agent::fingerprint::disk_free_gib(&cfg.state_dir);
+            let (inv, _) =
+                outpost_agent::fingerprint::describe(host, disk, cfg.reserved, &cfg.labels, images);
+            println!("{inv:#?}");
+            Ok(())
+        }
+        Command::Run => {
+            let hv = open_hypervisor(&cfg)?;
+            let counters = rt.block_on(outpost_agent::shell::run(cfg, hv, shutdown_signal()))?;
+            if counters.malformed > 0 {
+                tracing::info!(
+                    malformed = counters.malformed,
+                    "malformed messages were dropped"
+                );
+            }
+            Ok(())
+        }
+    }
+}

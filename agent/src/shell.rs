@@ -1,0 +1,462 @@
+//! The agent's async shell: MQTT in and out, the hypervisor on blocking threads, the desired
+//! state on disk, and the timers. All decisions are the [`Reconciler`]'s.
+//!
+//! One current-thread runtime is enough: the loop waits on MQTT, on hypervisor results and on
+//! two timers. Hypervisor calls run on blocking threads and never stall the loop, so VMs keep
+//! converging while the broker is away.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use outpost_protocol::topics::{self, Channel};
+use outpost_protocol::{
+    AgentEvent, DesiredState, ErrorKind, InstanceId, Inventory, Message, NodeStatus, Presence,
+};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, LastWill, MqttOptions, NetworkOptions, Packet, QoS,
+};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::fingerprint;
+use crate::hypervisor::{Hypervisor, HypervisorError, execute};
+use crate::reconcile::{Effect, HostFacts, Offer, Op, Reconciler};
+use crate::store::{DesiredStore, StoreError};
+
+/// MQTT keep-alive: the broker declares the agent gone (and publishes its Last Will) after
+/// about 1.5 times this without traffic.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Largest MQTT packet accepted: a full desired state plus its topic and header.
+pub const MAX_PACKET: usize = 64 * 1024;
+/// First reconnect delay; doubles per failure up to [`RECONNECT_MAX`], with full jitter.
+pub const RECONNECT_BASE: Duration = Duration::from_millis(200);
+/// Longest reconnect delay.
+pub const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// Requests queued towards the MQTT event loop before new publishes are dropped (the next
+/// connect republishes the full state anyway).
+const REQUEST_QUEUE: usize = 256;
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The hypervisor could not describe the host at start.
+    #[error("cannot fingerprint the host: {0}")]
+    Host(#[from] HypervisorError),
+    /// The state directory is unusable.
+    #[error("state directory: {0}")]
+    Store(#[from] StoreError),
+    /// A blocking task panicked.
+    #[error("a blocking hypervisor task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Counters of things that went wrong without stopping the agent.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Messages dropped because they did not decode (malformed, oversized, wrong version).
+    pub malformed: u64,
+    /// Publishes dropped because the queue towards the broker was full.
+    pub dropped_publishes: u64,
+    /// Failed connection attempts.
+    pub connect_failures: u64,
+}
+
+/// Jittered exponential back-off for reconnects ("full jitter").
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    /// The delay before the next attempt; `unit` in [0, 1) is the jitter.
+    pub fn next(&mut self, unit: f64) -> Duration {
+        let cap = RECONNECT_BASE
+            .saturating_mul(1 << self.failures.min(16))
+            .min(RECONNECT_MAX);
+        self.failures = self.failures.saturating_add(1);
+        cap.mul_f64(unit.clamp(0.0, 1.0))
+    }
+
+    /// Back to the first delay (after a successful connect).
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// A session number larger than `last` and, when the clock allows, the current time in ms.
+fn next_session(last: u64) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    now.max(last.saturating_add(1))
+}
+
+fn encode<M: Message>(m: &M) -> Vec<u8> {
+    // Every message the agent builds is within its bounds by construction.
+    m.to_vec().unwrap_or_default()
+}
+
+/// MQTT options for one connection attempt: broker `broker`, Last Will for `session`.
+fn mqtt_options(cfg: &Config, broker: usize, session: u64) -> MqttOptions {
+    let b = &cfg.brokers[broker % cfg.brokers.len()];
+    let mut o = MqttOptions::new(cfg.node_id.as_str(), b.host.clone(), b.port);
+    o.set_keep_alive(KEEP_ALIVE)
+        .set_clean_session(false)
+        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+        .set_last_will(LastWill::new(
+            topics::topic(&cfg.node_id, Channel::Status).as_str(),
+            encode(&NodeStatus {
+                presence: Presence::Offline,
+                session,
+            }),
+            QoS::AtLeastOnce,
+            true,
+        ));
+    if let Some((user, pass)) = &cfg.credentials {
+        o.set_credentials(user.clone(), pass.clone());
+    }
+    o
+}
+
+fn qos(ch: Channel) -> QoS {
+    match ch.qos() {
+        0 => QoS::AtMostOnce,
+        _ => QoS::AtLeastOnce,
+    }
+}
+
+/// A finished hypervisor operation, as the reconciler takes it back.
+type Done = (InstanceId, Op, Result<(), (ErrorKind, String)>);
+
+/// The running agent.
+struct Shell {
+    cfg: Config,
+    hv: Arc<dyn Hypervisor>,
+    store: DesiredStore,
+    rec: Reconciler,
+    client: AsyncClient,
+    counters: Counters,
+    inventory: Inventory,
+    connected: bool,
+    done_tx: mpsc::UnboundedSender<Done>,
+}
+
+impl Shell {
+    fn publish(&mut self, ch: Channel, payload: Vec<u8>) {
+        let topic = topics::topic(&self.cfg.node_id, ch);
+        if self
+            .client
+            .try_publish(topic.as_str(), qos(ch), ch.retained(), payload)
+            .is_err()
+        {
+            self.counters.dropped_publishes += 1;
+        }
+    }
+
+    fn publish_event(&mut self, ev: &AgentEvent) {
+        tracing::debug!(?ev, "event");
+        self.publish(Channel::Event, encode(ev));
+    }
+
+    fn apply(&mut self, effects: Vec<Effect>) {
+        for e in effects {
+            match e {
+                Effect::Publish(ev) => self.publish_event(&ev),
+                Effect::Run(id, op) => {
+                    tracing::info!(%id, op = op.name(), "hypervisor");
+                    let hv = Arc::clone(&self.hv);
+                    let tx = self.done_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let r = execute(hv.as_ref(), id, &op);
+                        if let Err((_, why)) = &r {
+                            tracing::warn!(%id, op = op.name(), %why, "hypervisor call failed");
+                        }
+                        let _ = tx.send((id, op, r));
+                    });
+                }
+            }
+        }
+    }
+
+    /// Everything the controller needs after a (re)connect: online status, inventory, report
+    /// and each instance's state.
+    fn announce(&mut self, session: u64) {
+        let status = NodeStatus {
+            presence: Presence::Online,
+            session,
+        };
+        self.publish(Channel::Status, encode(&status));
+        self.publish(Channel::Inventory, encode(&self.inventory));
+        self.publish(Channel::Report, encode(&self.rec.report()));
+        for ev in self.rec.resync() {
+            self.publish_event(&ev);
+        }
+    }
+
+    async fn on_desired(&mut self, payload: &[u8]) -> bool {
+        let d = match DesiredState::decode(payload) {
+            Ok(d) => d,
+            Err(e) => {
+                self.counters.malformed += 1;
+                tracing::warn!(error = %e, count = self.counters.malformed, "dropped a desired state that does not decode");
+                return false;
+            }
+        };
+        match self.rec.offer(&d) {
+            Offer::Newer => {
+                let store = self.store.clone();
+                let copy = d.clone();
+                match tokio::task::spawn_blocking(move || store.save(&copy)).await {
+                    Ok(Ok(())) => {
+                        tracing::info!(
+                            generation = d.generation,
+                            instances = d.instances.len(),
+                            "desired state accepted"
+                        );
+                        let effects = self.rec.accept(d);
+                        self.apply(effects);
+                        return true;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "cannot store the desired state: not accepted")
+                    }
+                    Err(e) => tracing::error!(error = %e, "storing the desired state panicked"),
+                }
+            }
+            Offer::Same => {
+                let ack = self.rec.ack_current();
+                self.publish_event(&ack);
+            }
+            Offer::Stale(ack) => {
+                tracing::info!(
+                    generation = d.generation,
+                    current = self.rec.generation(),
+                    "ignored a stale desired state"
+                );
+                self.publish_event(&ack);
+            }
+        }
+        false
+    }
+
+    async fn reconcile(&mut self) -> Result<(), AgentError> {
+        let hv = Arc::clone(&self.hv);
+        match tokio::task::spawn_blocking(move || hv.list()).await? {
+            Ok(domains) => {
+                let effects = self.rec.observe(Instant::now(), &domains);
+                self.apply(effects);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list domains; will retry"),
+        }
+        Ok(())
+    }
+
+    /// Re-reads the host (images, disk, CPUs, memory); republishes the inventory if it changed.
+    async fn refresh_host(&mut self) -> Result<(), AgentError> {
+        let (inventory, facts) = describe(&self.cfg, Arc::clone(&self.hv)).await?;
+        if inventory != self.inventory {
+            tracing::info!("host changed: republishing the inventory");
+            self.inventory = inventory;
+            self.rec.set_host(facts);
+            if self.connected {
+                self.publish(Channel::Inventory, encode(&self.inventory));
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn describe(
+    cfg: &Config,
+    hv: Arc<dyn Hypervisor>,
+) -> Result<(Inventory, HostFacts), AgentError> {
+    let image_dir = cfg.image_dir.clone();
+    let state_dir = cfg.state_dir.clone();
+    let (host, images, disk) = tokio::task::spawn_blocking(move || {
+        (
+            hv.host(),
+            fingerprint::scan_images(&image_dir),
+            fingerprint::disk_free_gib(&state_dir),
+        )
+    })
+    .await?;
+    Ok(fingerprint::describe(
+        host?,
+        disk,
+        cfg.reserved,
+        &cfg.labels,
+        images,
+    ))
+}
+
+/// Runs the agent until `shutdown` resolves. Running VMs are left running when it returns.
+pub async fn run(
+    cfg: Config,
+    hv: Arc<dyn Hypervisor>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<Counters, AgentError> {
+    let store = DesiredStore::open(&cfg.state_dir)?;
+    let restored = match store.load() {
+        Ok(d) => d,
+        Err(e) => {
+            // Never guess: without a trustworthy desired state nothing is created or deleted
+            // until the controller sends one.
+            tracing::error!(error = %e, "ignoring the stored desired state");
+            None
+        }
+    };
+    if let Some(d) = &restored {
+        tracing::info!(
+            generation = d.generation,
+            instances = d.instances.len(),
+            "restored the desired state from disk"
+        );
+    }
+    let (inventory, facts) = describe(&cfg, Arc::clone(&hv)).await?;
+    tracing::info!(
+        node = %cfg.node_id, arch = %inventory.arch, hypervisor = %inventory.hypervisor,
+        vcpus = inventory.total.vcpus, memory_mib = inventory.total.memory_mib,
+        disk_gib = inventory.total.disk_gib, images = inventory.images.len(), "host fingerprinted"
+    );
+
+    let mut session = next_session(0);
+    let mut broker = 0usize;
+    let (client, mut eventloop) =
+        AsyncClient::new(mqtt_options(&cfg, broker, session), REQUEST_QUEUE);
+    let mut net = NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    net.set_connection_timeout(5);
+    eventloop.set_network_options(net.clone());
+
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let desired_topic = topics::topic(&cfg.node_id, Channel::Desired);
+    let mut reconcile_tick = tokio::time::interval(cfg.reconcile_interval);
+    let mut report_tick = tokio::time::interval(cfg.report_interval);
+    report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    reconcile_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let mut sh = Shell {
+        rec: Reconciler::new(facts, restored),
+        cfg,
+        hv,
+        store,
+        client,
+        counters: Counters::default(),
+        inventory,
+        connected: false,
+        done_tx,
+    };
+    let mut backoff = Backoff::default();
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut pass_due = true;
+    tokio::pin!(shutdown);
+
+    loop {
+        if pass_due {
+            pass_due = false;
+            sh.reconcile().await?;
+        }
+        tokio::select! {
+            () = &mut shutdown => break,
+            ev = eventloop.poll(), if retry_at.is_none() => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    tracing::info!(broker = %sh.cfg.brokers[broker % sh.cfg.brokers.len()].host, session, "connected");
+                    sh.connected = true;
+                    backoff.reset();
+                    let _ = sh.client.try_subscribe(desired_topic.as_str(), QoS::AtLeastOnce);
+                    sh.announce(session);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if p.topic == desired_topic.as_str() {
+                        pass_due |= sh.on_desired(&p.payload).await;
+                    } else {
+                        sh.counters.malformed += 1;
+                        tracing::warn!(topic = %p.topic, "message on an unexpected topic dropped");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    sh.counters.connect_failures += 1;
+                    let delay = backoff.next(fastrand::f64());
+                    if sh.connected || sh.counters.connect_failures.is_power_of_two() {
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, failures = sh.counters.connect_failures, "broker unreachable; VMs keep running");
+                    }
+                    if matches!(e, ConnectionError::MqttState(_)) {
+                        tracing::warn!("protocol error from the broker side");
+                    }
+                    sh.connected = false;
+                    // Next attempt: the next broker, and a new session so that this
+                    // connection's Last Will can never hide the next connection's status.
+                    broker += 1;
+                    session = next_session(session);
+                    eventloop.mqtt_options = mqtt_options(&sh.cfg, broker, session);
+                    retry_at = Some(tokio::time::Instant::now() + delay);
+                }
+            },
+            () = async { if let Some(t) = retry_at { tokio::time::sleep_until(t).await } }, if retry_at.is_some() => {
+                retry_at = None;
+            }
+            Some((id, op, result)) = done_rx.recv() => {
+                let effects = sh.rec.completed(Instant::now(), id, &op, result);
+                sh.apply(effects);
+                pass_due = true;
+            }
+            _ = reconcile_tick.tick() => pass_due = true,
+            _ = report_tick.tick() => {
+                sh.refresh_host().await?;
+                if sh.connected {
+                    let report = encode(&sh.rec.report());
+                    sh.publish(Channel::Report, report);
+                }
+            }
+        }
+    }
+
+    // A clean exit says so at once instead of waiting for the Last Will. VMs keep running.
+    if sh.connected {
+        let offline = NodeStatus {
+            presence: Presence::Offline,
+            session,
+        };
+        sh.publish(Channel::Status, encode(&offline));
+        let _ = sh.client.try_disconnect();
+        let flush = async {
+            while let Ok(ev) = eventloop.poll().await {
+                if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
+    }
+    tracing::info!(counters = ?sh.counters, "agent stopped; instances keep running");
+    Ok(sh.counters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::default();
+        assert_eq!(b.next(1.0), RECONNECT_BASE);
+        assert_eq!(b.next(1.0), RECONNECT_BASE * 2);
+        assert_eq!(b.next(0.5), RECONNECT_BASE * 2);
+        for _ in 0..40 {
+            assert!(b.next(1.0) <= RECONNECT_MAX);
+        }
+        assert_eq!(b.next(1.0), RECONNECT_MAX);
+        assert_eq!(b.next(0.0), Duration::ZERO);
+        b.reset();
+        assert_eq!(b.next(1.0), RECONNECT_BASE);
+    }
+
+    #[test]
+    fn sessions_always_grow() {
+        let a = next_session(0);
+        assert!(a > 1_600_000_000_000);
+        assert_eq!(next_session(u64::MAX - 1), u64::MAX);
+        assert!(next_session(a + 1_000_000) > a + 1_000_000);
+    }
+}
