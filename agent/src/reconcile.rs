@@ -120,7 +120,7 @@ impl Track {
 /// The agent's decision logic.
 #[derive(Debug)]
 pub struct Reconciler {
-    desired: Option<DesiredState>,
+    desired: Option<Box<DesiredState>>,
     tracks: BTreeMap<InstanceId, Track>,
     host: HostFacts,
 }
@@ -209,7 +209,7 @@ impl Reconciler {
     /// controller sends one).
     pub fn new(host: HostFacts, desired: Option<DesiredState>) -> Self {
         Self {
-            desired,
+            desired: desired.map(Box::new),
             tracks: BTreeMap::new(),
             host,
         }
@@ -222,7 +222,7 @@ impl Reconciler {
 
     /// The desired state held.
     pub fn desired(&self) -> Option<&DesiredState> {
-        self.desired.as_ref()
+        self.desired.as_deref()
     }
 
     /// Updates what the host offers (after a new fingerprint).
@@ -256,7 +256,7 @@ impl Reconciler {
     /// Takes a newer desired state, already stored durably by the shell. The next
     /// [`observe`](Self::observe) converges to it.
     pub fn accept(&mut self, d: DesiredState) -> Vec<Effect> {
-        self.desired = Some(d);
+        self.desired = Some(Box::new(d));
         // A new generation means the controller looked again: failed builds get another try.
         for t in self.tracks.values_mut() {
             t.create_failed = false;

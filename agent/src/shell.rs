@@ -195,7 +195,7 @@ impl Shell {
 
     async fn on_desired(&mut self, payload: &[u8]) -> bool {
         let d = match DesiredState::decode(payload) {
-            Ok(d) => d,
+            Ok(d) => Box::new(d),
             Err(e) => {
                 self.counters.malformed += 1;
                 tracing::warn!(error = %e, count = self.counters.malformed, "dropped a desired state that does not decode");
@@ -213,7 +213,7 @@ impl Shell {
                             instances = d.instances.len(),
                             "desired state accepted"
                         );
-                        let effects = self.rec.accept(d);
+                        let effects = self.rec.accept(*d);
                         self.apply(effects);
                         return true;
                     }
@@ -291,6 +291,16 @@ async fn describe(
 
 /// Runs the agent until `shutdown` resolves. Running VMs are left running when it returns.
 pub async fn run(
+    cfg: Config,
+    hv: Arc<dyn Hypervisor>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<Counters, AgentError> {
+    // The loop's state holds whole desired states (tens of KiB each): keep it on the heap,
+    // not on the stack of whichever thread polls it.
+    Box::pin(run_loop(cfg, hv, shutdown)).await
+}
+
+async fn run_loop(
     cfg: Config,
     hv: Arc<dyn Hypervisor>,
     shutdown: impl std::future::Future<Output = ()>,
