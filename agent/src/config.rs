@@ -373,6 +373,16 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_config_is_valid() {
+        let c = FileConfig::from_toml(include_str!("../agent.example.toml"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(c.node_id.as_str(), "edge-01");
+        assert_eq!(c.labels.len(), 2);
+    }
+
+    #[test]
     fn bad_configs_get_clear_errors() {
         let err = |t: &str| {
             FileConfig::from_toml(t)
