@@ -5,17 +5,18 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use outpost_agent::config::{Backend, BackendName, Config, FileConfig, KindChoice};
+use outpost_agent::config::{Backend, BackendName, Config, DeviceConfig, KindChoice};
 use outpost_agent::hypervisor::Hypervisor;
 use outpost_agent::hypervisor::fake::FakeHypervisor;
-use outpost_protocol::Arch;
+use outpost_protocol::{Arch, NodeId};
 
 /// Outpost's edge agent: reports this host over MQTT and converges its VMs (libvirt/KVM) to the
 /// node's desired state. VMs keep running while the controller or the broker is away.
 #[derive(Debug, Parser)]
 #[command(name = "outpost-agent", version)]
 struct Cli {
-    /// Config file (TOML, see agent/README.md). Flags below override it.
+    /// Config file: the flashed form made by outpost-firmware-config, or its TOML form (see
+    /// agent/agent.example.toml). Flags below override it.
     #[arg(
         short,
         long,
@@ -46,7 +47,7 @@ struct Cli {
     hypervisor_kind: Option<KindArg>,
     /// Seconds between usage reports.
     #[arg(long)]
-    report_interval: Option<u64>,
+    report_interval: Option<u16>,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "OUTPOST_LOG", default_value = "info")]
     log_level: tracing::Level,
@@ -78,50 +79,57 @@ enum KindArg {
 }
 
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
-    let mut file = match std::fs::read_to_string(&cli.config) {
-        Ok(text) => FileConfig::from_toml(&text)
-            .with_context(|| format!("reading {}", cli.config.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && cli.node_id.is_some() => {
-            FileConfig::from_toml("node_id = \"x\"")?
+    use outpost_firmware_config::human::{self, ConfigError, text};
+    let mut d = match human::load(&cli.config) {
+        Ok(d) => d,
+        Err(ConfigError::Read { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound && cli.node_id.is_some() =>
+        {
+            DeviceConfig::new(NodeId::new("x")?)
         }
         Err(e) => {
-            return Err(e).with_context(|| {
-                format!("cannot read {} (or give --node-id)", cli.config.display())
-            });
+            return Err(e)
+                .with_context(|| format!("config {} (or give --node-id)", cli.config.display()));
         }
     };
     if let Some(n) = &cli.node_id {
-        file.node_id.clone_from(n);
+        d.node_id = NodeId::new(n).context("--node-id")?;
     }
     if !cli.brokers.is_empty() {
-        file.brokers.clone_from(&cli.brokers);
+        d.brokers.clear();
+        for b in &cli.brokers {
+            d.brokers
+                .push(text(b, "--broker")?)
+                .map_err(|_| anyhow::anyhow!("too many --broker addresses"))?;
+        }
     }
-    if let Some(d) = &cli.state_dir {
-        file.state_dir = Some(d.clone());
+    if let Some(p) = &cli.state_dir {
+        d.state_dir = Some(text(&p.to_string_lossy(), "--state-dir")?);
     }
-    if let Some(d) = &cli.image_dir {
-        file.image_dir = Some(d.clone());
+    if let Some(p) = &cli.image_dir {
+        d.image_dir = Some(text(&p.to_string_lossy(), "--image-dir")?);
     }
     if let Some(b) = cli.backend {
-        file.hypervisor.backend = match b {
+        d.hypervisor.backend = match b {
             BackendArg::Libvirt => BackendName::Libvirt,
             BackendArg::Fake => BackendName::Fake,
         };
     }
     if let Some(u) = &cli.libvirt_uri {
-        file.hypervisor.uri = Some(u.clone());
+        d.hypervisor.uri = Some(text(u, "--libvirt-uri")?);
     }
     if let Some(k) = cli.hypervisor_kind {
-        file.hypervisor.kind = match k {
+        d.hypervisor.kind = match k {
             KindArg::Auto => KindChoice::Auto,
             KindArg::Kvm => KindChoice::Kvm,
             KindArg::Emulated => KindChoice::Emulated,
         };
     }
     if let Some(r) = cli.report_interval {
-        file.report_interval_secs = Some(r);
+        d.report_interval_secs = Some(r);
     }
-    Ok(file.validate()?)
+    tracing::info!("config: {}", human::summary(&d));
+    Ok(Config::from_device(&d)?)
 }
 
 fn open_hypervisor(cfg: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {

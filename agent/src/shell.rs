@@ -14,6 +14,7 @@ use outpost_protocol::{
 };
 use rumqttc::{
     AsyncClient, ConnectionError, Event, LastWill, MqttOptions, NetworkOptions, Packet, QoS,
+    TlsConfiguration, Transport,
 };
 use tokio::sync::mpsc;
 
@@ -112,8 +113,15 @@ fn mqtt_options(cfg: &Config, broker: usize, session: u64) -> MqttOptions {
             QoS::AtLeastOnce,
             true,
         ));
-    if let Some((user, pass)) = &cfg.credentials {
-        o.set_credentials(user.clone(), pass.clone());
+    if let Some(c) = &cfg.credentials {
+        o.set_credentials(c.username.clone(), c.password.clone());
+    }
+    if let Some(tls) = cfg.tls.as_ref().filter(|_| b.tls) {
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca: tls.ca_pem.clone(),
+            alpn: None,
+            client_auth: tls.client.clone(),
+        }));
     }
     o
 }
@@ -295,6 +303,8 @@ pub async fn run(
     hv: Arc<dyn Hypervisor>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<Counters, AgentError> {
+    // TLS uses ring; installing it twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // The loop's state holds whole desired states (tens of KiB each): keep it on the heap,
     // not on the stack of whichever thread polls it.
     Box::pin(run_loop(cfg, hv, shutdown)).await

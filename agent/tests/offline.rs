@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_agent::config::FileConfig;
+use outpost_agent::config::Config;
 use outpost_agent::hypervisor::DomainState;
 use outpost_agent::hypervisor::fake::{Call, FakeHypervisor};
 use outpost_agent::store::DesiredStore;
@@ -26,14 +26,12 @@ async fn cold_boot_offline_restores_instances_from_disk() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("images")).unwrap();
     std::fs::write(dir.path().join("images/vmlinuz"), b"k").unwrap();
-    let cfg = FileConfig::from_toml(&format!(
+    let cfg = Config::from_toml(&format!(
         "node_id = \"edge-offline\"\nbrokers = [\"mqtt://127.0.0.1:{}\"]\nstate_dir = \"{}\"\n\
          [hypervisor]\nbackend = \"fake\"\n",
         closed_port(),
         dir.path().display()
     ))
-    .unwrap()
-    .validate()
     .unwrap();
 
     // What the agent had stored before the host went down.

@@ -1,4 +1,17 @@
 //! `outpost-firmware-config`: the device configuration flashed with each agent.
 //!
-//! It owns the flashed format (magic, version, CRC-32). It must never depend on the agent or
-//! the controller.
+//! It owns the device config schema ([`DeviceConfig`]), its human form (TOML, with the `std`
+//! feature) and its flashed form ([`flash`]: magic, version, length, postcard body, CRC-32),
+//! whose decoder is `no_std` so that it builds for bare-metal targets like the protocol. It must
+//! never depend on the agent or the controller.
+#![no_std]
+
+#[cfg(any(feature = "std", test))]
+extern crate std;
+
+pub mod flash;
+#[cfg(feature = "std")]
+pub mod human;
+mod schema;
+
+pub use schema::*;

@@ -142,10 +142,16 @@ impl Mosquitto {
 
     /// Starts mosquitto on `port` (to restart it where agents expect it).
     pub fn start_on(dir: &Path, port: u16) -> Self {
+        Self::start_with(dir, port, "")
+    }
+
+    /// Starts mosquitto with a plain loopback listener on `port` and `extra` configuration
+    /// (more listeners, ACLs...).
+    pub fn start_with(dir: &Path, port: u16, extra: &str) -> Self {
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"),
+            format!("user root\nper_listener_settings false\nallow_anonymous true\npersistence false\nlog_dest stderr\nlistener {port} 127.0.0.1\n{extra}"),
         )
         .unwrap();
         let mut cmd = Command::new("mosquitto");
@@ -466,6 +472,42 @@ pub fn ensure_libvirtd() -> bool {
         std::thread::sleep(Duration::from_millis(100));
     }
     ok
+}
+
+/// A test PKI made with openssl: a CA, a server certificate for `localhost`/127.0.0.1 and a
+/// client certificate, all in `dir` (`ca.pem`, `server.pem`, `server.key`, `client.pem`,
+/// `client.key`).
+pub fn make_pki(dir: &Path, ca_name: &str) {
+    let run = |args: &str| {
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(format!("openssl {args} 2>/dev/null"))
+            .current_dir(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "openssl {args}");
+    };
+    // Version-3 certificates with the usual extensions: rustls (webpki) accepts nothing else.
+    std::fs::write(dir.join("ca.ext"), "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n").unwrap();
+    std::fs::write(dir.join("server.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n").unwrap();
+    run(&format!(
+        "req -new -newkey rsa:2048 -nodes -subj '/CN={ca_name}' -keyout ca.key -out ca.csr"
+    ));
+    run("x509 -req -in ca.csr -signkey ca.key -days 2 -extfile ca.ext -out ca.pem");
+    for who in ["server", "client"] {
+        let cn = if who == "server" {
+            "localhost"
+        } else {
+            "client"
+        };
+        run(&format!(
+            "req -newkey rsa:2048 -nodes -subj /CN={cn} -keyout {who}.key -out {who}.csr"
+        ));
+        run(&format!(
+            "x509 -req -in {who}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile {who}.ext -out {who}.pem"
+        ));
+    }
 }
 
 /// The marker the test guest prints on its serial console.
