@@ -1,3 +1,8 @@
-//! `outpost-controller`: fleet state, the scheduler and dispatch.
+//! `outpost-controller`: fleet state, the scheduler and dispatch (Outpost's nova-scheduler,
+//! nova-conductor and placement in one lean service).
 //!
-//! It owns the fleet's durable state and placement decisions. It must never depend on the agent.
+//! It owns the fleet's durable state and placement decisions. [`scheduler`] is a pure,
+//! synchronous core (no I/O, no clock reads). It must never depend on the agent: the two meet
+//! only in `outpost-protocol`.
+
+pub mod scheduler;

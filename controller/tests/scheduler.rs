@@ -1,0 +1,374 @@
+//! The scheduler core: concrete cases, and property tests of its invariants (never
+//! over-commit, deterministic, anti-affinity never violated, every placement passes every
+//! filter).
+#![allow(clippy::unwrap_used)]
+
+use outpost_controller::scheduler::*;
+use outpost_protocol::*;
+use proptest::prelude::*;
+
+fn host(id: &str, vcpus: u16, memory_mib: u32) -> HostState {
+    HostState {
+        id: NodeId::new(id).unwrap(),
+        availability: Availability::Up,
+        arch: Arch::X86_64,
+        hypervisor: HypervisorKind::Kvm,
+        capacity: Resources {
+            vcpus,
+            memory_mib,
+            disk_gib: 100,
+        },
+        claimed: Resources::default(),
+        labels: vec![],
+        images: vec![ImageName::new("base.qcow2").unwrap()],
+        recent_failures: 0,
+    }
+}
+
+fn spec(vcpus: u16, memory_mib: u32) -> InstanceSpec {
+    InstanceSpec {
+        vcpus,
+        memory_mib,
+        disk_gib: 1,
+        arch: Arch::X86_64,
+        require_kvm: false,
+        boot: Boot::Disk {
+            image: ImageName::new("base.qcow2").unwrap(),
+        },
+        network: Network::None,
+        restart: RestartPolicy::OnFailure,
+        labels: Labels::new(),
+    }
+}
+
+fn req(spec: &InstanceSpec) -> Request<'_> {
+    Request {
+        spec,
+        selector: &[],
+        group: None,
+        exclude: &[],
+    }
+}
+
+#[test]
+fn spreads_by_default_and_packs_with_negative_weights() {
+    let mut hosts = vec![host("a", 4, 4096), host("b", 4, 8192)];
+    hosts[0].claim(Resources {
+        vcpus: 1,
+        memory_mib: 1024,
+        disk_gib: 0,
+    });
+    let s = spec(1, 512);
+    let spread = Scheduler::default();
+    assert_eq!(spread.place(&hosts, &req(&s)).unwrap().host, 1);
+    let mut cfg = SchedulerConfig::default();
+    cfg.weights.cpu = -1.0;
+    cfg.weights.memory = -1.0;
+    cfg.weights.disk = 0.0;
+    let pack = Scheduler::new(cfg);
+    assert_eq!(pack.place(&hosts, &req(&s)).unwrap().host, 0);
+}
+
+#[test]
+fn alternates_are_ranked_and_exclusive() {
+    let hosts = vec![
+        host("a", 8, 1024),
+        host("b", 8, 4096),
+        host("c", 8, 2048),
+        host("d", 8, 512),
+    ];
+    let s = spec(1, 256);
+    let p = Scheduler::default().place(&hosts, &req(&s)).unwrap();
+    assert_eq!(p.host, 1);
+    assert_eq!(p.alternates, vec![2, 0, 3]);
+    // A retry excludes what was tried.
+    let exclude = [1];
+    let p = Scheduler::default()
+        .place(
+            &hosts,
+            &Request {
+                exclude: &exclude,
+                ..req(&s)
+            },
+        )
+        .unwrap();
+    assert_eq!(p.host, 2);
+}
+
+#[test]
+fn nothing_fits_names_each_filter() {
+    let mut hosts = vec![
+        host("a", 1, 512),
+        host("b", 8, 8192),
+        host("c", 8, 8192),
+        host("d", 8, 8192),
+        host("e", 8, 8192),
+    ];
+    hosts[1].availability = Availability::Cordoned;
+    hosts[2].arch = Arch::Aarch64;
+    hosts[3].images.clear();
+    hosts[4].hypervisor = HypervisorKind::Emulated;
+    let mut s = spec(1, 1024);
+    s.require_kvm = true;
+    let err = Scheduler::default().place(&hosts, &req(&s)).unwrap_err();
+    assert_eq!(
+        err.removed,
+        vec![
+            (Filter::Availability, 1),
+            (Filter::Architecture, 1),
+            (Filter::Kvm, 1),
+            (Filter::Memory, 1),
+            (Filter::Image, 1)
+        ]
+    );
+    assert_eq!(
+        err.to_string(),
+        "no host fits (5 hosts): availability (down/cordoned) removed 1, architecture removed 1, kvm removed 1, memory removed 1, image removed 1"
+    );
+    let none = Scheduler::default().place(&[], &req(&s)).unwrap_err();
+    assert_eq!(none.to_string(), "no host fits: the fleet has no nodes");
+}
+
+#[test]
+fn vcpu_allocation_ratio_applies() {
+    let hosts = vec![host("a", 2, 65536)];
+    let s = spec(8, 64);
+    assert!(Scheduler::default().place(&hosts, &req(&s)).is_ok()); // 2 x 4.0
+    let s = spec(9, 64);
+    assert_eq!(
+        Scheduler::default()
+            .place(&hosts, &req(&s))
+            .unwrap_err()
+            .removed,
+        vec![(Filter::Vcpus, 1)]
+    );
+}
+
+#[test]
+fn labels_and_groups_constrain() {
+    let mut hosts = vec![host("a", 8, 8192), host("b", 8, 8192), host("c", 8, 8192)];
+    hosts[2].labels.push(Label::parse("zone=north").unwrap());
+    let s = spec(1, 256);
+    let sel = [Label::parse("zone=north").unwrap()];
+    let p = Scheduler::default()
+        .place(
+            &hosts,
+            &Request {
+                selector: &sel,
+                ..req(&s)
+            },
+        )
+        .unwrap();
+    assert_eq!(p.host, 2);
+
+    let members = [0, 1];
+    let anti = GroupConstraint {
+        policy: GroupPolicy::AntiAffinity,
+        members_on: &members,
+    };
+    let p = Scheduler::default()
+        .place(
+            &hosts,
+            &Request {
+                group: Some(anti),
+                ..req(&s)
+            },
+        )
+        .unwrap();
+    assert_eq!(p.host, 2);
+    let aff = GroupConstraint {
+        policy: GroupPolicy::Affinity,
+        members_on: &members[1..],
+    };
+    let p = Scheduler::default()
+        .place(
+            &hosts,
+            &Request {
+                group: Some(aff),
+                ..req(&s)
+            },
+        )
+        .unwrap();
+    assert_eq!(p.host, 1);
+}
+
+#[test]
+fn recent_failures_push_a_host_down() {
+    let mut hosts = vec![host("a", 8, 8192), host("b", 8, 8192)];
+    hosts[0].recent_failures = 1;
+    let s = spec(1, 256);
+    assert_eq!(
+        Scheduler::default().place(&hosts, &req(&s)).unwrap().host,
+        1
+    );
+}
+
+// ---- properties ----
+
+fn arb_host(i: usize) -> impl Strategy<Value = HostState> {
+    (
+        1u16..16,
+        256u32..16384,
+        1u32..200,
+        prop::sample::select(vec![
+            Availability::Up,
+            Availability::Up,
+            Availability::Up,
+            Availability::Down,
+            Availability::Cordoned,
+        ]),
+        any::<bool>(),
+        any::<bool>(),
+        prop::sample::select(vec!["north", "south"]),
+        0u32..3,
+    )
+        .prop_map(
+            move |(vcpus, memory_mib, disk_gib, availability, arm, kvm, zone, failures)| {
+                HostState {
+                    id: NodeId::new(&format!("n{i:04}")).unwrap(),
+                    availability,
+                    arch: if arm { Arch::Aarch64 } else { Arch::X86_64 },
+                    hypervisor: if kvm {
+                        HypervisorKind::Kvm
+                    } else {
+                        HypervisorKind::Emulated
+                    },
+                    capacity: Resources {
+                        vcpus,
+                        memory_mib,
+                        disk_gib,
+                    },
+                    claimed: Resources::default(),
+                    labels: vec![Label::parse(&format!("zone={zone}")).unwrap()],
+                    images: vec![ImageName::new("base.qcow2").unwrap()],
+                    recent_failures: failures,
+                }
+            },
+        )
+}
+
+fn arb_fleet() -> impl Strategy<Value = Vec<HostState>> {
+    (1usize..40).prop_flat_map(|n| (0..n).map(arb_host).collect::<Vec<_>>())
+}
+
+#[derive(Debug, Clone)]
+struct Ask {
+    spec: InstanceSpec,
+    zone: Option<&'static str>,
+    anti: bool,
+}
+
+fn arb_asks() -> impl Strategy<Value = Vec<Ask>> {
+    prop::collection::vec(
+        (
+            1u16..6,
+            64u32..4096,
+            0u32..20,
+            any::<bool>(),
+            any::<bool>(),
+            prop::option::of(prop::sample::select(vec!["north", "south"])),
+            any::<bool>(),
+        ),
+        1..60,
+    )
+    .prop_map(|v| {
+        v.into_iter()
+            .map(|(vcpus, mem, disk, arm, kvm, zone, anti)| {
+                let mut s = spec(vcpus, mem);
+                s.disk_gib = disk;
+                s.arch = if arm { Arch::Aarch64 } else { Arch::X86_64 };
+                s.require_kvm = kvm;
+                Ask {
+                    spec: s,
+                    zone,
+                    anti,
+                }
+            })
+            .collect()
+    })
+}
+
+/// Places every ask in order, claiming as it goes; returns the outcomes and the final hosts.
+fn run(
+    sched: &Scheduler,
+    mut hosts: Vec<HostState>,
+    asks: &[Ask],
+) -> (Vec<Option<HostIdx>>, Vec<HostState>) {
+    let mut group: Vec<HostIdx> = Vec::new();
+    let mut out = Vec::new();
+    for a in asks {
+        let sel: Vec<Label> = a
+            .zone
+            .map(|z| Label::parse(&format!("zone={z}")).unwrap())
+            .into_iter()
+            .collect();
+        let members = group.clone();
+        let r = Request {
+            spec: &a.spec,
+            selector: &sel,
+            group: a.anti.then_some(GroupConstraint {
+                policy: GroupPolicy::AntiAffinity,
+                members_on: &members,
+            }),
+            exclude: &[],
+        };
+        match sched.place(&hosts, &r) {
+            Ok(p) => {
+                assert!(
+                    sched.reject(p.host, &hosts[p.host], &r).is_none(),
+                    "placement passes every filter"
+                );
+                for &alt in &p.alternates {
+                    assert!(
+                        sched.reject(alt, &hosts[alt], &r).is_none(),
+                        "alternates pass every filter"
+                    );
+                    assert_ne!(alt, p.host);
+                }
+                hosts[p.host].claim(a.spec.resources());
+                if a.anti {
+                    group.push(p.host);
+                }
+                out.push(Some(p.host));
+            }
+            Err(e) => {
+                assert_eq!(
+                    e.removed.iter().map(|(_, n)| n).sum::<usize>(),
+                    hosts.len(),
+                    "every host is accounted for"
+                );
+                out.push(None);
+            }
+        }
+    }
+    (out, hosts)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn never_overcommits_and_is_deterministic(hosts in arb_fleet(), asks in arb_asks()) {
+        let sched = Scheduler::default();
+        let (first, after) = run(&sched, hosts.clone(), &asks);
+        for h in &after {
+            let (cpu, mem, disk) = sched.effective(h);
+            prop_assert!(u64::from(h.claimed.vcpus) <= cpu);
+            prop_assert!(u64::from(h.claimed.memory_mib) <= mem);
+            prop_assert!(u64::from(h.claimed.disk_gib) <= disk);
+        }
+        let (second, _) = run(&sched, hosts, &asks);
+        prop_assert_eq!(first, second);
+    }
+
+    #[test]
+    fn anti_affinity_is_never_violated(hosts in arb_fleet(), asks in arb_asks()) {
+        let asks: Vec<Ask> = asks.into_iter().map(|a| Ask { anti: true, ..a }).collect();
+        let (placed, _) = run(&Scheduler::default(), hosts, &asks);
+        let mut used: Vec<HostIdx> = placed.into_iter().flatten().collect();
+        let n = used.len();
+        used.sort_unstable();
+        used.dedup();
+        prop_assert_eq!(used.len(), n);
+    }
+}
