@@ -5,4 +5,5 @@
 //! synchronous core (no I/O, no clock reads). It must never depend on the agent: the two meet
 //! only in `outpost-protocol`.
 
+pub mod fleet;
 pub mod scheduler;

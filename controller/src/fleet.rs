@@ -1,0 +1,841 @@
+//! The fleet: every node and instance the controller knows, and the decisions about them. A
+//! pure core: time comes in as milliseconds, changes go out through [`Fleet::take_changes`],
+//! which the shell stores durably *before* it publishes any desired state.
+//!
+//! Level-triggered: each node's desired state is derived from the instances assigned to it;
+//! any change bumps the node's generation, and agents converge to the latest one. Reports and
+//! events correct the controller's view; nothing depends on one message arriving exactly once.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use outpost_protocol::{
+    AckResult, AgentEvent, DesiredInstance, DesiredState, ErrorKind, InstanceId, InstanceSpec,
+    InstanceState, Inventory, Label, NodeId, NodeReport, NodeStatus, PowerState, Presence,
+    Resources, SpecError,
+};
+
+use crate::scheduler::{
+    Availability, GroupConstraint, GroupPolicy, HostState, NoValidHost, Request, Scheduler,
+};
+
+/// Fleet settings.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// A node that has not reported for this long is down.
+    pub liveness_timeout_ms: u64,
+    /// Build attempts per instance (the first one and retries on other nodes).
+    pub max_attempts: u32,
+    /// How long a build failure counts against a node in the weighers.
+    pub failure_memory_ms: u64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            liveness_timeout_ms: 30_000,
+            max_attempts: 3,
+            failure_memory_ms: 600_000,
+        }
+    }
+}
+
+/// Where an instance is in its life, as the controller sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Accepted, not yet placed (only during a retry with no host free yet).
+    Pending,
+    /// Placed on a node; the node has not started building it yet.
+    Scheduled,
+    /// The node is building it.
+    Building,
+    /// Running.
+    Running,
+    /// Stopped (asked to, or the guest shut down).
+    Stopped,
+    /// Crashed, and not (yet) restarted.
+    Crashed,
+    /// Failed: could not be built anywhere, or failed in place.
+    Error,
+    /// Being deleted: removed from its node's desired state, waiting for the node to confirm.
+    Deleting,
+}
+
+impl Phase {
+    /// Lowercase name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Scheduled => "scheduled",
+            Self::Building => "building",
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+            Self::Crashed => "crashed",
+            Self::Error => "error",
+            Self::Deleting => "deleting",
+        }
+    }
+
+    /// Parses [`Phase::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Pending,
+            Self::Scheduled,
+            Self::Building,
+            Self::Running,
+            Self::Stopped,
+            Self::Crashed,
+            Self::Error,
+            Self::Deleting,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+    }
+}
+
+/// One instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceRecord {
+    /// Its id.
+    pub id: InstanceId,
+    /// Its human name.
+    pub name: String,
+    /// What it is.
+    pub spec: InstanceSpec,
+    /// Labels its node must carry.
+    pub selector: Vec<Label>,
+    /// Its server group.
+    pub group: Option<String>,
+    /// Running or stopped, as asked.
+    pub power: PowerState,
+    /// Reboots asked so far.
+    pub reboot_count: u32,
+    /// Its phase.
+    pub phase: Phase,
+    /// Its node, once placed.
+    pub node: Option<NodeId>,
+    /// Nodes where a build failed, with why.
+    pub failures: Vec<(NodeId, String)>,
+    /// The latest reason (error text, scheduler answer...).
+    pub reason: String,
+    /// Creation time (ms since the epoch).
+    pub created_ms: u64,
+}
+
+impl InstanceRecord {
+    /// Whether it holds resources on its node (an instance that failed in place keeps them:
+    /// its node keeps trying; one that failed everywhere has no node).
+    fn holds(&self) -> bool {
+        self.node.is_some()
+    }
+
+    /// Whether its node should have it.
+    fn wanted_on_node(&self) -> bool {
+        self.holds() && self.phase != Phase::Deleting
+    }
+}
+
+/// One node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRecord {
+    /// Its id.
+    pub id: NodeId,
+    /// What it reported about itself.
+    pub inventory: Option<Inventory>,
+    /// Connected (retained status / Last Will) and reporting.
+    pub online: bool,
+    /// The latest status session seen.
+    pub session: u64,
+    /// No new placements.
+    pub cordoned: bool,
+    /// Cordoned, and its instances are being moved.
+    pub draining: bool,
+    /// Its desired-state generation.
+    pub generation: u64,
+    /// The generation it last reported holding.
+    pub reported_generation: u64,
+    /// Last report or status (ms since the epoch).
+    pub last_seen_ms: u64,
+    /// Times of recent build failures on it.
+    pub failures_ms: Vec<u64>,
+}
+
+impl NodeRecord {
+    fn new(id: NodeId) -> Self {
+        Self {
+            id,
+            inventory: None,
+            online: false,
+            session: 0,
+            cordoned: false,
+            draining: false,
+            generation: 0,
+            reported_generation: 0,
+            last_seen_ms: 0,
+            failures_ms: Vec::new(),
+        }
+    }
+
+    /// Up, down, cordoned or draining.
+    pub fn availability(&self) -> Availability {
+        if !self.online || self.inventory.is_none() {
+            Availability::Down
+        } else if self.draining {
+            Availability::Draining
+        } else if self.cordoned {
+            Availability::Cordoned
+        } else {
+            Availability::Up
+        }
+    }
+}
+
+/// A request to create an instance.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    /// The id to give it (random, chosen by the caller).
+    pub id: InstanceId,
+    /// Its name.
+    pub name: String,
+    /// What to build.
+    pub spec: InstanceSpec,
+    /// Labels its node must carry.
+    pub selector: Vec<Label>,
+    /// A server group and its policy (the policy is fixed by the group's first member).
+    pub group: Option<(String, GroupPolicy)>,
+}
+
+/// Why an API request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FleetError {
+    /// The spec is impossible on its face.
+    #[error("invalid instance: {0}")]
+    Spec(#[from] SpecError),
+    /// Nothing fits.
+    #[error("{0}")]
+    NoValidHost(#[from] NoValidHost),
+    /// No such instance.
+    #[error("no instance {0}")]
+    NoInstance(String),
+    /// No such node.
+    #[error("no node {0}")]
+    NoNode(String),
+    /// The id or name is taken.
+    #[error("an instance named {0:?} already exists")]
+    Exists(String),
+    /// The group exists with the other policy.
+    #[error("group {0:?} exists with a different policy")]
+    GroupPolicy(String),
+    /// The instance is being deleted.
+    #[error("instance {0} is being deleted")]
+    Deleting(InstanceId),
+}
+
+/// What changed since the last [`Fleet::take_changes`]: store it, then publish.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Nodes to upsert.
+    pub nodes: Vec<NodeRecord>,
+    /// Instances to upsert.
+    pub instances: Vec<InstanceRecord>,
+    /// Instances to remove.
+    pub removed: Vec<InstanceId>,
+    /// Groups to upsert.
+    pub groups: Vec<(String, GroupPolicy)>,
+    /// Desired states to publish (retained), after the above is stored.
+    pub publish: Vec<(NodeId, DesiredState)>,
+}
+
+impl Changes {
+    /// Nothing to store or publish.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+            && self.instances.is_empty()
+            && self.removed.is_empty()
+            && self.groups.is_empty()
+            && self.publish.is_empty()
+    }
+}
+
+/// The controller's view of the fleet.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    nodes: BTreeMap<NodeId, NodeRecord>,
+    instances: BTreeMap<InstanceId, InstanceRecord>,
+    groups: BTreeMap<String, GroupPolicy>,
+    scheduler: Scheduler,
+    cfg: FleetConfig,
+    dirty_nodes: BTreeSet<NodeId>,
+    dirty_instances: BTreeSet<InstanceId>,
+    removed: BTreeSet<InstanceId>,
+    dirty_groups: BTreeSet<String>,
+    publish: BTreeSet<NodeId>,
+}
+
+impl Fleet {
+    /// A fleet restored from the store (or empty). Every node's desired state is republished.
+    pub fn new(
+        scheduler: Scheduler,
+        cfg: FleetConfig,
+        nodes: Vec<NodeRecord>,
+        instances: Vec<InstanceRecord>,
+        groups: Vec<(String, GroupPolicy)>,
+    ) -> Self {
+        let mut f = Self {
+            scheduler,
+            cfg,
+            groups: groups.into_iter().collect(),
+            ..Self::default()
+        };
+        for mut n in nodes {
+            // Liveness is learnt again from the broker (retained status) and reports.
+            n.online = false;
+            f.publish.insert(n.id.clone());
+            f.nodes.insert(n.id.clone(), n);
+        }
+        f.instances = instances.into_iter().map(|i| (i.id, i)).collect();
+        f
+    }
+
+    /// Every node.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.values()
+    }
+
+    /// One node.
+    pub fn node(&self, id: &NodeId) -> Option<&NodeRecord> {
+        self.nodes.get(id)
+    }
+
+    /// Every instance.
+    pub fn instances(&self) -> impl Iterator<Item = &InstanceRecord> {
+        self.instances.values()
+    }
+
+    /// One instance, by id or name.
+    pub fn instance(&self, key: &str) -> Option<&InstanceRecord> {
+        key.parse::<InstanceId>()
+            .ok()
+            .and_then(|id| self.instances.get(&id))
+            .or_else(|| self.instances.values().find(|i| i.name == key))
+    }
+
+    /// Resources claimed on each node by its instances.
+    pub fn claims(&self) -> BTreeMap<NodeId, Resources> {
+        let mut m: BTreeMap<NodeId, Resources> = BTreeMap::new();
+        for i in self.instances.values().filter(|i| i.holds()) {
+            if let Some(n) = &i.node {
+                let e = m.entry(n.clone()).or_default();
+                *e = e.saturating_add(i.spec.resources());
+            }
+        }
+        m
+    }
+
+    /// The desired state of a node.
+    pub fn desired_for(&self, node: &NodeId) -> DesiredState {
+        let generation = self.nodes.get(node).map_or(0, |n| n.generation);
+        DesiredState {
+            generation,
+            instances: self
+                .instances
+                .values()
+                .filter(|i| i.wanted_on_node() && i.node.as_ref() == Some(node))
+                .map(|i| DesiredInstance {
+                    id: i.id,
+                    power: i.power,
+                    reboot_count: i.reboot_count,
+                    spec: i.spec.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes what changed: store it durably, then publish the desired states.
+    pub fn take_changes(&mut self) -> Changes {
+        let publish = std::mem::take(&mut self.publish);
+        Changes {
+            nodes: std::mem::take(&mut self.dirty_nodes)
+                .iter()
+                .filter_map(|n| self.nodes.get(n).cloned())
+                .collect(),
+            instances: std::mem::take(&mut self.dirty_instances)
+                .iter()
+                .filter_map(|i| self.instances.get(i).cloned())
+                .collect(),
+            removed: std::mem::take(&mut self.removed).into_iter().collect(),
+            groups: std::mem::take(&mut self.dirty_groups)
+                .into_iter()
+                .filter_map(|g| self.groups.get(&g).map(|p| (g, *p)))
+                .collect(),
+            publish: publish
+                .into_iter()
+                .map(|n| {
+                    let d = self.desired_for(&n);
+                    (n, d)
+                })
+                .collect(),
+        }
+    }
+
+    fn touch_instance(&mut self, id: InstanceId) {
+        self.dirty_instances.insert(id);
+    }
+
+    /// A node's desired state changed: new generation, publish it.
+    fn bump(&mut self, node: &NodeId) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.generation += 1;
+            self.dirty_nodes.insert(node.clone());
+            self.publish.insert(node.clone());
+        }
+    }
+
+    fn hosts(&self, now_ms: u64) -> (Vec<HostState>, Vec<NodeId>) {
+        let claims = self.claims();
+        let mut ids = Vec::with_capacity(self.nodes.len());
+        let hosts = self
+            .nodes
+            .values()
+            .filter_map(|n| {
+                let inv = n.inventory.as_ref()?;
+                ids.push(n.id.clone());
+                Some(HostState {
+                    id: n.id.clone(),
+                    availability: n.availability(),
+                    arch: inv.arch,
+                    hypervisor: inv.hypervisor,
+                    capacity: inv.allocatable(),
+                    claimed: claims.get(&n.id).copied().unwrap_or_default(),
+                    labels: inv.labels.iter().cloned().collect(),
+                    images: inv.images.iter().cloned().collect(),
+                    recent_failures: n
+                        .failures_ms
+                        .iter()
+                        .filter(|&&t| now_ms.saturating_sub(t) < self.cfg.failure_memory_ms)
+                        .count() as u32,
+                })
+            })
+            .collect();
+        (hosts, ids)
+    }
+
+    /// Chooses a node for `spec` (the pure scheduler over the current fleet).
+    fn choose(
+        &self,
+        now_ms: u64,
+        spec: &InstanceSpec,
+        selector: &[Label],
+        group: Option<(&str, GroupPolicy)>,
+        exclude: &[NodeId],
+        except: Option<InstanceId>,
+    ) -> Result<NodeId, NoValidHost> {
+        let (hosts, ids) = self.hosts(now_ms);
+        let idx = |n: &NodeId| ids.iter().position(|i| i == n);
+        let excluded: Vec<usize> = exclude.iter().filter_map(idx).collect();
+        let members: Vec<usize> = group
+            .map(|(g, _)| {
+                self.instances
+                    .values()
+                    .filter(|i| i.group.as_deref() == Some(g) && i.holds() && Some(i.id) != except)
+                    .filter_map(|i| i.node.as_ref().and_then(idx))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let req = Request {
+            spec,
+            selector,
+            group: group.map(|(_, policy)| GroupConstraint {
+                policy,
+                members_on: &members,
+            }),
+            exclude: &excluded,
+        };
+        self.scheduler
+            .place(&hosts, &req)
+            .map(|p| ids[p.host].clone())
+    }
+
+    /// Creates and places an instance, or says at once why nothing fits (nothing is stored).
+    pub fn create(&mut self, now_ms: u64, req: CreateRequest) -> Result<InstanceId, FleetError> {
+        req.spec.validate()?;
+        if self.instances.contains_key(&req.id)
+            || self.instances.values().any(|i| i.name == req.name)
+        {
+            return Err(FleetError::Exists(req.name));
+        }
+        if let Some((g, p)) = &req.group
+            && self.groups.get(g).is_some_and(|q| q != p)
+        {
+            return Err(FleetError::GroupPolicy(g.clone()));
+        }
+        let group = req.group.as_ref().map(|(g, p)| (g.as_str(), *p));
+        let node = self.choose(now_ms, &req.spec, &req.selector, group, &[], None)?;
+        if let Some((g, p)) = req.group.clone()
+            && self.groups.insert(g.clone(), p).is_none()
+        {
+            self.dirty_groups.insert(g);
+        }
+        let id = req.id;
+        self.instances.insert(
+            id,
+            InstanceRecord {
+                id,
+                name: req.name,
+                spec: req.spec,
+                selector: req.selector,
+                group: req.group.map(|(g, _)| g),
+                power: PowerState::Running,
+                reboot_count: 0,
+                phase: Phase::Scheduled,
+                node: Some(node.clone()),
+                failures: Vec::new(),
+                reason: String::new(),
+                created_ms: now_ms,
+            },
+        );
+        self.touch_instance(id);
+        self.bump(&node);
+        Ok(id)
+    }
+
+    fn get_mut(&mut self, key: &str) -> Result<&mut InstanceRecord, FleetError> {
+        let id = self
+            .instance(key)
+            .map(|i| i.id)
+            .ok_or_else(|| FleetError::NoInstance(key.to_owned()))?;
+        self.instances
+            .get_mut(&id)
+            .ok_or_else(|| FleetError::NoInstance(key.to_owned()))
+    }
+
+    /// Changes an instance and republishes its node.
+    fn update(
+        &mut self,
+        key: &str,
+        f: impl FnOnce(&mut InstanceRecord),
+    ) -> Result<InstanceId, FleetError> {
+        let i = self.get_mut(key)?;
+        if i.phase == Phase::Deleting {
+            return Err(FleetError::Deleting(i.id));
+        }
+        f(i);
+        let (id, node) = (i.id, i.node.clone());
+        self.touch_instance(id);
+        if let Some(n) = node {
+            self.bump(&n);
+        }
+        Ok(id)
+    }
+
+    /// Asks for an instance to run or stop.
+    pub fn set_power(&mut self, key: &str, power: PowerState) -> Result<InstanceId, FleetError> {
+        self.update(key, |i| i.power = power)
+    }
+
+    /// Asks for one reboot.
+    pub fn reboot(&mut self, key: &str) -> Result<InstanceId, FleetError> {
+        self.update(key, |i| {
+            i.reboot_count += 1;
+            i.power = PowerState::Running;
+        })
+    }
+
+    /// Deletes an instance: removed from its node's desired state; gone once the node confirms
+    /// (or at once if it never had a node).
+    pub fn delete(&mut self, key: &str) -> Result<InstanceId, FleetError> {
+        let i = self.get_mut(key)?;
+        let id = i.id;
+        match i.node.clone() {
+            Some(node) => {
+                i.phase = Phase::Deleting;
+                self.touch_instance(id);
+                self.bump(&node);
+            }
+            None => self.forget(id),
+        }
+        Ok(id)
+    }
+
+    fn forget(&mut self, id: InstanceId) {
+        self.instances.remove(&id);
+        self.dirty_instances.remove(&id);
+        self.removed.insert(id);
+    }
+
+    /// Cordons or uncordons a node.
+    pub fn cordon(&mut self, node: &NodeId, on: bool) -> Result<(), FleetError> {
+        let n = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| FleetError::NoNode(node.to_string()))?;
+        n.cordoned = on;
+        if !on {
+            n.draining = false;
+        }
+        self.dirty_nodes.insert(node.clone());
+        Ok(())
+    }
+
+    /// Drains a node: cordons it and moves each of its instances to another node (cold move:
+    /// built there, then removed here). Returns how many moved and the ones that could not.
+    pub fn drain(
+        &mut self,
+        now_ms: u64,
+        node: &NodeId,
+    ) -> Result<(usize, Vec<String>), FleetError> {
+        let n = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| FleetError::NoNode(node.to_string()))?;
+        n.cordoned = true;
+        n.draining = true;
+        self.dirty_nodes.insert(node.clone());
+        let ids: Vec<InstanceId> = self
+            .instances
+            .values()
+            .filter(|i| i.node.as_ref() == Some(node) && i.wanted_on_node())
+            .map(|i| i.id)
+            .collect();
+        let (mut moved, mut stuck) = (0, Vec::new());
+        for id in ids {
+            match self.relocate(now_ms, id, None) {
+                Ok(()) => moved += 1,
+                Err(e) => stuck.push(format!("{id}: {e}")),
+            }
+        }
+        Ok((moved, stuck))
+    }
+
+    /// Moves an instance to a new node (excluding where it failed), or fails it for good.
+    fn relocate(
+        &mut self,
+        now_ms: u64,
+        id: InstanceId,
+        failed_on: Option<(NodeId, String)>,
+    ) -> Result<(), FleetError> {
+        let Some(i) = self.instances.get(&id) else {
+            return Ok(());
+        };
+        let old = i.node.clone();
+        let mut exclude: Vec<NodeId> = i.failures.iter().map(|(n, _)| n.clone()).collect();
+        exclude.extend(failed_on.iter().map(|(n, _)| n.clone()));
+        exclude.extend(old.clone());
+        let attempts = i.failures.len() as u32 + u32::from(failed_on.is_some());
+        let group = i
+            .group
+            .as_deref()
+            .and_then(|g| self.groups.get(g).map(|p| (g, *p)));
+        let choice = if failed_on.is_some() && attempts >= self.cfg.max_attempts {
+            None
+        } else {
+            Some(self.choose(now_ms, &i.spec, &i.selector, group, &exclude, Some(id)))
+        };
+        let i = self
+            .instances
+            .get_mut(&id)
+            .ok_or(FleetError::NoInstance(id.to_string()))?;
+        if let Some(f) = failed_on {
+            i.failures.push(f);
+        }
+        let result = match choice {
+            Some(Ok(node)) => {
+                i.node = Some(node.clone());
+                i.phase = Phase::Scheduled;
+                self.bump(&node);
+                Ok(())
+            }
+            Some(Err(e)) if i.failures.is_empty() => Err(FleetError::NoValidHost(e)),
+            other => {
+                let why = match other {
+                    Some(Err(e)) => format!("no other host: {e}"),
+                    _ => format!("{attempts} attempts failed"),
+                };
+                i.phase = Phase::Error;
+                let history: Vec<String> = i
+                    .failures
+                    .iter()
+                    .map(|(n, r)| format!("{n}: {r}"))
+                    .collect();
+                i.reason = format!("{why} [{}]", history.join("; "));
+                i.node = None;
+                Ok(())
+            }
+        };
+        self.touch_instance(id);
+        if let Some(o) = old {
+            self.bump(&o);
+        }
+        result
+    }
+
+    /// A node's retained status (online on connect, offline as its Last Will).
+    pub fn on_status(&mut self, now_ms: u64, node: &NodeId, st: NodeStatus) {
+        let n = self
+            .nodes
+            .entry(node.clone())
+            .or_insert_with(|| NodeRecord::new(node.clone()));
+        if st.session < n.session {
+            return; // a late Last Will of an older connection
+        }
+        n.session = st.session;
+        n.online = st.presence == Presence::Online;
+        n.last_seen_ms = now_ms;
+        self.dirty_nodes.insert(node.clone());
+        if n.online {
+            // Whatever it holds, it gets the latest desired state again.
+            self.publish.insert(node.clone());
+        }
+    }
+
+    /// A node's inventory.
+    pub fn on_inventory(&mut self, now_ms: u64, node: &NodeId, inv: Inventory) {
+        let n = self
+            .nodes
+            .entry(node.clone())
+            .or_insert_with(|| NodeRecord::new(node.clone()));
+        if n.inventory.as_ref() != Some(&inv) {
+            n.inventory = Some(inv);
+            self.dirty_nodes.insert(node.clone());
+        }
+        n.last_seen_ms = now_ms;
+    }
+
+    /// A node's periodic report: liveness, generation held, each instance's state.
+    pub fn on_report(&mut self, now_ms: u64, node: &NodeId, r: &NodeReport) {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return;
+        };
+        n.last_seen_ms = now_ms;
+        if !n.online && n.session > 0 {
+            n.online = true;
+            self.dirty_nodes.insert(node.clone());
+        }
+        n.reported_generation = r.generation;
+        let behind = r.generation < n.generation;
+        for ir in &r.instances {
+            self.observe(now_ms, node, ir.id, ir.state, "");
+        }
+        // Instances this node should be deleting and no longer lists are gone.
+        let listed: BTreeSet<InstanceId> = r.instances.iter().map(|i| i.id).collect();
+        let gone: Vec<InstanceId> = self
+            .instances
+            .values()
+            .filter(|i| {
+                i.node.as_ref() == Some(node)
+                    && i.phase == Phase::Deleting
+                    && !listed.contains(&i.id)
+            })
+            .map(|i| i.id)
+            .collect();
+        if !behind {
+            for id in gone {
+                self.forget(id);
+            }
+        } else {
+            self.publish.insert(node.clone());
+        }
+    }
+
+    /// An event from a node.
+    pub fn on_event(&mut self, now_ms: u64, node: &NodeId, ev: &AgentEvent) {
+        match ev {
+            AgentEvent::Ack {
+                result: AckResult::Stale { current },
+                ..
+            } => {
+                // The node holds a generation newer than ours (our store was rolled back):
+                // jump past it so that the node accepts our view.
+                if let Some(n) = self.nodes.get_mut(node)
+                    && *current >= n.generation
+                {
+                    n.generation = *current;
+                    self.bump(node);
+                }
+            }
+            AgentEvent::Ack { .. } => {}
+            AgentEvent::Instance {
+                id, state, reason, ..
+            } => {
+                self.observe(now_ms, node, *id, *state, reason.as_str());
+            }
+        }
+    }
+
+    /// Folds one observed instance state into the view.
+    fn observe(
+        &mut self,
+        now_ms: u64,
+        node: &NodeId,
+        id: InstanceId,
+        state: InstanceState,
+        reason: &str,
+    ) {
+        let Some(i) = self.instances.get_mut(&id) else {
+            return;
+        };
+        if i.node.as_ref() != Some(node) {
+            return; // a stale copy on a node it was moved away from: that node deletes it
+        }
+        let phase = match state {
+            InstanceState::Building => Phase::Building,
+            InstanceState::Running => Phase::Running,
+            InstanceState::Stopped => Phase::Stopped,
+            InstanceState::Crashed => Phase::Crashed,
+            InstanceState::Deleted => {
+                if i.phase == Phase::Deleting {
+                    self.forget(id);
+                }
+                return;
+            }
+            InstanceState::Error(kind) => {
+                if i.phase == Phase::Deleting {
+                    return;
+                }
+                let why = if reason.is_empty() {
+                    kind.as_str().to_owned()
+                } else {
+                    reason.to_owned()
+                };
+                if build_failure(kind) && matches!(i.phase, Phase::Scheduled | Phase::Building) {
+                    if let Some(n) = self.nodes.get_mut(node) {
+                        n.failures_ms.push(now_ms);
+                        self.dirty_nodes.insert(node.clone());
+                    }
+                    let _ = self.relocate(now_ms, id, Some((node.clone(), why)));
+                    return;
+                }
+                i.reason = why;
+                Phase::Error
+            }
+        };
+        if i.phase == Phase::Deleting {
+            return;
+        }
+        if i.phase != phase || (!reason.is_empty() && i.reason != reason) {
+            i.phase = phase;
+            if !reason.is_empty() {
+                i.reason = reason.to_owned();
+            } else if phase == Phase::Running {
+                i.reason.clear();
+            }
+            self.touch_instance(id);
+        }
+    }
+
+    /// Periodic work: nodes that stopped reporting go down.
+    pub fn tick(&mut self, now_ms: u64) {
+        for n in self.nodes.values_mut() {
+            if n.online && now_ms.saturating_sub(n.last_seen_ms) > self.cfg.liveness_timeout_ms {
+                n.online = false;
+                self.dirty_nodes.insert(n.id.clone());
+            }
+            n.failures_ms
+                .retain(|&t| now_ms.saturating_sub(t) < self.cfg.failure_memory_ms);
+        }
+    }
+}
+
+/// Whether an error kind means "this node could not build it" (retry elsewhere).
+fn build_failure(kind: ErrorKind) -> bool {
+    !matches!(kind, ErrorKind::InvalidSpec)
+}

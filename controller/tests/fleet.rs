@@ -1,0 +1,308 @@
+//! The fleet core: placement and dispatch, agent feedback, retries on other nodes, deletes,
+//! fencing by generation, liveness.
+#![allow(clippy::unwrap_used)]
+
+use outpost_controller::fleet::*;
+use outpost_controller::scheduler::{GroupPolicy, Scheduler};
+use outpost_protocol::*;
+
+fn node(s: &str) -> NodeId {
+    NodeId::new(s).unwrap()
+}
+
+fn inventory(memory_mib: u32) -> Inventory {
+    Inventory {
+        arch: Arch::X86_64,
+        hypervisor: HypervisorKind::Kvm,
+        total: Resources {
+            vcpus: 4,
+            memory_mib,
+            disk_gib: 50,
+        },
+        reserved: Resources::default(),
+        labels: Labels::new(),
+        images: [ImageName::new("base.qcow2").unwrap()]
+            .into_iter()
+            .collect(),
+    }
+}
+
+fn spec(memory_mib: u32) -> InstanceSpec {
+    InstanceSpec {
+        vcpus: 1,
+        memory_mib,
+        disk_gib: 1,
+        arch: Arch::X86_64,
+        require_kvm: false,
+        boot: Boot::Disk {
+            image: ImageName::new("base.qcow2").unwrap(),
+        },
+        network: Network::None,
+        restart: RestartPolicy::OnFailure,
+        labels: Labels::new(),
+    }
+}
+
+fn online(f: &mut Fleet, n: &str, memory_mib: u32) {
+    f.on_status(
+        0,
+        &node(n),
+        NodeStatus {
+            presence: Presence::Online,
+            session: 1,
+        },
+    );
+    f.on_inventory(0, &node(n), inventory(memory_mib));
+}
+
+fn fleet() -> Fleet {
+    let mut f = Fleet::new(
+        Scheduler::default(),
+        FleetConfig::default(),
+        vec![],
+        vec![],
+        vec![],
+    );
+    online(&mut f, "a", 4096);
+    online(&mut f, "b", 2048);
+    f.take_changes();
+    f
+}
+
+fn create(f: &mut Fleet, n: u64, mem: u32) -> Result<InstanceId, FleetError> {
+    f.create(
+        10,
+        CreateRequest {
+            id: InstanceId::from_u64(n),
+            name: format!("vm{n}"),
+            spec: spec(mem),
+            selector: vec![],
+            group: None,
+        },
+    )
+}
+
+fn ev(id: InstanceId, state: InstanceState, reason: &str) -> AgentEvent {
+    AgentEvent::Instance {
+        id,
+        generation: 1,
+        state,
+        reason: Reason::lossy(reason),
+    }
+}
+
+#[test]
+fn create_places_stores_then_publishes() {
+    let mut f = fleet();
+    let id = create(&mut f, 1, 1024).unwrap();
+    let ch = f.take_changes();
+    assert_eq!(ch.instances.len(), 1);
+    assert_eq!(ch.instances[0].phase, Phase::Scheduled);
+    assert_eq!(ch.instances[0].node, Some(node("a"))); // spreads to the emptier node
+    assert_eq!(ch.publish.len(), 1);
+    let (n, d) = &ch.publish[0];
+    assert_eq!(n, &node("a"));
+    assert_eq!(d.generation, 1);
+    assert_eq!(d.instances[0].id, id);
+    // The node reports: building, then running.
+    f.on_event(20, &node("a"), &ev(id, InstanceState::Building, ""));
+    f.on_event(30, &node("a"), &ev(id, InstanceState::Running, ""));
+    assert_eq!(f.instance("vm1").unwrap().phase, Phase::Running);
+    // Duplicates change nothing.
+    f.take_changes();
+    f.on_event(31, &node("a"), &ev(id, InstanceState::Running, ""));
+    assert!(f.take_changes().instances.is_empty());
+}
+
+#[test]
+fn impossible_requests_are_refused_at_once_and_store_nothing() {
+    let mut f = fleet();
+    let err = create(&mut f, 1, 100_000).unwrap_err();
+    assert_eq!(err.to_string(), "no host fits (2 hosts): memory removed 2");
+    assert!(f.take_changes().is_empty());
+    assert!(matches!(create(&mut f, 2, 0), Err(FleetError::Spec(_))));
+}
+
+#[test]
+fn failed_builds_retry_elsewhere_then_error_with_every_reason() {
+    let mut f = fleet();
+    online(&mut f, "c", 1024);
+    f.take_changes();
+    let id = create(&mut f, 1, 512).unwrap();
+    let first = f.instance("vm1").unwrap().node.clone().unwrap();
+    f.on_event(
+        20,
+        &first,
+        &ev(
+            id,
+            InstanceState::Error(ErrorKind::Hypervisor),
+            "create failed: boom",
+        ),
+    );
+    let second = f.instance("vm1").unwrap().node.clone().unwrap();
+    assert_ne!(first, second);
+    assert_eq!(f.instance("vm1").unwrap().phase, Phase::Scheduled);
+    let ch = f.take_changes();
+    // Both nodes get a new desired state: the old one without it, the new one with it.
+    assert_eq!(ch.publish.len(), 2);
+    // The same event again (QoS 1 redelivery) changes nothing.
+    f.on_event(
+        21,
+        &first,
+        &ev(
+            id,
+            InstanceState::Error(ErrorKind::Hypervisor),
+            "create failed: boom",
+        ),
+    );
+    assert!(f.take_changes().is_empty());
+    f.on_event(
+        30,
+        &second,
+        &ev(
+            id,
+            InstanceState::Error(ErrorKind::UnknownImage),
+            "image gone",
+        ),
+    );
+    let third = f.instance("vm1").unwrap().node.clone().unwrap();
+    f.on_event(
+        40,
+        &third,
+        &ev(id, InstanceState::Error(ErrorKind::Hypervisor), "again"),
+    );
+    let i = f.instance("vm1").unwrap();
+    assert_eq!(i.phase, Phase::Error);
+    assert_eq!(i.node, None);
+    assert!(i.reason.contains("3 attempts failed"), "{}", i.reason);
+    assert!(
+        i.reason.contains("boom") && i.reason.contains("image gone"),
+        "{}",
+        i.reason
+    );
+    // A late event from an old node changes nothing.
+    f.on_event(50, &first, &ev(id, InstanceState::Running, ""));
+    assert_eq!(f.instance("vm1").unwrap().phase, Phase::Error);
+}
+
+#[test]
+fn delete_waits_for_the_node_then_forgets() {
+    let mut f = fleet();
+    let id = create(&mut f, 1, 512).unwrap();
+    let n = f.instance("vm1").unwrap().node.clone().unwrap();
+    f.take_changes();
+    f.delete("vm1").unwrap();
+    assert_eq!(f.instance("vm1").unwrap().phase, Phase::Deleting);
+    let ch = f.take_changes();
+    assert!(ch.publish[0].1.instances.is_empty());
+    let g = ch.publish[0].1.generation;
+    // A report at an older generation still listing it: not yet.
+    let mut r = NodeReport {
+        generation: g - 1,
+        ..Default::default()
+    };
+    r.instances
+        .push(InstanceReport {
+            id,
+            state: InstanceState::Running,
+        })
+        .unwrap();
+    f.on_report(60, &n, &r);
+    assert!(f.instance("vm1").is_some());
+    // Converged: gone.
+    f.on_report(
+        70,
+        &n,
+        &NodeReport {
+            generation: g,
+            ..Default::default()
+        },
+    );
+    assert!(f.instance("vm1").is_none());
+    assert_eq!(f.take_changes().removed, vec![id]);
+}
+
+#[test]
+fn stale_ack_fences_with_a_newer_generation() {
+    let mut f = fleet();
+    create(&mut f, 1, 512).unwrap();
+    let n = f.instance("vm1").unwrap().node.clone().unwrap();
+    f.take_changes();
+    f.on_event(
+        20,
+        &n,
+        &AgentEvent::Ack {
+            generation: 1,
+            result: AckResult::Stale { current: 9 },
+        },
+    );
+    let ch = f.take_changes();
+    assert_eq!(ch.publish[0].1.generation, 10);
+}
+
+#[test]
+fn liveness_and_late_last_wills() {
+    let mut f = fleet();
+    f.on_status(
+        5,
+        &node("a"),
+        NodeStatus {
+            presence: Presence::Online,
+            session: 7,
+        },
+    );
+    // A Last Will from an older connection is ignored.
+    f.on_status(
+        6,
+        &node("a"),
+        NodeStatus {
+            presence: Presence::Offline,
+            session: 3,
+        },
+    );
+    assert!(f.node(&node("a")).unwrap().online);
+    f.tick(100_000);
+    assert!(
+        !f.node(&node("a")).unwrap().online,
+        "no report for longer than the timeout"
+    );
+    assert!(create(&mut f, 1, 512).is_err(), "no node is up");
+}
+
+#[test]
+fn groups_keep_their_policy() {
+    let mut f = fleet();
+    let req = |n: u64, p| CreateRequest {
+        id: InstanceId::from_u64(n),
+        name: format!("g{n}"),
+        spec: spec(256),
+        selector: vec![],
+        group: Some(("web".into(), p)),
+    };
+    f.create(1, req(1, GroupPolicy::AntiAffinity)).unwrap();
+    f.create(1, req(2, GroupPolicy::AntiAffinity)).unwrap();
+    assert_ne!(
+        f.instance("g1").unwrap().node,
+        f.instance("g2").unwrap().node
+    );
+    let third = f.create(1, req(3, GroupPolicy::AntiAffinity)).unwrap_err();
+    assert!(
+        third.to_string().contains("anti-affinity removed 2"),
+        "{third}"
+    );
+    assert!(matches!(
+        f.create(1, req(4, GroupPolicy::Affinity)),
+        Err(FleetError::GroupPolicy(_))
+    ));
+}
+
+#[test]
+fn drain_moves_instances_off_the_node() {
+    let mut f = fleet();
+    create(&mut f, 1, 256).unwrap();
+    let from = f.instance("vm1").unwrap().node.clone().unwrap();
+    let (moved, stuck) = f.drain(5, &from).unwrap();
+    assert_eq!((moved, stuck.len()), (1, 0));
+    assert_ne!(f.instance("vm1").unwrap().node.as_ref(), Some(&from));
+    assert!(f.desired_for(&from).instances.is_empty());
+}
