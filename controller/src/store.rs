@@ -1,0 +1,321 @@
+//! The durable store behind a trait: SQLite (WAL, synchronous=FULL) by default. The fleet's
+//! changes are written in one transaction per batch, before anything is published.
+
+use std::path::Path;
+
+use outpost_protocol::{InstanceId, InstanceSpec, Inventory, Label, Message, NodeId, PowerState};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::fleet::{Changes, InstanceRecord, NodeRecord, Phase};
+use crate::scheduler::GroupPolicy;
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored row does not decode.
+    #[error("corrupt row in {table}: {what}")]
+    Corrupt {
+        /// Table.
+        table: &'static str,
+        /// What is wrong.
+        what: String,
+    },
+    /// The database was written by a newer Outpost.
+    #[error("store schema {0} is newer than this build ({SCHEMA_VERSION})")]
+    Schema(i64),
+}
+
+/// Everything stored.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Nodes.
+    pub nodes: Vec<NodeRecord>,
+    /// Instances.
+    pub instances: Vec<InstanceRecord>,
+    /// Server groups.
+    pub groups: Vec<(String, GroupPolicy)>,
+}
+
+/// A durable store of the fleet.
+pub trait Store: Send {
+    /// Everything stored.
+    fn load(&mut self) -> Result<Snapshot, StoreError>;
+    /// Stores a batch of changes atomically.
+    fn apply(&mut self, changes: &Changes) -> Result<(), StoreError>;
+}
+
+/// The SQLite store.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+fn corrupt(table: &'static str, what: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        what: what.into(),
+    }
+}
+
+fn policy_str(p: GroupPolicy) -> &'static str {
+    match p {
+        GroupPolicy::Affinity => "affinity",
+        GroupPolicy::AntiAffinity => "anti-affinity",
+    }
+}
+
+fn join_lines<T>(items: &[T], f: impl Fn(&T) -> String) -> String {
+    items.iter().map(f).collect::<Vec<_>>().join("\n")
+}
+
+impl SqliteStore {
+    /// Opens (or creates) `DIR/outpost.db`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| corrupt("(directory)", e.to_string()))?;
+        Self::with_connection(Connection::open(dir.join("outpost.db"))?)
+    }
+
+    /// An in-memory database (tests).
+    pub fn in_memory() -> Result<Self, StoreError> {
+        Self::with_connection(Connection::open_in_memory()?)
+    }
+
+    fn with_connection(conn: Connection) -> Result<Self, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS nodes (
+                id TEXT PRIMARY KEY, inventory BLOB, session INTEGER NOT NULL,
+                cordoned INTEGER NOT NULL, draining INTEGER NOT NULL, generation INTEGER NOT NULL,
+                reported_generation INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
+                failures TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS instances (
+                id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, spec BLOB NOT NULL,
+                selector TEXT NOT NULL, grp TEXT, power INTEGER NOT NULL,
+                reboot_count INTEGER NOT NULL, phase TEXT NOT NULL, node TEXT,
+                failures TEXT NOT NULL, reason TEXT NOT NULL, created_ms INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, policy TEXT NOT NULL);",
+        )?;
+        let v: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match v {
+            Some(v) if v > SCHEMA_VERSION => return Err(StoreError::Schema(v)),
+            Some(_) => {}
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
+                    params![SCHEMA_VERSION],
+                )?;
+            }
+        }
+        Ok(Self { conn })
+    }
+}
+
+fn encode_spec(spec: &InstanceSpec) -> Vec<u8> {
+    // A version byte, as on the wire, then postcard.
+    postcard::to_extend(spec, vec![outpost_protocol::WIRE_VERSION]).unwrap_or_default()
+}
+
+fn decode_spec(b: &[u8]) -> Result<InstanceSpec, StoreError> {
+    match b.split_first() {
+        Some((&outpost_protocol::WIRE_VERSION, body)) => {
+            postcard::from_bytes(body).map_err(|e| corrupt("instances", e.to_string()))
+        }
+        _ => Err(corrupt("instances", "unknown spec encoding")),
+    }
+}
+
+impl Store for SqliteStore {
+    fn load(&mut self) -> Result<Snapshot, StoreError> {
+        let mut snap = Snapshot::default();
+        let mut st = self.conn.prepare(
+            "SELECT id, inventory, session, cordoned, draining, generation, reported_generation,
+                    last_seen_ms, failures FROM nodes ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<Vec<u8>>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, bool>(3)?,
+                r.get::<_, bool>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+                r.get::<_, String>(8)?,
+            ))
+        })?;
+        for row in rows {
+            let (id, inv, session, cordoned, draining, generation, reported, seen, failures) = row?;
+            snap.nodes.push(NodeRecord {
+                id: NodeId::new(&id).map_err(|e| corrupt("nodes", e.to_string()))?,
+                inventory: inv
+                    .map(|b| Inventory::decode(&b))
+                    .transpose()
+                    .map_err(|e| corrupt("nodes", e.to_string()))?,
+                online: false,
+                session: session as u64,
+                cordoned,
+                draining,
+                generation: generation as u64,
+                reported_generation: reported as u64,
+                last_seen_ms: seen as u64,
+                failures_ms: failures.split(',').filter_map(|t| t.parse().ok()).collect(),
+            });
+        }
+        let mut st = self.conn.prepare(
+            "SELECT id, name, spec, selector, grp, power, reboot_count, phase, node, failures,
+                    reason, created_ms FROM instances ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, bool>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, String>(7)?,
+                r.get::<_, Option<String>>(8)?,
+                r.get::<_, String>(9)?,
+                r.get::<_, String>(10)?,
+                r.get::<_, i64>(11)?,
+            ))
+        })?;
+        for row in rows {
+            let (
+                id,
+                name,
+                spec,
+                selector,
+                group,
+                stopped,
+                reboots,
+                phase,
+                node,
+                failures,
+                reason,
+                created,
+            ) = row?;
+            let bad = |what: String| corrupt("instances", what);
+            snap.instances.push(InstanceRecord {
+                id: id.parse::<InstanceId>().map_err(|e| bad(e.to_string()))?,
+                name,
+                spec: decode_spec(&spec)?,
+                selector: selector
+                    .lines()
+                    .map(Label::parse)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| bad(e.to_string()))?,
+                group,
+                power: if stopped {
+                    PowerState::Stopped
+                } else {
+                    PowerState::Running
+                },
+                reboot_count: reboots as u32,
+                phase: Phase::parse(&phase).ok_or_else(|| bad(format!("phase {phase}")))?,
+                node: node
+                    .map(|n| NodeId::new(&n))
+                    .transpose()
+                    .map_err(|e| bad(e.to_string()))?,
+                failures: failures
+                    .lines()
+                    .filter_map(|l| l.split_once('\t'))
+                    .filter_map(|(n, r)| Some((NodeId::new(n).ok()?, r.to_owned())))
+                    .collect(),
+                reason,
+                created_ms: created as u64,
+            });
+        }
+        let mut st = self
+            .conn
+            .prepare("SELECT name, policy FROM groups ORDER BY name")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (name, policy) = row?;
+            let p = match policy.as_str() {
+                "affinity" => GroupPolicy::Affinity,
+                "anti-affinity" => GroupPolicy::AntiAffinity,
+                other => return Err(corrupt("groups", format!("policy {other}"))),
+            };
+            snap.groups.push((name, p));
+        }
+        Ok(snap)
+    }
+
+    fn apply(&mut self, c: &Changes) -> Result<(), StoreError> {
+        if c.nodes.is_empty()
+            && c.instances.is_empty()
+            && c.removed.is_empty()
+            && c.groups.is_empty()
+        {
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        for n in &c.nodes {
+            tx.execute(
+                "INSERT OR REPLACE INTO nodes (id, inventory, session, cordoned, draining, generation,
+                    reported_generation, last_seen_ms, failures)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    n.id.as_str(),
+                    n.inventory.as_ref().and_then(|i| i.to_vec().ok()),
+                    n.session as i64,
+                    n.cordoned,
+                    n.draining,
+                    n.generation as i64,
+                    n.reported_generation as i64,
+                    n.last_seen_ms as i64,
+                    join_lines(&n.failures_ms, |t| t.to_string()).replace('\n', ","),
+                ],
+            )?;
+        }
+        for i in &c.instances {
+            tx.execute(
+                "INSERT OR REPLACE INTO instances (id, name, spec, selector, grp, power, reboot_count,
+                    phase, node, failures, reason, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    i.id.to_string(),
+                    i.name,
+                    encode_spec(&i.spec),
+                    join_lines(&i.selector, |l| l.to_string()),
+                    i.group,
+                    i.power == PowerState::Stopped,
+                    i64::from(i.reboot_count),
+                    i.phase.as_str(),
+                    i.node.as_ref().map(|n| n.as_str()),
+                    join_lines(&i.failures, |(n, r)| format!("{n}\t{}", r.replace(['\n', '\t'], " "))),
+                    i.reason,
+                    i.created_ms as i64,
+                ],
+            )?;
+        }
+        for id in &c.removed {
+            tx.execute(
+                "DELETE FROM instances WHERE id = ?1",
+                params![id.to_string()],
+            )?;
+        }
+        for (name, p) in &c.groups {
+            tx.execute(
+                "INSERT OR REPLACE INTO groups (name, policy) VALUES (?1, ?2)",
+                params![name, policy_str(*p)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}

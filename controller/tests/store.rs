@@ -1,0 +1,108 @@
+//! The SQLite store: what the fleet changes survives a reopen exactly.
+#![allow(clippy::unwrap_used)]
+
+use outpost_controller::fleet::*;
+use outpost_controller::scheduler::{GroupPolicy, Scheduler};
+use outpost_controller::store::{SqliteStore, Store};
+use outpost_protocol::*;
+
+#[test]
+fn fleet_changes_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SqliteStore::open(dir.path()).unwrap();
+    let mut f = Fleet::new(
+        Scheduler::default(),
+        FleetConfig::default(),
+        vec![],
+        vec![],
+        vec![],
+    );
+    let n = NodeId::new("edge-1").unwrap();
+    f.on_status(
+        1,
+        &n,
+        NodeStatus {
+            presence: Presence::Online,
+            session: 5,
+        },
+    );
+    f.on_inventory(
+        1,
+        &n,
+        Inventory {
+            arch: Arch::X86_64,
+            hypervisor: HypervisorKind::Emulated,
+            total: Resources {
+                vcpus: 2,
+                memory_mib: 2048,
+                disk_gib: 10,
+            },
+            reserved: Resources::default(),
+            labels: [Label::parse("zone=north").unwrap()].into_iter().collect(),
+            images: [ImageName::new("vmlinuz").unwrap()].into_iter().collect(),
+        },
+    );
+    let spec = InstanceSpec {
+        vcpus: 1,
+        memory_mib: 128,
+        disk_gib: 0,
+        arch: Arch::X86_64,
+        require_kvm: false,
+        boot: Boot::Kernel {
+            kernel: ImageName::new("vmlinuz").unwrap(),
+            initrd: None,
+            cmdline: Cmdline::new("console=ttyS0").unwrap(),
+        },
+        network: Network::None,
+        restart: RestartPolicy::Always,
+        labels: Labels::new(),
+    };
+    f.create(
+        2,
+        CreateRequest {
+            id: InstanceId::from_u64(42),
+            name: "web-1".into(),
+            spec,
+            selector: vec![Label::parse("zone=north").unwrap()],
+            group: Some(("web".into(), GroupPolicy::AntiAffinity)),
+        },
+    )
+    .unwrap();
+    f.reboot("web-1").unwrap();
+    store.apply(&f.take_changes()).unwrap();
+    drop(store);
+
+    let mut store = SqliteStore::open(dir.path()).unwrap();
+    let snap = store.load().unwrap();
+    assert_eq!(
+        snap.groups,
+        vec![("web".to_string(), GroupPolicy::AntiAffinity)]
+    );
+    assert_eq!(snap.instances, f.instances().cloned().collect::<Vec<_>>());
+    let mut expect: Vec<NodeRecord> = f.nodes().cloned().collect();
+    expect[0].online = false; // liveness is not stored
+    assert_eq!(snap.nodes, expect);
+    let restored = Fleet::new(
+        Scheduler::default(),
+        FleetConfig::default(),
+        snap.nodes,
+        snap.instances,
+        snap.groups,
+    );
+    assert_eq!(restored.desired_for(&n), f.desired_for(&n));
+
+    // Deletion is stored too.
+    let mut f = restored;
+    f.take_changes();
+    f.delete("web-1").unwrap();
+    f.on_report(
+        9,
+        &n,
+        &NodeReport {
+            generation: f.node(&n).unwrap().generation,
+            ..Default::default()
+        },
+    );
+    store.apply(&f.take_changes()).unwrap();
+    assert!(store.load().unwrap().instances.is_empty());
+}
