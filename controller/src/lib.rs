@@ -5,6 +5,10 @@
 //! synchronous core (no I/O, no clock reads). It must never depend on the agent: the two meet
 //! only in `outpost-protocol`.
 
+pub mod api;
+pub mod broker;
 pub mod fleet;
 pub mod scheduler;
+pub mod service;
 pub mod store;
+pub mod views;

@@ -1,0 +1,389 @@
+//! `outpost`: the command-line client of the controller's HTTP API.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use outpost_controller::views::{CreateBody, InstanceView, NodeView};
+use serde_json::Value;
+
+/// Manage an Outpost fleet through the controller's HTTP API.
+#[derive(Debug, Parser)]
+#[command(name = "outpost", version)]
+struct Cli {
+    /// The controller's API.
+    #[arg(
+        long,
+        global = true,
+        env = "OUTPOST_API",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    api: String,
+    /// Bearer token, if the API requires one.
+    #[arg(long, global = true, env = "OUTPOST_API_TOKEN")]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Debug, Subcommand)]
+enum What {
+    /// Nodes: list, show, cordon, uncordon, drain.
+    #[command(subcommand, visible_alias = "node")]
+    Nodes(NodeCmd),
+    /// Instances: create, list, show, stop, start, reboot, delete.
+    #[command(subcommand, visible_alias = "instance")]
+    Instances(InstanceCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    /// List nodes.
+    List,
+    /// Show one node.
+    Show { id: String },
+    /// Stop placing new instances on a node.
+    Cordon { id: String },
+    /// Place instances on a node again.
+    Uncordon { id: String },
+    /// Cordon a node and move its instances to other nodes.
+    Drain { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum InstanceCmd {
+    /// Create an instance (placed at once, or refused with the reason).
+    Create(Box<CreateArgs>),
+    /// List instances.
+    List,
+    /// Show one instance (by id or name).
+    Show { key: String },
+    /// Stop an instance.
+    Stop { key: String },
+    /// Start a stopped instance.
+    Start { key: String },
+    /// Reboot an instance.
+    Reboot { key: String },
+    /// Delete an instance.
+    Delete { key: String },
+}
+
+#[derive(Debug, clap::Args)]
+struct CreateArgs {
+    /// Its name.
+    name: String,
+    /// Boot this disk image (a file in the agents' image directory).
+    #[arg(long, conflicts_with = "kernel", required_unless_present = "kernel")]
+    image: Option<String>,
+    /// Direct kernel boot: this kernel file.
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Direct kernel boot: this initrd file.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<String>,
+    /// Direct kernel boot: the command line (default console=ttyS0).
+    #[arg(long, requires = "kernel")]
+    cmdline: Option<String>,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u16,
+    /// Memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u32,
+    /// Disk in GiB (default 1 for an image, 0 for kernel boot).
+    #[arg(long)]
+    disk: Option<u32>,
+    /// x86_64 or aarch64 (default: the controller's).
+    #[arg(long)]
+    arch: Option<String>,
+    /// Refuse nodes without KVM.
+    #[arg(long)]
+    require_kvm: bool,
+    /// Attach to this libvirt network.
+    #[arg(long, conflicts_with = "bridge")]
+    network: Option<String>,
+    /// Attach to this host bridge.
+    #[arg(long)]
+    bridge: Option<String>,
+    /// Restart policy: never, on-failure, always.
+    #[arg(long)]
+    restart: Option<String>,
+    /// A label of the instance, key=value (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// A label the node must carry, key=value (repeatable).
+    #[arg(long = "selector")]
+    selectors: Vec<String>,
+    /// Server group (anti-affinity unless --affinity).
+    #[arg(long)]
+    group: Option<String>,
+    /// The group's members share one node.
+    #[arg(long, requires = "group")]
+    affinity: bool,
+}
+
+fn pairs(v: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    v.iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("{s:?}: expected key=value"))
+        })
+        .collect()
+}
+
+struct Client {
+    agent: ureq::Agent,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    fn send(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base.trim_end_matches('/'));
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let resp = match (method, body) {
+            ("GET", _) => {
+                let mut r = self.agent.get(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+            ("DELETE", _) => {
+                let mut r = self.agent.delete(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+            (_, body) => {
+                let mut r = self.agent.post(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                match body {
+                    Some(b) => r.send_json(&b),
+                    None => r.send_empty(),
+                }
+            }
+        };
+        let mut resp =
+            resp.with_context(|| format!("cannot reach the controller at {}", self.base))?;
+        let status = resp.status();
+        let v: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
+        if !status.is_success() {
+            let msg = v
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("request failed");
+            bail!("{msg} (HTTP {})", status.as_u16());
+        }
+        Ok(v)
+    }
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| (*h).to_owned()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn node_rows(v: &Value) -> anyhow::Result<()> {
+    let nodes: Vec<NodeView> = match v {
+        Value::Array(_) => serde_json::from_value(v.clone())?,
+        other => vec![serde_json::from_value(other.clone())?],
+    };
+    table(
+        &[
+            "NODE",
+            "STATE",
+            "ARCH",
+            "HYPERVISOR",
+            "VCPUS",
+            "MEMORY MIB",
+            "DISK GIB",
+            "INSTANCES",
+            "LABELS",
+        ],
+        nodes
+            .into_iter()
+            .map(|n| {
+                vec![
+                    n.id,
+                    n.state,
+                    n.arch.unwrap_or_default(),
+                    n.hypervisor.unwrap_or_default(),
+                    format!("{}/{}", n.claimed[0], n.allocatable[0]),
+                    format!("{}/{}", n.claimed[1], n.allocatable[1]),
+                    format!("{}/{}", n.claimed[2], n.allocatable[2]),
+                    n.instances.to_string(),
+                    n.labels.join(","),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+fn instance_rows(v: &Value) -> anyhow::Result<()> {
+    let list: Vec<InstanceView> = match v {
+        Value::Array(_) => serde_json::from_value(v.clone())?,
+        other => vec![serde_json::from_value(other.clone())?],
+    };
+    table(
+        &[
+            "ID",
+            "NAME",
+            "PHASE",
+            "NODE",
+            "VCPUS",
+            "MEMORY MIB",
+            "IMAGE",
+            "REASON",
+        ],
+        list.into_iter()
+            .map(|i| {
+                vec![
+                    i.id,
+                    i.name,
+                    i.phase,
+                    i.node.unwrap_or_else(|| "-".into()),
+                    i.vcpus.to_string(),
+                    i.memory_mib.to_string(),
+                    i.image,
+                    i.reason,
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .build()
+        .into();
+    let c = Client {
+        agent,
+        base: cli.api.clone(),
+        token: cli.token.clone(),
+    };
+    let (v, nodes) = match cli.what {
+        What::Nodes(cmd) => {
+            let v = match cmd {
+                NodeCmd::List => c.send("GET", "/v1/nodes", None)?,
+                NodeCmd::Show { id } => c.send("GET", &format!("/v1/nodes/{id}"), None)?,
+                NodeCmd::Cordon { id } => {
+                    c.send("POST", &format!("/v1/nodes/{id}/cordon"), None)?
+                }
+                NodeCmd::Uncordon { id } => {
+                    c.send("POST", &format!("/v1/nodes/{id}/uncordon"), None)?
+                }
+                NodeCmd::Drain { id } => {
+                    let v = c.send("POST", &format!("/v1/nodes/{id}/drain"), None)?;
+                    if !cli.json {
+                        println!("moved {} instance(s)", v["moved"]);
+                        for s in v["stuck"].as_array().into_iter().flatten() {
+                            println!("could not move {}", s.as_str().unwrap_or_default());
+                        }
+                        return Ok(());
+                    }
+                    v
+                }
+            };
+            (v, true)
+        }
+        What::Instances(cmd) => {
+            let v = match cmd {
+                InstanceCmd::Create(a) => {
+                    let a = *a;
+                    let body = CreateBody {
+                        name: Some(a.name),
+                        vcpus: Some(a.vcpus),
+                        memory_mib: Some(a.memory),
+                        disk_gib: a.disk,
+                        arch: a.arch,
+                        require_kvm: a.require_kvm,
+                        image: a.image,
+                        kernel: a.kernel,
+                        initrd: a.initrd,
+                        cmdline: a.cmdline,
+                        network: a.network,
+                        bridge: a.bridge,
+                        restart: a.restart,
+                        labels: pairs(&a.labels)?,
+                        selector: pairs(&a.selectors)?,
+                        group: a.group,
+                        group_policy: a.affinity.then(|| "affinity".to_owned()),
+                    };
+                    c.send("POST", "/v1/instances", Some(serde_json::to_value(body)?))?
+                }
+                InstanceCmd::List => c.send("GET", "/v1/instances", None)?,
+                InstanceCmd::Show { key } => {
+                    c.send("GET", &format!("/v1/instances/{key}"), None)?
+                }
+                InstanceCmd::Stop { key } => {
+                    c.send("POST", &format!("/v1/instances/{key}/stop"), None)?
+                }
+                InstanceCmd::Start { key } => {
+                    c.send("POST", &format!("/v1/instances/{key}/start"), None)?
+                }
+                InstanceCmd::Reboot { key } => {
+                    c.send("POST", &format!("/v1/instances/{key}/reboot"), None)?
+                }
+                InstanceCmd::Delete { key } => {
+                    let v = c.send("DELETE", &format!("/v1/instances/{key}"), None)?;
+                    if !cli.json {
+                        println!(
+                            "{} {}",
+                            v["id"].as_str().unwrap_or_default(),
+                            v["phase"].as_str().unwrap_or_default()
+                        );
+                        return Ok(());
+                    }
+                    v
+                }
+            };
+            (v, false)
+        }
+    };
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if nodes {
+        node_rows(&v)?;
+    } else {
+        instance_rows(&v)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! The embedded MQTT broker (rumqttd), for a controller that runs with no setup. It listens on
+//! loopback unless told otherwise; a real broker (mosquitto, EMQX) replaces it with `--broker`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+
+/// Largest MQTT payload the embedded broker accepts (a desired state is at most 48 KiB).
+pub const MAX_PAYLOAD: usize = 256 * 1024;
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// Nothing accepted connections on the address in time.
+    #[error("embedded broker did not start listening on {0}")]
+    NotListening(SocketAddr),
+    /// The broker thread could not be started.
+    #[error("cannot start the broker thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The rumqttd configuration for one MQTT 3.1.1 listener.
+pub fn config(listen: SocketAddr) -> Config {
+    let server = ServerSettings {
+        name: "outpost-v4".into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: MAX_PAYLOAD,
+            max_inflight_count: 500,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 20_000,
+            max_outgoing_packet_count: 1000,
+            max_segment_size: 64 * 1024 * 1024,
+            max_segment_count: 10,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("outpost".to_owned(), server)])),
+        v5: None,
+        ws: None,
+        cluster: None,
+        console: None,
+        bridge: None,
+        prometheus: None,
+        metrics: None,
+    }
+}
+
+/// Starts the broker on its own thread. A broker that cannot listen stops at once: that is
+/// reported here; agents and the controller's own client reconnect until it answers.
+pub fn start(listen: SocketAddr) -> Result<(), BrokerError> {
+    let cfg = config(listen);
+    let handle = std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = Broker::new(cfg);
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded broker stopped");
+            }
+        })
+        .map_err(BrokerError::Thread)?;
+    std::thread::sleep(Duration::from_millis(200));
+    if handle.is_finished() {
+        return Err(BrokerError::NotListening(listen));
+    }
+    Ok(())
+}

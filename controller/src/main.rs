@@ -1,0 +1,151 @@
+//! `outpost-controller`: runs the controller service.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use outpost_controller::fleet::FleetConfig;
+use outpost_controller::scheduler::SchedulerConfig;
+use outpost_controller::service::{BrokerChoice, ServeConfig, serve};
+
+/// Outpost's controller: tracks the fleet, schedules instances onto nodes, and dispatches each
+/// node's desired state over MQTT. With no options it embeds its MQTT broker and its store.
+#[derive(Debug, Parser)]
+#[command(name = "outpost-controller", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, global = true, env = "OUTPOST_LOG", default_value = "info")]
+    log_level: tracing::Level,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the controller.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Directory of the durable store (SQLite, outpost.db).
+    #[arg(
+        long,
+        env = "OUTPOST_DATA_DIR",
+        default_value = "/var/lib/outpost-controller"
+    )]
+    data_dir: PathBuf,
+    /// Address of the embedded MQTT broker (loopback only).
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt_listen: SocketAddr,
+    /// Use this external broker (mqtt://HOST:PORT) instead of the embedded one.
+    #[arg(long)]
+    broker: Option<String>,
+    /// Username for the external broker.
+    #[arg(long, requires = "broker_password")]
+    broker_username: Option<String>,
+    /// Password for the external broker.
+    #[arg(long, env = "OUTPOST_BROKER_PASSWORD", requires = "broker_username")]
+    broker_password: Option<String>,
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    api_listen: SocketAddr,
+    /// Bearer token the API requires (mandatory when it listens beyond loopback).
+    #[arg(long, env = "OUTPOST_API_TOKEN")]
+    api_token: Option<String>,
+    /// Seconds without a report after which a node is down.
+    #[arg(long, default_value_t = 30)]
+    liveness_timeout: u64,
+    /// Build attempts per instance (the first one plus retries on other nodes).
+    #[arg(long, default_value_t = 3)]
+    max_attempts: u32,
+    /// vCPU allocation ratio.
+    #[arg(long, default_value_t = 4.0)]
+    cpu_ratio: f64,
+    /// Memory allocation ratio.
+    #[arg(long, default_value_t = 1.0)]
+    memory_ratio: f64,
+    /// Weigher multiplier for free memory: positive spreads, negative packs.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    memory_weight: f64,
+    /// Weigher multiplier for free vCPUs: positive spreads, negative packs.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    cpu_weight: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The embedded broker logs every connection at info: keep it to warnings.
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::filter::Targets::new()
+        .with_default(cli.log_level)
+        .with_target("rumqttd", tracing::Level::WARN);
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_writer(std::io::stderr),
+        )
+        .with(filter)
+        .init();
+    let Command::Serve(a) = cli.command;
+    let broker = match &a.broker {
+        None => BrokerChoice::Embedded(a.mqtt_listen),
+        Some(url) => {
+            let rest = url.strip_prefix("mqtt://").unwrap_or(url);
+            let (host, port) = rest
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+                .with_context(|| format!("--broker {url}: expected mqtt://HOST:PORT"))?;
+            BrokerChoice::External {
+                host,
+                port,
+                credentials: a.broker_username.clone().zip(a.broker_password.clone()),
+            }
+        }
+    };
+    let mut scheduler = SchedulerConfig {
+        cpu_ratio: a.cpu_ratio,
+        memory_ratio: a.memory_ratio,
+        ..SchedulerConfig::default()
+    };
+    scheduler.weights.memory = a.memory_weight;
+    scheduler.weights.cpu = a.cpu_weight;
+    let cfg = ServeConfig {
+        data_dir: a.data_dir,
+        broker,
+        api_listen: a.api_listen,
+        api_token: a.api_token,
+        fleet: FleetConfig {
+            liveness_timeout_ms: a.liveness_timeout * 1000,
+            max_attempts: a.max_attempts,
+            ..FleetConfig::default()
+        },
+        scheduler,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        let shutdown = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        };
+        serve(cfg, shutdown).await
+    })?;
+    Ok(())
+}

@@ -1,0 +1,395 @@
+//! The controller service: one task owns the fleet and the store; the MQTT event loop and the
+//! HTTP API feed it through channels. After every input, changes are stored in one transaction
+//! and only then are desired states published (retained, QoS 1).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use outpost_protocol::topics::{self, Channel};
+use outpost_protocol::{
+    AgentEvent, InstanceId, Inventory, Message, NodeId, NodeReport, NodeStatus, PowerState,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::fleet::{Fleet, FleetConfig, FleetError};
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::store::{SqliteStore, Store, StoreError};
+use crate::views::{CreateBody, InstanceView, NodeView};
+
+/// Where the MQTT broker is.
+#[derive(Debug, Clone)]
+pub enum BrokerChoice {
+    /// Start the embedded broker on this address.
+    Embedded(SocketAddr),
+    /// Use an external broker.
+    External {
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+        /// Username and password.
+        credentials: Option<(String, String)>,
+    },
+}
+
+/// How to run the controller.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Where the store lives.
+    pub data_dir: PathBuf,
+    /// The broker.
+    pub broker: BrokerChoice,
+    /// The HTTP API's address.
+    pub api_listen: SocketAddr,
+    /// Bearer token the API requires (mandatory off loopback).
+    pub api_token: Option<String>,
+    /// Fleet settings.
+    pub fleet: FleetConfig,
+    /// Scheduler settings.
+    pub scheduler: SchedulerConfig,
+}
+
+/// Why the controller stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The embedded broker failed.
+    #[error("{0}")]
+    Broker(#[from] crate::broker::BrokerError),
+    /// The API could not listen.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Refused configuration.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// An API operation.
+#[derive(Debug)]
+pub enum Op {
+    /// All nodes.
+    ListNodes,
+    /// One node.
+    GetNode(String),
+    /// Cordon (true) or uncordon (false).
+    Cordon(String, bool),
+    /// Drain.
+    Drain(String),
+    /// All instances.
+    ListInstances,
+    /// One instance.
+    GetInstance(String),
+    /// Create one.
+    Create(Box<CreateBody>),
+    /// Stop one.
+    Stop(String),
+    /// Start one.
+    Start(String),
+    /// Reboot one.
+    Reboot(String),
+    /// Delete one.
+    Delete(String),
+}
+
+/// An API error: an HTTP status and a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// Message.
+    pub message: String,
+}
+
+impl From<FleetError> for ApiError {
+    fn from(e: FleetError) -> Self {
+        let status = match e {
+            FleetError::NoInstance(_) | FleetError::NoNode(_) => 404,
+            FleetError::Spec(_) => 400,
+            FleetError::NoValidHost(_)
+            | FleetError::Exists(_)
+            | FleetError::GroupPolicy(_)
+            | FleetError::Deleting(_) => 409,
+        };
+        Self {
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// An operation and where to send its answer.
+pub type Call = (Op, oneshot::Sender<Result<Value, ApiError>>);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// Runs one API operation against the fleet.
+pub fn execute(fleet: &mut Fleet, now: u64, op: Op) -> Result<Value, ApiError> {
+    let node = |s: &str| {
+        NodeId::new(s).map_err(|_| ApiError {
+            status: 404,
+            message: format!("no node {s}"),
+        })
+    };
+    let inst = |fleet: &Fleet, id: InstanceId| {
+        fleet
+            .instance(&id.to_string())
+            .map(|i| to_json(&InstanceView::from(i)))
+            .unwrap_or(Value::Null)
+    };
+    Ok(match op {
+        Op::ListNodes => Value::Array(
+            fleet
+                .nodes()
+                .map(|n| to_json(&NodeView::of(n, fleet)))
+                .collect(),
+        ),
+        Op::GetNode(id) => {
+            let n = fleet.node(&node(&id)?).ok_or(FleetError::NoNode(id))?;
+            to_json(&NodeView::of(n, fleet))
+        }
+        Op::Cordon(id, on) => {
+            let n = node(&id)?;
+            fleet.cordon(&n, on)?;
+            to_json(&NodeView::of(
+                fleet.node(&n).ok_or(FleetError::NoNode(id))?,
+                fleet,
+            ))
+        }
+        Op::Drain(id) => {
+            let (moved, stuck) = fleet.drain(now, &node(&id)?)?;
+            json!({ "moved": moved, "stuck": stuck })
+        }
+        Op::ListInstances => Value::Array(
+            fleet
+                .instances()
+                .map(|i| to_json(&InstanceView::from(i)))
+                .collect(),
+        ),
+        Op::GetInstance(key) => inst(
+            fleet,
+            fleet
+                .instance(&key)
+                .map(|i| i.id)
+                .ok_or(FleetError::NoInstance(key))?,
+        ),
+        Op::Create(body) => {
+            let id = InstanceId::from_u64(fastrand::u64(..));
+            let req = (*body).into_request(id).map_err(|message| ApiError {
+                status: 400,
+                message,
+            })?;
+            let id = fleet.create(now, req)?;
+            inst(fleet, id)
+        }
+        Op::Stop(key) => {
+            let id = fleet.set_power(&key, PowerState::Stopped)?;
+            inst(fleet, id)
+        }
+        Op::Start(key) => {
+            let id = fleet.set_power(&key, PowerState::Running)?;
+            inst(fleet, id)
+        }
+        Op::Reboot(key) => {
+            let id = fleet.reboot(&key)?;
+            inst(fleet, id)
+        }
+        Op::Delete(key) => {
+            let id = fleet.delete(&key)?;
+            let v = inst(fleet, id);
+            if v.is_null() {
+                json!({ "id": id.to_string(), "phase": "deleted" })
+            } else {
+                v
+            }
+        }
+    })
+}
+
+/// Folds one MQTT message into the fleet; returns false if it did not decode.
+pub fn ingest(fleet: &mut Fleet, now: u64, topic: &str, payload: &[u8]) -> bool {
+    let Ok((node, ch)) = topics::parse(topic) else {
+        return false;
+    };
+    match ch {
+        Channel::Status => NodeStatus::decode(payload)
+            .map(|s| fleet.on_status(now, &node, s))
+            .is_ok(),
+        Channel::Inventory => Inventory::decode(payload)
+            .map(|i| fleet.on_inventory(now, &node, i))
+            .is_ok(),
+        Channel::Report => NodeReport::decode(payload)
+            .map(|r| fleet.on_report(now, &node, &r))
+            .is_ok(),
+        Channel::Event => AgentEvent::decode(payload)
+            .map(|e| fleet.on_event(now, &node, &e))
+            .is_ok(),
+        Channel::Desired => true,
+    }
+}
+
+fn mqtt(cfg: &ServeConfig) -> (AsyncClient, rumqttc::EventLoop) {
+    let (host, port, creds) = match &cfg.broker {
+        BrokerChoice::Embedded(a) => (a.ip().to_string(), a.port(), None),
+        BrokerChoice::External {
+            host,
+            port,
+            credentials,
+        } => (host.clone(), *port, credentials.clone()),
+    };
+    let mut o = MqttOptions::new("outpost-controller", host, port);
+    o.set_keep_alive(Duration::from_secs(10))
+        .set_clean_session(false)
+        .set_max_packet_size(1 << 20, 1 << 20)
+        .set_inflight(1000);
+    if let Some((u, p)) = creds {
+        o.set_credentials(u, p);
+    }
+    let (client, mut el) = AsyncClient::new(o, 10_000);
+    let mut net = NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    el.set_network_options(net);
+    (client, el)
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn serve(
+    cfg: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
+    if !cfg.api_listen.ip().is_loopback() && cfg.api_token.is_none() {
+        return Err(ServeError::Config(format!(
+            "the API listens on {} (not loopback): give --api-token",
+            cfg.api_listen
+        )));
+    }
+    if let BrokerChoice::Embedded(a) = cfg.broker {
+        if !a.ip().is_loopback() {
+            return Err(ServeError::Config(format!(
+                "the embedded broker has no per-device authentication yet: it only listens on loopback, not {a}; use --broker with mosquitto for remote agents"
+            )));
+        }
+        crate::broker::start(a)?;
+        tracing::info!(listen = %a, "embedded MQTT broker listening");
+    }
+    let mut store = SqliteStore::open(&cfg.data_dir)?;
+    let snap = store.load()?;
+    tracing::info!(
+        nodes = snap.nodes.len(), instances = snap.instances.len(),
+        db = %cfg.data_dir.join("outpost.db").display(), "store opened"
+    );
+    let mut fleet = Fleet::new(
+        Scheduler::new(cfg.scheduler.clone()),
+        cfg.fleet.clone(),
+        snap.nodes,
+        snap.instances,
+        snap.groups,
+    );
+
+    let (client, mut el) = mqtt(&cfg);
+    let (msg_tx, mut msg_rx) = mpsc::channel::<(String, Vec<u8>)>(10_000);
+    let sub = client.clone();
+    tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    tracing::info!("connected to the broker");
+                    for ch in [
+                        Channel::Status,
+                        Channel::Inventory,
+                        Channel::Report,
+                        Channel::Event,
+                    ] {
+                        let _ = sub.subscribe(ch.all_nodes(), QoS::AtLeastOnce).await;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if msg_tx.send((p.topic, p.payload.to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "broker connection lost; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    });
+
+    let (call_tx, mut call_rx) = mpsc::channel::<Call>(1024);
+    let listener = tokio::net::TcpListener::bind(cfg.api_listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: cfg.api_listen,
+            source,
+        })?;
+    tracing::info!(listen = %cfg.api_listen, "HTTP API listening");
+    let app = crate::api::router(call_tx, cfg.api_token.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP API stopped");
+        }
+    });
+
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut malformed: u64 = 0;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some((topic, payload)) = msg_rx.recv() => {
+                if !ingest(&mut fleet, now_ms(), &topic, &payload) {
+                    malformed += 1;
+                    tracing::warn!(%topic, len = payload.len(), malformed, "dropped a message that does not decode");
+                }
+            }
+            Some((op, reply)) = call_rx.recv() => {
+                let r = execute(&mut fleet, now_ms(), op);
+                // Durable before answered, and before published.
+                let changes = fleet.take_changes();
+                store.apply(&changes)?;
+                publish(&client, changes.publish).await;
+                let _ = reply.send(r);
+                continue;
+            }
+            _ = tick.tick() => fleet.tick(now_ms()),
+        }
+        let changes = fleet.take_changes();
+        store.apply(&changes)?;
+        publish(&client, changes.publish).await;
+    }
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+async fn publish(client: &AsyncClient, states: Vec<(NodeId, outpost_protocol::DesiredState)>) {
+    for (node, d) in states {
+        let Ok(bytes) = d.to_vec() else { continue };
+        let topic = topics::topic(&node, Channel::Desired);
+        tracing::debug!(%node, generation = d.generation, instances = d.instances.len(), "publishing desired state");
+        if let Err(e) = client
+            .publish(topic.as_str(), QoS::AtLeastOnce, true, bytes)
+            .await
+        {
+            tracing::warn!(%node, error = %e, "cannot queue the desired state; it goes out with the next change or report");
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! What the HTTP API and the CLI show, and the body of a create request: plain serde structs,
+//! converted from and into the fleet's types here.
+
+use std::collections::BTreeMap;
+
+use outpost_protocol::{
+    Arch, Boot, Cmdline, ImageName, InstanceId, InstanceSpec, Label, Labels, NetName, Network,
+    PowerState, RestartPolicy,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::fleet::{CreateRequest, Fleet, InstanceRecord, NodeRecord};
+use crate::scheduler::{Availability, GroupPolicy};
+
+/// A node as shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeView {
+    /// Node id.
+    pub id: String,
+    /// up, down, cordoned or draining.
+    pub state: String,
+    /// Architecture.
+    pub arch: Option<String>,
+    /// kvm, emulated or fake.
+    pub hypervisor: Option<String>,
+    /// Allocatable vCPUs / memory (MiB) / disk (GiB), before allocation ratios.
+    pub allocatable: [u64; 3],
+    /// Claimed by instances.
+    pub claimed: [u64; 3],
+    /// Labels.
+    pub labels: Vec<String>,
+    /// Images present.
+    pub images: Vec<String>,
+    /// Instances placed on it.
+    pub instances: usize,
+    /// Desired-state generation, and the one it last reported holding.
+    pub generation: [u64; 2],
+    /// Last heard from (ms since the epoch).
+    pub last_seen_ms: u64,
+}
+
+/// An instance as shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceView {
+    /// Instance id (16 hex digits).
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Phase.
+    pub phase: String,
+    /// Node, once placed.
+    pub node: Option<String>,
+    /// vCPUs.
+    pub vcpus: u16,
+    /// Memory (MiB).
+    pub memory_mib: u32,
+    /// Disk (GiB).
+    pub disk_gib: u32,
+    /// Architecture.
+    pub arch: String,
+    /// Image, or kernel for direct kernel boot.
+    pub image: String,
+    /// running or stopped, as asked.
+    pub power: String,
+    /// Reboots asked.
+    pub reboot_count: u32,
+    /// Server group.
+    pub group: Option<String>,
+    /// Latest reason.
+    pub reason: String,
+    /// Failed build attempts (`node: reason`).
+    pub failures: Vec<String>,
+}
+
+fn triple(r: outpost_protocol::Resources) -> [u64; 3] {
+    [
+        u64::from(r.vcpus),
+        u64::from(r.memory_mib),
+        u64::from(r.disk_gib),
+    ]
+}
+
+impl NodeView {
+    /// The view of a node.
+    pub fn of(n: &NodeRecord, fleet: &Fleet) -> Self {
+        let claims = fleet.claims();
+        let inv = n.inventory.as_ref();
+        Self {
+            id: n.id.to_string(),
+            state: match n.availability() {
+                Availability::Up => "up",
+                Availability::Down => "down",
+                Availability::Cordoned => "cordoned",
+                Availability::Draining => "draining",
+            }
+            .to_owned(),
+            arch: inv.map(|i| i.arch.to_string()),
+            hypervisor: inv.map(|i| i.hypervisor.to_string()),
+            allocatable: inv.map(|i| triple(i.allocatable())).unwrap_or_default(),
+            claimed: triple(claims.get(&n.id).copied().unwrap_or_default()),
+            labels: inv
+                .map(|i| i.labels.iter().map(|l| l.to_string()).collect())
+                .unwrap_or_default(),
+            images: inv
+                .map(|i| i.images.iter().map(|l| l.to_string()).collect())
+                .unwrap_or_default(),
+            instances: fleet
+                .instances()
+                .filter(|i| i.node.as_ref() == Some(&n.id))
+                .count(),
+            generation: [n.generation, n.reported_generation],
+            last_seen_ms: n.last_seen_ms,
+        }
+    }
+}
+
+impl From<&InstanceRecord> for InstanceView {
+    fn from(i: &InstanceRecord) -> Self {
+        let s = &i.spec;
+        Self {
+            id: i.id.to_string(),
+            name: i.name.clone(),
+            phase: i.phase.as_str().to_owned(),
+            node: i.node.as_ref().map(|n| n.to_string()),
+            vcpus: s.vcpus,
+            memory_mib: s.memory_mib,
+            disk_gib: s.disk_gib,
+            arch: s.arch.to_string(),
+            image: match &s.boot {
+                Boot::Disk { image } => image.to_string(),
+                Boot::Kernel { kernel, .. } => format!("kernel:{kernel}"),
+            },
+            power: match i.power {
+                PowerState::Running => "running",
+                PowerState::Stopped => "stopped",
+            }
+            .to_owned(),
+            reboot_count: i.reboot_count,
+            group: i.group.clone(),
+            reason: i.reason.clone(),
+            failures: i
+                .failures
+                .iter()
+                .map(|(n, r)| format!("{n}: {r}"))
+                .collect(),
+        }
+    }
+}
+
+/// The body of `POST /v1/instances`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    /// Name (default: `i-` and the id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// vCPUs (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u16>,
+    /// Memory in MiB (default 256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    /// Disk in GiB (default 0 for kernel boot, 1 for disk boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gib: Option<u32>,
+    /// `x86_64` or `aarch64` (default: the controller's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// Refuse software emulation.
+    #[serde(default)]
+    pub require_kvm: bool,
+    /// Disk image to boot (exclusive with `kernel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Kernel for direct kernel boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Initrd for direct kernel boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// A libvirt network to attach to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// A host bridge to attach to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// `never`, `on-failure` (default) or `always`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<String>,
+    /// The instance's labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Labels the node must carry.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
+    /// Server group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// `affinity` or `anti-affinity` (default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_policy: Option<String>,
+}
+
+fn labels(m: &BTreeMap<String, String>) -> Result<Vec<Label>, String> {
+    m.iter()
+        .map(|(k, v)| Label::parse(&format!("{k}={v}")).map_err(|e| format!("label {k}: {e}")))
+        .collect()
+}
+
+impl CreateBody {
+    /// Checks the body and makes the fleet's request, with `id`.
+    pub fn into_request(self, id: InstanceId) -> Result<CreateRequest, String> {
+        let e = |what: &str, err: outpost_protocol::IdError| format!("{what}: {err}");
+        let arch =
+            match self.arch.as_deref() {
+                None => Arch::native()
+                    .ok_or("this controller's architecture is unsupported: give arch")?,
+                Some(a) => Arch::parse(a)
+                    .ok_or_else(|| format!("unknown arch {a:?} (x86_64 or aarch64)"))?,
+            };
+        let boot = match (self.image, self.kernel) {
+            (Some(image), None) => Boot::Disk {
+                image: ImageName::new(&image).map_err(|x| e("image", x))?,
+            },
+            (None, Some(kernel)) => Boot::Kernel {
+                kernel: ImageName::new(&kernel).map_err(|x| e("kernel", x))?,
+                initrd: self
+                    .initrd
+                    .map(|i| ImageName::new(&i))
+                    .transpose()
+                    .map_err(|x| e("initrd", x))?,
+                cmdline: Cmdline::new(self.cmdline.as_deref().unwrap_or("console=ttyS0"))
+                    .map_err(|x| e("cmdline", x))?,
+            },
+            _ => return Err("give exactly one of image or kernel".into()),
+        };
+        let network = match (self.network, self.bridge) {
+            (None, None) => Network::None,
+            (Some(n), None) => Network::Libvirt {
+                network: NetName::new(&n).map_err(|x| e("network", x))?,
+            },
+            (None, Some(b)) => Network::Bridge {
+                bridge: NetName::new(&b).map_err(|x| e("bridge", x))?,
+            },
+            _ => return Err("give at most one of network or bridge".into()),
+        };
+        let restart = match self.restart.as_deref() {
+            None | Some("on-failure") => RestartPolicy::OnFailure,
+            Some("never") => RestartPolicy::Never,
+            Some("always") => RestartPolicy::Always,
+            Some(o) => {
+                return Err(format!(
+                    "unknown restart policy {o:?} (never, on-failure, always)"
+                ));
+            }
+        };
+        let mut spec_labels = Labels::new();
+        for l in labels(&self.labels)? {
+            spec_labels.push(l).map_err(|_| "too many labels")?;
+        }
+        let disk_default = u32::from(matches!(boot, Boot::Disk { .. }));
+        let spec = InstanceSpec {
+            vcpus: self.vcpus.unwrap_or(1),
+            memory_mib: self.memory_mib.unwrap_or(256),
+            disk_gib: self.disk_gib.unwrap_or(disk_default),
+            arch,
+            require_kvm: self.require_kvm,
+            boot,
+            network,
+            restart,
+            labels: spec_labels,
+        };
+        let group = match (self.group, self.group_policy.as_deref()) {
+            (None, None) => None,
+            (None, Some(_)) => return Err("group_policy needs a group".into()),
+            (Some(g), p) => {
+                let policy = match p {
+                    None | Some("anti-affinity") => GroupPolicy::AntiAffinity,
+                    Some("affinity") => GroupPolicy::Affinity,
+                    Some(o) => return Err(format!("unknown group policy {o:?}")),
+                };
+                if g.is_empty() || g.len() > 64 {
+                    return Err("group names are 1 to 64 bytes".into());
+                }
+                Some((g, policy))
+            }
+        };
+        let name = self.name.unwrap_or_else(|| format!("i-{id}"));
+        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+            return Err("names are 1 to 64 printable characters".into());
+        }
+        Ok(CreateRequest {
+            id,
+            name,
+            spec,
+            selector: labels(&self.selector)?,
+            group,
+        })
+    }
+}
