@@ -22,7 +22,9 @@ fn fleet(n: usize) -> Vec<HostState> {
         ImageName::new("debian-12.qcow2").unwrap(),
         ImageName::new("vmlinuz").unwrap(),
     ];
-    let zones: Vec<Label> = (0..10).map(|z| Label::parse(&format!("zone=z{z}")).unwrap()).collect();
+    let zones: Vec<Label> = (0..10)
+        .map(|z| Label::parse(&format!("zone=z{z}")).unwrap())
+        .collect();
     (0..n)
         .map(|i| HostState {
             id: NodeId::new(&format!("node-{i:06}")).unwrap(),
@@ -31,8 +33,16 @@ fn fleet(n: usize) -> Vec<HostState> {
                 1 if i % 40 == 1 => Availability::Cordoned,
                 _ => Availability::Up,
             },
-            arch: if i % 10 == 3 { Arch::Aarch64 } else { Arch::X86_64 },
-            hypervisor: if i % 5 == 4 { HypervisorKind::Emulated } else { HypervisorKind::Kvm },
+            arch: if i % 10 == 3 {
+                Arch::Aarch64
+            } else {
+                Arch::X86_64
+            },
+            hypervisor: if i % 5 == 4 {
+                HypervisorKind::Emulated
+            } else {
+                HypervisorKind::Kvm
+            },
             capacity: Resources {
                 vcpus: 8 << (i % 3),
                 memory_mib: 16384 << (i % 3),
@@ -45,7 +55,7 @@ fn fleet(n: usize) -> Vec<HostState> {
             },
             labels: vec![zones[i % 10].clone(), Label::parse("site=depot").unwrap()],
             images: images.clone(),
-            recent_failures: u32::from(i % 97 == 0),
+            recent_failures: u32::from(i.is_multiple_of(97)),
         })
         .collect()
 }
@@ -56,8 +66,10 @@ fn spec(k: usize) -> InstanceSpec {
         memory_mib: 512 << (k % 3),
         disk_gib: 10,
         arch: Arch::X86_64,
-        require_kvm: k % 3 == 0,
-        boot: Boot::Disk { image: ImageName::new("debian-12.qcow2").unwrap() },
+        require_kvm: k.is_multiple_of(3),
+        boot: Boot::Disk {
+            image: ImageName::new("debian-12.qcow2").unwrap(),
+        },
         network: Network::None,
         restart: RestartPolicy::OnFailure,
         labels: Labels::new(),
@@ -68,9 +80,11 @@ fn bench(c: &mut Criterion) {
     let sched = Scheduler::default();
     let zone = [Label::parse("zone=z4").unwrap()];
     let mut g = c.benchmark_group("place");
-    g.sample_size(20).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
+    g.sample_size(20)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500));
     for n in [1_000usize, 10_000, 100_000] {
-        let hosts = fleet(n);
+        let hosts = HostTable::from_hosts(sched.ratios(), &fleet(n));
         let members: Vec<usize> = (0..20).map(|i| i * (n / 20)).collect();
         let s = spec(0);
         g.bench_with_input(BenchmarkId::from_parameter(n), &hosts, |b, hosts| {
@@ -78,7 +92,10 @@ fn bench(c: &mut Criterion) {
                 let req = Request {
                     spec: &s,
                     selector: &zone,
-                    group: Some(GroupConstraint { policy: GroupPolicy::AntiAffinity, members_on: &members }),
+                    group: Some(GroupConstraint {
+                        policy: GroupPolicy::AntiAffinity,
+                        members_on: &members,
+                    }),
                     exclude: &[],
                 };
                 black_box(sched.place(black_box(hosts), &req).ok())
@@ -90,35 +107,50 @@ fn bench(c: &mut Criterion) {
 
 fn percentiles() {
     let sched = Scheduler::default();
-    let zones: Vec<Label> = (0..10).map(|z| Label::parse(&format!("zone=z{z}")).unwrap()).collect();
+    let zones: Vec<Label> = (0..10)
+        .map(|z| Label::parse(&format!("zone=z{z}")).unwrap())
+        .collect();
     println!("\n| hosts   | decisions | placed | p50 (µs) | p99 (µs) | placements/s |");
     println!("|---------|-----------|--------|----------|----------|--------------|");
-    for (n, rounds) in [(1_000usize, 20_000usize), (10_000, 20_000), (100_000, 2_000)] {
-        let mut hosts = fleet(n);
+    for (n, rounds) in [
+        (1_000usize, 20_000usize),
+        (10_000, 20_000),
+        (100_000, 2_000),
+    ] {
+        let mut hosts = HostTable::from_hosts(sched.ratios(), &fleet(n));
         let members: Vec<usize> = (0..20).map(|i| i * (n / 20)).collect();
         let specs: Vec<InstanceSpec> = (0..rounds).map(spec).collect();
         let mut times = Vec::with_capacity(rounds);
         let mut placed = 0;
         let start = Instant::now();
         for (k, s) in specs.iter().enumerate() {
-            let sel: &[Label] = if k % 2 == 0 { std::slice::from_ref(&zones[k % 10]) } else { &[] };
+            let sel: &[Label] = if k.is_multiple_of(2) {
+                std::slice::from_ref(&zones[k % 10])
+            } else {
+                &[]
+            };
             let req = Request {
                 spec: s,
                 selector: sel,
-                group: (k % 4 == 0).then_some(GroupConstraint { policy: GroupPolicy::AntiAffinity, members_on: &members }),
+                group: k.is_multiple_of(4).then_some(GroupConstraint {
+                    policy: GroupPolicy::AntiAffinity,
+                    members_on: &members,
+                }),
                 exclude: &[],
             };
             let t = Instant::now();
             let r = sched.place(&hosts, &req);
             times.push(t.elapsed());
             if let Ok(p) = r {
-                hosts[p.host].claim(s.resources());
+                hosts.claim(p.host, s.resources());
                 placed += 1;
             }
         }
         let total = start.elapsed();
         times.sort_unstable();
-        let pct = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)].as_secs_f64() * 1e6;
+        let pct = |q: f64| {
+            times[((times.len() as f64 * q) as usize).min(times.len() - 1)].as_secs_f64() * 1e6
+        };
         println!(
             "| {n:>7} | {rounds:>9} | {placed:>6} | {:>8.1} | {:>8.1} | {:>12.0} |",
             pct(0.50),

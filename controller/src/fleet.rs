@@ -15,7 +15,8 @@ use outpost_protocol::{
 };
 
 use crate::scheduler::{
-    Availability, GroupConstraint, GroupPolicy, HostState, NoValidHost, Request, Scheduler,
+    Availability, GroupConstraint, GroupPolicy, HostState, HostTable, NoValidHost, Request,
+    Scheduler,
 };
 
 /// Fleet settings.
@@ -257,8 +258,10 @@ impl Changes {
 }
 
 /// The controller's view of the fleet.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Fleet {
+    /// The scheduler's view of the nodes, kept up to date as they change.
+    table: HostTable,
     nodes: BTreeMap<NodeId, NodeRecord>,
     instances: BTreeMap<InstanceId, InstanceRecord>,
     groups: BTreeMap<String, GroupPolicy>,
@@ -281,19 +284,81 @@ impl Fleet {
         groups: Vec<(String, GroupPolicy)>,
     ) -> Self {
         let mut f = Self {
+            table: HostTable::new(scheduler.ratios()),
             scheduler,
             cfg,
+            nodes: BTreeMap::new(),
+            instances: instances.into_iter().map(|i| (i.id, i)).collect(),
             groups: groups.into_iter().collect(),
-            ..Self::default()
+            dirty_nodes: BTreeSet::new(),
+            dirty_instances: BTreeSet::new(),
+            removed: BTreeSet::new(),
+            dirty_groups: BTreeSet::new(),
+            publish: BTreeSet::new(),
         };
         for mut n in nodes {
             // Liveness is learnt again from the broker (retained status) and reports.
             n.online = false;
             f.publish.insert(n.id.clone());
-            f.nodes.insert(n.id.clone(), n);
+            let id = n.id.clone();
+            f.nodes.insert(id.clone(), n);
+            f.sync_host(&id, 0);
         }
-        f.instances = instances.into_iter().map(|i| (i.id, i)).collect();
         f
+    }
+
+    /// Brings the node's row of the scheduler's table up to date (claims are kept
+    /// incrementally; they are computed here only when the node first enters the table).
+    fn sync_host(&mut self, id: &NodeId, now_ms: u64) {
+        let Some(n) = self.nodes.get(id) else { return };
+        let Some(inv) = &n.inventory else { return };
+        let claimed = match self.table.index_of(id) {
+            Some(idx) => {
+                let (_, c) = self.table.usage(idx);
+                Resources {
+                    vcpus: u16::try_from(c[0]).unwrap_or(u16::MAX),
+                    memory_mib: u32::try_from(c[1]).unwrap_or(u32::MAX),
+                    disk_gib: u32::try_from(c[2]).unwrap_or(u32::MAX),
+                }
+            }
+            None => self.claims().get(id).copied().unwrap_or_default(),
+        };
+        let host = HostState {
+            id: id.clone(),
+            availability: n.availability(),
+            arch: inv.arch,
+            hypervisor: inv.hypervisor,
+            capacity: inv.allocatable(),
+            claimed,
+            labels: inv.labels.iter().cloned().collect(),
+            images: inv.images.iter().cloned().collect(),
+            recent_failures: self.recent_failures(n, now_ms),
+        };
+        self.table.upsert(&host);
+    }
+
+    fn recent_failures(&self, n: &NodeRecord, now_ms: u64) -> u32 {
+        n.failures_ms
+            .iter()
+            .filter(|&&t| now_ms.saturating_sub(t) < self.cfg.failure_memory_ms)
+            .count() as u32
+    }
+
+    /// Refreshes a node's availability in the table.
+    fn sync_availability(&mut self, id: &NodeId) {
+        if let (Some(n), Some(idx)) = (self.nodes.get(id), self.table.index_of(id)) {
+            self.table.set_availability(idx, n.availability());
+        }
+    }
+
+    /// Moves an instance's claim from one node to another in the table.
+    fn move_claim(&mut self, r: Resources, from: Option<&NodeId>, to: Option<&NodeId>) {
+        if let Some(idx) = from.and_then(|n| self.table.index_of(n)) {
+            self.table.release(idx, r);
+        }
+        if let Some(idx) = to.and_then(|n| self.table.index_of(n)) {
+            self.table.claim(idx, r);
+        }
     }
 
     /// Every node.
@@ -390,54 +455,25 @@ impl Fleet {
         }
     }
 
-    fn hosts(&self, now_ms: u64) -> (Vec<HostState>, Vec<NodeId>) {
-        let claims = self.claims();
-        let mut ids = Vec::with_capacity(self.nodes.len());
-        let hosts = self
-            .nodes
-            .values()
-            .filter_map(|n| {
-                let inv = n.inventory.as_ref()?;
-                ids.push(n.id.clone());
-                Some(HostState {
-                    id: n.id.clone(),
-                    availability: n.availability(),
-                    arch: inv.arch,
-                    hypervisor: inv.hypervisor,
-                    capacity: inv.allocatable(),
-                    claimed: claims.get(&n.id).copied().unwrap_or_default(),
-                    labels: inv.labels.iter().cloned().collect(),
-                    images: inv.images.iter().cloned().collect(),
-                    recent_failures: n
-                        .failures_ms
-                        .iter()
-                        .filter(|&&t| now_ms.saturating_sub(t) < self.cfg.failure_memory_ms)
-                        .count() as u32,
-                })
-            })
-            .collect();
-        (hosts, ids)
-    }
-
-    /// Chooses a node for `spec` (the pure scheduler over the current fleet).
+    /// Chooses a node for `spec` (the pure scheduler over the current table).
     fn choose(
         &self,
-        now_ms: u64,
         spec: &InstanceSpec,
         selector: &[Label],
         group: Option<(&str, GroupPolicy)>,
         exclude: &[NodeId],
         except: Option<InstanceId>,
     ) -> Result<NodeId, NoValidHost> {
-        let (hosts, ids) = self.hosts(now_ms);
-        let idx = |n: &NodeId| ids.iter().position(|i| i == n);
-        let excluded: Vec<usize> = exclude.iter().filter_map(idx).collect();
+        let excluded: Vec<usize> = exclude
+            .iter()
+            .filter_map(|n| self.table.index_of(n))
+            .collect();
         let members: Vec<usize> = group
             .map(|(g, _)| {
                 self.instances
                     .values()
                     .filter(|i| i.group.as_deref() == Some(g) && i.holds() && Some(i.id) != except)
-                    .filter_map(|i| i.node.as_ref().and_then(idx))
+                    .filter_map(|i| i.node.as_ref().and_then(|n| self.table.index_of(n)))
                     .collect()
             })
             .unwrap_or_default();
@@ -451,8 +487,8 @@ impl Fleet {
             exclude: &excluded,
         };
         self.scheduler
-            .place(&hosts, &req)
-            .map(|p| ids[p.host].clone())
+            .place(&self.table, &req)
+            .map(|p| self.table.id(p.host).clone())
     }
 
     /// Creates and places an instance, or says at once why nothing fits (nothing is stored).
@@ -469,13 +505,14 @@ impl Fleet {
             return Err(FleetError::GroupPolicy(g.clone()));
         }
         let group = req.group.as_ref().map(|(g, p)| (g.as_str(), *p));
-        let node = self.choose(now_ms, &req.spec, &req.selector, group, &[], None)?;
+        let node = self.choose(&req.spec, &req.selector, group, &[], None)?;
         if let Some((g, p)) = req.group.clone()
             && self.groups.insert(g.clone(), p).is_none()
         {
             self.dirty_groups.insert(g);
         }
         let id = req.id;
+        self.move_claim(req.spec.resources(), None, Some(&node));
         self.instances.insert(
             id,
             InstanceRecord {
@@ -557,6 +594,10 @@ impl Fleet {
     }
 
     fn forget(&mut self, id: InstanceId) {
+        if let Some(i) = self.instances.get(&id) {
+            let (r, node) = (i.spec.resources(), i.node.clone());
+            self.move_claim(r, node.as_ref(), None);
+        }
         self.instances.remove(&id);
         self.dirty_instances.remove(&id);
         self.removed.insert(id);
@@ -573,16 +614,13 @@ impl Fleet {
             n.draining = false;
         }
         self.dirty_nodes.insert(node.clone());
+        self.sync_availability(node);
         Ok(())
     }
 
     /// Drains a node: cordons it and moves each of its instances to another node (cold move:
     /// built there, then removed here). Returns how many moved and the ones that could not.
-    pub fn drain(
-        &mut self,
-        now_ms: u64,
-        node: &NodeId,
-    ) -> Result<(usize, Vec<String>), FleetError> {
+    pub fn drain(&mut self, node: &NodeId) -> Result<(usize, Vec<String>), FleetError> {
         let n = self
             .nodes
             .get_mut(node)
@@ -590,6 +628,7 @@ impl Fleet {
         n.cordoned = true;
         n.draining = true;
         self.dirty_nodes.insert(node.clone());
+        self.sync_availability(node);
         let ids: Vec<InstanceId> = self
             .instances
             .values()
@@ -598,7 +637,7 @@ impl Fleet {
             .collect();
         let (mut moved, mut stuck) = (0, Vec::new());
         for id in ids {
-            match self.relocate(now_ms, id, None) {
+            match self.relocate(id, None) {
                 Ok(()) => moved += 1,
                 Err(e) => stuck.push(format!("{id}: {e}")),
             }
@@ -609,7 +648,6 @@ impl Fleet {
     /// Moves an instance to a new node (excluding where it failed), or fails it for good.
     fn relocate(
         &mut self,
-        now_ms: u64,
         id: InstanceId,
         failed_on: Option<(NodeId, String)>,
     ) -> Result<(), FleetError> {
@@ -628,7 +666,7 @@ impl Fleet {
         let choice = if failed_on.is_some() && attempts >= self.cfg.max_attempts {
             None
         } else {
-            Some(self.choose(now_ms, &i.spec, &i.selector, group, &exclude, Some(id)))
+            Some(self.choose(&i.spec, &i.selector, group, &exclude, Some(id)))
         };
         let i = self
             .instances
@@ -637,10 +675,12 @@ impl Fleet {
         if let Some(f) = failed_on {
             i.failures.push(f);
         }
+        let r = i.spec.resources();
         let result = match choice {
             Some(Ok(node)) => {
                 i.node = Some(node.clone());
                 i.phase = Phase::Scheduled;
+                self.move_claim(r, old.as_ref(), Some(&node));
                 self.bump(&node);
                 Ok(())
             }
@@ -658,6 +698,7 @@ impl Fleet {
                     .collect();
                 i.reason = format!("{why} [{}]", history.join("; "));
                 i.node = None;
+                self.move_claim(r, old.as_ref(), None);
                 Ok(())
             }
         };
@@ -685,6 +726,7 @@ impl Fleet {
             // Whatever it holds, it gets the latest desired state again.
             self.publish.insert(node.clone());
         }
+        self.sync_availability(node);
     }
 
     /// A node's inventory.
@@ -693,11 +735,12 @@ impl Fleet {
             .nodes
             .entry(node.clone())
             .or_insert_with(|| NodeRecord::new(node.clone()));
+        n.last_seen_ms = now_ms;
         if n.inventory.as_ref() != Some(&inv) {
             n.inventory = Some(inv);
             self.dirty_nodes.insert(node.clone());
+            self.sync_host(node, now_ms);
         }
-        n.last_seen_ms = now_ms;
     }
 
     /// A node's periodic report: liveness, generation held, each instance's state.
@@ -706,12 +749,14 @@ impl Fleet {
             return;
         };
         n.last_seen_ms = now_ms;
-        if !n.online && n.session > 0 {
-            n.online = true;
-            self.dirty_nodes.insert(node.clone());
-        }
         n.reported_generation = r.generation;
         let behind = r.generation < n.generation;
+        let came_back = !n.online && n.session > 0;
+        if came_back {
+            n.online = true;
+            self.dirty_nodes.insert(node.clone());
+            self.sync_availability(node);
+        }
         for ir in &r.instances {
             self.observe(now_ms, node, ir.id, ir.state, "");
         }
@@ -800,8 +845,12 @@ impl Fleet {
                     if let Some(n) = self.nodes.get_mut(node) {
                         n.failures_ms.push(now_ms);
                         self.dirty_nodes.insert(node.clone());
+                        let count = n.failures_ms.len() as u32;
+                        if let Some(idx) = self.table.index_of(node) {
+                            self.table.set_failures(idx, count);
+                        }
                     }
-                    let _ = self.relocate(now_ms, id, Some((node.clone(), why)));
+                    let _ = self.relocate(id, Some((node.clone(), why)));
                     return;
                 }
                 i.reason = why;
@@ -824,13 +873,25 @@ impl Fleet {
 
     /// Periodic work: nodes that stopped reporting go down.
     pub fn tick(&mut self, now_ms: u64) {
+        let mut changed = Vec::new();
         for n in self.nodes.values_mut() {
             if n.online && now_ms.saturating_sub(n.last_seen_ms) > self.cfg.liveness_timeout_ms {
                 n.online = false;
                 self.dirty_nodes.insert(n.id.clone());
+                changed.push(n.id.clone());
             }
+            let before = n.failures_ms.len();
             n.failures_ms
                 .retain(|&t| now_ms.saturating_sub(t) < self.cfg.failure_memory_ms);
+            if n.failures_ms.len() != before {
+                changed.push(n.id.clone());
+            }
+        }
+        for id in changed {
+            self.sync_availability(&id);
+            if let (Some(n), Some(idx)) = (self.nodes.get(&id), self.table.index_of(&id)) {
+                self.table.set_failures(idx, n.failures_ms.len() as u32);
+            }
         }
     }
 }

@@ -2,8 +2,12 @@
 //! alternates, or the reason nothing fits, naming how many hosts each filter removed.
 //!
 //! Filters and weighers in the manner of Nova: every host is checked (no sampling) in one pass,
-//! O(hosts); claims are applied by the caller at decision time ([`HostState::claim`]), so two
+//! O(hosts); claims are applied by the caller at decision time ([`HostTable::claim`]), so two
 //! requests decided one after the other can never over-commit a host.
+//!
+//! Built for 100,000 hosts: [`HostTable`] keeps hosts as a struct of arrays (capacities after
+//! allocation ratios, claims, flags) and interns labels and images into one bitset per distinct
+//! value, so the per-host work of a decision is a few integer comparisons and bit tests.
 
 use std::fmt;
 
@@ -25,7 +29,7 @@ pub enum Availability {
     Draining,
 }
 
-/// What the scheduler knows about one host.
+/// One host, as given to [`HostTable::upsert`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostState {
     /// The node.
@@ -46,26 +50,6 @@ pub struct HostState {
     pub images: Vec<ImageName>,
     /// Builds that failed on it recently (a weigher penalty).
     pub recent_failures: u32,
-}
-
-impl HostState {
-    /// Adds a claim.
-    pub fn claim(&mut self, r: Resources) {
-        self.claimed = self.claimed.saturating_add(r);
-    }
-
-    /// Removes a claim.
-    pub fn release(&mut self, r: Resources) {
-        self.claimed = self.claimed.saturating_sub(r);
-    }
-
-    fn has_label(&self, l: &Label) -> bool {
-        self.labels.iter().any(|h| h == l)
-    }
-
-    fn has_image(&self, i: &ImageName) -> bool {
-        self.images.binary_search(i).is_ok()
-    }
 }
 
 /// Server-group policy.
@@ -251,24 +235,262 @@ pub struct Placement {
     pub alternates: Vec<HostIdx>,
 }
 
+/// Where the allocation ratios turn capacities into what can be claimed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ratios {
+    /// vCPU allocation ratio (virtual per physical).
+    pub cpu: f64,
+    /// Memory allocation ratio.
+    pub memory: f64,
+    /// Disk allocation ratio.
+    pub disk: f64,
+}
+
+/// A growable bitset, one bit per host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn get(&self, i: usize) -> bool {
+        self.0.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
+    }
+
+    fn set(&mut self, i: usize, on: bool) {
+        if self.0.len() <= i / 64 {
+            self.0.resize(i / 64 + 1, 0);
+        }
+        let bit = 1u64 << (i % 64);
+        if on {
+            self.0[i / 64] |= bit;
+        } else {
+            self.0[i / 64] &= !bit;
+        }
+    }
+
+    fn of(idx: &[HostIdx]) -> Self {
+        let mut b = Self::default();
+        for &i in idx {
+            b.set(i, true);
+        }
+        b
+    }
+}
+
+/// Interned values (labels or images) with one host bitset each.
+#[derive(Debug, Clone)]
+struct Interned<T: Ord> {
+    ids: std::collections::BTreeMap<T, usize>,
+    bits: Vec<Bits>,
+    per_host: Vec<Vec<usize>>,
+}
+
+impl<T: Ord> Default for Interned<T> {
+    fn default() -> Self {
+        Self {
+            ids: std::collections::BTreeMap::new(),
+            bits: Vec::new(),
+            per_host: Vec::new(),
+        }
+    }
+}
+
+impl<T: Ord + Clone> Interned<T> {
+    fn set_host(&mut self, host: HostIdx, values: &[T]) {
+        if self.per_host.len() <= host {
+            self.per_host.resize(host + 1, Vec::new());
+        }
+        for &v in &self.per_host[host] {
+            self.bits[v].set(host, false);
+        }
+        let mut now = Vec::with_capacity(values.len());
+        for v in values {
+            let id = match self.ids.get(v) {
+                Some(&id) => id,
+                None => {
+                    self.ids.insert(v.clone(), self.bits.len());
+                    self.bits.push(Bits::default());
+                    self.bits.len() - 1
+                }
+            };
+            self.bits[id].set(host, true);
+            now.push(id);
+        }
+        self.per_host[host] = now;
+    }
+
+    /// The bitsets of every value in `want`; `None` if one is on no host at all.
+    fn all<'a>(&self, want: impl Iterator<Item = &'a T>) -> Option<Vec<&Bits>>
+    where
+        T: 'a,
+    {
+        want.map(|v| self.ids.get(v).map(|&id| &self.bits[id]))
+            .collect()
+    }
+}
+
+/// The scheduler's view of every host, as parallel arrays indexed by [`HostIdx`].
+#[derive(Debug, Clone)]
+pub struct HostTable {
+    ratios: Ratios,
+    ids: Vec<NodeId>,
+    index: std::collections::HashMap<NodeId, HostIdx>,
+    availability: Vec<Availability>,
+    arch: Vec<Arch>,
+    kvm: Vec<bool>,
+    /// Claimable after allocation ratios: vCPUs, MiB, GiB.
+    effective: Vec<[u64; 3]>,
+    claimed: Vec<[u64; 3]>,
+    failures: Vec<u32>,
+    labels: Interned<Label>,
+    images: Interned<ImageName>,
+}
+
+fn scaled(v: u32, ratio: f64) -> u64 {
+    // Capacities are at most u32::MAX and ratios small: exact enough in f64.
+    (f64::from(v) * ratio).floor() as u64
+}
+
+impl HostTable {
+    /// An empty table with these allocation ratios.
+    pub fn new(ratios: Ratios) -> Self {
+        Self {
+            ratios,
+            ids: Vec::new(),
+            index: std::collections::HashMap::new(),
+            availability: Vec::new(),
+            arch: Vec::new(),
+            kvm: Vec::new(),
+            effective: Vec::new(),
+            claimed: Vec::new(),
+            failures: Vec::new(),
+            labels: Interned::default(),
+            images: Interned::default(),
+        }
+    }
+
+    /// A table of these hosts (index = position in the slice).
+    pub fn from_hosts(ratios: Ratios, hosts: &[HostState]) -> Self {
+        let mut t = Self::new(ratios);
+        for h in hosts {
+            t.upsert(h);
+        }
+        t
+    }
+
+    /// Adds or replaces a host; returns its index (stable for the table's life).
+    pub fn upsert(&mut self, h: &HostState) -> HostIdx {
+        let idx = match self.index.get(&h.id) {
+            Some(&i) => i,
+            None => {
+                let i = self.ids.len();
+                self.ids.push(h.id.clone());
+                self.index.insert(h.id.clone(), i);
+                self.availability.push(Availability::Down);
+                self.arch.push(h.arch);
+                self.kvm.push(false);
+                self.effective.push([0; 3]);
+                self.claimed.push([0; 3]);
+                self.failures.push(0);
+                i
+            }
+        };
+        self.availability[idx] = h.availability;
+        self.arch[idx] = h.arch;
+        self.kvm[idx] = h.hypervisor == HypervisorKind::Kvm;
+        self.effective[idx] = [
+            scaled(u32::from(h.capacity.vcpus), self.ratios.cpu),
+            scaled(h.capacity.memory_mib, self.ratios.memory),
+            scaled(h.capacity.disk_gib, self.ratios.disk),
+        ];
+        self.claimed[idx] = [
+            u64::from(h.claimed.vcpus),
+            u64::from(h.claimed.memory_mib),
+            u64::from(h.claimed.disk_gib),
+        ];
+        self.failures[idx] = h.recent_failures;
+        self.labels.set_host(idx, &h.labels);
+        let mut images = h.images.clone();
+        images.sort();
+        self.images.set_host(idx, &images);
+        idx
+    }
+
+    /// Number of hosts.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether there are no hosts.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The node at `idx`.
+    pub fn id(&self, idx: HostIdx) -> &NodeId {
+        &self.ids[idx]
+    }
+
+    /// The index of a node.
+    pub fn index_of(&self, id: &NodeId) -> Option<HostIdx> {
+        self.index.get(id).copied()
+    }
+
+    /// Sets a host's availability.
+    pub fn set_availability(&mut self, idx: HostIdx, a: Availability) {
+        self.availability[idx] = a;
+    }
+
+    /// Sets a host's recent build failures.
+    pub fn set_failures(&mut self, idx: HostIdx, n: u32) {
+        self.failures[idx] = n;
+    }
+
+    /// Adds a claim on a host.
+    pub fn claim(&mut self, idx: HostIdx, r: Resources) {
+        let c = &mut self.claimed[idx];
+        c[0] += u64::from(r.vcpus);
+        c[1] += u64::from(r.memory_mib);
+        c[2] += u64::from(r.disk_gib);
+    }
+
+    /// Removes a claim from a host.
+    pub fn release(&mut self, idx: HostIdx, r: Resources) {
+        let c = &mut self.claimed[idx];
+        c[0] = c[0].saturating_sub(u64::from(r.vcpus));
+        c[1] = c[1].saturating_sub(u64::from(r.memory_mib));
+        c[2] = c[2].saturating_sub(u64::from(r.disk_gib));
+    }
+
+    /// What can be claimed on a host after allocation ratios, and what is claimed.
+    pub fn usage(&self, idx: HostIdx) -> ([u64; 3], [u64; 3]) {
+        (self.effective[idx], self.claimed[idx])
+    }
+}
+
+/// Whether host `i` is in every set (`None`: a value no host has).
+#[inline]
+fn has_all(sets: &Option<Vec<&Bits>>, i: HostIdx) -> bool {
+    sets.as_ref().is_some_and(|s| s.iter().all(|b| b.get(i)))
+}
+
+/// One request, prepared against a table: interned selectors and images, group and retry sets.
+struct Prepared<'a> {
+    want: [u64; 3],
+    arch: Arch,
+    kvm: bool,
+    /// `None`: some selector label or image is on no host.
+    labels: Option<Vec<&'a Bits>>,
+    images: Option<Vec<&'a Bits>>,
+    require_images: bool,
+    members: Option<(GroupPolicy, bool, Bits)>,
+    exclude: Bits,
+}
+
 /// The scheduler: its configuration and the pure placement function.
 #[derive(Debug, Clone, Default)]
 pub struct Scheduler {
     /// Settings.
     pub config: SchedulerConfig,
-}
-
-fn scaled(v: u32, ratio: f64) -> u64 {
-    // Capacities are at most u32::MAX and ratios small: the product fits in f64 exactly enough.
-    (f64::from(v) * ratio).floor() as u64
-}
-
-fn free_fraction(capacity: u64, claimed: u32, want: u32) -> f64 {
-    if capacity == 0 {
-        return 0.0;
-    }
-    let left = capacity.saturating_sub(u64::from(claimed) + u64::from(want));
-    left as f64 / capacity as f64
 }
 
 impl Scheduler {
@@ -277,53 +499,69 @@ impl Scheduler {
         Self { config }
     }
 
-    /// The effective capacity of a host after allocation ratios.
-    pub fn effective(&self, h: &HostState) -> (u64, u64, u64) {
-        let c = &self.config;
-        (
-            scaled(u32::from(h.capacity.vcpus), c.cpu_ratio),
-            scaled(h.capacity.memory_mib, c.memory_ratio),
-            scaled(h.capacity.disk_gib, c.disk_ratio),
-        )
+    /// The allocation ratios of this scheduler, for its [`HostTable`].
+    pub fn ratios(&self) -> Ratios {
+        Ratios {
+            cpu: self.config.cpu_ratio,
+            memory: self.config.memory_ratio,
+            disk: self.config.disk_ratio,
+        }
     }
 
-    /// The first filter that rejects `h` for `req`, if any.
-    pub fn reject(&self, idx: HostIdx, h: &HostState, req: &Request<'_>) -> Option<Filter> {
-        let spec = req.spec;
-        if h.availability != Availability::Up {
+    fn prepare<'a>(&self, t: &'a HostTable, req: &Request<'_>) -> Prepared<'a> {
+        let s = req.spec;
+        Prepared {
+            want: [
+                u64::from(s.vcpus),
+                u64::from(s.memory_mib),
+                u64::from(s.disk_gib),
+            ],
+            arch: s.arch,
+            kvm: s.require_kvm,
+            labels: t.labels.all(req.selector.iter()),
+            images: t.images.all(s.boot.images()),
+            require_images: self.config.require_image,
+            members: req
+                .group
+                .map(|g| (g.policy, !g.members_on.is_empty(), Bits::of(g.members_on))),
+            exclude: Bits::of(req.exclude),
+        }
+    }
+
+    #[inline]
+    fn reject_prepared(&self, t: &HostTable, i: HostIdx, p: &Prepared<'_>) -> Option<Filter> {
+        if t.availability[i] != Availability::Up {
             return Some(Filter::Availability);
         }
-        if req.exclude.contains(&idx) {
+        if p.exclude.get(i) {
             return Some(Filter::Retry);
         }
-        if h.arch != spec.arch {
+        if t.arch[i] != p.arch {
             return Some(Filter::Architecture);
         }
-        if spec.require_kvm && h.hypervisor != HypervisorKind::Kvm {
+        if p.kvm && !t.kvm[i] {
             return Some(Filter::Kvm);
         }
-        let (cpu, mem, disk) = self.effective(h);
-        if u64::from(h.claimed.vcpus) + u64::from(spec.vcpus) > cpu {
+        let (e, c) = (&t.effective[i], &t.claimed[i]);
+        if c[0] + p.want[0] > e[0] {
             return Some(Filter::Vcpus);
         }
-        if u64::from(h.claimed.memory_mib) + u64::from(spec.memory_mib) > mem {
+        if c[1] + p.want[1] > e[1] {
             return Some(Filter::Memory);
         }
-        if u64::from(h.claimed.disk_gib) + u64::from(spec.disk_gib) > disk {
+        if c[2] + p.want[2] > e[2] {
             return Some(Filter::Disk);
         }
-        if !req.selector.iter().all(|l| h.has_label(l)) {
+        if !has_all(&p.labels, i) {
             return Some(Filter::Labels);
         }
-        if self.config.require_image && !spec.boot.images().all(|i| h.has_image(i)) {
+        if p.require_images && !has_all(&p.images, i) {
             return Some(Filter::Image);
         }
-        if let Some(g) = req.group {
-            let holds = g.members_on.contains(&idx);
-            match g.policy {
-                GroupPolicy::Affinity if !g.members_on.is_empty() && !holds => {
-                    return Some(Filter::Affinity);
-                }
+        if let Some((policy, any, members)) = &p.members {
+            let holds = members.get(i);
+            match policy {
+                GroupPolicy::Affinity if *any && !holds => return Some(Filter::Affinity),
                 GroupPolicy::AntiAffinity if holds => return Some(Filter::AntiAffinity),
                 _ => {}
             }
@@ -331,16 +569,26 @@ impl Scheduler {
         None
     }
 
+    /// The first filter that rejects host `idx` for `req`, if any.
+    pub fn reject(&self, t: &HostTable, idx: HostIdx, req: &Request<'_>) -> Option<Filter> {
+        self.reject_prepared(t, idx, &self.prepare(t, req))
+    }
+
     /// The weight of a host that passed every filter (higher is better).
-    pub fn weigh(&self, h: &HostState, spec: &InstanceSpec) -> f64 {
+    #[inline]
+    fn weigh(&self, t: &HostTable, i: HostIdx, p: &Prepared<'_>) -> f64 {
         let w = &self.config.weights;
-        let (cpu, mem, disk) = self.effective(h);
-        let mut score = w.cpu
-            * free_fraction(cpu, u32::from(h.claimed.vcpus), u32::from(spec.vcpus))
-            + w.memory * free_fraction(mem, h.claimed.memory_mib, spec.memory_mib)
-            + w.disk * free_fraction(disk, h.claimed.disk_gib, spec.disk_gib)
-            - w.failure * f64::from(h.recent_failures);
-        if !self.config.require_image && spec.boot.images().all(|i| h.has_image(i)) {
+        let (e, c) = (&t.effective[i], &t.claimed[i]);
+        let free = |k: usize| {
+            if e[k] == 0 {
+                0.0
+            } else {
+                e[k].saturating_sub(c[k] + p.want[k]) as f64 / e[k] as f64
+            }
+        };
+        let mut score = w.cpu * free(0) + w.memory * free(1) + w.disk * free(2)
+            - w.failure * f64::from(t.failures[i]);
+        if !p.require_images && has_all(&p.images, i) {
             score += w.image;
         }
         score
@@ -348,24 +596,24 @@ impl Scheduler {
 
     /// Places one request: every host filtered and weighed, the best chosen, ties broken by
     /// node id. Deterministic for the same input.
-    pub fn place(&self, hosts: &[HostState], req: &Request<'_>) -> Result<Placement, NoValidHost> {
+    pub fn place(&self, t: &HostTable, req: &Request<'_>) -> Result<Placement, NoValidHost> {
+        let p = self.prepare(t, req);
         let mut removed = [0usize; Filter::ALL.len()];
         let keep = 1 + self.config.alternates;
-        // The best `keep` hosts, best first.
         let mut best: Vec<(f64, HostIdx)> = Vec::with_capacity(keep + 1);
-        for (idx, h) in hosts.iter().enumerate() {
-            if let Some(f) = self.reject(idx, h, req) {
+        for i in 0..t.len() {
+            if let Some(f) = self.reject_prepared(t, i, &p) {
                 removed[f as usize] += 1;
                 continue;
             }
-            let score = self.weigh(h, req.spec);
+            let score = self.weigh(t, i, &p);
             let better =
-                |a: &(f64, HostIdx)| score > a.0 || (score == a.0 && hosts[idx].id < hosts[a.1].id);
+                |a: &(f64, HostIdx)| score > a.0 || (score == a.0 && t.ids[i] < t.ids[a.1]);
             if best.len() == keep && !best.last().is_some_and(better) {
                 continue;
             }
             let at = best.iter().position(better).unwrap_or(best.len());
-            best.insert(at, (score, idx));
+            best.insert(at, (score, i));
             best.truncate(keep);
         }
         let mut ranked = best.into_iter().map(|(_, i)| i);
@@ -375,7 +623,7 @@ impl Scheduler {
                 alternates: ranked.collect(),
             }),
             None => Err(NoValidHost {
-                hosts: hosts.len(),
+                hosts: t.len(),
                 removed: Filter::ALL
                     .into_iter()
                     .zip(removed)

@@ -174,7 +174,7 @@ pub fn execute(fleet: &mut Fleet, now: u64, op: Op) -> Result<Value, ApiError> {
             ))
         }
         Op::Drain(id) => {
-            let (moved, stuck) = fleet.drain(now, &node(&id)?)?;
+            let (moved, stuck) = fleet.drain(&node(&id)?)?;
             json!({ "moved": moved, "stuck": stuck })
         }
         Op::ListInstances => Value::Array(

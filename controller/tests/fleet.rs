@@ -301,7 +301,7 @@ fn drain_moves_instances_off_the_node() {
     let mut f = fleet();
     create(&mut f, 1, 256).unwrap();
     let from = f.instance("vm1").unwrap().node.clone().unwrap();
-    let (moved, stuck) = f.drain(5, &from).unwrap();
+    let (moved, stuck) = f.drain(&from).unwrap();
     assert_eq!((moved, stuck.len()), (1, 0));
     assert_ne!(f.instance("vm1").unwrap().node.as_ref(), Some(&from));
     assert!(f.desired_for(&from).instances.is_empty());

@@ -41,6 +41,11 @@ fn spec(vcpus: u16, memory_mib: u32) -> InstanceSpec {
     }
 }
 
+/// One decision over a fresh table of `hosts`.
+fn place(s: &Scheduler, hosts: &[HostState], r: &Request<'_>) -> Result<Placement, NoValidHost> {
+    s.place(&HostTable::from_hosts(s.ratios(), hosts), r)
+}
+
 fn req(spec: &InstanceSpec) -> Request<'_> {
     Request {
         spec,
@@ -53,20 +58,20 @@ fn req(spec: &InstanceSpec) -> Request<'_> {
 #[test]
 fn spreads_by_default_and_packs_with_negative_weights() {
     let mut hosts = vec![host("a", 4, 4096), host("b", 4, 8192)];
-    hosts[0].claim(Resources {
+    hosts[0].claimed = Resources {
         vcpus: 1,
         memory_mib: 1024,
         disk_gib: 0,
-    });
+    };
     let s = spec(1, 512);
     let spread = Scheduler::default();
-    assert_eq!(spread.place(&hosts, &req(&s)).unwrap().host, 1);
+    assert_eq!(place(&spread, &hosts, &req(&s)).unwrap().host, 1);
     let mut cfg = SchedulerConfig::default();
     cfg.weights.cpu = -1.0;
     cfg.weights.memory = -1.0;
     cfg.weights.disk = 0.0;
     let pack = Scheduler::new(cfg);
-    assert_eq!(pack.place(&hosts, &req(&s)).unwrap().host, 0);
+    assert_eq!(place(&pack, &hosts, &req(&s)).unwrap().host, 0);
 }
 
 #[test]
@@ -78,20 +83,20 @@ fn alternates_are_ranked_and_exclusive() {
         host("d", 8, 512),
     ];
     let s = spec(1, 256);
-    let p = Scheduler::default().place(&hosts, &req(&s)).unwrap();
+    let p = place(&Scheduler::default(), &hosts, &req(&s)).unwrap();
     assert_eq!(p.host, 1);
     assert_eq!(p.alternates, vec![2, 0, 3]);
     // A retry excludes what was tried.
     let exclude = [1];
-    let p = Scheduler::default()
-        .place(
-            &hosts,
-            &Request {
-                exclude: &exclude,
-                ..req(&s)
-            },
-        )
-        .unwrap();
+    let p = place(
+        &Scheduler::default(),
+        &hosts,
+        &Request {
+            exclude: &exclude,
+            ..req(&s)
+        },
+    )
+    .unwrap();
     assert_eq!(p.host, 2);
 }
 
@@ -110,7 +115,7 @@ fn nothing_fits_names_each_filter() {
     hosts[4].hypervisor = HypervisorKind::Emulated;
     let mut s = spec(1, 1024);
     s.require_kvm = true;
-    let err = Scheduler::default().place(&hosts, &req(&s)).unwrap_err();
+    let err = place(&Scheduler::default(), &hosts, &req(&s)).unwrap_err();
     assert_eq!(
         err.removed,
         vec![
@@ -125,7 +130,7 @@ fn nothing_fits_names_each_filter() {
         err.to_string(),
         "no host fits (5 hosts): availability (down/cordoned) removed 1, architecture removed 1, kvm removed 1, memory removed 1, image removed 1"
     );
-    let none = Scheduler::default().place(&[], &req(&s)).unwrap_err();
+    let none = place(&Scheduler::default(), &[], &req(&s)).unwrap_err();
     assert_eq!(none.to_string(), "no host fits: the fleet has no nodes");
 }
 
@@ -133,11 +138,10 @@ fn nothing_fits_names_each_filter() {
 fn vcpu_allocation_ratio_applies() {
     let hosts = vec![host("a", 2, 65536)];
     let s = spec(8, 64);
-    assert!(Scheduler::default().place(&hosts, &req(&s)).is_ok()); // 2 x 4.0
+    assert!(place(&Scheduler::default(), &hosts, &req(&s)).is_ok()); // 2 x 4.0
     let s = spec(9, 64);
     assert_eq!(
-        Scheduler::default()
-            .place(&hosts, &req(&s))
+        place(&Scheduler::default(), &hosts, &req(&s))
             .unwrap_err()
             .removed,
         vec![(Filter::Vcpus, 1)]
@@ -150,15 +154,15 @@ fn labels_and_groups_constrain() {
     hosts[2].labels.push(Label::parse("zone=north").unwrap());
     let s = spec(1, 256);
     let sel = [Label::parse("zone=north").unwrap()];
-    let p = Scheduler::default()
-        .place(
-            &hosts,
-            &Request {
-                selector: &sel,
-                ..req(&s)
-            },
-        )
-        .unwrap();
+    let p = place(
+        &Scheduler::default(),
+        &hosts,
+        &Request {
+            selector: &sel,
+            ..req(&s)
+        },
+    )
+    .unwrap();
     assert_eq!(p.host, 2);
 
     let members = [0, 1];
@@ -166,29 +170,29 @@ fn labels_and_groups_constrain() {
         policy: GroupPolicy::AntiAffinity,
         members_on: &members,
     };
-    let p = Scheduler::default()
-        .place(
-            &hosts,
-            &Request {
-                group: Some(anti),
-                ..req(&s)
-            },
-        )
-        .unwrap();
+    let p = place(
+        &Scheduler::default(),
+        &hosts,
+        &Request {
+            group: Some(anti),
+            ..req(&s)
+        },
+    )
+    .unwrap();
     assert_eq!(p.host, 2);
     let aff = GroupConstraint {
         policy: GroupPolicy::Affinity,
         members_on: &members[1..],
     };
-    let p = Scheduler::default()
-        .place(
-            &hosts,
-            &Request {
-                group: Some(aff),
-                ..req(&s)
-            },
-        )
-        .unwrap();
+    let p = place(
+        &Scheduler::default(),
+        &hosts,
+        &Request {
+            group: Some(aff),
+            ..req(&s)
+        },
+    )
+    .unwrap();
     assert_eq!(p.host, 1);
 }
 
@@ -198,7 +202,7 @@ fn recent_failures_push_a_host_down() {
     hosts[0].recent_failures = 1;
     let s = spec(1, 256);
     assert_eq!(
-        Scheduler::default().place(&hosts, &req(&s)).unwrap().host,
+        place(&Scheduler::default(), &hosts, &req(&s)).unwrap().host,
         1
     );
 }
@@ -291,9 +295,10 @@ fn arb_asks() -> impl Strategy<Value = Vec<Ask>> {
 /// Places every ask in order, claiming as it goes; returns the outcomes and the final hosts.
 fn run(
     sched: &Scheduler,
-    mut hosts: Vec<HostState>,
+    hosts: Vec<HostState>,
     asks: &[Ask],
-) -> (Vec<Option<HostIdx>>, Vec<HostState>) {
+) -> (Vec<Option<HostIdx>>, HostTable) {
+    let mut table = HostTable::from_hosts(sched.ratios(), &hosts);
     let mut group: Vec<HostIdx> = Vec::new();
     let mut out = Vec::new();
     for a in asks {
@@ -312,20 +317,20 @@ fn run(
             }),
             exclude: &[],
         };
-        match sched.place(&hosts, &r) {
+        match sched.place(&table, &r) {
             Ok(p) => {
                 assert!(
-                    sched.reject(p.host, &hosts[p.host], &r).is_none(),
+                    sched.reject(&table, p.host, &r).is_none(),
                     "placement passes every filter"
                 );
                 for &alt in &p.alternates {
                     assert!(
-                        sched.reject(alt, &hosts[alt], &r).is_none(),
+                        sched.reject(&table, alt, &r).is_none(),
                         "alternates pass every filter"
                     );
                     assert_ne!(alt, p.host);
                 }
-                hosts[p.host].claim(a.spec.resources());
+                table.claim(p.host, a.spec.resources());
                 if a.anti {
                     group.push(p.host);
                 }
@@ -334,14 +339,14 @@ fn run(
             Err(e) => {
                 assert_eq!(
                     e.removed.iter().map(|(_, n)| n).sum::<usize>(),
-                    hosts.len(),
+                    table.len(),
                     "every host is accounted for"
                 );
                 out.push(None);
             }
         }
     }
-    (out, hosts)
+    (out, table)
 }
 
 proptest! {
@@ -351,11 +356,11 @@ proptest! {
     fn never_overcommits_and_is_deterministic(hosts in arb_fleet(), asks in arb_asks()) {
         let sched = Scheduler::default();
         let (first, after) = run(&sched, hosts.clone(), &asks);
-        for h in &after {
-            let (cpu, mem, disk) = sched.effective(h);
-            prop_assert!(u64::from(h.claimed.vcpus) <= cpu);
-            prop_assert!(u64::from(h.claimed.memory_mib) <= mem);
-            prop_assert!(u64::from(h.claimed.disk_gib) <= disk);
+        for i in 0..after.len() {
+            let (eff, claimed) = after.usage(i);
+            for k in 0..3 {
+                prop_assert!(claimed[k] <= eff[k]);
+            }
         }
         let (second, _) = run(&sched, hosts, &asks);
         prop_assert_eq!(first, second);
