@@ -12,6 +12,8 @@ extern crate std;
 pub mod flash;
 #[cfg(feature = "std")]
 pub mod human;
+#[cfg(feature = "std")]
+pub mod provision;
 mod schema;
 
 pub use schema::*;

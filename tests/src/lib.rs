@@ -146,12 +146,24 @@ impl Mosquitto {
     }
 
     /// Starts mosquitto with a plain loopback listener on `port` and `extra` configuration
-    /// (more listeners, ACLs...).
+    /// (more listeners...).
     pub fn start_with(dir: &Path, port: u16, extra: &str) -> Self {
+        Self::start_conf(
+            dir,
+            port,
+            &format!(
+                "per_listener_settings false\nallow_anonymous true\nlistener {port} 127.0.0.1\n{extra}"
+            ),
+        )
+    }
+
+    /// Starts mosquitto with exactly `conf` (plus running as root, no persistence, logs to
+    /// stderr); `port` is where it is expected to listen.
+    pub fn start_conf(dir: &Path, port: u16, conf_text: &str) -> Self {
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("user root\nper_listener_settings false\nallow_anonymous true\npersistence false\nlog_dest stderr\nlistener {port} 127.0.0.1\n{extra}"),
+            format!("user root\npersistence false\nlog_dest stderr\n{conf_text}"),
         )
         .unwrap();
         let mut cmd = Command::new("mosquitto");
@@ -305,6 +317,11 @@ pub struct TestController {
 impl TestController {
     /// Connects to the broker on `port` and subscribes to every agent channel.
     pub fn connect(port: u16) -> Self {
+        Self::connect_as(port, None)
+    }
+
+    /// Connects with a username and password.
+    pub fn connect_as(port: u16, credentials: Option<(&str, &str)>) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -317,6 +334,9 @@ impl TestController {
         );
         opts.set_max_packet_size(1 << 20, 1 << 20);
         opts.set_keep_alive(Duration::from_secs(5));
+        if let Some((u, p)) = credentials {
+            opts.set_credentials(u, p);
+        }
         let (client, mut el) = AsyncClient::new(opts, 1024);
         let mut net = NetworkOptions::new();
         net.set_tcp_nodelay(true);

@@ -1,0 +1,209 @@
+//! `outpost-provision`: onboard edge devices. Creates each device's identity and secret, the
+//! broker's password file and ACL, installs the agent onto a target root, and inspects flashed
+//! configs.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use outpost_firmware_config::human::{HumanConfig, text};
+use outpost_firmware_config::provision::{self, Registry};
+
+/// The systemd unit installed with the agent.
+const UNIT: &str = include_str!("../../../agent/outpost-agent.service");
+
+/// Onboard Outpost edge devices: identities, secrets, broker ACLs, installation.
+#[derive(Debug, Parser)]
+#[command(name = "outpost-provision", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a device: a fresh secret, its flashed config, and its broker entry and ACL.
+    Device(DeviceArgs),
+    /// Create (once) and print the controller's broker credentials.
+    Controller {
+        /// The registry directory.
+        #[arg(long, default_value = "outpost-registry")]
+        registry: PathBuf,
+    },
+    /// Print a mosquitto configuration that uses the registry's password file and ACL.
+    MosquittoConf {
+        /// The registry directory.
+        #[arg(long, default_value = "outpost-registry")]
+        registry: PathBuf,
+        /// Listener address, HOST:PORT.
+        #[arg(long, default_value = "0.0.0.0:1883")]
+        listen: String,
+    },
+    /// Install the agent, a device's flashed config and the systemd unit into a target root.
+    Install {
+        /// The target root (an SD card's mounted root partition, or a directory image).
+        #[arg(long)]
+        root: PathBuf,
+        /// The device's flashed config (REGISTRY/devices/NODE/device.bin).
+        #[arg(long)]
+        device: PathBuf,
+        /// The agent binary for the device's architecture.
+        #[arg(long)]
+        agent_bin: PathBuf,
+        /// Replace another device's identity already installed there.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Decode a flashed config, verify its CRC, and print it with secrets masked.
+    Inspect {
+        /// The flashed config.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct DeviceArgs {
+    /// The node id (lowercase letters, digits, - _ .).
+    node_id: String,
+    /// The registry directory.
+    #[arg(long, default_value = "outpost-registry")]
+    registry: PathBuf,
+    /// Broker URL, mqtt:// or mqtts:// (repeat for fallbacks).
+    #[arg(long = "broker", required = true)]
+    brokers: Vec<String>,
+    /// CA certificate (PEM) for mqtts:// brokers.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// A label, key=value (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// vCPUs kept for the host.
+    #[arg(long, default_value_t = 0)]
+    reserve_vcpus: u16,
+    /// Memory (MiB) kept for the host.
+    #[arg(long, default_value_t = 0)]
+    reserve_memory: u32,
+    /// Disk (GiB) kept for the host.
+    #[arg(long, default_value_t = 0)]
+    reserve_disk: u32,
+    /// The agent's state directory on the device.
+    #[arg(long)]
+    state_dir: Option<String>,
+    /// libvirt URI on the device.
+    #[arg(long)]
+    libvirt_uri: Option<String>,
+    /// Replace an existing identity (a new secret: the old one stops working).
+    #[arg(long)]
+    force: bool,
+}
+
+fn device(a: DeviceArgs) -> anyhow::Result<()> {
+    let labels: BTreeMap<String, String> = a
+        .labels
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .context("labels are key=value")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let human = HumanConfig {
+        node_id: a.node_id.clone(),
+        brokers: a.brokers,
+        username: None,
+        password: None,
+        ca_file: a.ca_file,
+        client_cert_file: None,
+        client_key_file: None,
+        labels,
+        reserved: outpost_firmware_config::human::ReservedToml {
+            vcpus: a.reserve_vcpus,
+            memory_mib: a.reserve_memory,
+            disk_gib: a.reserve_disk,
+        },
+        hypervisor: Default::default(),
+        state_dir: a.state_dir,
+        image_dir: None,
+        report_interval_secs: None,
+        reconcile_interval_secs: None,
+    };
+    let mut cfg = human.resolve(&std::env::current_dir()?)?;
+    if let Some(u) = &a.libvirt_uri {
+        cfg.hypervisor.uri = Some(text(u, "--libvirt-uri")?);
+    }
+    let reg = Registry::new(&a.registry);
+    let cfg = reg.create_device(cfg, a.force)?;
+    println!("device {} created", cfg.node_id);
+    println!(
+        "  flashed config  {}",
+        reg.device_path(&cfg.node_id).display()
+    );
+    println!(
+        "  broker entry    {} (and ACL {})",
+        reg.passwd_path().display(),
+        reg.acl_path().display()
+    );
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Device(a) => device(a),
+        Command::Controller { registry } => {
+            let reg = Registry::new(&registry);
+            let pw = reg.controller_password()?;
+            println!("username {}\npassword {pw}", provision::CONTROLLER_USER);
+            Ok(())
+        }
+        Command::MosquittoConf { registry, listen } => {
+            print!("{}", Registry::new(&registry).mosquitto_conf(&listen));
+            Ok(())
+        }
+        Command::Install {
+            root,
+            device,
+            agent_bin,
+            force,
+        } => {
+            if !root.is_dir() {
+                bail!(
+                    "{} is not a directory (mount the device's root partition first)",
+                    root.display()
+                );
+            }
+            let mut last = 0;
+            let done = provision::install(&root, &device, &agent_bin, UNIT, force, |n, total| {
+                let pct = (n * 100).checked_div(total).unwrap_or(100);
+                if pct >= last + 10 || n == total {
+                    last = pct;
+                    eprint!("\rcopying the agent: {pct:>3}% ({n} of {total} bytes)");
+                    let _ = std::io::stderr().flush();
+                }
+            })?;
+            eprintln!();
+            println!("installed device {} into {}", done.node, root.display());
+            for f in done.files {
+                println!("  /{}", f.display());
+            }
+            Ok(())
+        }
+        Command::Inspect { file } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            print!("{}", provision::inspect(&bytes)?);
+            Ok(())
+        }
+    }
+}

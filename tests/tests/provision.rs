@@ -1,0 +1,266 @@
+//! Provisioning end to end: device identities and secrets from `outpost-provision`, a real
+//! mosquitto locked down with the generated password file and ACL, an agent installed into a
+//! target root and started from that tree with its flashed config, and a second device that
+//! cannot touch the first one's topics.
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use outpost_firmware_config::flash;
+use outpost_protocol::topics::{self, Channel};
+use outpost_protocol::*;
+use outpost_tests::*;
+use rumqttc::{Client, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
+
+const T: Duration = Duration::from_secs(20);
+
+fn provision(args: &[&str]) -> String {
+    let out = Command::new(bin("outpost-provision"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "outpost-provision {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// Connects as `user` and returns the CONNACK code, and the client if accepted.
+fn connect(
+    port: u16,
+    user: &str,
+    pass: &str,
+) -> (ConnectReturnCode, Option<(Client, rumqttc::Connection)>) {
+    let mut o = MqttOptions::new(format!("probe-{user}-{}", free_port()), "127.0.0.1", port);
+    o.set_credentials(user, pass);
+    let (client, mut conn) = Client::new(o, 16);
+    for ev in conn.iter() {
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(a))) => {
+                let code = a.code;
+                return (
+                    code,
+                    (code == ConnectReturnCode::Success).then_some((client, conn)),
+                );
+            }
+            Err(rumqttc::ConnectionError::ConnectionRefused(code)) => return (code, None),
+            Err(e) => panic!("unexpected: {e}"),
+            Ok(_) => {}
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn provisioned_devices_are_confined_to_their_own_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().join("registry");
+    let reg_s = reg.to_str().unwrap();
+    let port = free_port();
+    let broker_url = format!("mqtt://127.0.0.1:{port}");
+    let root = dir.path().join("sdcard");
+    std::fs::create_dir_all(&root).unwrap();
+    let state = root.join("var/lib/outpost");
+
+    let ctl_out = provision(&["controller", "--registry", reg_s]);
+    let ctl_pass = ctl_out
+        .lines()
+        .find_map(|l| l.strip_prefix("password "))
+        .unwrap()
+        .to_owned();
+    provision(&[
+        "device",
+        "edge-p1",
+        "--registry",
+        reg_s,
+        "--broker",
+        &broker_url,
+        "--label",
+        "zone=north",
+        "--reserve-memory",
+        "256",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--libvirt-uri",
+        "test:///default",
+    ]);
+    provision(&[
+        "device",
+        "edge-p2",
+        "--registry",
+        reg_s,
+        "--broker",
+        &broker_url,
+    ]);
+    // The same identity is not silently replaced.
+    let again = Command::new(bin("outpost-provision"))
+        .args([
+            "device",
+            "edge-p1",
+            "--registry",
+            reg_s,
+            "--broker",
+            &broker_url,
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
+
+    let dev1 = reg.join("devices/edge-p1/device.bin");
+    assert_eq!(mode(&dev1), 0o600);
+    assert_eq!(mode(&reg.join("mosquitto/passwd")), 0o600);
+    let inspected = provision(&["inspect", dev1.to_str().unwrap()]);
+    assert!(
+        inspected.contains("CRC-32 ok") && inspected.contains("node_id      edge-p1"),
+        "{inspected}"
+    );
+    assert!(inspected.contains("label        zone=north"));
+    let secret1 = flash::decode(&std::fs::read(&dev1).unwrap())
+        .unwrap()
+        .password
+        .unwrap()
+        .expose()
+        .to_owned();
+    assert!(
+        !inspected.contains(&secret1),
+        "inspect must mask the secret"
+    );
+    let secret2 = flash::decode(&std::fs::read(reg.join("devices/edge-p2/device.bin")).unwrap())
+        .unwrap()
+        .password
+        .unwrap()
+        .expose()
+        .to_owned();
+    assert_ne!(secret1, secret2, "each device has its own secret");
+
+    // mosquitto with the generated configuration: no anonymous access.
+    let conf = provision(&[
+        "mosquitto-conf",
+        "--registry",
+        reg_s,
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let _broker = Mosquitto::start_conf(dir.path(), port, &conf);
+
+    // Install onto the "SD card" and start the agent from that tree.
+    let out = provision(&[
+        "install",
+        "--root",
+        root.to_str().unwrap(),
+        "--device",
+        dev1.to_str().unwrap(),
+        "--agent-bin",
+        bin("outpost-agent").to_str().unwrap(),
+    ]);
+    assert!(out.contains("installed device edge-p1"), "{out}");
+    assert_eq!(mode(&root.join("usr/local/bin/outpost-agent")), 0o755);
+    assert_eq!(mode(&root.join("etc/outpost/device.bin")), 0o600);
+    assert_eq!(
+        mode(&root.join("etc/systemd/system/outpost-agent.service")),
+        0o644
+    );
+    assert!(
+        root.join("etc/systemd/system/multi-user.target.wants/outpost-agent.service")
+            .is_symlink()
+    );
+    // Another device's identity is not installed over it without --force.
+    let over = Command::new(bin("outpost-provision"))
+        .args(["install", "--root", root.to_str().unwrap(), "--device"])
+        .arg(reg.join("devices/edge-p2/device.bin"))
+        .arg("--agent-bin")
+        .arg(bin("outpost-agent"))
+        .output()
+        .unwrap();
+    assert!(!over.status.success());
+
+    let mut cmd = Command::new(root.join("usr/local/bin/outpost-agent"));
+    cmd.arg("--config").arg(root.join("etc/outpost/device.bin"));
+    let mut agent = Proc::spawn(cmd, dir.path().join("agent.log"));
+
+    let ctl = TestController::connect_as(port, Some(("outpost-controller", &ctl_pass)));
+    let node = NodeId::new("edge-p1").unwrap();
+    ctl.wait(T, "the provisioned agent online", |s| {
+        s.status_of(&node)
+            .filter(|st| st.presence == Presence::Online)
+    });
+    let inv = ctl.wait(T, "its inventory", |s| s.inventory_of(&node));
+    assert_eq!(inv.reserved.memory_mib, 256);
+    assert_eq!(inv.labels[0].to_string(), "zone=north");
+
+    // Wrong password: refused.
+    let (code, _) = connect(port, "edge-p1", "wrong-password");
+    assert_ne!(code, ConnectReturnCode::Success);
+
+    // Device 2 with its own valid credentials cannot read or write device 1's topics.
+    let (code, c2) = connect(port, "edge-p2", &secret2);
+    assert_eq!(code, ConnectReturnCode::Success);
+    let (client2, mut conn2) = c2.unwrap();
+    let theirs = topics::topic(&node, Channel::Desired).to_string();
+    client2.subscribe(&theirs, QoS::AtLeastOnce).unwrap();
+    let spoof = NodeStatus {
+        presence: Presence::Offline,
+        session: u64::MAX,
+    }
+    .to_vec()
+    .unwrap();
+    client2
+        .publish(
+            topics::topic(&node, Channel::Status).as_str(),
+            QoS::AtLeastOnce,
+            true,
+            spoof,
+        )
+        .unwrap();
+    // Its own topic works.
+    let mine = topics::topic(&NodeId::new("edge-p2").unwrap(), Channel::Status).to_string();
+    let own = NodeStatus {
+        presence: Presence::Online,
+        session: 1,
+    }
+    .to_vec()
+    .unwrap();
+    client2.publish(&mine, QoS::AtLeastOnce, true, own).unwrap();
+    // The controller publishes device 1's desired state; device 2 must not receive it.
+    ctl.publish_desired(
+        &node,
+        &DesiredState {
+            generation: 1,
+            ..Default::default()
+        },
+    );
+    // (mosquitto 2.0 acknowledges a denied MQTT 3.1.1 subscription but delivers nothing on it.)
+    let mut subacked = false;
+    let end = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < end {
+        match conn2.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(Event::Incoming(Packet::SubAck(a)))) => {
+                subacked = true;
+                eprintln!("suback for device 1's topic: {:?}", a.return_codes);
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => panic!("device 2 received {}", p.topic),
+            _ => {}
+        }
+    }
+    assert!(subacked);
+    let p2 = NodeId::new("edge-p2").unwrap();
+    ctl.wait(T, "device 2's own status", |s| s.status_of(&p2));
+    let st = ctl.seen().status_of(&node).unwrap();
+    assert_eq!(
+        st.presence,
+        Presence::Online,
+        "device 2 could not mark device 1 offline"
+    );
+    assert_ne!(st.session, u64::MAX);
+    assert!(agent.alive());
+}
