@@ -46,6 +46,25 @@ pub fn bin(name: &str) -> PathBuf {
     target.join("debug").join(name)
 }
 
+/// The agent cross-compiled for aarch64 (debug) by `cross/build-aarch64`, which also checks
+/// that it links only against the C library and libvirt. Built once per test process.
+pub fn aarch64_agent() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    BUILT.get_or_init(|| {
+        let st = Command::new(root.join("cross/build-aarch64"))
+            .arg("--debug")
+            .current_dir(root)
+            .status()
+            .unwrap();
+        assert!(st.success(), "cross/build-aarch64 failed");
+    });
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    target.join("aarch64-unknown-linux-gnu/debug/outpost-agent")
+}
+
 /// Waits until `f` returns `Some`, polling every 50 ms, or panics with `what` after `timeout`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + timeout;
@@ -223,7 +242,17 @@ impl Agent {
 
     /// Starts (or restarts) the agent process.
     pub fn start(&mut self) {
-        let mut cmd = Command::new(bin("outpost-agent"));
+        self.start_cmd(Command::new(bin("outpost-agent")));
+    }
+
+    /// Starts the aarch64 agent under qemu-user (see [`aarch64_agent`]).
+    pub fn start_aarch64(&mut self) {
+        let mut cmd = Command::new("qemu-aarch64");
+        cmd.arg("-L").arg("/").arg(aarch64_agent());
+        self.start_cmd(cmd);
+    }
+
+    fn start_cmd(&mut self, mut cmd: Command) {
         cmd.arg("--config")
             .arg(&self.config)
             .arg("--log-level")
