@@ -39,9 +39,19 @@ struct ServeArgs {
     /// Address of the embedded MQTT broker (loopback only).
     #[arg(long, default_value = "127.0.0.1:1883")]
     mqtt_listen: SocketAddr,
-    /// Use this external broker (mqtt://HOST:PORT) instead of the embedded one.
+    /// Use this external broker (mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS) instead of the
+    /// embedded one.
     #[arg(long)]
     broker: Option<String>,
+    /// CA certificate (PEM) that an mqtts:// broker must chain to.
+    #[arg(long)]
+    broker_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS with the broker.
+    #[arg(long, requires = "broker_key")]
+    broker_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS with the broker.
+    #[arg(long, requires = "broker_cert")]
+    broker_key: Option<PathBuf>,
     /// Username for the external broker.
     #[arg(long, requires = "broker_password")]
     broker_username: Option<String>,
@@ -94,15 +104,28 @@ fn main() -> anyhow::Result<()> {
     let broker = match &a.broker {
         None => BrokerChoice::Embedded(a.mqtt_listen),
         Some(url) => {
-            let rest = url.strip_prefix("mqtt://").unwrap_or(url);
-            let (host, port) = rest
-                .rsplit_once(':')
-                .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
-                .with_context(|| format!("--broker {url}: expected mqtt://HOST:PORT"))?;
+            let b = outpost_firmware_config::parse_broker(url).with_context(|| {
+                format!("--broker {url}: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
+            })?;
+            let read =
+                |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            let tls = match (&a.broker_ca_file, b.tls) {
+                (Some(ca), true) => {
+                    let client = match (&a.broker_cert, &a.broker_key) {
+                        (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                        _ => None,
+                    };
+                    Some((read(ca)?, client))
+                }
+                (None, true) => anyhow::bail!("--broker {url} uses TLS: give --broker-ca-file"),
+                (Some(_), false) => anyhow::bail!("--broker-ca-file needs an mqtts:// broker"),
+                (None, false) => None,
+            };
             BrokerChoice::External {
-                host,
-                port,
+                host: b.host.to_owned(),
+                port: b.port,
                 credentials: a.broker_username.clone().zip(a.broker_password.clone()),
+                tls,
             }
         }
     };

@@ -32,6 +32,9 @@ pub enum BrokerChoice {
         port: u16,
         /// Username and password.
         credentials: Option<(String, String)>,
+        /// TLS: the CA (PEM) to verify the broker against, and an optional client certificate
+        /// and key (PEM) for mutual TLS.
+        tls: Option<(Vec<u8>, Option<(Vec<u8>, Vec<u8>)>)>,
     },
 }
 
@@ -246,13 +249,14 @@ pub fn ingest(fleet: &mut Fleet, now: u64, topic: &str, payload: &[u8]) -> bool 
 }
 
 fn mqtt(cfg: &ServeConfig) -> (AsyncClient, rumqttc::EventLoop) {
-    let (host, port, creds) = match &cfg.broker {
-        BrokerChoice::Embedded(a) => (a.ip().to_string(), a.port(), None),
+    let (host, port, creds, tls) = match &cfg.broker {
+        BrokerChoice::Embedded(a) => (a.ip().to_string(), a.port(), None, None),
         BrokerChoice::External {
             host,
             port,
             credentials,
-        } => (host.clone(), *port, credentials.clone()),
+            tls,
+        } => (host.clone(), *port, credentials.clone(), tls.clone()),
     };
     let mut o = MqttOptions::new("outpost-controller", host, port);
     o.set_keep_alive(Duration::from_secs(10))
@@ -261,6 +265,16 @@ fn mqtt(cfg: &ServeConfig) -> (AsyncClient, rumqttc::EventLoop) {
         .set_inflight(1000);
     if let Some((u, p)) = creds {
         o.set_credentials(u, p);
+    }
+    if let Some((ca, client_auth)) = tls {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Simple {
+                ca,
+                alpn: None,
+                client_auth,
+            },
+        ));
     }
     let (client, mut el) = AsyncClient::new(o, 10_000);
     let mut net = NetworkOptions::new();

@@ -57,6 +57,21 @@ fn agent_connects_over_mutual_tls_and_refuses_an_unknown_ca() {
         s.inventory_of(&node)
     });
 
+    // The controller speaks mutual TLS to the same listener and sees the node.
+    let mut ctl_tls = Controller::external(dir.path(), tls_port);
+    ctl_tls.args = vec![
+        "--broker".into(),
+        format!("mqtts://localhost:{tls_port}"),
+        "--broker-ca-file".into(),
+        pki.join("ca.pem").display().to_string(),
+        "--broker-cert".into(),
+        pki.join("client.pem").display().to_string(),
+        "--broker-key".into(),
+        pki.join("client.key").display().to_string(),
+    ];
+    ctl_tls.start();
+    ctl_tls.wait_nodes_up(1);
+
     // The agent that trusts another CA never gets in, and says why.
     let rogue_node = bad.node.clone();
     let log = wait_for(
