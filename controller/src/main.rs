@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use outpost_controller::fleet::FleetConfig;
 use outpost_controller::scheduler::SchedulerConfig;
-use outpost_controller::service::{BrokerChoice, ServeConfig, serve};
+use outpost_controller::service::{BrokerChoice, BrokerTls, ServeConfig, serve};
 
 /// Outpost's controller: tracks the fleet, schedules instances onto nodes, and dispatches each
 /// node's desired state over MQTT. With no options it embeds its MQTT broker and its store.
@@ -115,7 +115,10 @@ fn main() -> anyhow::Result<()> {
                         (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
                         _ => None,
                     };
-                    Some((read(ca)?, client))
+                    Some(BrokerTls {
+                        ca_pem: read(ca)?,
+                        client,
+                    })
                 }
                 (None, true) => anyhow::bail!("--broker {url} uses TLS: give --broker-ca-file"),
                 (Some(_), false) => anyhow::bail!("--broker-ca-file needs an mqtts:// broker"),

@@ -32,10 +32,18 @@ pub enum BrokerChoice {
         port: u16,
         /// Username and password.
         credentials: Option<(String, String)>,
-        /// TLS: the CA (PEM) to verify the broker against, and an optional client certificate
-        /// and key (PEM) for mutual TLS.
-        tls: Option<(Vec<u8>, Option<(Vec<u8>, Vec<u8>)>)>,
+        /// MQTT over TLS.
+        tls: Option<BrokerTls>,
     },
+}
+
+/// TLS to the broker, PEM-encoded.
+#[derive(Debug, Clone)]
+pub struct BrokerTls {
+    /// The CA the broker's certificate must chain to.
+    pub ca_pem: Vec<u8>,
+    /// Client certificate and key, for mutual TLS.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// How to run the controller.
@@ -266,7 +274,11 @@ fn mqtt(cfg: &ServeConfig) -> (AsyncClient, rumqttc::EventLoop) {
     if let Some((u, p)) = creds {
         o.set_credentials(u, p);
     }
-    if let Some((ca, client_auth)) = tls {
+    if let Some(BrokerTls {
+        ca_pem: ca,
+        client: client_auth,
+    }) = tls
+    {
         let _ = rustls::crypto::ring::default_provider().install_default();
         o.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Simple {
