@@ -27,42 +27,51 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The workspace root.
+fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+}
+
+/// Runs `cmd` in the workspace once per test process (per `once`), then returns `path` under
+/// the target directory.
+fn built(once: &'static OnceLock<()>, mut cmd: Command, what: &str, path: &str) -> PathBuf {
+    once.get_or_init(|| {
+        let st = cmd.current_dir(workspace()).status().unwrap();
+        assert!(st.success(), "{what} failed");
+    });
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace().join("target"))
+        .join(path)
+}
+
 /// The path of a workspace binary, built once per test process.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-q", "--bins"])
-            .current_dir(root)
-            .status()
-            .unwrap();
-        assert!(st.success(), "building the workspace binaries failed");
-    });
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"));
-    target.join("debug").join(name)
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "-q", "--bins"]);
+    built(
+        &BUILT,
+        cmd,
+        "building the workspace binaries",
+        &format!("debug/{name}"),
+    )
 }
 
 /// The agent cross-compiled for aarch64 (debug) by `cross/build-aarch64`, which also checks
 /// that it links only against the C library and libvirt. Built once per test process.
 pub fn aarch64_agent() -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    BUILT.get_or_init(|| {
-        let st = Command::new(root.join("cross/build-aarch64"))
-            .arg("--debug")
-            .current_dir(root)
-            .status()
-            .unwrap();
-        assert!(st.success(), "cross/build-aarch64 failed");
-    });
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"));
-    target.join("aarch64-unknown-linux-gnu/debug/outpost-agent")
+    let mut cmd = Command::new(workspace().join("cross/build-aarch64"));
+    cmd.arg("--debug");
+    built(
+        &BUILT,
+        cmd,
+        "cross/build-aarch64",
+        "aarch64-unknown-linux-gnu/debug/outpost-agent",
+    )
 }
 
 /// Waits until `f` returns `Some`, polling every 50 ms, or panics with `what` after `timeout`.
