@@ -28,6 +28,9 @@ pub struct FleetConfig {
     pub max_attempts: u32,
     /// How long a build failure counts against a node in the weighers.
     pub failure_memory_ms: u64,
+    /// A node down for this long is lost: its instances are rebuilt elsewhere. If it comes
+    /// back, its newer desired state (without them) makes it delete its stale copies.
+    pub lost_after_ms: u64,
 }
 
 impl Default for FleetConfig {
@@ -36,6 +39,7 @@ impl Default for FleetConfig {
             liveness_timeout_ms: 30_000,
             max_attempts: 3,
             failure_memory_ms: 600_000,
+            lost_after_ms: 300_000,
         }
     }
 }
@@ -158,6 +162,9 @@ pub struct NodeRecord {
     pub last_seen_ms: u64,
     /// Times of recent build failures on it.
     pub failures_ms: Vec<u64>,
+    /// Down for longer than the lost-after delay; its instances were moved (not stored: a
+    /// restarted controller decides again).
+    pub lost: bool,
 }
 
 impl NodeRecord {
@@ -173,6 +180,7 @@ impl NodeRecord {
             reported_generation: 0,
             last_seen_ms: 0,
             failures_ms: Vec::new(),
+            lost: false,
         }
     }
 
@@ -702,9 +710,13 @@ impl Fleet {
                 Ok(())
             }
         };
-        self.touch_instance(id);
-        if let Some(o) = old {
-            self.bump(&o);
+        // Only a move (or a final failure) changes the old node's desired state.
+        let now_on = self.instances.get(&id).and_then(|i| i.node.clone());
+        if now_on != old {
+            self.touch_instance(id);
+            if let Some(o) = old {
+                self.bump(&o);
+            }
         }
         result
     }
@@ -720,6 +732,9 @@ impl Fleet {
         }
         n.session = st.session;
         n.online = st.presence == Presence::Online;
+        if n.online {
+            n.lost = false;
+        }
         n.last_seen_ms = now_ms;
         self.dirty_nodes.insert(node.clone());
         if n.online {
@@ -891,6 +906,33 @@ impl Fleet {
             self.sync_availability(&id);
             if let (Some(n), Some(idx)) = (self.nodes.get(&id), self.table.index_of(&id)) {
                 self.table.set_failures(idx, n.failures_ms.len() as u32);
+            }
+        }
+        self.evacuate_lost(now_ms);
+    }
+
+    /// Moves the instances of nodes down for longer than the lost-after delay to other nodes.
+    /// Those that fit nowhere stay where they are, and are tried again on the next tick.
+    fn evacuate_lost(&mut self, now_ms: u64) {
+        let lost: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| !n.online && n.inventory.is_some())
+            .filter(|n| now_ms.saturating_sub(n.last_seen_ms) > self.cfg.lost_after_ms)
+            .map(|n| n.id.clone())
+            .collect();
+        for node in lost {
+            let ids: Vec<InstanceId> = self
+                .instances
+                .values()
+                .filter(|i| i.node.as_ref() == Some(&node) && i.wanted_on_node())
+                .map(|i| i.id)
+                .collect();
+            if let Some(n) = self.nodes.get_mut(&node) {
+                n.lost = true;
+            }
+            for id in ids {
+                let _ = self.relocate(id, None);
             }
         }
     }

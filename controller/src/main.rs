@@ -67,6 +67,10 @@ struct ServeArgs {
     /// Seconds without a report after which a node is down.
     #[arg(long, default_value_t = 30)]
     liveness_timeout: u64,
+    /// Seconds a node may be down before its instances are rebuilt on other nodes (a node that
+    /// returns later deletes its stale copies).
+    #[arg(long, default_value_t = 300)]
+    lost_after: u64,
     /// Build attempts per instance (the first one plus retries on other nodes).
     #[arg(long, default_value_t = 3)]
     max_attempts: u32,
@@ -96,6 +100,7 @@ fn main() -> anyhow::Result<()> {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_target(false)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr),
         )
         .with(filter)
@@ -147,6 +152,7 @@ fn main() -> anyhow::Result<()> {
         fleet: FleetConfig {
             liveness_timeout_ms: a.liveness_timeout * 1000,
             max_attempts: a.max_attempts,
+            lost_after_ms: a.lost_after * 1000,
             ..FleetConfig::default()
         },
         scheduler,

@@ -171,6 +171,7 @@ impl Store for SqliteStore {
                 reported_generation: reported as u64,
                 last_seen_ms: seen as u64,
                 failures_ms: failures.split(',').filter_map(|t| t.parse().ok()).collect(),
+                lost: false,
             });
         }
         let mut st = self.conn.prepare(

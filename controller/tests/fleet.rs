@@ -306,3 +306,81 @@ fn drain_moves_instances_off_the_node() {
     assert_ne!(f.instance("vm1").unwrap().node.as_ref(), Some(&from));
     assert!(f.desired_for(&from).instances.is_empty());
 }
+
+#[test]
+fn lost_nodes_are_evacuated_after_the_delay_and_fenced_by_generation() {
+    let mut f = fleet();
+    let id = create(&mut f, 1, 256).unwrap();
+    let from = f.instance("vm1").unwrap().node.clone().unwrap();
+    f.take_changes();
+    // The node drops off (Last Will).
+    f.on_status(
+        1_000,
+        &from,
+        NodeStatus {
+            presence: Presence::Offline,
+            session: 1,
+        },
+    );
+    let other = if from == node("a") {
+        node("b")
+    } else {
+        node("a")
+    };
+    let alive = |f: &mut Fleet, t: u64| f.on_report(t, &other, &NodeReport::default());
+    alive(&mut f, 60_000);
+    f.tick(60_000);
+    assert_eq!(
+        f.instance("vm1").unwrap().node.as_ref(),
+        Some(&from),
+        "not before lost-after"
+    );
+    assert!(f.take_changes().publish.is_empty());
+    alive(&mut f, 400_000);
+    f.tick(400_000);
+    let to = f.instance("vm1").unwrap().node.clone().unwrap();
+    assert_ne!(to, from);
+    assert!(
+        f.instance("vm1").unwrap().failures.is_empty(),
+        "a lost node is not a build failure"
+    );
+    let ch = f.take_changes();
+    let old = ch.publish.iter().find(|(n, _)| n == &from).unwrap();
+    assert!(
+        old.1.instances.is_empty(),
+        "the lost node's desired state no longer has it"
+    );
+    // More ticks change nothing.
+    alive(&mut f, 401_000);
+    f.tick(401_000);
+    assert!(!f.take_changes().publish.iter().any(|(n, _)| n == &from));
+    assert_eq!(f.instance("vm1").unwrap().node.as_ref(), Some(&to));
+    // The node returns and gets the newer generation: it will delete its stale copy. Its late
+    // report of the old copy does not move the instance back.
+    f.on_status(
+        402_000,
+        &from,
+        NodeStatus {
+            presence: Presence::Online,
+            session: 2,
+        },
+    );
+    let ch = f.take_changes();
+    assert!(
+        ch.publish
+            .iter()
+            .any(|(n, d)| n == &from && d.instances.is_empty())
+    );
+    let mut r = NodeReport {
+        generation: 1,
+        ..Default::default()
+    };
+    r.instances
+        .push(InstanceReport {
+            id,
+            state: InstanceState::Running,
+        })
+        .unwrap();
+    f.on_report(402_500, &from, &r);
+    assert_eq!(f.instance("vm1").unwrap().node.as_ref(), Some(&to));
+}

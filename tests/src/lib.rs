@@ -134,6 +134,11 @@ impl Proc {
         c.wait().unwrap()
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Whether it is still running.
     pub fn alive(&mut self) -> bool {
         self.child

@@ -98,13 +98,16 @@ fn controller_schedules_dispatches_and_survives_kill_9() {
         ctl.wait_phase(&format!("burst-{i}"), "running", T);
     }
     ctl.wait_nodes_up(2);
-    // Nothing was launched twice: each agent built each of its instances exactly once.
+    // Nothing was launched twice: each agent built each of its instances exactly once, and
+    // every instance was built (7 creates in all).
+    let mut creates = 0;
     for agent in [&mut a, &mut b] {
         let log = agent.proc().log_text();
-        for line in log
+        let lines: Vec<&str> = log
             .lines()
-            .filter(|l| l.contains("op=\"create\"") || l.contains("op=create"))
-        {
+            .filter(|l| l.contains("op=\"create\""))
+            .collect();
+        for line in &lines {
             let id = line
                 .split("id=")
                 .nth(1)
@@ -112,15 +115,12 @@ fn controller_schedules_dispatches_and_survives_kill_9() {
                 .split_whitespace()
                 .next()
                 .unwrap();
-            let n = log
-                .lines()
-                .filter(|l| {
-                    (l.contains("op=\"create\"") || l.contains("op=create")) && l.contains(id)
-                })
-                .count();
+            let n = lines.iter().filter(|l| l.contains(id)).count();
             assert_eq!(n, 1, "{id} created {n} times");
         }
+        creates += lines.len();
     }
+    assert_eq!(creates, 7);
 
     // Delete: gone once the node confirms.
     ctl.cli(&["instances", "delete", "web-1"]).unwrap();
