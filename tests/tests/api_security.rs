@@ -1,0 +1,109 @@
+//! The controller's HTTP API off loopback needs a token, and the controller drops garbage
+//! published on every Outpost topic without crashing.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use outpost_protocol::topics::Channel;
+use outpost_protocol::*;
+use outpost_tests::*;
+
+#[test]
+fn api_off_loopback_requires_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // No token: refused at start, with the reason.
+    let out = Command::new(bin("outpost-controller"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path().join("d1"))
+        .args(["--mqtt-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--api-listen", &format!("0.0.0.0:{port}")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give --api-token"));
+
+    // With a token: requests without it (or with a wrong one) get 401.
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.args
+        .extend(["--api-token".to_owned(), "s3cret-token".to_owned()]);
+    ctl.api = format!("http://127.0.0.1:{port}");
+    let mut cmd = Command::new(bin("outpost-controller"));
+    cmd.arg("serve")
+        .arg("--data-dir")
+        .arg(&ctl.data_dir)
+        .args(["--api-listen", &format!("0.0.0.0:{port}")])
+        .args(&ctl.args);
+    ctl.proc = Some(Proc::spawn(cmd, dir.path().join("ctl.log")));
+    let with = |token: &str| {
+        Command::new(bin("outpost"))
+            .args(["--api", &ctl.api, "--token", token, "nodes", "list"])
+            .output()
+            .unwrap()
+    };
+    wait_for(Duration::from_secs(20), "the API", || {
+        with("s3cret-token").status.success().then_some(())
+    });
+    let bad = with("wrong");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("HTTP 401"));
+    let none = Command::new(bin("outpost"))
+        .args(["--api", &ctl.api, "nodes", "list"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&none.stderr).contains("HTTP 401"));
+}
+
+#[test]
+fn controller_drops_garbage_on_every_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    let mut agent = Agent::configure(
+        dir.path(),
+        "edge-g",
+        ctl.mqtt_port,
+        "[hypervisor]\nbackend = \"fake\"\n",
+    );
+    agent.start();
+    ctl.wait_nodes_up(1);
+    let junk = TestController::connect(ctl.mqtt_port);
+    let node = NodeId::new("edge-g").unwrap();
+    let ghost = NodeId::new("ghost").unwrap();
+    let mut n = 0;
+    for ch in [
+        Channel::Status,
+        Channel::Inventory,
+        Channel::Report,
+        Channel::Event,
+    ] {
+        for payload in [
+            vec![],
+            vec![0xff; 3],
+            vec![WIRE_VERSION + 1, 0, 0],
+            vec![WIRE_VERSION; 70_000],
+        ] {
+            junk.publish_raw(&ghost, ch, payload.clone(), false);
+            junk.publish_raw(&node, ch, payload, false);
+            n += 2;
+        }
+    }
+    // Still serving, the node still up and reporting, and the drops logged and counted.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(ctl.proc().alive());
+    ctl.wait_nodes_up(1);
+    let log = ctl.proc().log_text();
+    let dropped = log
+        .lines()
+        .filter(|l| l.contains("dropped a message that does not decode"))
+        .count();
+    assert!(dropped >= n / 2, "{dropped} of {n} logged:\n{log}");
+    let nodes = ctl.cli(&["nodes", "list"]).unwrap();
+    assert_eq!(
+        nodes.as_array().unwrap().len(),
+        1,
+        "garbage registered no node: {nodes}"
+    );
+    assert!(agent.proc().alive());
+}
