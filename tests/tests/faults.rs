@@ -1,0 +1,349 @@
+//! A randomized fault run: the real controller (embedded broker and store) and four agents
+//! as separate processes (three with the fake hypervisor, one driving the real libvirtd and
+//! booting real guests), with creates and deletes mixed with kill -9 of the controller, kill -9
+//! of an agent, and an agent cut off for a while. After every round the fleet must converge,
+//! and the invariants must hold:
+//! - every requested instance exists exactly once, running, on exactly one node, and that
+//!   node's own report lists it while no other node's does;
+//! - no node is over-committed; anti-affinity groups are never violated;
+//! - the controller's view matches what each agent reports, and for the libvirt agent what
+//!   libvirt holds: exactly one running domain per wanted instance, none for deleted ones.
+//!
+//! The seed is printed and included in every failure; replay with OUTPOST_FAULT_SEED=N.
+//! A longer soak: OUTPOST_FAULT_ROUNDS=200 (default 10).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::Duration;
+
+use outpost_protocol::*;
+use outpost_tests::*;
+
+const CONVERGE: Duration = Duration::from_secs(90);
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+struct World {
+    seed: u64,
+    ctl: Controller,
+    agents: Vec<Agent>,
+    observer: TestController,
+    /// name -> anti-affinity group member?
+    wanted: BTreeMap<String, bool>,
+    /// Instances on the real libvirtd: wanted ones, and deleted ones (by id).
+    real: BTreeMap<String, String>,
+    real_deleted: BTreeSet<String>,
+}
+
+/// libvirt's Outpost domains and whether each runs.
+fn domains() -> BTreeMap<String, bool> {
+    let out = |args: &[&str]| {
+        let o = Command::new("virsh")
+            .args(["-c", "qemu:///system"])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let running: BTreeSet<String> = out(&["list", "--name"])
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    out(&["list", "--all", "--name"])
+        .lines()
+        .filter_map(|l| l.strip_prefix("outpost-"))
+        .map(|id| (id.to_owned(), running.contains(&format!("outpost-{id}"))))
+        .collect()
+}
+
+impl World {
+    fn check(&self, what: &str) {
+        let seed = self.seed;
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.converged()));
+        if let Err(e) = result {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            panic!("seed {seed}: after {what}: {msg}");
+        }
+    }
+
+    fn converged(&self) {
+        wait_for(
+            CONVERGE,
+            "the fleet to converge with every invariant",
+            || {
+                let list = self.ctl.cli(&["instances", "list"]).ok()?;
+                let list = list.as_array()?;
+                let names: BTreeSet<String> = list
+                    .iter()
+                    .map(|i| i["name"].as_str().unwrap().to_owned())
+                    .collect();
+                let want: BTreeSet<String> = self.wanted.keys().cloned().collect();
+                if names != want {
+                    return None;
+                }
+                let seen = self.observer.seen();
+                let mut anti_nodes = BTreeSet::new();
+                for i in list {
+                    if i["phase"] != "running" {
+                        return None;
+                    }
+                    let node = NodeId::new(i["node"].as_str()?).ok()?;
+                    let id: InstanceId = i["id"].as_str()?.parse().ok()?;
+                    // Its node reports it running; no other node reports it.
+                    for (n, r) in &seen.report {
+                        let listed = r.instances.iter().find(|x| x.id == id);
+                        if *n == node && listed.map(|x| x.state) != Some(InstanceState::Running) {
+                            return None;
+                        }
+                        if *n != node && listed.is_some() {
+                            return None;
+                        }
+                    }
+                    if self.wanted[i["name"].as_str()?] && !anti_nodes.insert(node.clone()) {
+                        panic!("anti-affinity violated on {node}");
+                    }
+                }
+                // libvirt holds exactly the real instances that are wanted, each running once.
+                let doms = domains();
+                for id in self.real.values() {
+                    if doms.get(id) != Some(&true) {
+                        return None;
+                    }
+                }
+                if self.real_deleted.iter().any(|id| doms.contains_key(id)) {
+                    return None;
+                }
+                // Nothing else runs anywhere, and no node is over-committed.
+                let ids: BTreeSet<String> = list
+                    .iter()
+                    .map(|i| i["id"].as_str().unwrap().to_owned())
+                    .collect();
+                for (_, r) in &seen.report {
+                    if r.instances.iter().any(|x| !ids.contains(&x.id.to_string())) {
+                        return None;
+                    }
+                }
+                for n in self.ctl.cli(&["nodes", "list"]).ok()?.as_array()? {
+                    for k in 0..3 {
+                        let (c, a) = (n["claimed"][k].as_u64()?, n["allocatable"][k].as_u64()?);
+                        // vCPUs are over-subscribed by the allocation ratio (4.0): memory and disk are not.
+                        assert!(k == 0 || c <= a, "node {} over-committed: {n}", n["id"]);
+                    }
+                }
+                Some(())
+            },
+        );
+    }
+}
+
+#[test]
+fn randomized_faults_converge_without_loss_or_duplicates() {
+    let seed: u64 = std::env::var("OUTPOST_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    let rounds: usize = std::env::var("OUTPOST_FAULT_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    eprintln!("fault run: seed {seed}, {rounds} rounds (replay with OUTPOST_FAULT_SEED={seed})");
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.args
+        .extend(["--lost-after".to_owned(), "3600".to_owned()]);
+    ctl.start();
+    assert!(
+        ensure_libvirtd(),
+        "libvirtd could not be started (see shared/PLATFORM.md)"
+    );
+    let mut agents: Vec<Agent> = ["f-a", "f-b", "f-c"]
+        .iter()
+        .map(|n| {
+            let a = Agent::configure(
+                dir.path(),
+                n,
+                ctl.mqtt_port,
+                "[labels]\nzone = \"fake\"\n[hypervisor]\nbackend = \"fake\"\nfake_memory_mib = 4096\n",
+            );
+            std::fs::write(a.state_dir.join("images/vmlinuz"), b"x").unwrap();
+            a
+        })
+        .collect();
+    let real = Agent::configure(
+        dir.path(),
+        "f-real",
+        ctl.mqtt_port,
+        "[labels]\nzone = \"real\"\n[hypervisor]\nbackend = \"libvirt\"\nuri = \"qemu:///system\"\nstop_timeout_secs = 1\n",
+    );
+    install_test_guest(&real.state_dir.join("images"));
+    agents.push(real);
+    let observer = TestController::connect(ctl.mqtt_port);
+    let mut w = World {
+        seed,
+        ctl,
+        agents,
+        observer,
+        wanted: BTreeMap::new(),
+        real: BTreeMap::new(),
+        real_deleted: BTreeSet::new(),
+    };
+    for a in &mut w.agents {
+        a.start();
+    }
+    w.ctl.wait_nodes_up(4);
+    let mut next = 0;
+    for round in 0..rounds {
+        let what = match rng.below(12) {
+            10 | 11 if w.real.len() < 2 => {
+                next += 1;
+                let name = format!("real{next}");
+                let v = w
+                    .ctl
+                    .cli(&[
+                        "instances",
+                        "create",
+                        &name,
+                        "--kernel",
+                        "vmlinuz",
+                        "--initrd",
+                        "initrd.img",
+                        "--memory",
+                        "256",
+                        "--selector",
+                        "zone=real",
+                        "--cmdline",
+                        "console=ttyS0 quiet",
+                    ])
+                    .unwrap_or_else(|e| panic!("seed {seed}: create {name}: {e}"));
+                w.real
+                    .insert(name.clone(), v["id"].as_str().unwrap().to_owned());
+                w.wanted.insert(name.clone(), false);
+                format!("create {name} on the real libvirtd")
+            }
+            0..=3 => {
+                next += 1;
+                let name = format!("r{next}");
+                let anti = rng.below(3) == 0;
+                let mem = (64 + rng.below(8) * 64).to_string();
+                let mut args = vec![
+                    "instances",
+                    "create",
+                    &name,
+                    "--kernel",
+                    "vmlinuz",
+                    "--memory",
+                    &mem,
+                    "--selector",
+                    "zone=fake",
+                ];
+                if anti {
+                    args.extend(["--group", "spread"]);
+                }
+                match w.ctl.cli(&args) {
+                    Ok(_) => {
+                        w.wanted.insert(name.clone(), anti);
+                    }
+                    // Refusals must be the scheduler's clear answer, never a failure.
+                    Err(e) => assert!(
+                        e.contains("no host fits"),
+                        "seed {seed}: create {name}: {e}"
+                    ),
+                }
+                format!("create {name} (anti-affinity: {anti})")
+            }
+            4 => match w
+                .wanted
+                .keys()
+                .nth(rng.below(w.wanted.len().max(1) as u64) as usize)
+                .cloned()
+            {
+                Some(name) => {
+                    w.ctl.cli(&["instances", "delete", &name]).unwrap();
+                    w.wanted.remove(&name);
+                    if let Some(id) = w.real.remove(&name) {
+                        w.real_deleted.insert(id);
+                    }
+                    format!("delete {name}")
+                }
+                None => "nothing to delete".into(),
+            },
+            5 | 6 => {
+                // A burst, then kill -9 the controller in the middle of it.
+                for _ in 0..3 {
+                    next += 1;
+                    let name = format!("r{next}");
+                    if w.ctl
+                        .cli(&[
+                            "instances",
+                            "create",
+                            &name,
+                            "--kernel",
+                            "vmlinuz",
+                            "--memory",
+                            "64",
+                            "--selector",
+                            "zone=fake",
+                        ])
+                        .is_ok()
+                    {
+                        w.wanted.insert(name, false);
+                    }
+                }
+                w.ctl.proc().kill();
+                w.ctl.start();
+                "burst + kill -9 of the controller".into()
+            }
+            7 | 8 => {
+                let i = rng.below(4) as usize;
+                w.agents[i].proc().kill();
+                w.agents[i].start();
+                format!("kill -9 of agent {}", w.agents[i].node)
+            }
+            _ => {
+                let i = rng.below(4) as usize;
+                let pid = w.agents[i].proc().pid().to_string();
+                Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+                std::thread::sleep(Duration::from_millis(500 + rng.below(6000)));
+                Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+                format!("agent {} cut off for a while", w.agents[i].node)
+            }
+        };
+        eprintln!("round {round}: {what}");
+        w.check(&what);
+    }
+    // Clean up the real guests.
+    for name in w.real.keys().cloned().collect::<Vec<_>>() {
+        w.ctl.cli(&["instances", "delete", &name]).unwrap();
+        let id = w.real.remove(&name).unwrap();
+        w.real_deleted.insert(id);
+        w.wanted.remove(&name);
+    }
+    w.check("deleting the real guests");
+    eprintln!("fault run: seed {seed}: converged after every round");
+}
