@@ -184,19 +184,18 @@ fn admit(
             format!("image {missing} is not in the image directory"),
         ));
     }
+    // Memory and disk are hard limits on the host. vCPUs are time-shared: how far to
+    // over-subscribe them is the scheduler's policy (its allocation ratio), not the agent's.
     let want = used.saturating_add(spec.resources());
-    if !host.allocatable.contains(want) {
+    let fits = want.memory_mib <= host.allocatable.memory_mib
+        && want.disk_gib <= host.allocatable.disk_gib;
+    if !fits {
         let free = host.allocatable.saturating_sub(used);
         return Err((
             ErrorKind::InsufficientResources,
             format!(
-                "needs {} vCPU/{} MiB/{} GiB, host has {} vCPU/{} MiB/{} GiB free",
-                spec.vcpus,
-                spec.memory_mib,
-                spec.disk_gib,
-                free.vcpus,
-                free.memory_mib,
-                free.disk_gib
+                "needs {} MiB/{} GiB, host has {} MiB/{} GiB free",
+                spec.memory_mib, spec.disk_gib, free.memory_mib, free.disk_gib
             ),
         ));
     }

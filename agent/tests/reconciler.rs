@@ -428,7 +428,7 @@ fn impossible_instances_end_in_error_with_a_reason() {
         "image missing.qcow2 is not in the image directory"
     );
     assert!(
-        reason_of(5).contains("needs 1 vCPU/3000 MiB"),
+        reason_of(5).contains("needs 3000 MiB/2 GiB, host has 1096 MiB"),
         "{}",
         reason_of(5)
     );
@@ -512,4 +512,15 @@ fn resync_lists_every_instance_with_its_reason() {
     let all = s.rec.resync();
     assert_eq!(all.len(), 2);
     assert!(all.iter().any(|e| matches!(e, AgentEvent::Instance { state: InstanceState::Error(ErrorKind::KvmUnavailable), reason, .. } if !reason.as_str().is_empty())));
+}
+
+#[test]
+fn vcpus_are_not_a_hard_limit_on_the_agent() {
+    // 8 host vCPUs; the scheduler may over-subscribe them (its allocation ratio).
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    let mut wide = spec(256, RestartPolicy::OnFailure);
+    wide.vcpus = 12;
+    s.deliver(desired(1, vec![inst(1, wide)]));
+    s.converge();
+    assert_eq!(s.state(1), Some(InstanceState::Running));
 }
