@@ -151,6 +151,7 @@ fn open_hypervisor(cfg: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
         Backend::Libvirt { uri, kind } => {
             use outpost_agent::hypervisor::libvirt::{LibvirtConfig, LibvirtHypervisor};
             let hv = LibvirtHypervisor::open(LibvirtConfig {
+                node: cfg.node_id.clone(),
                 uri: uri.clone(),
                 kind: *kind,
                 image_dir: cfg.image_dir.clone(),

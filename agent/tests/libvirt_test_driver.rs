@@ -61,6 +61,7 @@ fn libvirt_backend_lifecycle_on_the_test_driver() {
     assert!(st.success());
 
     let hv = LibvirtHypervisor::open(LibvirtConfig {
+        node: NodeId::new("edge-1").unwrap(),
         uri: "test:///default".into(),
         kind: KindChoice::Auto,
         image_dir: images.clone(),
@@ -97,6 +98,18 @@ fn libvirt_backend_lifecycle_on_the_test_driver() {
     let mut listed = hv.list().unwrap();
     listed.sort_by_key(|d| d.id);
     assert_eq!(listed.len(), 2);
+
+    // Another agent (another node) on the same libvirt neither sees nor touches them.
+    let other = LibvirtHypervisor::open(LibvirtConfig {
+        node: NodeId::new("edge-2").unwrap(),
+        uri: "test:///default".into(),
+        kind: KindChoice::Auto,
+        image_dir: images.clone(),
+        instance_dir: dir.path().join("other"),
+        stop_timeout: Duration::ZERO,
+    })
+    .unwrap();
+    assert!(other.list().unwrap().is_empty());
     assert_eq!(listed[0].state, DomainState::Running);
     assert_eq!(listed[1].state, DomainState::Off { crashed: false });
 

@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use outpost_protocol::{Arch, Boot, HypervisorKind, InstanceId, InstanceSpec};
+use outpost_protocol::{Arch, Boot, HypervisorKind, InstanceId, InstanceSpec, NodeId};
 use virt::connect::Connect;
 use virt::domain::{Domain as VirDomain, DomainShutoffReason, DomainState as VirState};
 use virt::enumutil::Enum;
 
-use super::xml::{BootDef, DomainDef, METADATA_NS, domain_xml};
+use super::xml::{BootDef, DomainDef, METADATA_NS, domain_xml, metadata_node};
 use super::{DOMAIN_PREFIX, Domain, DomainState, HostInfo, Hypervisor, HypervisorError};
 use crate::config::KindChoice;
 
@@ -22,6 +22,9 @@ const KVM_PROBE_SETTLE: Duration = Duration::from_millis(1500);
 /// What the libvirt backend needs to know.
 #[derive(Debug, Clone)]
 pub struct LibvirtConfig {
+    /// This agent's node: its domains carry it, and domains of other nodes sharing the same
+    /// libvirt are never touched.
+    pub node: NodeId,
     /// Connection URI (`qemu:///system`, `test:///default`...).
     pub uri: String,
     /// Probe for KVM, or force a choice.
@@ -238,8 +241,12 @@ impl Hypervisor for LibvirtHypervisor {
             else {
                 continue;
             };
-            // A look-alike name is not enough: Outpost's domains carry its metadata.
-            if dom.metadata(2, Some(METADATA_NS), 0).is_err() {
+            // A look-alike name is not enough: this agent's domains carry Outpost's metadata
+            // with its own node id (another agent may share this libvirt).
+            let Ok(meta) = dom.metadata(2, Some(METADATA_NS), 0) else {
+                continue;
+            };
+            if metadata_node(&meta) != Some(self.cfg.node.as_str()) {
                 continue;
             }
             out.push(Domain {
@@ -286,6 +293,7 @@ impl Hypervisor for LibvirtHypervisor {
                 let console = dir.join("console.log");
                 let xml = domain_xml(&DomainDef {
                     id,
+                    node: &self.cfg.node,
                     kvm: self.kind == HypervisorKind::Kvm,
                     arch: self.arch,
                     vcpus: spec.vcpus,

@@ -4,10 +4,19 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use outpost_protocol::{Arch, InstanceId, Network};
+use outpost_protocol::{Arch, InstanceId, Network, NodeId};
 
-/// The XML namespace of Outpost's domain metadata; a domain without it is not Outpost's.
+/// The XML namespace of Outpost's domain metadata; a domain without it is not Outpost's, and
+/// one whose metadata names another node belongs to another agent on the same libvirt.
 pub const METADATA_NS: &str = "urn:outpost:instance:1";
+
+/// The node named in a domain's Outpost metadata element (`<instance id=".." node=".."/>`).
+pub fn metadata_node(element: &str) -> Option<&str> {
+    let start = element.find("node=")? + "node=".len();
+    let quote = element[start..].chars().next()?;
+    let rest = &element[start + 1..];
+    rest.find(quote).map(|end| &rest[..end])
+}
 
 /// How the guest boots.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +39,8 @@ pub enum BootDef<'a> {
 pub struct DomainDef<'a> {
     /// The instance.
     pub id: InstanceId,
+    /// The node (agent) that owns the domain.
+    pub node: &'a NodeId,
     /// `kvm` (hardware) or `qemu` (TCG emulation).
     pub kvm: bool,
     /// Guest (= host) architecture.
@@ -81,8 +92,9 @@ pub fn domain_xml(d: &DomainDef<'_>) -> String {
     let _ = writeln!(x, "  <name>{}</name>", super::domain_name(d.id));
     let _ = writeln!(
         x,
-        "  <metadata><outpost:instance xmlns:outpost='{METADATA_NS}' id='{}'/></metadata>",
-        d.id
+        "  <metadata><outpost:instance xmlns:outpost='{METADATA_NS}' id='{}' node='{}'/></metadata>",
+        d.id,
+        esc(d.node.as_str())
     );
     let _ = writeln!(x, "  <memory unit='MiB'>{}</memory>", d.memory_mib);
     let _ = writeln!(x, "  <vcpu>{}</vcpu>", d.vcpus);
@@ -154,9 +166,15 @@ mod tests {
     use super::*;
     use outpost_protocol::NetName;
 
+    fn node() -> &'static NodeId {
+        static NODE: std::sync::OnceLock<NodeId> = std::sync::OnceLock::new();
+        NODE.get_or_init(|| NodeId::new("edge-1").expect("valid"))
+    }
+
     fn def<'a>(boot: BootDef<'a>, net: &'a Network) -> DomainDef<'a> {
         DomainDef {
             id: InstanceId::from_u64(0xab),
+            node: node(),
             kvm: false,
             arch: Arch::X86_64,
             vcpus: 2,
@@ -189,6 +207,12 @@ mod tests {
             "<serial type='file'><source path='/var/lib/outpost/instances/x/console.log'"
         ));
         assert!(x.contains(METADATA_NS));
+        assert!(x.contains("node='edge-1'"));
+        assert_eq!(
+            metadata_node("<instance id=\"ab\" node=\"edge-1\"/>"),
+            Some("edge-1")
+        );
+        assert_eq!(metadata_node("<instance id='ab'/>"), None);
         assert!(!x.contains("host-passthrough"));
         assert!(!x.contains("<interface"));
     }
