@@ -721,3 +721,88 @@ impl Controller {
         self.proc.as_mut().unwrap()
     }
 }
+
+/// A TCP link between an agent and its broker that a test can cut: it forwards
+/// `127.0.0.1:port` to the broker, and while cut it drops every connection and refuses new
+/// ones, like a network partition (the agent itself keeps running).
+pub struct Link {
+    /// The port agents connect to.
+    pub port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Link {
+    /// A link to the broker on `upstream`.
+    pub fn new(upstream: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (c, g) = (Arc::clone(&cut), Arc::clone(&generation));
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if c.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let born = g.load(Ordering::SeqCst);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let (c, g) = (Arc::clone(&c), Arc::clone(&g));
+                    std::thread::spawn(move || {
+                        use std::io::{Read as _, Write as _};
+                        let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            if c.load(Ordering::SeqCst) || g.load(Ordering::SeqCst) != born {
+                                break;
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self {
+            port,
+            cut,
+            generation,
+        }
+    }
+
+    /// Cuts the link: open connections die, new ones are refused.
+    pub fn cut(&self) {
+        use std::sync::atomic::Ordering;
+        self.cut.store(true, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Restores the link.
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}

@@ -1,28 +1,15 @@
-//! A node cut off from the fleet (its agent frozen with SIGSTOP, so it neither reports nor
-//! answers the broker): the node goes down within the liveness window and its VMs are left
-//! alone; after a short cut it converges without duplicates; after a cut longer than the
+//! A node cut off from the fleet (its link to the broker cut: connections dropped and refused,
+//! while the agent keeps running): the node goes down within the liveness window and its VMs
+//! are left alone; after a short cut it converges without duplicates; after a cut longer than the
 //! lost-after delay its instances are rebuilt elsewhere, and when it returns it deletes its
 //! stale copies (fencing by generation).
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use outpost_tests::*;
 
 const T: Duration = Duration::from_secs(60);
-
-fn signal(agent: &mut Agent, sig: &str) {
-    let pid = agent.proc().pid();
-    assert!(
-        Command::new("kill")
-            .arg(sig)
-            .arg(pid.to_string())
-            .status()
-            .unwrap()
-            .success()
-    );
-}
 
 fn node_of(ctl: &Controller, name: &str) -> String {
     ctl.cli(&["instances", "show", name]).unwrap()["node"]
@@ -55,13 +42,16 @@ fn partitioned_node_goes_down_then_is_fenced_after_lost_after() {
     ctl.args
         .extend(["--lost-after".to_owned(), "12".to_owned()]);
     ctl.start();
+    // Each agent reaches the broker through its own link, which the test can cut.
+    let links = [Link::new(ctl.mqtt_port), Link::new(ctl.mqtt_port)];
     let mut agents: Vec<Agent> = ["edge-a", "edge-b"]
         .iter()
-        .map(|n| {
+        .zip(&links)
+        .map(|(n, link)| {
             let a = Agent::configure(
                 dir.path(),
                 n,
-                ctl.mqtt_port,
+                link.port,
                 "[hypervisor]\nbackend = \"fake\"\n",
             );
             std::fs::write(a.state_dir.join("images/vmlinuz"), b"x").unwrap();
@@ -89,7 +79,7 @@ fn partitioned_node_goes_down_then_is_fenced_after_lost_after() {
     let (ai, bi) = if home == "edge-a" { (0, 1) } else { (1, 0) };
 
     // A short cut: down within the liveness window, nothing moved, back without duplicates.
-    signal(&mut agents[ai], "-STOP");
+    links[ai].cut();
     wait_for(T, "the cut node down", || {
         (state_of(&ctl, &home) == "down").then_some(())
     });
@@ -98,7 +88,8 @@ fn partitioned_node_goes_down_then_is_fenced_after_lost_after() {
         home,
         "not moved before the lost-after delay"
     );
-    signal(&mut agents[ai], "-CONT");
+    assert!(agents[ai].proc().alive());
+    links[ai].restore();
     wait_for(T, "the node up again", || {
         (state_of(&ctl, &home) == "up").then_some(())
     });
@@ -107,14 +98,16 @@ fn partitioned_node_goes_down_then_is_fenced_after_lost_after() {
     assert_eq!(ops(&mut agents[ai], "delete", &id), 0);
 
     // A long cut: moved to the other node after the lost-after delay...
-    signal(&mut agents[ai], "-STOP");
+    links[ai].cut();
     wait_for(T, "the instance moved", || {
         (node_of(&ctl, "p-1") != home).then_some(())
     });
     ctl.wait_phase("p-1", "running", T);
     assert_eq!(ops(&mut agents[bi], "create", &id), 1);
-    // ...and the returning node deletes its stale copy.
-    signal(&mut agents[ai], "-CONT");
+    // Cut off, the old node kept its copy running: it deletes nothing on its own.
+    assert_eq!(ops(&mut agents[ai], "delete", &id), 0);
+    // ...and once back, it deletes its stale copy.
+    links[ai].restore();
     wait_for(T, "the stale copy deleted", || {
         (ops(&mut agents[ai], "delete", &id) == 1).then_some(())
     });
