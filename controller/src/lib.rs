@@ -8,6 +8,7 @@
 pub mod api;
 pub mod broker;
 pub mod fleet;
+pub mod gate;
 pub mod scheduler;
 pub mod service;
 pub mod store;

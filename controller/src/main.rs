@@ -36,9 +36,14 @@ struct ServeArgs {
         default_value = "/var/lib/outpost-controller"
     )]
     data_dir: PathBuf,
-    /// Address of the embedded MQTT broker (loopback only).
+    /// Address of the embedded MQTT broker (loopback unless --mqtt-passwd is given).
     #[arg(long, default_value = "127.0.0.1:1883")]
     mqtt_listen: SocketAddr,
+    /// Password file (mosquitto format, from outpost-provision): the embedded broker then
+    /// authenticates every device and confines it to its own topics, and may listen beyond
+    /// loopback.
+    #[arg(long)]
+    mqtt_passwd: Option<PathBuf>,
     /// Use this external broker (mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS) instead of the
     /// embedded one.
     #[arg(long)]
@@ -149,6 +154,7 @@ fn main() -> anyhow::Result<()> {
         broker,
         api_listen: a.api_listen,
         api_token: a.api_token,
+        mqtt_passwd: a.mqtt_passwd,
         fleet: FleetConfig {
             liveness_timeout_ms: a.liveness_timeout * 1000,
             max_attempts: a.max_attempts,

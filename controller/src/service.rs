@@ -57,6 +57,9 @@ pub struct ServeConfig {
     pub api_listen: SocketAddr,
     /// Bearer token the API requires (mandatory off loopback).
     pub api_token: Option<String>,
+    /// A mosquitto-format password file: puts the gate (per-device authentication and topic
+    /// confinement) in front of the embedded broker, which may then listen beyond loopback.
+    pub mqtt_passwd: Option<PathBuf>,
     /// Fleet settings.
     pub fleet: FleetConfig,
     /// Scheduler settings.
@@ -306,14 +309,35 @@ pub async fn serve(
             cfg.api_listen
         )));
     }
+    // The address the controller's own client uses.
+    let mut own = cfg.clone();
     if let BrokerChoice::Embedded(a) = cfg.broker {
-        if !a.ip().is_loopback() {
-            return Err(ServeError::Config(format!(
-                "the embedded broker has no per-device authentication yet: it only listens on loopback, not {a}; use --broker with mosquitto for remote agents"
-            )));
+        match &cfg.mqtt_passwd {
+            None if !a.ip().is_loopback() => {
+                return Err(ServeError::Config(format!(
+                    "the embedded broker listens beyond loopback ({a}) only with authentication: give --mqtt-passwd (a password file from outpost-provision)"
+                )));
+            }
+            None => {
+                crate::broker::start(a)?;
+                tracing::info!(listen = %a, "embedded MQTT broker listening");
+            }
+            Some(passwd) => {
+                // The broker itself on an internal loopback port; the gate on the public one.
+                let internal = std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .map_err(|source| ServeError::Listen { addr: a, source })?;
+                crate::broker::start(internal)?;
+                crate::gate::run(crate::gate::GateConfig {
+                    listen: a,
+                    upstream: internal,
+                    passwd: passwd.clone(),
+                })
+                .await
+                .map_err(|source| ServeError::Listen { addr: a, source })?;
+                own.broker = BrokerChoice::Embedded(internal);
+            }
         }
-        crate::broker::start(a)?;
-        tracing::info!(listen = %a, "embedded MQTT broker listening");
     }
     let mut store = SqliteStore::open(&cfg.data_dir)?;
     let snap = store.load()?;
@@ -329,7 +353,7 @@ pub async fn serve(
         snap.groups,
     );
 
-    let (client, mut el) = mqtt(&cfg);
+    let (client, mut el) = mqtt(&own);
     let (msg_tx, mut msg_rx) = mpsc::channel::<(String, Vec<u8>)>(10_000);
     let sub = client.clone();
     tokio::spawn(async move {

@@ -90,6 +90,36 @@ pub fn mosquitto_password_line(user: &str, password: &str, salt: [u8; 12]) -> St
     )
 }
 
+/// Whether `password` is `user`'s password in a mosquitto password file (`$7$` PBKDF2-SHA512
+/// entries, as written by `mosquitto_passwd` and by this module).
+pub fn verify_mosquitto_password(file: &str, user: &str, password: &str) -> bool {
+    let Some(entry) = file
+        .lines()
+        .find_map(|l| l.strip_prefix(user).and_then(|r| r.strip_prefix(':')))
+    else {
+        return false;
+    };
+    let mut parts = entry.split('$');
+    let (Some(""), Some("7"), Some(iter), Some(salt), Some(hash)) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return false;
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (Ok(iter), Ok(salt), Ok(want)) = (iter.parse::<u32>(), b64.decode(salt), b64.decode(hash))
+    else {
+        return false;
+    };
+    let mut got = [0u8; 64];
+    pbkdf2::pbkdf2_hmac::<sha2::Sha512>(password.as_bytes(), &salt, iter, &mut got);
+    // Compare without an early exit.
+    want.len() == got.len() && want.iter().zip(got).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
 /// The mosquitto ACL: the controller may use every node topic; a device (username = node id)
 /// may write its own status, inventory, report and event topics and read its own desired state.
 pub fn mosquitto_acl() -> String {
@@ -370,6 +400,16 @@ mod tests {
             mosquitto_password_line("user", "pass", salt.try_into().unwrap()),
             line
         );
+    }
+
+    #[test]
+    fn passwords_verify_against_mosquitto_entries() {
+        let file = "other:$7$101$abc$def\nuser:$7$101$YgbOn+FFdrGAl4XL$RwTagvxq43lONnJ9y7w6YB7dhi2zybEeWGdCHuXnQY2rz1AyusxnrlPoXuIIWkgKpsJa1715eEKhuKtvi8I8tQ==\n";
+        assert!(verify_mosquitto_password(file, "user", "pass"));
+        assert!(!verify_mosquitto_password(file, "user", "wrong"));
+        assert!(!verify_mosquitto_password(file, "other", "pass"));
+        assert!(!verify_mosquitto_password(file, "nobody", "pass"));
+        assert!(!verify_mosquitto_password(file, "use", "pass"));
     }
 
     #[test]

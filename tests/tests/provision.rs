@@ -40,7 +40,17 @@ fn connect(
     user: &str,
     pass: &str,
 ) -> (ConnectReturnCode, Option<(Client, rumqttc::Connection)>) {
-    let mut o = MqttOptions::new(format!("probe-{user}-{}", free_port()), "127.0.0.1", port);
+    connect_as(port, &format!("probe-{user}-{}", free_port()), user, pass)
+}
+
+/// Connects with this client id.
+fn connect_as(
+    port: u16,
+    client_id: &str,
+    user: &str,
+    pass: &str,
+) -> (ConnectReturnCode, Option<(Client, rumqttc::Connection)>) {
+    let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
     o.set_credentials(user, pass);
     let (client, mut conn) = Client::new(o, 16);
     for ev in conn.iter() {
@@ -262,5 +272,94 @@ fn provisioned_devices_are_confined_to_their_own_topics() {
         "device 2 could not mark device 1 offline"
     );
     assert_ne!(st.session, u64::MAX);
+    assert!(agent.alive());
+}
+
+/// The embedded broker with the gate: the same per-device rules without mosquitto.
+#[test]
+fn embedded_broker_gate_confines_devices_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().join("registry");
+    let reg_s = reg.to_str().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    let port = ctl.mqtt_port;
+    ctl.args.extend([
+        "--mqtt-passwd".to_owned(),
+        reg.join("mosquitto/passwd").display().to_string(),
+    ]);
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let state = dir.path().join("g1-state");
+    provision(&[
+        "device",
+        "edge-g1",
+        "--registry",
+        reg_s,
+        "--broker",
+        &url,
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--libvirt-uri",
+        "test:///default",
+    ]);
+    provision(&["device", "edge-g2", "--registry", reg_s, "--broker", &url]);
+    ctl.start();
+    let mut cmd = Command::new(bin("outpost-agent"));
+    cmd.arg("--config")
+        .arg(reg.join("devices/edge-g1/device.bin"));
+    let mut agent = Proc::spawn(cmd, dir.path().join("g1.log"));
+    ctl.wait_nodes_up(1);
+    assert_eq!(ctl.cli(&["nodes", "list"]).unwrap()[0]["id"], "edge-g1");
+
+    // Anonymous, wrong password, or someone else's client id: refused.
+    let secret2 = flash::decode(&std::fs::read(reg.join("devices/edge-g2/device.bin")).unwrap())
+        .unwrap()
+        .password
+        .unwrap()
+        .expose()
+        .to_owned();
+    assert_ne!(
+        connect(port, "edge-g1", "wrong").0,
+        ConnectReturnCode::Success
+    );
+    assert_ne!(
+        connect_as(port, "edge-g1", "edge-g2", &secret2).0,
+        ConnectReturnCode::Success
+    );
+
+    // Device 2, properly logged in, publishes on device 1's status topic: cut off at once.
+    let (code, c2) = connect_as(port, "edge-g2", "edge-g2", &secret2);
+    assert_eq!(code, ConnectReturnCode::Success);
+    let (client2, mut conn2) = c2.unwrap();
+    let g1 = NodeId::new("edge-g1").unwrap();
+    let spoof = NodeStatus {
+        presence: Presence::Offline,
+        session: u64::MAX,
+    }
+    .to_vec()
+    .unwrap();
+    client2
+        .publish(
+            topics::topic(&g1, Channel::Status).as_str(),
+            QoS::AtLeastOnce,
+            true,
+            spoof,
+        )
+        .unwrap();
+    let closed = wait_for(T, "the gate to close device 2's connection", || match conn2
+        .recv_timeout(Duration::from_millis(200))
+    {
+        Ok(Err(_)) | Err(rumqttc::RecvTimeoutError::Disconnected) => Some(true),
+        _ => None,
+    });
+    assert!(closed);
+    std::thread::sleep(Duration::from_secs(2));
+    let nodes = ctl.cli(&["nodes", "show", "edge-g1"]).unwrap();
+    assert_eq!(
+        nodes["state"], "up",
+        "the spoofed offline status never reached the controller"
+    );
+    let log = ctl.proc().log_text();
+    assert!(log.contains("outside its own topics"), "{log}");
+    assert!(log.contains("wrong username or password"));
     assert!(agent.alive());
 }
