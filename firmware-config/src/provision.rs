@@ -73,6 +73,13 @@ pub fn new_secret() -> Result<String, ProvisionError> {
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random::<24>()?))
 }
 
+/// A fresh node id: `edge-` and 12 random hex digits.
+pub fn new_node_id() -> Result<NodeId, ProvisionError> {
+    let b = random::<6>()?;
+    let hex: String = b.iter().map(|x| std::format!("{x:02x}")).collect();
+    NodeId::new(&std::format!("edge-{hex}")).map_err(|e| ProvisionError::Random(e.to_string()))
+}
+
 /// One mosquitto password-file line (mosquitto 2 format, `$7$`: PBKDF2-HMAC-SHA512).
 pub fn mosquitto_password_line(user: &str, password: &str, salt: [u8; 12]) -> String {
     let mut hash = [0u8; 64];
@@ -388,6 +395,14 @@ pub fn inspect(bytes: &[u8]) -> Result<String, ProvisionError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn fresh_node_ids_are_valid_and_distinct() {
+        let a = new_node_id().unwrap();
+        let b = new_node_id().unwrap();
+        assert!(a.as_str().starts_with("edge-") && a.as_str().len() == 17);
+        assert_ne!(a, b);
+    }
 
     #[test]
     fn password_lines_match_mosquitto_passwd() {

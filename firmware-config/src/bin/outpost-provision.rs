@@ -65,8 +65,8 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct DeviceArgs {
-    /// The node id (lowercase letters, digits, - _ .).
-    node_id: String,
+    /// The node id (lowercase letters, digits, - _ .); a fresh one (edge-<12 hex>) if omitted.
+    node_id: Option<String>,
     /// The registry directory.
     #[arg(long, default_value = "outpost-registry")]
     registry: PathBuf,
@@ -110,7 +110,10 @@ fn device(a: DeviceArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<_>>()?;
     let human = HumanConfig {
-        node_id: a.node_id.clone(),
+        node_id: match &a.node_id {
+            Some(n) => n.clone(),
+            None => provision::new_node_id()?.to_string(),
+        },
         brokers: a.brokers,
         username: None,
         password: None,
