@@ -10,7 +10,8 @@
 //!   libvirt holds: exactly one running domain per wanted instance, none for deleted ones.
 //!
 //! The seed is printed and included in every failure; replay with OUTPOST_FAULT_SEED=N.
-//! A longer soak: OUTPOST_FAULT_ROUNDS=200 (default 10).
+//! A longer soak: OUTPOST_FAULT_ROUNDS=200 (default 10) and OUTPOST_FAULT_AGENTS=8 fake agents
+//! (default 3).
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -219,8 +220,11 @@ fn fault_run(on_mosquitto: bool) {
     );
     // Node ids unique to this run: the two variants run side by side on the same libvirtd.
     let tag = if on_mosquitto { "m" } else { "e" };
-    let mut agents: Vec<Agent> = ["a", "b", "c"]
-        .iter()
+    let fakes: usize = std::env::var("OUTPOST_FAULT_AGENTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let mut agents: Vec<Agent> = (0..fakes)
         .map(|n| format!("f{tag}-{n}"))
         .map(|n| {
             let a = Agent::configure(
@@ -254,7 +258,7 @@ fn fault_run(on_mosquitto: bool) {
     for a in &mut w.agents {
         a.start();
     }
-    w.ctl.wait_nodes_up(4);
+    w.ctl.wait_nodes_up(fakes + 1);
     let mut next = 0;
     for round in 0..rounds {
         let what = match rng.below(12) {
@@ -375,13 +379,13 @@ fn fault_run(on_mosquitto: bool) {
                 }
             }
             7 | 8 => {
-                let i = rng.below(4) as usize;
+                let i = rng.below(w.agents.len() as u64) as usize;
                 w.agents[i].proc().kill();
                 w.agents[i].start();
                 format!("kill -9 of agent {}", w.agents[i].node)
             }
             _ => {
-                let i = rng.below(4) as usize;
+                let i = rng.below(w.agents.len() as u64) as usize;
                 let pid = w.agents[i].proc().pid().to_string();
                 Command::new("kill").args(["-STOP", &pid]).status().unwrap();
                 std::thread::sleep(Duration::from_millis(500 + rng.below(6000)));

@@ -124,3 +124,64 @@ fn partitioned_node_goes_down_then_is_fenced_after_lost_after() {
         "never rebuilt on the old node"
     );
 }
+
+#[test]
+fn agent_cold_boots_offline_from_its_stored_desired_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    let link = Link::new(ctl.mqtt_port);
+    let mut agent = Agent::configure(
+        dir.path(),
+        "edge-cold",
+        link.port,
+        "[hypervisor]\nbackend = \"fake\"\n",
+    );
+    std::fs::write(agent.state_dir.join("images/vmlinuz"), b"x").unwrap();
+    agent.start();
+    ctl.wait_nodes_up(1);
+    let v = ctl
+        .cli(&[
+            "instances",
+            "create",
+            "cold-1",
+            "--kernel",
+            "vmlinuz",
+            "--memory",
+            "128",
+        ])
+        .unwrap();
+    let id = v["id"].as_str().unwrap().to_owned();
+    ctl.wait_phase("cold-1", "running", T);
+
+    // The host reboots with no network: the fake hypervisor's domains are gone with the agent
+    // process, and the broker is unreachable when the agent starts again.
+    link.cut();
+    agent.proc().kill();
+    agent.start();
+    wait_for(T, "the instance restored offline", || {
+        let log = agent.proc().log_text();
+        (log.contains("restored the desired state from disk")
+            && ops(&mut agent, "create", &id) == 2)
+            .then_some(())
+    });
+    assert!(
+        agent
+            .proc()
+            .log_text()
+            .contains("broker unreachable; VMs keep running")
+    );
+
+    // The link returns: the node converges with the controller, and nothing is built again.
+    link.restore();
+    wait_for(T, "the node up again", || {
+        (state_of(&ctl, "edge-cold") == "up").then_some(())
+    });
+    ctl.wait_phase("cold-1", "running", T);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        ops(&mut agent, "create", &id),
+        2,
+        "built once before and once at the offline cold boot"
+    );
+}
