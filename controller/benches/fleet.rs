@@ -1,0 +1,221 @@
+//! End-to-end fleet simulator: the real controller service (embedded broker, SQLite store, HTTP
+//! API) in this process, N simulated agents (each its own MQTT client, fake hypervisor: an
+//! instance "runs" as soon as its desired state arrives), and M instance creates through the HTTP
+//! API from a few concurrent clients. Prints agents connected, committed placements per second
+//! (stored durably and answered by the API), dispatch latency (request sent to the agent holding
+//! it) and request-to-running (request sent to the controller seeing it running).
+//!
+//!     cargo bench -p outpost-controller --bench fleet -- --agents 1000 --instances 4000
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outpost_controller::fleet::FleetConfig;
+use outpost_controller::scheduler::SchedulerConfig;
+use outpost_controller::service::{BrokerChoice, ServeConfig, serve};
+use outpost_protocol::topics::{self, Channel};
+use outpost_protocol::*;
+use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+type Seen = Arc<Mutex<HashMap<InstanceId, Instant>>>;
+
+async fn sim_agent(i: usize, port: u16, seen: Seen) {
+    let node = NodeId::new(&format!("sim-{i:05}")).unwrap();
+    let mut o = MqttOptions::new(node.as_str(), "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(60))
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut el) = AsyncClient::new(o, 64);
+    let mut net = NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    el.set_network_options(net);
+    let inventory = Inventory {
+        arch: Arch::X86_64,
+        hypervisor: HypervisorKind::Kvm,
+        total: Resources {
+            vcpus: 64,
+            memory_mib: 262_144,
+            disk_gib: 2000,
+        },
+        reserved: Resources::default(),
+        labels: Labels::new(),
+        images: [ImageName::new("vmlinuz").unwrap()].into_iter().collect(),
+    };
+    let mut held: Vec<InstanceId> = Vec::new();
+    let mut generation = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            ev = el.poll() => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let st = NodeStatus { presence: Presence::Online, session: 1 };
+                    let _ = client.try_subscribe(topics::topic(&node, Channel::Desired).as_str(), QoS::AtLeastOnce);
+                    let _ = client.try_publish(topics::topic(&node, Channel::Status).as_str(), QoS::AtLeastOnce, true, st.to_vec().unwrap());
+                    let _ = client.try_publish(topics::topic(&node, Channel::Inventory).as_str(), QoS::AtLeastOnce, true, inventory.to_vec().unwrap());
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let Ok(d) = DesiredState::decode(&p.payload) else { continue };
+                    if d.generation <= generation { continue; }
+                    generation = d.generation;
+                    let now = Instant::now();
+                    for di in &d.instances {
+                        if !held.contains(&di.id) {
+                            held.push(di.id);
+                            seen.lock().unwrap().entry(di.id).or_insert(now);
+                            let ev = AgentEvent::Instance { id: di.id, generation, state: InstanceState::Running, reason: Reason::default() };
+                            let _ = client.publish(topics::topic(&node, Channel::Event).as_str(), QoS::AtLeastOnce, false, ev.to_vec().unwrap()).await;
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            },
+            _ = tick.tick() => {
+                let r = NodeReport {
+                    generation,
+                    usage: Usage::default(),
+                    instances: held.iter().take(limits::MAX_INSTANCES_PER_NODE).map(|&id| InstanceReport { id, state: InstanceState::Running }).collect(),
+                };
+                let _ = client.try_publish(topics::topic(&node, Channel::Report).as_str(), QoS::AtMostOnce, false, r.to_vec().unwrap());
+            }
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list") || !args.iter().any(|a| a == "--bench") {
+        return; // test runners: nothing to run; `cargo bench` passes --bench.
+    }
+    let agents = arg("--agents", 1000);
+    let instances = arg("--instances", 4000);
+    let clients = arg("--clients", 8);
+    let dir = tempfile::tempdir().unwrap();
+    let mqtt = free_port();
+    let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let seen: Seen = Arc::new(Mutex::new(HashMap::new()));
+    rt.spawn(serve(
+        ServeConfig {
+            data_dir: dir.path().to_owned(),
+            broker: BrokerChoice::Embedded(format!("127.0.0.1:{mqtt}").parse().unwrap()),
+            api_listen: api,
+            api_token: None,
+            mqtt_passwd: None,
+            fleet: FleetConfig::default(),
+            scheduler: SchedulerConfig::default(),
+        },
+        std::future::pending(),
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    for i in 0..agents {
+        rt.spawn(sim_agent(i, mqtt, Arc::clone(&seen)));
+    }
+    let http: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let base = format!("http://{api}");
+    loop {
+        let up = http
+            .get(&format!("{base}/v1/nodes"))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_json::<serde_json::Value>().ok())
+            .map_or(0, |v| {
+                v.as_array()
+                    .map_or(0, |a| a.iter().filter(|n| n["state"] == "up").count())
+            });
+        if up == agents {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "only {up} of {agents} agents came up"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let connect_time = t0.elapsed();
+
+    // Creates from `clients` threads.
+    let sent: Arc<Mutex<HashMap<InstanceId, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let (http, base, sent) = (http.clone(), base.clone(), Arc::clone(&sent));
+            std::thread::spawn(move || {
+                let mut refused = 0;
+                for k in (c..instances).step_by(clients) {
+                    let t = Instant::now();
+                    let body = serde_json::json!({"name": format!("i{k}"), "kernel": "vmlinuz", "memory_mib": 64});
+                    let mut r = http.post(&format!("{base}/v1/instances")).send_json(&body).unwrap();
+                    let v: serde_json::Value = r.body_mut().read_json().unwrap();
+                    match v["id"].as_str().and_then(|s| s.parse::<InstanceId>().ok()) {
+                        Some(id) => {
+                            sent.lock().unwrap().insert(id, t);
+                        }
+                        None => refused += 1,
+                    }
+                }
+                refused
+            })
+        })
+        .collect();
+    let refused: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    let committed = start.elapsed();
+    // Wait until every placed instance reached its agent.
+    let placed = sent.lock().unwrap().len();
+    while seen.lock().unwrap().len() < placed && start.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dispatched = start.elapsed();
+    let sent = sent.lock().unwrap();
+    let seen = seen.lock().unwrap();
+    let mut lat: Vec<Duration> = sent
+        .iter()
+        .filter_map(|(id, t)| seen.get(id).map(|s| s.saturating_duration_since(*t)))
+        .collect();
+    lat.sort_unstable();
+    let pct = |q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    println!(
+        "\n| agents | connected in | instances | refused | committed/s | dispatch p50 (ms) | dispatch p99 (ms) | all dispatched in |"
+    );
+    println!(
+        "|--------|--------------|-----------|---------|-------------|-------------------|-------------------|-------------------|"
+    );
+    println!(
+        "| {agents} | {:.1} s | {placed} | {refused} | {:.0} | {:.2} | {:.2} | {:.2} s |",
+        connect_time.as_secs_f64(),
+        placed as f64 / committed.as_secs_f64(),
+        pct(0.50),
+        pct(0.99),
+        dispatched.as_secs_f64()
+    );
+}
