@@ -321,14 +321,7 @@ impl Fleet {
         let Some(n) = self.nodes.get(id) else { return };
         let Some(inv) = &n.inventory else { return };
         let claimed = match self.table.index_of(id) {
-            Some(idx) => {
-                let (_, c) = self.table.usage(idx);
-                Resources {
-                    vcpus: u16::try_from(c[0]).unwrap_or(u16::MAX),
-                    memory_mib: u32::try_from(c[1]).unwrap_or(u32::MAX),
-                    disk_gib: u32::try_from(c[2]).unwrap_or(u32::MAX),
-                }
-            }
+            Some(_) => self.claimed(id),
             None => self.claims().get(id).copied().unwrap_or_default(),
         };
         let host = HostState {
@@ -392,7 +385,30 @@ impl Fleet {
             .or_else(|| self.instances.values().find(|i| i.name == key))
     }
 
-    /// Resources claimed on each node by its instances.
+    /// Resources claimed on one node, as the scheduler holds them (kept incrementally).
+    pub fn claimed(&self, node: &NodeId) -> Resources {
+        self.table
+            .index_of(node)
+            .map_or_else(Resources::default, |idx| {
+                let (_, c) = self.table.usage(idx);
+                Resources {
+                    vcpus: u16::try_from(c[0]).unwrap_or(u16::MAX),
+                    memory_mib: u32::try_from(c[1]).unwrap_or(u32::MAX),
+                    disk_gib: u32::try_from(c[2]).unwrap_or(u32::MAX),
+                }
+            })
+    }
+
+    /// How many instances each node holds.
+    pub fn instance_counts(&self) -> BTreeMap<NodeId, usize> {
+        let mut m = BTreeMap::new();
+        for n in self.instances.values().filter_map(|i| i.node.as_ref()) {
+            *m.entry(n.clone()).or_default() += 1;
+        }
+        m
+    }
+
+    /// Resources claimed on each node by its instances, summed from the instances.
     pub fn claims(&self) -> BTreeMap<NodeId, Resources> {
         let mut m: BTreeMap<NodeId, Resources> = BTreeMap::new();
         for i in self.instances.values().filter(|i| i.holds()) {

@@ -154,6 +154,15 @@ fn to_json<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
+/// One node's view.
+fn node_view(fleet: &Fleet, id: &NodeId) -> Result<Value, ApiError> {
+    let n = fleet
+        .node(id)
+        .ok_or_else(|| FleetError::NoNode(id.to_string()))?;
+    let held = fleet.instance_counts().get(id).copied().unwrap_or(0);
+    Ok(to_json(&NodeView::of(n, fleet, held)))
+}
+
 /// Runs one API operation against the fleet.
 pub fn execute(fleet: &mut Fleet, now: u64, op: Op) -> Result<Value, ApiError> {
     let node = |s: &str| {
@@ -169,23 +178,23 @@ pub fn execute(fleet: &mut Fleet, now: u64, op: Op) -> Result<Value, ApiError> {
             .unwrap_or(Value::Null)
     };
     Ok(match op {
-        Op::ListNodes => Value::Array(
-            fleet
-                .nodes()
-                .map(|n| to_json(&NodeView::of(n, fleet)))
-                .collect(),
-        ),
-        Op::GetNode(id) => {
-            let n = fleet.node(&node(&id)?).ok_or(FleetError::NoNode(id))?;
-            to_json(&NodeView::of(n, fleet))
+        Op::ListNodes => {
+            let counts = fleet.instance_counts();
+            Value::Array(
+                fleet
+                    .nodes()
+                    .map(|n| {
+                        let held = counts.get(&n.id).copied().unwrap_or(0);
+                        to_json(&NodeView::of(n, fleet, held))
+                    })
+                    .collect(),
+            )
         }
+        Op::GetNode(id) => node_view(fleet, &node(&id)?)?,
         Op::Cordon(id, on) => {
             let n = node(&id)?;
             fleet.cordon(&n, on)?;
-            to_json(&NodeView::of(
-                fleet.node(&n).ok_or(FleetError::NoNode(id))?,
-                fleet,
-            ))
+            node_view(fleet, &n)?
         }
         Op::Drain(id) => {
             let (moved, stuck) = fleet.drain(&node(&id)?)?;

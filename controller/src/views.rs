@@ -81,9 +81,8 @@ fn triple(r: outpost_protocol::Resources) -> [u64; 3] {
 }
 
 impl NodeView {
-    /// The view of a node.
-    pub fn of(n: &NodeRecord, fleet: &Fleet) -> Self {
-        let claims = fleet.claims();
+    /// The view of a node, with the number of instances it holds.
+    pub fn of(n: &NodeRecord, fleet: &Fleet, instances: usize) -> Self {
         let inv = n.inventory.as_ref();
         Self {
             id: n.id.to_string(),
@@ -97,17 +96,14 @@ impl NodeView {
             arch: inv.map(|i| i.arch.to_string()),
             hypervisor: inv.map(|i| i.hypervisor.to_string()),
             allocatable: inv.map(|i| triple(i.allocatable())).unwrap_or_default(),
-            claimed: triple(claims.get(&n.id).copied().unwrap_or_default()),
+            claimed: triple(fleet.claimed(&n.id)),
             labels: inv
                 .map(|i| i.labels.iter().map(|l| l.to_string()).collect())
                 .unwrap_or_default(),
             images: inv
                 .map(|i| i.images.iter().map(|l| l.to_string()).collect())
                 .unwrap_or_default(),
-            instances: fleet
-                .instances()
-                .filter(|i| i.node.as_ref() == Some(&n.id))
-                .count(),
+            instances,
             generation: [n.generation, n.reported_generation],
             last_seen_ms: n.last_seen_ms,
         }

@@ -384,3 +384,54 @@ fn lost_nodes_are_evacuated_after_the_delay_and_fenced_by_generation() {
     f.on_report(402_500, &from, &r);
     assert_eq!(f.instance("vm1").unwrap().node.as_ref(), Some(&to));
 }
+
+/// The scheduler's incremental claims always equal the sum over the instances.
+fn assert_claims_consistent(f: &Fleet) {
+    let summed = f.claims();
+    for n in f.nodes() {
+        assert_eq!(
+            f.claimed(&n.id),
+            summed.get(&n.id).copied().unwrap_or_default(),
+            "claims of {} drifted",
+            n.id
+        );
+    }
+}
+
+#[test]
+fn incremental_claims_match_the_instances_through_every_change() {
+    let mut f = fleet();
+    online(&mut f, "c", 1024);
+    let a = create(&mut f, 1, 512).unwrap();
+    create(&mut f, 2, 256).unwrap();
+    create(&mut f, 3, 256).unwrap();
+    assert_claims_consistent(&f);
+    let n1 = f.instance("vm1").unwrap().node.clone().unwrap();
+    f.on_event(
+        5,
+        &n1,
+        &ev(a, InstanceState::Error(ErrorKind::Hypervisor), "boom"),
+    );
+    assert_claims_consistent(&f);
+    f.delete("vm2").unwrap();
+    assert_claims_consistent(&f);
+    let n2 = f
+        .instances()
+        .find(|i| i.name == "vm2")
+        .and_then(|i| i.node.clone())
+        .unwrap();
+    let g = f.node(&n2).unwrap().generation;
+    f.on_report(
+        6,
+        &n2,
+        &NodeReport {
+            generation: g,
+            ..Default::default()
+        },
+    );
+    assert!(f.instance("vm2").is_none());
+    assert_claims_consistent(&f);
+    let n3 = f.instance("vm3").unwrap().node.clone().unwrap();
+    f.drain(&n3).unwrap();
+    assert_claims_consistent(&f);
+}
