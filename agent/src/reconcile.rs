@@ -219,11 +219,6 @@ impl Reconciler {
         self.desired.as_ref().map_or(0, |d| d.generation)
     }
 
-    /// The desired state held.
-    pub fn desired(&self) -> Option<&DesiredState> {
-        self.desired.as_deref()
-    }
-
     /// Updates what the host offers (after a new fingerprint).
     pub fn set_host(&mut self, host: HostFacts) {
         self.host = host;

@@ -377,11 +377,16 @@ impl Fleet {
         self.instances.values()
     }
 
+    /// One instance, by id.
+    pub fn get(&self, id: InstanceId) -> Option<&InstanceRecord> {
+        self.instances.get(&id)
+    }
+
     /// One instance, by id or name.
     pub fn instance(&self, key: &str) -> Option<&InstanceRecord> {
         key.parse::<InstanceId>()
             .ok()
-            .and_then(|id| self.instances.get(&id))
+            .and_then(|id| self.get(id))
             .or_else(|| self.instances.values().find(|i| i.name == key))
     }
 

@@ -173,7 +173,7 @@ pub fn execute(fleet: &mut Fleet, now: u64, op: Op) -> Result<Value, ApiError> {
     };
     let inst = |fleet: &Fleet, id: InstanceId| {
         fleet
-            .instance(&id.to_string())
+            .get(id)
             .map(|i| to_json(&InstanceView::from(i)))
             .unwrap_or(Value::Null)
     };
@@ -206,13 +206,10 @@ pub fn execute(fleet: &mut Fleet, now: u64, op: Op) -> Result<Value, ApiError> {
                 .map(|i| to_json(&InstanceView::from(i)))
                 .collect(),
         ),
-        Op::GetInstance(key) => inst(
-            fleet,
-            fleet
-                .instance(&key)
-                .map(|i| i.id)
-                .ok_or(FleetError::NoInstance(key))?,
-        ),
+        Op::GetInstance(key) => fleet
+            .instance(&key)
+            .map(|i| to_json(&InstanceView::from(i)))
+            .ok_or(FleetError::NoInstance(key))?,
         Op::Create(body) => {
             let id = InstanceId::from_u64(fastrand::u64(..));
             let req = (*body).into_request(id).map_err(|message| ApiError {
