@@ -36,6 +36,10 @@ pub const RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// Requests queued towards the MQTT event loop before new publishes are dropped (the next
 /// connect republishes the full state anyway).
 const REQUEST_QUEUE: usize = 256;
+/// Longest TCP + TLS + MQTT handshake before the attempt counts as failed.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Events queued from the MQTT link task to the loop (the link waits when it is full).
+const LINK_QUEUE: usize = 64;
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +134,68 @@ fn qos(ch: Channel) -> QoS {
     match ch.qos() {
         0 => QoS::AtMostOnce,
         _ => QoS::AtLeastOnce,
+    }
+}
+
+/// What the MQTT link task tells the agent's loop.
+#[derive(Debug)]
+enum LinkEvent {
+    /// Connected; the Last Will of this connection carries `session`.
+    Connected { session: u64, broker: String },
+    /// A message from the broker.
+    Message(rumqttc::Publish),
+    /// The connection failed or dropped; the next attempt is in `retry_in`.
+    Lost {
+        error: ConnectionError,
+        retry_in: Duration,
+    },
+    /// The clean disconnect went out.
+    Closed,
+}
+
+/// Drives the MQTT event loop in its own task: `EventLoop::poll` is not cancel-safe while it
+/// connects (a dropped poll drops the half-open connection), so it must never race the agent's
+/// timers in a `select!`, or a handshake slower than a tick would never finish. Reconnects
+/// rotate through the brokers with jittered back-off and a new session each time, so that a
+/// connection's Last Will can never hide the next connection's status.
+async fn drive_link(
+    cfg: Config,
+    mut eventloop: rumqttc::EventLoop,
+    mut session: u64,
+    tx: mpsc::Sender<LinkEvent>,
+) {
+    let mut broker = 0usize;
+    let mut backoff = Backoff::default();
+    loop {
+        let ev = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff.reset();
+                LinkEvent::Connected {
+                    session,
+                    broker: cfg.brokers[broker % cfg.brokers.len()].host.clone(),
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => LinkEvent::Message(p),
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                let _ = tx.send(LinkEvent::Closed).await;
+                return;
+            }
+            Ok(_) => continue,
+            Err(error) => {
+                let retry_in = backoff.next(fastrand::f64());
+                broker += 1;
+                session = next_session(session);
+                eventloop.mqtt_options = mqtt_options(&cfg, broker, session);
+                if tx.send(LinkEvent::Lost { error, retry_in }).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(retry_in).await;
+                continue;
+            }
+        };
+        if tx.send(ev).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -340,13 +406,13 @@ async fn run_loop(
     );
 
     let mut session = next_session(0);
-    let mut broker = 0usize;
-    let (client, mut eventloop) =
-        AsyncClient::new(mqtt_options(&cfg, broker, session), REQUEST_QUEUE);
+    let (client, mut eventloop) = AsyncClient::new(mqtt_options(&cfg, 0, session), REQUEST_QUEUE);
     let mut net = NetworkOptions::new();
     net.set_tcp_nodelay(true);
-    net.set_connection_timeout(5);
-    eventloop.set_network_options(net.clone());
+    net.set_connection_timeout(CONNECT_TIMEOUT.as_secs());
+    eventloop.set_network_options(net);
+    let (link_tx, mut link_rx) = mpsc::channel(LINK_QUEUE);
+    let link = tokio::spawn(drive_link(cfg.clone(), eventloop, session, link_tx));
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let desired_topic = topics::topic(&cfg.node_id, Channel::Desired);
@@ -366,8 +432,6 @@ async fn run_loop(
         connected: false,
         done_tx,
     };
-    let mut backoff = Backoff::default();
-    let mut retry_at: Option<tokio::time::Instant> = None;
     let mut pass_due = true;
     tokio::pin!(shutdown);
 
@@ -378,15 +442,15 @@ async fn run_loop(
         }
         tokio::select! {
             () = &mut shutdown => break,
-            ev = eventloop.poll(), if retry_at.is_none() => match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    tracing::info!(broker = %sh.cfg.brokers[broker % sh.cfg.brokers.len()].host, session, "connected");
+            Some(ev) = link_rx.recv() => match ev {
+                LinkEvent::Connected { session: s, broker } => {
+                    session = s;
+                    tracing::info!(%broker, session, "connected");
                     sh.connected = true;
-                    backoff.reset();
                     let _ = sh.client.try_subscribe(desired_topic.as_str(), QoS::AtLeastOnce);
                     sh.announce(session);
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
+                LinkEvent::Message(p) => {
                     if p.topic == desired_topic.as_str() {
                         pass_due |= sh.on_desired(&p.payload).await;
                     } else {
@@ -394,28 +458,18 @@ async fn run_loop(
                         tracing::warn!(topic = %p.topic, "message on an unexpected topic dropped");
                     }
                 }
-                Ok(_) => {}
-                Err(e) => {
+                LinkEvent::Lost { error, retry_in } => {
                     sh.counters.connect_failures += 1;
-                    let delay = backoff.next(fastrand::f64());
                     if sh.connected || sh.counters.connect_failures.is_power_of_two() {
-                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, failures = sh.counters.connect_failures, "broker unreachable; VMs keep running");
+                        tracing::warn!(%error, retry_in_ms = retry_in.as_millis() as u64, failures = sh.counters.connect_failures, "broker unreachable; VMs keep running");
                     }
-                    if matches!(e, ConnectionError::MqttState(_)) {
+                    if matches!(error, ConnectionError::MqttState(_)) {
                         tracing::warn!("protocol error from the broker side");
                     }
                     sh.connected = false;
-                    // Next attempt: the next broker, and a new session so that this
-                    // connection's Last Will can never hide the next connection's status.
-                    broker += 1;
-                    session = next_session(session);
-                    eventloop.mqtt_options = mqtt_options(&sh.cfg, broker, session);
-                    retry_at = Some(tokio::time::Instant::now() + delay);
                 }
+                LinkEvent::Closed => {}
             },
-            () = async { if let Some(t) = retry_at { tokio::time::sleep_until(t).await } }, if retry_at.is_some() => {
-                retry_at = None;
-            }
             Some((id, op, result)) = done_rx.recv() => {
                 let effects = sh.rec.completed(Instant::now(), id, &op, result);
                 sh.apply(effects);
@@ -441,14 +495,15 @@ async fn run_loop(
         sh.publish(Channel::Status, encode(&offline));
         let _ = sh.client.try_disconnect();
         let flush = async {
-            while let Ok(ev) = eventloop.poll().await {
-                if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+            while let Some(ev) = link_rx.recv().await {
+                if matches!(ev, LinkEvent::Closed) {
                     break;
                 }
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), flush).await;
     }
+    link.abort();
     tracing::info!(counters = ?sh.counters, "agent stopped; instances keep running");
     Ok(sh.counters)
 }

@@ -47,6 +47,7 @@ async fn sim_agent(i: usize, port: u16, seen: Seen) {
     let (client, mut el) = AsyncClient::new(o, 64);
     let mut net = NetworkOptions::new();
     net.set_tcp_nodelay(true);
+    net.set_connection_timeout(60);
     el.set_network_options(net);
     let inventory = Inventory {
         arch: Arch::X86_64,
@@ -60,43 +61,101 @@ async fn sim_agent(i: usize, port: u16, seen: Seen) {
         labels: Labels::new(),
         images: [ImageName::new("vmlinuz").unwrap()].into_iter().collect(),
     };
-    let mut held: Vec<InstanceId> = Vec::new();
-    let mut generation = 0;
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            ev = el.poll() => match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let st = NodeStatus { presence: Presence::Online, session: 1 };
-                    let _ = client.try_subscribe(topics::topic(&node, Channel::Desired).as_str(), QoS::AtLeastOnce);
-                    let _ = client.try_publish(topics::topic(&node, Channel::Status).as_str(), QoS::AtLeastOnce, true, st.to_vec().unwrap());
-                    let _ = client.try_publish(topics::topic(&node, Channel::Inventory).as_str(), QoS::AtLeastOnce, true, inventory.to_vec().unwrap());
+    // Reports from their own task: `EventLoop::poll` must not race a timer in a `select!`
+    // (it is not cancel-safe while connecting).
+    let held: Arc<Mutex<(u64, Vec<InstanceId>)>> = Arc::default();
+    let (reporter, state) = (client.clone(), Arc::clone(&held));
+    let report_topic = topics::topic(&node, Channel::Report);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let r = {
+                let (generation, held) = &*state.lock().unwrap();
+                NodeReport {
+                    generation: *generation,
+                    usage: Usage::default(),
+                    instances: held
+                        .iter()
+                        .take(limits::MAX_INSTANCES_PER_NODE)
+                        .map(|&id| InstanceReport {
+                            id,
+                            state: InstanceState::Running,
+                        })
+                        .collect(),
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let Ok(d) = DesiredState::decode(&p.payload) else { continue };
-                    if d.generation <= generation { continue; }
-                    generation = d.generation;
-                    let now = Instant::now();
+            };
+            let _ = reporter.try_publish(
+                report_topic.as_str(),
+                QoS::AtMostOnce,
+                false,
+                r.to_vec().unwrap(),
+            );
+        }
+    });
+    loop {
+        match el.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                let st = NodeStatus {
+                    presence: Presence::Online,
+                    session: 1,
+                };
+                let _ = client.try_subscribe(
+                    topics::topic(&node, Channel::Desired).as_str(),
+                    QoS::AtLeastOnce,
+                );
+                let _ = client.try_publish(
+                    topics::topic(&node, Channel::Status).as_str(),
+                    QoS::AtLeastOnce,
+                    true,
+                    st.to_vec().unwrap(),
+                );
+                let _ = client.try_publish(
+                    topics::topic(&node, Channel::Inventory).as_str(),
+                    QoS::AtLeastOnce,
+                    true,
+                    inventory.to_vec().unwrap(),
+                );
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let Ok(d) = DesiredState::decode(&p.payload) else {
+                    continue;
+                };
+                let now = Instant::now();
+                let mut fresh = Vec::new();
+                {
+                    let (generation, held) = &mut *held.lock().unwrap();
+                    if d.generation <= *generation {
+                        continue;
+                    }
+                    *generation = d.generation;
                     for di in &d.instances {
                         if !held.contains(&di.id) {
                             held.push(di.id);
-                            seen.lock().unwrap().entry(di.id).or_insert(now);
-                            let ev = AgentEvent::Instance { id: di.id, generation, state: InstanceState::Running, reason: Reason::default() };
-                            let _ = client.publish(topics::topic(&node, Channel::Event).as_str(), QoS::AtLeastOnce, false, ev.to_vec().unwrap()).await;
+                            fresh.push(di.id);
                         }
                     }
                 }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            },
-            _ = tick.tick() => {
-                let r = NodeReport {
-                    generation,
-                    usage: Usage::default(),
-                    instances: held.iter().take(limits::MAX_INSTANCES_PER_NODE).map(|&id| InstanceReport { id, state: InstanceState::Running }).collect(),
-                };
-                let _ = client.try_publish(topics::topic(&node, Channel::Report).as_str(), QoS::AtMostOnce, false, r.to_vec().unwrap());
+                for id in fresh {
+                    seen.lock().unwrap().entry(id).or_insert(now);
+                    let ev = AgentEvent::Instance {
+                        id,
+                        generation: d.generation,
+                        state: InstanceState::Running,
+                        reason: Reason::default(),
+                    };
+                    let _ = client
+                        .publish(
+                            topics::topic(&node, Channel::Event).as_str(),
+                            QoS::AtLeastOnce,
+                            false,
+                            ev.to_vec().unwrap(),
+                        )
+                        .await;
+                }
             }
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
 }
@@ -110,7 +169,13 @@ fn main() {
     let instances = arg("--instances", 4000);
     let clients = arg("--clients", 8);
     let dir = tempfile::tempdir().unwrap();
-    let mqtt = free_port();
+    // `--broker-port P`: an external broker (say mosquitto) already listening on 127.0.0.1:P.
+    let external = arg("--broker-port", 0);
+    let mqtt = if external > 0 {
+        external as u16
+    } else {
+        free_port()
+    };
     let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -121,7 +186,16 @@ fn main() {
     rt.spawn(serve(
         ServeConfig {
             data_dir: dir.path().to_owned(),
-            broker: BrokerChoice::Embedded(format!("127.0.0.1:{mqtt}").parse().unwrap()),
+            broker: if external > 0 {
+                BrokerChoice::External {
+                    host: "127.0.0.1".into(),
+                    port: mqtt,
+                    credentials: None,
+                    tls: None,
+                }
+            } else {
+                BrokerChoice::Embedded(format!("127.0.0.1:{mqtt}").parse().unwrap())
+            },
             api_listen: api,
             api_token: None,
             mqtt_passwd: None,
@@ -162,7 +236,8 @@ fn main() {
     let connect_time = t0.elapsed();
 
     // Creates from `clients` threads.
-    let sent: Arc<Mutex<HashMap<InstanceId, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let sent: Arc<Mutex<HashMap<InstanceId, (Instant, Instant)>>> =
+        Arc::new(Mutex::new(HashMap::new()));
     let start = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|c| {
@@ -176,7 +251,7 @@ fn main() {
                     let v: serde_json::Value = r.body_mut().read_json().unwrap();
                     match v["id"].as_str().and_then(|s| s.parse::<InstanceId>().ok()) {
                         Some(id) => {
-                            sent.lock().unwrap().insert(id, t);
+                            sent.lock().unwrap().insert(id, (t, Instant::now()));
                         }
                         None => refused += 1,
                     }
@@ -195,27 +270,31 @@ fn main() {
     let dispatched = start.elapsed();
     let sent = sent.lock().unwrap();
     let seen = seen.lock().unwrap();
+    let mut commit: Vec<Duration> = sent.values().map(|(t, a)| *a - *t).collect();
     let mut lat: Vec<Duration> = sent
         .iter()
-        .filter_map(|(id, t)| seen.get(id).map(|s| s.saturating_duration_since(*t)))
+        .filter_map(|(id, (t, _))| seen.get(id).map(|s| s.saturating_duration_since(*t)))
         .collect();
+    commit.sort_unstable();
     lat.sort_unstable();
-    let pct = |q: f64| {
-        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+    let pct = |v: &[Duration], q: f64| {
+        v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1)))
             .map_or(0.0, |d| d.as_secs_f64() * 1e3)
     };
     println!(
-        "\n| agents | connected in | instances | refused | committed/s | dispatch p50 (ms) | dispatch p99 (ms) | all dispatched in |"
+        "\n| agents | connected in | instances | refused | committed/s | commit p50 / p99 (ms) | dispatch p50 / p99 (ms) | all dispatched in |"
     );
     println!(
-        "|--------|--------------|-----------|---------|-------------|-------------------|-------------------|-------------------|"
+        "|--------|--------------|-----------|---------|-------------|-----------------------|-------------------------|-------------------|"
     );
     println!(
-        "| {agents} | {:.1} s | {placed} | {refused} | {:.0} | {:.2} | {:.2} | {:.2} s |",
+        "| {agents} | {:.1} s | {placed} | {refused} | {:.0} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} s |",
         connect_time.as_secs_f64(),
         placed as f64 / committed.as_secs_f64(),
-        pct(0.50),
-        pct(0.99),
+        pct(&commit, 0.50),
+        pct(&commit, 0.99),
+        pct(&lat, 0.50),
+        pct(&lat, 0.99),
         dispatched.as_secs_f64()
     );
 }

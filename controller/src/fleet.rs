@@ -6,7 +6,7 @@
 //! any change bumps the node's generation, and agents converge to the latest one. Reports and
 //! events correct the controller's view; nothing depends on one message arriving exactly once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use outpost_protocol::{
     AckResult, AgentEvent, DesiredInstance, DesiredState, ErrorKind, InstanceId, InstanceSpec,
@@ -272,6 +272,10 @@ pub struct Fleet {
     table: HostTable,
     nodes: BTreeMap<NodeId, NodeRecord>,
     instances: BTreeMap<InstanceId, InstanceRecord>,
+    /// Index: instance name to id (names are unique).
+    by_name: HashMap<String, InstanceId>,
+    /// Index: the instances each node holds.
+    by_node: HashMap<NodeId, BTreeSet<InstanceId>>,
     groups: BTreeMap<String, GroupPolicy>,
     scheduler: Scheduler,
     cfg: FleetConfig,
@@ -296,7 +300,9 @@ impl Fleet {
             scheduler,
             cfg,
             nodes: BTreeMap::new(),
-            instances: instances.into_iter().map(|i| (i.id, i)).collect(),
+            by_name: instances.iter().map(|i| (i.name.clone(), i.id)).collect(),
+            by_node: HashMap::new(),
+            instances: BTreeMap::new(),
             groups: groups.into_iter().collect(),
             dirty_nodes: BTreeSet::new(),
             dirty_instances: BTreeSet::new(),
@@ -304,6 +310,12 @@ impl Fleet {
             dirty_groups: BTreeSet::new(),
             publish: BTreeSet::new(),
         };
+        for i in instances {
+            if let Some(n) = &i.node {
+                f.by_node.entry(n.clone()).or_default().insert(i.id);
+            }
+            f.instances.insert(i.id, i);
+        }
         for mut n in nodes {
             // Liveness is learnt again from the broker (retained status) and reports.
             n.online = false;
@@ -353,12 +365,30 @@ impl Fleet {
     }
 
     /// Moves an instance's claim from one node to another in the table.
-    fn move_claim(&mut self, r: Resources, from: Option<&NodeId>, to: Option<&NodeId>) {
-        if let Some(idx) = from.and_then(|n| self.table.index_of(n)) {
-            self.table.release(idx, r);
+    /// Moves an instance (its claim and its place in the per-node index) between nodes.
+    fn move_instance(
+        &mut self,
+        id: InstanceId,
+        r: Resources,
+        from: Option<&NodeId>,
+        to: Option<&NodeId>,
+    ) {
+        if let Some(n) = from {
+            if let Some(idx) = self.table.index_of(n) {
+                self.table.release(idx, r);
+            }
+            if let Some(set) = self.by_node.get_mut(n) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.by_node.remove(n);
+                }
+            }
         }
-        if let Some(idx) = to.and_then(|n| self.table.index_of(n)) {
-            self.table.claim(idx, r);
+        if let Some(n) = to {
+            if let Some(idx) = self.table.index_of(n) {
+                self.table.claim(idx, r);
+            }
+            self.by_node.entry(n.clone()).or_default().insert(id);
         }
     }
 
@@ -387,7 +417,7 @@ impl Fleet {
         key.parse::<InstanceId>()
             .ok()
             .and_then(|id| self.get(id))
-            .or_else(|| self.instances.values().find(|i| i.name == key))
+            .or_else(|| self.by_name.get(key).and_then(|id| self.get(*id)))
     }
 
     /// Resources claimed on one node, as the scheduler holds them (kept incrementally).
@@ -404,13 +434,21 @@ impl Fleet {
             })
     }
 
+    /// The instances a node holds (including those it is deleting), by id.
+    fn on_node<'a>(&'a self, node: &NodeId) -> impl Iterator<Item = &'a InstanceRecord> + 'a {
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.instances.get(id))
+    }
+
     /// How many instances each node holds.
     pub fn instance_counts(&self) -> BTreeMap<NodeId, usize> {
-        let mut m = BTreeMap::new();
-        for n in self.instances.values().filter_map(|i| i.node.as_ref()) {
-            *m.entry(n.clone()).or_default() += 1;
-        }
-        m
+        self.by_node
+            .iter()
+            .map(|(n, set)| (n.clone(), set.len()))
+            .collect()
     }
 
     /// Resources claimed on each node by its instances, summed from the instances.
@@ -431,9 +469,8 @@ impl Fleet {
         DesiredState {
             generation,
             instances: self
-                .instances
-                .values()
-                .filter(|i| i.wanted_on_node() && i.node.as_ref() == Some(node))
+                .on_node(node)
+                .filter(|i| i.wanted_on_node())
                 .map(|i| DesiredInstance {
                     id: i.id,
                     power: i.power,
@@ -523,9 +560,7 @@ impl Fleet {
     /// Creates and places an instance, or says at once why nothing fits (nothing is stored).
     pub fn create(&mut self, now_ms: u64, req: CreateRequest) -> Result<InstanceId, FleetError> {
         req.spec.validate()?;
-        if self.instances.contains_key(&req.id)
-            || self.instances.values().any(|i| i.name == req.name)
-        {
+        if self.instances.contains_key(&req.id) || self.by_name.contains_key(&req.name) {
             return Err(FleetError::Exists(req.name));
         }
         if let Some((g, p)) = &req.group
@@ -541,7 +576,8 @@ impl Fleet {
             self.dirty_groups.insert(g);
         }
         let id = req.id;
-        self.move_claim(req.spec.resources(), None, Some(&node));
+        self.move_instance(id, req.spec.resources(), None, Some(&node));
+        self.by_name.insert(req.name.clone(), id);
         self.instances.insert(
             id,
             InstanceRecord {
@@ -623,11 +659,10 @@ impl Fleet {
     }
 
     fn forget(&mut self, id: InstanceId) {
-        if let Some(i) = self.instances.get(&id) {
-            let (r, node) = (i.spec.resources(), i.node.clone());
-            self.move_claim(r, node.as_ref(), None);
+        if let Some(i) = self.instances.remove(&id) {
+            self.move_instance(id, i.spec.resources(), i.node.as_ref(), None);
+            self.by_name.remove(&i.name);
         }
-        self.instances.remove(&id);
         self.dirty_instances.remove(&id);
         self.removed.insert(id);
     }
@@ -659,9 +694,8 @@ impl Fleet {
         self.dirty_nodes.insert(node.clone());
         self.sync_availability(node);
         let ids: Vec<InstanceId> = self
-            .instances
-            .values()
-            .filter(|i| i.node.as_ref() == Some(node) && i.wanted_on_node())
+            .on_node(node)
+            .filter(|i| i.wanted_on_node())
             .map(|i| i.id)
             .collect();
         let (mut moved, mut stuck) = (0, Vec::new());
@@ -709,7 +743,7 @@ impl Fleet {
             Some(Ok(node)) => {
                 i.node = Some(node.clone());
                 i.phase = Phase::Scheduled;
-                self.move_claim(r, old.as_ref(), Some(&node));
+                self.move_instance(id, r, old.as_ref(), Some(&node));
                 self.bump(&node);
                 Ok(())
             }
@@ -727,7 +761,7 @@ impl Fleet {
                     .collect();
                 i.reason = format!("{why} [{}]", history.join("; "));
                 i.node = None;
-                self.move_claim(r, old.as_ref(), None);
+                self.move_instance(id, r, old.as_ref(), None);
                 Ok(())
             }
         };
@@ -799,13 +833,8 @@ impl Fleet {
         // Instances this node should be deleting and no longer lists are gone.
         let listed: BTreeSet<InstanceId> = r.instances.iter().map(|i| i.id).collect();
         let gone: Vec<InstanceId> = self
-            .instances
-            .values()
-            .filter(|i| {
-                i.node.as_ref() == Some(node)
-                    && i.phase == Phase::Deleting
-                    && !listed.contains(&i.id)
-            })
+            .on_node(node)
+            .filter(|i| i.phase == Phase::Deleting && !listed.contains(&i.id))
             .map(|i| i.id)
             .collect();
         if !behind {
@@ -944,9 +973,8 @@ impl Fleet {
             .collect();
         for node in lost {
             let ids: Vec<InstanceId> = self
-                .instances
-                .values()
-                .filter(|i| i.node.as_ref() == Some(&node) && i.wanted_on_node())
+                .on_node(&node)
+                .filter(|i| i.wanted_on_node())
                 .map(|i| i.id)
                 .collect();
             if let Some(n) = self.nodes.get_mut(&node) {

@@ -1,6 +1,7 @@
 //! The controller service: one task owns the fleet and the store; the MQTT event loop and the
-//! HTTP API feed it through channels. After every input, changes are stored in one transaction
-//! and only then are desired states published (retained, QoS 1).
+//! HTTP API feed it through channels. Inputs are taken in batches (whatever is queued when the
+//! loop wakes, up to [`MAX_BATCH`]); each batch's changes are stored in one transaction, and only
+//! then are desired states published (retained, QoS 1) and API calls answered.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -141,8 +142,22 @@ impl From<FleetError> for ApiError {
     }
 }
 
+/// Where an operation's answer goes.
+pub type Reply = oneshot::Sender<Result<Value, ApiError>>;
+
 /// An operation and where to send its answer.
-pub type Call = (Op, oneshot::Sender<Result<Value, ApiError>>);
+pub type Call = (Op, Reply);
+
+/// The most inputs folded into one stored batch: bounds how long the first caller of a batch
+/// waits for its answer.
+const MAX_BATCH: usize = 512;
+
+/// One input to the service loop.
+enum Input {
+    Message((String, Vec<u8>)),
+    Call(Call),
+    Tick,
+}
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -407,30 +422,46 @@ pub async fn serve(
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut malformed: u64 = 0;
+    let mut replies: Vec<(Reply, Result<Value, ApiError>)> = Vec::new();
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
+        // Wait for one input, then take what else is already queued (group commit): one
+        // transaction and at most one desired state per node cover the whole batch.
+        let first = tokio::select! {
             () = &mut shutdown => break,
-            Some((topic, payload)) = msg_rx.recv() => {
-                if !ingest(&mut fleet, now_ms(), &topic, &payload) {
-                    malformed += 1;
-                    tracing::warn!(%topic, len = payload.len(), malformed, "dropped a message that does not decode");
+            Some(m) = msg_rx.recv() => Input::Message(m),
+            Some(c) = call_rx.recv() => Input::Call(c),
+            _ = tick.tick() => Input::Tick,
+        };
+        let now = now_ms();
+        let mut input = Some(first);
+        for _ in 0..MAX_BATCH {
+            match input.take() {
+                Some(Input::Message((topic, payload))) => {
+                    if !ingest(&mut fleet, now, &topic, &payload) {
+                        malformed += 1;
+                        tracing::warn!(%topic, len = payload.len(), malformed, "dropped a message that does not decode");
+                    }
                 }
+                Some(Input::Call((op, reply))) => {
+                    replies.push((reply, execute(&mut fleet, now, op)))
+                }
+                Some(Input::Tick) => fleet.tick(now),
+                None => break,
             }
-            Some((op, reply)) = call_rx.recv() => {
-                let r = execute(&mut fleet, now_ms(), op);
-                // Durable before answered, and before published.
-                let changes = fleet.take_changes();
-                store.apply(&changes)?;
-                publish(&client, changes.publish).await;
-                let _ = reply.send(r);
-                continue;
-            }
-            _ = tick.tick() => fleet.tick(now_ms()),
+            input = call_rx
+                .try_recv()
+                .map(Input::Call)
+                .or_else(|_| msg_rx.try_recv().map(Input::Message))
+                .ok();
         }
+        // Durable before answered, and before published.
         let changes = fleet.take_changes();
         store.apply(&changes)?;
         publish(&client, changes.publish).await;
+        for (reply, r) in replies.drain(..) {
+            let _ = reply.send(r);
+        }
     }
     tracing::info!("controller stopped");
     Ok(())

@@ -265,57 +265,59 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let tx = self.conn.transaction()?;
-        for n in &c.nodes {
-            tx.execute(
-                "INSERT OR REPLACE INTO nodes (id, inventory, session, cordoned, draining, generation,
+        // One prepared statement per kind of row, for the whole batch.
+        let mut put_node = tx.prepare(
+            "INSERT OR REPLACE INTO nodes (id, inventory, session, cordoned, draining, generation,
                     reported_generation, last_seen_ms, failures)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![
-                    n.id.as_str(),
-                    n.inventory.as_ref().and_then(|i| i.to_vec().ok()),
-                    n.session as i64,
-                    n.cordoned,
-                    n.draining,
-                    n.generation as i64,
-                    n.reported_generation as i64,
-                    n.last_seen_ms as i64,
-                    join_lines(&n.failures_ms, |t| t.to_string()).replace('\n', ","),
-                ],
-            )?;
+        )?;
+        let mut put_instance = tx.prepare(
+            "INSERT OR REPLACE INTO instances (id, name, spec, selector, grp, power, reboot_count,
+                phase, node, failures, reason, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        )?;
+        let mut remove = tx.prepare("DELETE FROM instances WHERE id = ?1")?;
+        let mut put_group =
+            tx.prepare("INSERT OR REPLACE INTO groups (name, policy) VALUES (?1, ?2)")?;
+        for n in &c.nodes {
+            put_node.execute(params![
+                n.id.as_str(),
+                n.inventory.as_ref().and_then(|i| i.to_vec().ok()),
+                n.session as i64,
+                n.cordoned,
+                n.draining,
+                n.generation as i64,
+                n.reported_generation as i64,
+                n.last_seen_ms as i64,
+                join_lines(&n.failures_ms, |t| t.to_string()).replace('\n', ","),
+            ])?;
         }
         for i in &c.instances {
-            tx.execute(
-                "INSERT OR REPLACE INTO instances (id, name, spec, selector, grp, power, reboot_count,
-                    phase, node, failures, reason, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                params![
-                    i.id.to_string(),
-                    i.name,
-                    encode_spec(&i.spec),
-                    join_lines(&i.selector, |l| l.to_string()),
-                    i.group,
-                    i.power == PowerState::Stopped,
-                    i64::from(i.reboot_count),
-                    i.phase.as_str(),
-                    i.node.as_ref().map(|n| n.as_str()),
-                    join_lines(&i.failures, |(n, r)| format!("{n}\t{}", r.replace(['\n', '\t'], " "))),
-                    i.reason,
-                    i.created_ms as i64,
-                ],
-            )?;
+            put_instance.execute(params![
+                i.id.to_string(),
+                i.name,
+                encode_spec(&i.spec),
+                join_lines(&i.selector, |l| l.to_string()),
+                i.group,
+                i.power == PowerState::Stopped,
+                i64::from(i.reboot_count),
+                i.phase.as_str(),
+                i.node.as_ref().map(|n| n.as_str()),
+                join_lines(&i.failures, |(n, r)| format!(
+                    "{n}\t{}",
+                    r.replace(['\n', '\t'], " ")
+                )),
+                i.reason,
+                i.created_ms as i64,
+            ])?;
         }
         for id in &c.removed {
-            tx.execute(
-                "DELETE FROM instances WHERE id = ?1",
-                params![id.to_string()],
-            )?;
+            remove.execute(params![id.to_string()])?;
         }
         for (name, p) in &c.groups {
-            tx.execute(
-                "INSERT OR REPLACE INTO groups (name, policy) VALUES (?1, ?2)",
-                params![name, policy_str(*p)],
-            )?;
+            put_group.execute(params![name, policy_str(*p)])?;
         }
+        drop((put_node, put_instance, remove, put_group));
         tx.commit()?;
         Ok(())
     }

@@ -385,9 +385,11 @@ fn lost_nodes_are_evacuated_after_the_delay_and_fenced_by_generation() {
     assert_eq!(f.instance("vm1").unwrap().node.as_ref(), Some(&to));
 }
 
-/// The scheduler's incremental claims always equal the sum over the instances.
+/// The scheduler's incremental claims always equal the sum over the instances, and the
+/// fleet's indexes (by name, by node) agree with a scan of the instances.
 fn assert_claims_consistent(f: &Fleet) {
     let summed = f.claims();
+    let counts = f.instance_counts();
     for n in f.nodes() {
         assert_eq!(
             f.claimed(&n.id),
@@ -395,6 +397,26 @@ fn assert_claims_consistent(f: &Fleet) {
             "claims of {} drifted",
             n.id
         );
+        let held: Vec<_> = f
+            .instances()
+            .filter(|i| i.node.as_ref() == Some(&n.id))
+            .collect();
+        assert_eq!(counts.get(&n.id).copied().unwrap_or(0), held.len());
+        let wanted: Vec<_> = held
+            .iter()
+            .filter(|i| i.phase != Phase::Deleting)
+            .map(|i| i.id)
+            .collect();
+        let desired: Vec<_> = f
+            .desired_for(&n.id)
+            .instances
+            .iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(desired, wanted, "desired state of {} drifted", n.id);
+    }
+    for i in f.instances() {
+        assert_eq!(f.instance(&i.name).map(|j| j.id), Some(i.id));
     }
 }
 

@@ -730,6 +730,8 @@ pub struct Link {
     pub port: u16,
     cut: Arc<std::sync::atomic::AtomicBool>,
     generation: Arc<std::sync::atomic::AtomicU64>,
+    latency_ms: Arc<std::sync::atomic::AtomicU64>,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Link {
@@ -740,10 +742,18 @@ impl Link {
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (c, g) = (Arc::clone(&cut), Arc::clone(&generation));
+        let latency_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (c, g, lat, acc) = (
+            Arc::clone(&cut),
+            Arc::clone(&generation),
+            Arc::clone(&latency_ms),
+            Arc::clone(&accepted),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
+                acc.fetch_add(1, Ordering::SeqCst);
                 if c.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
@@ -756,7 +766,7 @@ impl Link {
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
                 ] {
-                    let (c, g) = (Arc::clone(&c), Arc::clone(&g));
+                    let (c, g, lat) = (Arc::clone(&c), Arc::clone(&g), Arc::clone(&lat));
                     std::thread::spawn(move || {
                         use std::io::{Read as _, Write as _};
                         let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
@@ -768,6 +778,10 @@ impl Link {
                             match from.read(&mut buf) {
                                 Ok(0) => break,
                                 Ok(n) => {
+                                    let delay = lat.load(Ordering::SeqCst);
+                                    if delay > 0 {
+                                        std::thread::sleep(Duration::from_millis(delay));
+                                    }
                                     if to.write_all(&buf[..n]).is_err() {
                                         break;
                                     }
@@ -791,7 +805,21 @@ impl Link {
             port,
             cut,
             generation,
+            latency_ms,
+            accepted,
         }
+    }
+
+    /// Delays every chunk forwarded (each way) by `d`: a slow link, like a satellite hop.
+    pub fn set_latency(&self, d: Duration) {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.latency_ms
+            .store(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Cuts the link: open connections die, new ones are refused.

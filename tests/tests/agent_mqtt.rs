@@ -1,5 +1,6 @@
 //! The agent process (fake hypervisor) against a real mosquitto, with a test controller:
-//! announce, desired state, duplicates, stale generations, garbage, kill -9, broker restart.
+//! announce, desired state, duplicates, stale generations, garbage, kill -9, broker restart,
+//! a link slower than the agent's timers.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -195,4 +196,32 @@ fn agent_rides_out_a_broker_restart() {
         s.status_of(&node)
             .filter(|st| st.presence == Presence::Offline)
     });
+}
+
+/// A slow link (a satellite hop): the MQTT handshake takes longer than the agent's 1 s timers.
+/// The agent must finish it (one connection, not a new one per timer tick) and converge.
+#[test]
+fn agent_connects_over_a_link_slower_than_its_timers() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let link = Link::new(broker.port);
+    link.set_latency(Duration::from_millis(1500));
+    let mut agent = fake_agent(dir.path(), "edge-slow", link.port);
+    agent.start();
+    let ctl = TestController::connect(broker.port);
+    let node = agent.node.clone();
+    ctl.wait(Duration::from_secs(60), "online over the slow link", |s| {
+        s.status_of(&node)
+            .filter(|st| st.presence == Presence::Online)
+    });
+    ctl.publish_desired(&node, &desired(3, vec![instance(9, kernel_boot(""), 128)]));
+    ctl.wait(Duration::from_secs(60), "running over the slow link", |s| {
+        running(s, &node, 9).then_some(())
+    });
+    assert_eq!(
+        link.connections(),
+        1,
+        "the agent connected once; agent log:\n{}",
+        agent.proc().log_text()
+    );
 }
