@@ -267,6 +267,12 @@ impl Bits {
         }
     }
 
+    /// Word `w` (hosts 64w..64w+63); words past the end are empty.
+    #[inline]
+    fn word(&self, w: usize) -> u64 {
+        self.0.get(w).copied().unwrap_or(0)
+    }
+
     fn of(idx: &[HostIdx]) -> Self {
         let mut b = Self::default();
         for &i in idx {
@@ -334,15 +340,35 @@ pub struct HostTable {
     ratios: Ratios,
     ids: Vec<NodeId>,
     index: std::collections::HashMap<NodeId, HostIdx>,
+    /// Node ids' first 16 bytes, big-endian: orders like the ids unless two share them.
+    keys: Vec<u128>,
     availability: Vec<Availability>,
     arch: Vec<Arch>,
     kvm: Vec<bool>,
     /// Claimable after allocation ratios: vCPUs, MiB, GiB.
     effective: Vec<[u64; 3]>,
+    /// 1 / effective (0 where nothing is claimable): weighing multiplies, never divides.
+    inverse: Vec<[f64; 3]>,
     claimed: Vec<[u64; 3]>,
+    /// effective - claimed (negative if over-claimed): the one array the capacity filters
+    /// and the weighers read.
+    headroom: Vec<[i64; 3]>,
     failures: Vec<u32>,
     labels: Interned<Label>,
     images: Interned<ImageName>,
+    /// The same facts as bitsets, 64 hosts a word, for the fast path of [`Scheduler::place`].
+    up: Bits,
+    kvm_bits: Bits,
+    arch_bits: Vec<(Arch, Bits)>,
+}
+
+/// The ordering key of a node id (its first 16 bytes, zero-padded, big-endian).
+fn order_key(id: &NodeId) -> u128 {
+    let mut b = [0u8; 16];
+    let s = id.as_str().as_bytes();
+    let n = s.len().min(16);
+    b[..n].copy_from_slice(&s[..n]);
+    u128::from_be_bytes(b)
 }
 
 fn scaled(v: u32, ratio: f64) -> u64 {
@@ -357,14 +383,20 @@ impl HostTable {
             ratios,
             ids: Vec::new(),
             index: std::collections::HashMap::new(),
+            keys: Vec::new(),
             availability: Vec::new(),
             arch: Vec::new(),
             kvm: Vec::new(),
             effective: Vec::new(),
+            inverse: Vec::new(),
             claimed: Vec::new(),
+            headroom: Vec::new(),
             failures: Vec::new(),
             labels: Interned::default(),
             images: Interned::default(),
+            up: Bits::default(),
+            kvm_bits: Bits::default(),
+            arch_bits: Vec::new(),
         }
     }
 
@@ -385,28 +417,43 @@ impl HostTable {
                 let i = self.ids.len();
                 self.ids.push(h.id.clone());
                 self.index.insert(h.id.clone(), i);
+                self.keys.push(order_key(&h.id));
                 self.availability.push(Availability::Down);
                 self.arch.push(h.arch);
                 self.kvm.push(false);
                 self.effective.push([0; 3]);
+                self.inverse.push([0.0; 3]);
                 self.claimed.push([0; 3]);
+                self.headroom.push([0; 3]);
                 self.failures.push(0);
                 i
             }
         };
-        self.availability[idx] = h.availability;
+        self.set_availability(idx, h.availability);
+        let old = self.arch[idx];
+        if let Some((_, b)) = self.arch_bits.iter_mut().find(|(a, _)| *a == old) {
+            b.set(idx, false);
+        }
+        match self.arch_bits.iter_mut().find(|(a, _)| *a == h.arch) {
+            Some((_, b)) => b.set(idx, true),
+            None => self.arch_bits.push((h.arch, Bits::of(&[idx]))),
+        }
         self.arch[idx] = h.arch;
         self.kvm[idx] = h.hypervisor == HypervisorKind::Kvm;
-        self.effective[idx] = [
+        self.kvm_bits.set(idx, self.kvm[idx]);
+        let e = [
             scaled(u32::from(h.capacity.vcpus), self.ratios.cpu),
             scaled(h.capacity.memory_mib, self.ratios.memory),
             scaled(h.capacity.disk_gib, self.ratios.disk),
         ];
+        self.effective[idx] = e;
+        self.inverse[idx] = e.map(|v| if v == 0 { 0.0 } else { 1.0 / v as f64 });
         self.claimed[idx] = [
             u64::from(h.claimed.vcpus),
             u64::from(h.claimed.memory_mib),
             u64::from(h.claimed.disk_gib),
         ];
+        self.sync_headroom(idx);
         self.failures[idx] = h.recent_failures;
         self.labels.set_host(idx, &h.labels);
         let mut images = h.images.clone();
@@ -438,6 +485,7 @@ impl HostTable {
     /// Sets a host's availability.
     pub fn set_availability(&mut self, idx: HostIdx, a: Availability) {
         self.availability[idx] = a;
+        self.up.set(idx, a == Availability::Up);
     }
 
     /// Sets a host's recent build failures.
@@ -451,6 +499,14 @@ impl HostTable {
         c[0] += u64::from(r.vcpus);
         c[1] += u64::from(r.memory_mib);
         c[2] += u64::from(r.disk_gib);
+        self.sync_headroom(idx);
+    }
+
+    fn sync_headroom(&mut self, idx: HostIdx) {
+        let (e, c) = (self.effective[idx], self.claimed[idx]);
+        self.headroom[idx] = [0, 1, 2].map(|k| {
+            i64::try_from(e[k]).unwrap_or(i64::MAX) - i64::try_from(c[k]).unwrap_or(i64::MAX)
+        });
     }
 
     /// Removes a claim from a host.
@@ -459,6 +515,7 @@ impl HostTable {
         c[0] = c[0].saturating_sub(u64::from(r.vcpus));
         c[1] = c[1].saturating_sub(u64::from(r.memory_mib));
         c[2] = c[2].saturating_sub(u64::from(r.disk_gib));
+        self.sync_headroom(idx);
     }
 
     /// What can be claimed on a host after allocation ratios, and what is claimed.
@@ -475,7 +532,7 @@ fn has_all(sets: &Option<Vec<&Bits>>, i: HostIdx) -> bool {
 
 /// One request, prepared against a table: interned selectors and images, group and retry sets.
 struct Prepared<'a> {
-    want: [u64; 3],
+    want: [i64; 3],
     arch: Arch,
     kvm: bool,
     /// `None`: some selector label or image is on no host.
@@ -512,9 +569,9 @@ impl Scheduler {
         let s = req.spec;
         Prepared {
             want: [
-                u64::from(s.vcpus),
-                u64::from(s.memory_mib),
-                u64::from(s.disk_gib),
+                i64::from(s.vcpus),
+                i64::from(s.memory_mib),
+                i64::from(s.disk_gib),
             ],
             arch: s.arch,
             kvm: s.require_kvm,
@@ -542,14 +599,14 @@ impl Scheduler {
         if p.kvm && !t.kvm[i] {
             return Some(Filter::Kvm);
         }
-        let (e, c) = (&t.effective[i], &t.claimed[i]);
-        if c[0] + p.want[0] > e[0] {
+        let h = &t.headroom[i];
+        if p.want[0] > h[0] {
             return Some(Filter::Vcpus);
         }
-        if c[1] + p.want[1] > e[1] {
+        if p.want[1] > h[1] {
             return Some(Filter::Memory);
         }
-        if c[2] + p.want[2] > e[2] {
+        if p.want[2] > h[2] {
             return Some(Filter::Disk);
         }
         if !has_all(&p.labels, i) {
@@ -575,17 +632,12 @@ impl Scheduler {
     }
 
     /// The weight of a host that passed every filter (higher is better).
-    #[inline]
+    #[inline(always)]
     fn weigh(&self, t: &HostTable, i: HostIdx, p: &Prepared<'_>) -> f64 {
         let w = &self.config.weights;
-        let (e, c) = (&t.effective[i], &t.claimed[i]);
-        let free = |k: usize| {
-            if e[k] == 0 {
-                0.0
-            } else {
-                e[k].saturating_sub(c[k] + p.want[k]) as f64 / e[k] as f64
-            }
-        };
+        let (h, inv) = (&t.headroom[i], &t.inverse[i]);
+        // Filters passed: want <= headroom, so the difference is never negative.
+        let free = |k: usize| (h[k] - p.want[k]) as f64 * inv[k];
         let mut score = w.cpu * free(0) + w.memory * free(1) + w.disk * free(2)
             - w.failure * f64::from(t.failures[i]);
         if !p.require_images && has_all(&p.images, i) {
@@ -596,40 +648,152 @@ impl Scheduler {
 
     /// Places one request: every host filtered and weighed, the best chosen, ties broken by
     /// node id. Deterministic for the same input.
+    ///
+    /// The fast path filters 64 hosts at a time with the table's bitsets (availability,
+    /// architecture, KVM, labels, images, retries, group), then checks capacity and weighs only
+    /// the hosts left. When nothing fits, [`Scheduler::place_by_scan`] explains why.
     pub fn place(&self, t: &HostTable, req: &Request<'_>) -> Result<Placement, NoValidHost> {
         let p = self.prepare(t, req);
+        let none = Bits::default();
+        let arch = t
+            .arch_bits
+            .iter()
+            .find(|(a, _)| *a == p.arch)
+            .map_or(&none, |(_, b)| b);
+        let images = if p.require_images {
+            p.images.as_deref()
+        } else {
+            Some(&[][..])
+        };
+        let (Some(labels), Some(images)) = (p.labels.as_deref(), images) else {
+            // A selector label or a required image no host has: explain.
+            return self.place_by_scan(t, req);
+        };
+        self.place_fast(t, &p, arch, labels, images, req)
+    }
+
+    fn place_fast(
+        &self,
+        t: &HostTable,
+        p: &Prepared<'_>,
+        arch: &Bits,
+        labels: &[&Bits],
+        images: &[&Bits],
+        req: &Request<'_>,
+    ) -> Result<Placement, NoValidHost> {
+        let mut best = Best::new(1 + self.config.alternates);
+        for w in 0..t.len().div_ceil(64) {
+            let mut m = t.up.word(w) & arch.word(w) & !p.exclude.word(w);
+            if p.kvm {
+                m &= t.kvm_bits.word(w);
+            }
+            for b in labels.iter().chain(images) {
+                m &= b.word(w);
+            }
+            match &p.members {
+                Some((GroupPolicy::AntiAffinity, _, b)) => m &= !b.word(w),
+                Some((GroupPolicy::Affinity, true, b)) => m &= b.word(w),
+                _ => {}
+            }
+            while m != 0 {
+                let i = w * 64 + m.trailing_zeros() as usize;
+                m &= m - 1;
+                let (h, want) = (&t.headroom[i], &p.want);
+                if want[0] > h[0] || want[1] > h[1] || want[2] > h[2] {
+                    continue;
+                }
+                let score = self.weigh(t, i, p);
+                if score >= best.floor {
+                    best.offer(t, score, i);
+                }
+            }
+        }
+        best.into_placement().map_or_else(
+            || {
+                let refused = self.place_by_scan(t, req);
+                debug_assert!(refused.is_err(), "the fast path missed a host");
+                refused
+            },
+            Ok,
+        )
+    }
+
+    /// The reference placement: every host through every filter one at a time, counting which
+    /// filter removed it. [`Scheduler::place`] agrees with it (a property test holds them
+    /// equal); it is what explains a refusal.
+    pub fn place_by_scan(
+        &self,
+        t: &HostTable,
+        req: &Request<'_>,
+    ) -> Result<Placement, NoValidHost> {
+        let p = self.prepare(t, req);
         let mut removed = [0usize; Filter::ALL.len()];
-        let keep = 1 + self.config.alternates;
-        let mut best: Vec<(f64, HostIdx)> = Vec::with_capacity(keep + 1);
+        let mut best = Best::new(1 + self.config.alternates);
         for i in 0..t.len() {
             if let Some(f) = self.reject_prepared(t, i, &p) {
                 removed[f as usize] += 1;
                 continue;
             }
-            let score = self.weigh(t, i, &p);
-            let better =
-                |a: &(f64, HostIdx)| score > a.0 || (score == a.0 && t.ids[i] < t.ids[a.1]);
-            if best.len() == keep && !best.last().is_some_and(better) {
-                continue;
-            }
-            let at = best.iter().position(better).unwrap_or(best.len());
-            best.insert(at, (score, i));
-            best.truncate(keep);
+            best.offer(t, self.weigh(t, i, &p), i);
         }
-        let mut ranked = best.into_iter().map(|(_, i)| i);
-        match ranked.next() {
-            Some(host) => Ok(Placement {
-                host,
-                alternates: ranked.collect(),
-            }),
-            None => Err(NoValidHost {
-                hosts: t.len(),
-                removed: Filter::ALL
-                    .into_iter()
-                    .zip(removed)
-                    .filter(|(_, n)| *n > 0)
-                    .collect(),
-            }),
+        best.into_placement().ok_or_else(|| NoValidHost {
+            hosts: t.len(),
+            removed: Filter::ALL
+                .into_iter()
+                .zip(removed)
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+        })
+    }
+}
+
+/// The best few hosts so far, highest score first, ties broken by node id.
+struct Best {
+    keep: usize,
+    ranked: Vec<(f64, HostIdx)>,
+    /// Scores below this cannot enter (the last kept score once full).
+    floor: f64,
+}
+
+impl Best {
+    fn new(keep: usize) -> Self {
+        Self {
+            keep,
+            ranked: Vec::with_capacity(keep + 1),
+            floor: f64::NEG_INFINITY,
         }
+    }
+
+    #[inline]
+    fn offer(&mut self, t: &HostTable, score: f64, i: HostIdx) {
+        let better = |a: &(f64, HostIdx)| {
+            score > a.0
+                || (score == a.0
+                    && match t.keys[i].cmp(&t.keys[a.1]) {
+                        std::cmp::Ordering::Equal => t.ids[i] < t.ids[a.1],
+                        o => o.is_lt(),
+                    })
+        };
+        if self.ranked.len() == self.keep && !self.ranked.last().is_some_and(better) {
+            return;
+        }
+        let at = self
+            .ranked
+            .iter()
+            .position(better)
+            .unwrap_or(self.ranked.len());
+        self.ranked.insert(at, (score, i));
+        self.ranked.truncate(self.keep);
+        if self.ranked.len() == self.keep {
+            self.floor = self.ranked.last().map_or(f64::NEG_INFINITY, |l| l.0);
+        }
+    }
+
+    fn into_placement(self) -> Option<Placement> {
+        let mut ranked = self.ranked.into_iter().map(|(_, i)| i);
+        ranked.next().map(|host| Placement {
+            host,
+            alternates: ranked.collect(),
+        })
     }
 }

@@ -377,3 +377,50 @@ proptest! {
         prop_assert_eq!(used.len(), n);
     }
 }
+
+fn arb_big_fleet() -> impl Strategy<Value = Vec<HostState>> {
+    (1usize..300).prop_flat_map(|n| (0..n).map(arb_host).collect::<Vec<_>>())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// The bitset fast path and the host-by-host reference scan choose the same hosts in the
+    /// same order, and refuse the same requests, whatever the constraints.
+    #[test]
+    fn fast_path_agrees_with_the_reference_scan(
+        hosts in arb_big_fleet(),
+        asks in arb_asks(),
+        exclude in prop::collection::vec(0usize..300, 0..20),
+        members in prop::collection::vec(0usize..300, 0..20),
+        affinity in any::<bool>(),
+        claims in prop::collection::vec((0usize..300, 0u16..8, 0u32..8192), 0..100),
+    ) {
+        let sched = Scheduler::default();
+        let mut table = HostTable::from_hosts(sched.ratios(), &hosts);
+        for (i, vcpus, memory_mib) in claims {
+            if i < table.len() {
+                table.claim(i, Resources { vcpus, memory_mib, disk_gib: 0 });
+            }
+        }
+        let exclude: Vec<HostIdx> = exclude.into_iter().filter(|&i| i < table.len()).collect();
+        let members: Vec<HostIdx> = members.into_iter().filter(|&i| i < table.len()).collect();
+        for a in &asks {
+            let sel: Vec<Label> = a
+                .zone
+                .map(|z| Label::parse(&format!("zone={z}")).unwrap())
+                .into_iter()
+                .collect();
+            let r = Request {
+                spec: &a.spec,
+                selector: &sel,
+                group: a.anti.then_some(GroupConstraint {
+                    policy: if affinity { GroupPolicy::Affinity } else { GroupPolicy::AntiAffinity },
+                    members_on: &members,
+                }),
+                exclude: &exclude,
+            };
+            prop_assert_eq!(sched.place(&table, &r), sched.place_by_scan(&table, &r));
+        }
+    }
+}
