@@ -215,22 +215,32 @@ fn main() {
         .into();
     let base = format!("http://{api}");
     loop {
-        let up = http
+        let nodes = http
             .get(&format!("{base}/v1/nodes"))
             .call()
             .ok()
             .and_then(|mut r| r.body_mut().read_json::<serde_json::Value>().ok())
-            .map_or(0, |v| {
-                v.as_array()
-                    .map_or(0, |a| a.iter().filter(|n| n["state"] == "up").count())
-            });
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default();
+        let up = nodes.iter().filter(|n| n["state"] == "up").count();
         if up == agents {
             break;
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "only {up} of {agents} agents came up"
-        );
+        if t0.elapsed() > Duration::from_secs(300) {
+            let seen: std::collections::HashSet<&str> =
+                nodes.iter().filter_map(|n| n["id"].as_str()).collect();
+            let missing: Vec<String> = (0..agents)
+                .map(|i| format!("sim-{i:05}"))
+                .filter(|id| !seen.contains(id.as_str()))
+                .take(10)
+                .collect();
+            let down: Vec<&serde_json::Value> = nodes
+                .iter()
+                .filter(|n| n["state"] != "up")
+                .take(10)
+                .collect();
+            panic!("only {up} of {agents} agents came up; unknown: {missing:?}; not up: {down:?}");
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     let connect_time = t0.elapsed();

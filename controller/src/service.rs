@@ -159,6 +159,27 @@ enum Input {
     Tick,
 }
 
+/// `first` and whatever else is already queued, up to [`MAX_BATCH`] inputs in all; calls
+/// before messages, so that a waiting caller is answered sooner. What is left stays queued.
+fn batch(
+    first: Input,
+    calls: &mut mpsc::Receiver<Call>,
+    msgs: &mut mpsc::Receiver<(String, Vec<u8>)>,
+) -> Vec<Input> {
+    let mut inputs = vec![first];
+    while inputs.len() < MAX_BATCH {
+        match calls
+            .try_recv()
+            .map(Input::Call)
+            .or_else(|_| msgs.try_recv().map(Input::Message))
+        {
+            Ok(i) => inputs.push(i),
+            Err(_) => break,
+        }
+    }
+    inputs
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -434,26 +455,17 @@ pub async fn serve(
             _ = tick.tick() => Input::Tick,
         };
         let now = now_ms();
-        let mut input = Some(first);
-        for _ in 0..MAX_BATCH {
-            match input.take() {
-                Some(Input::Message((topic, payload))) => {
+        for input in batch(first, &mut call_rx, &mut msg_rx) {
+            match input {
+                Input::Message((topic, payload)) => {
                     if !ingest(&mut fleet, now, &topic, &payload) {
                         malformed += 1;
                         tracing::warn!(%topic, len = payload.len(), malformed, "dropped a message that does not decode");
                     }
                 }
-                Some(Input::Call((op, reply))) => {
-                    replies.push((reply, execute(&mut fleet, now, op)))
-                }
-                Some(Input::Tick) => fleet.tick(now),
-                None => break,
+                Input::Call((op, reply)) => replies.push((reply, execute(&mut fleet, now, op))),
+                Input::Tick => fleet.tick(now),
             }
-            input = call_rx
-                .try_recv()
-                .map(Input::Call)
-                .or_else(|_| msg_rx.try_recv().map(Input::Message))
-                .ok();
         }
         // Durable before answered, and before published.
         let changes = fleet.take_changes();
@@ -478,5 +490,44 @@ async fn publish(client: &AsyncClient, states: Vec<(NodeId, outpost_protocol::De
         {
             tracing::warn!(%node, error = %e, "cannot queue the desired state; it goes out with the next change or report");
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_bounded_and_lose_nothing() {
+        let (call_tx, mut calls) = mpsc::channel::<Call>(8);
+        let (msg_tx, mut msgs) = mpsc::channel(4 * MAX_BATCH);
+        let total = 2 * MAX_BATCH + 7;
+        for k in 0..total {
+            msg_tx.try_send((format!("t{k}"), vec![])).unwrap();
+        }
+        let (reply, _rx) = oneshot::channel();
+        call_tx.try_send((Op::ListNodes, reply)).unwrap();
+        let mut seen = Vec::new();
+        let mut calls_seen = 0;
+        let mut first = Input::Tick;
+        loop {
+            let b = batch(first, &mut calls, &mut msgs);
+            assert!(b.len() <= MAX_BATCH);
+            for i in b {
+                match i {
+                    Input::Message((t, _)) => seen.push(t),
+                    Input::Call(_) => calls_seen += 1,
+                    Input::Tick => {}
+                }
+            }
+            match msgs.try_recv() {
+                Ok(m) => first = Input::Message(m),
+                Err(_) => break,
+            }
+        }
+        assert_eq!(calls_seen, 1);
+        let want: Vec<String> = (0..total).map(|k| format!("t{k}")).collect();
+        assert_eq!(seen, want, "every message, once, in order");
     }
 }
