@@ -67,7 +67,10 @@ async fn sim_agent(i: usize, port: u16, seen: Seen) {
     let (reporter, state) = (client.clone(), Arc::clone(&held));
     let report_topic = topics::topic(&node, Channel::Report);
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        // Agents boot at different times: spread the reports over the interval.
+        let phase = Duration::from_millis(fastrand::u64(0..5000));
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + phase, Duration::from_secs(5));
         loop {
             tick.tick().await;
             let r = {
@@ -168,6 +171,9 @@ fn main() {
     let agents = arg("--agents", 1000);
     let instances = arg("--instances", 4000);
     let clients = arg("--clients", 8);
+    // `--rate R`: offer R creates per second in all (open loop: each request has its slot, and
+    // latency counts from the slot, so a late request is not forgiven); 0: as fast as answered.
+    let rate = arg("--rate", 0);
     let dir = tempfile::tempdir().unwrap();
     // `--broker-port P`: an external broker (say mosquitto) already listening on 127.0.0.1:P.
     let external = arg("--broker-port", 0);
@@ -255,7 +261,15 @@ fn main() {
             std::thread::spawn(move || {
                 let mut refused = 0;
                 for k in (c..instances).step_by(clients) {
-                    let t = Instant::now();
+                    let t = if rate > 0 {
+                        let slot = start + Duration::from_secs_f64(k as f64 / rate as f64);
+                        if let Some(wait) = slot.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        slot
+                    } else {
+                        Instant::now()
+                    };
                     let body = serde_json::json!({"name": format!("i{k}"), "kernel": "vmlinuz", "memory_mib": 64});
                     let mut r = http.post(&format!("{base}/v1/instances")).send_json(&body).unwrap();
                     let v: serde_json::Value = r.body_mut().read_json().unwrap();
@@ -292,14 +306,19 @@ fn main() {
             .map_or(0.0, |d| d.as_secs_f64() * 1e3)
     };
     println!(
-        "\n| agents | connected in | instances | refused | committed/s | commit p50 / p99 (ms) | dispatch p50 / p99 (ms) | all dispatched in |"
+        "\n| agents | connected in | offered/s | instances | refused | committed/s | commit p50 / p99 (ms) | dispatch p50 / p99 (ms) | all dispatched in |"
     );
     println!(
-        "|--------|--------------|-----------|---------|-------------|-----------------------|-------------------------|-------------------|"
+        "|--------|--------------|-----------|-----------|---------|-------------|-----------------------|-------------------------|-------------------|"
     );
     println!(
-        "| {agents} | {:.1} s | {placed} | {refused} | {:.0} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} s |",
+        "| {agents} | {:.1} s | {} | {placed} | {refused} | {:.0} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} s |",
         connect_time.as_secs_f64(),
+        if rate > 0 {
+            rate.to_string()
+        } else {
+            "max".into()
+        },
         placed as f64 / committed.as_secs_f64(),
         pct(&commit, 0.50),
         pct(&commit, 0.99),

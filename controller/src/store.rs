@@ -53,7 +53,12 @@ pub trait Store: Send {
 /// The SQLite store.
 pub struct SqliteStore {
     conn: Connection,
+    /// Dropping it stops the checkpointer thread (file databases only).
+    _checkpointer: Option<std::sync::mpsc::Sender<()>>,
 }
+
+/// How often the background checkpointer folds the write-ahead log into the database.
+pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn corrupt(table: &'static str, what: impl Into<String>) -> StoreError {
     StoreError::Corrupt {
@@ -77,7 +82,10 @@ impl SqliteStore {
     /// Opens (or creates) `DIR/outpost.db`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| corrupt("(directory)", e.to_string()))?;
-        Self::with_connection(Connection::open(dir.join("outpost.db"))?)
+        let path = dir.join("outpost.db");
+        let mut store = Self::with_connection(Connection::open(&path)?)?;
+        store._checkpointer = Some(checkpointer(Connection::open(&path)?)?);
+        Ok(store)
     }
 
     /// An in-memory database (tests).
@@ -88,6 +96,9 @@ impl SqliteStore {
     fn with_connection(conn: Connection) -> Result<Self, StoreError> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // Checkpoints run on their own thread (see `checkpointer`), never inside a commit: an
+        // automatic one stalls the commit that triggers it, and every answer waiting on it.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS nodes (
@@ -117,8 +128,32 @@ impl SqliteStore {
                 )?;
             }
         }
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            _checkpointer: None,
+        })
     }
+}
+
+/// A thread that checkpoints the write-ahead log every [`CHECKPOINT_EVERY`] on its own
+/// connection (PASSIVE: it never blocks the writer), until the returned sender is dropped.
+fn checkpointer(conn: Connection) -> Result<std::sync::mpsc::Sender<()>, StoreError> {
+    use std::sync::mpsc::RecvTimeoutError;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("store-checkpoint".into())
+        .spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(CHECKPOINT_EVERY) {
+                let r =
+                    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "store checkpoint failed; will retry");
+                }
+            }
+        })
+        .map_err(|e| corrupt("(checkpoint thread)", e.to_string()))?;
+    Ok(tx)
 }
 
 fn encode_spec(spec: &InstanceSpec) -> Vec<u8> {

@@ -106,3 +106,44 @@ fn fleet_changes_survive_a_reopen() {
     store.apply(&f.take_changes()).unwrap();
     assert!(store.load().unwrap().instances.is_empty());
 }
+
+/// Commits never checkpoint (that would stall them); the background checkpointer folds the
+/// write-ahead log into the database file within a few seconds, and the data stays whole.
+#[test]
+fn the_write_ahead_log_is_checkpointed_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outpost.db");
+    let mut store = SqliteStore::open(dir.path()).unwrap();
+    let mut f = Fleet::new(
+        Scheduler::default(),
+        FleetConfig::default(),
+        vec![],
+        vec![],
+        vec![],
+    );
+    for k in 0..2000u32 {
+        let n = NodeId::new(&format!("edge-{k:05}")).unwrap();
+        f.on_status(
+            1,
+            &n,
+            NodeStatus {
+                presence: Presence::Online,
+                session: 1,
+            },
+        );
+        if k % 100 == 99 {
+            store.apply(&f.take_changes()).unwrap();
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::metadata(&db).unwrap().len() < 64 * 1024 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file never received the log's pages"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(store);
+    let snap = SqliteStore::open(dir.path()).unwrap().load().unwrap();
+    assert_eq!(snap.nodes.len(), 2000);
+}
