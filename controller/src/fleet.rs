@@ -274,6 +274,8 @@ pub struct Fleet {
     instances: BTreeMap<InstanceId, InstanceRecord>,
     /// Index: instance name to id (names are unique).
     by_name: HashMap<String, InstanceId>,
+    /// Index: the members of each server group.
+    by_group: HashMap<String, BTreeSet<InstanceId>>,
     /// Index: the instances each node holds.
     by_node: HashMap<NodeId, BTreeSet<InstanceId>>,
     groups: BTreeMap<String, GroupPolicy>,
@@ -301,6 +303,7 @@ impl Fleet {
             cfg,
             nodes: BTreeMap::new(),
             by_name: instances.iter().map(|i| (i.name.clone(), i.id)).collect(),
+            by_group: HashMap::new(),
             by_node: HashMap::new(),
             instances: BTreeMap::new(),
             groups: groups.into_iter().collect(),
@@ -313,6 +316,9 @@ impl Fleet {
         for i in instances {
             if let Some(n) = &i.node {
                 f.by_node.entry(n.clone()).or_default().insert(i.id);
+            }
+            if let Some(g) = &i.group {
+                f.by_group.entry(g.clone()).or_default().insert(i.id);
             }
             f.instances.insert(i.id, i);
         }
@@ -536,9 +542,12 @@ impl Fleet {
             .collect();
         let members: Vec<usize> = group
             .map(|(g, _)| {
-                self.instances
-                    .values()
-                    .filter(|i| i.group.as_deref() == Some(g) && i.holds() && Some(i.id) != except)
+                self.by_group
+                    .get(g)
+                    .into_iter()
+                    .flatten()
+                    .filter(|id| Some(**id) != except)
+                    .filter_map(|id| self.instances.get(id))
                     .filter_map(|i| i.node.as_ref().and_then(|n| self.table.index_of(n)))
                     .collect()
             })
@@ -578,6 +587,9 @@ impl Fleet {
         let id = req.id;
         self.move_instance(id, req.spec.resources(), None, Some(&node));
         self.by_name.insert(req.name.clone(), id);
+        if let Some((g, _)) = &req.group {
+            self.by_group.entry(g.clone()).or_default().insert(id);
+        }
         self.instances.insert(
             id,
             InstanceRecord {
@@ -662,6 +674,14 @@ impl Fleet {
         if let Some(i) = self.instances.remove(&id) {
             self.move_instance(id, i.spec.resources(), i.node.as_ref(), None);
             self.by_name.remove(&i.name);
+            if let Some(g) = &i.group
+                && let Some(set) = self.by_group.get_mut(g)
+            {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.by_group.remove(g);
+                }
+            }
         }
         self.dirty_instances.remove(&id);
         self.removed.insert(id);
