@@ -386,7 +386,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
     /// The bitset fast path and the host-by-host reference scan choose the same hosts in the
-    /// same order, and refuse the same requests, whatever the constraints.
+    /// same order, and refuse the same requests, whatever the constraints, weigher multipliers
+    /// (packing ones included) and image policy.
     #[test]
     fn fast_path_agrees_with_the_reference_scan(
         hosts in arb_big_fleet(),
@@ -395,8 +396,13 @@ proptest! {
         members in prop::collection::vec(0usize..300, 0..20),
         affinity in any::<bool>(),
         claims in prop::collection::vec((0usize..300, 0u16..8, 0u32..8192), 0..100),
+        weights in (-2.0f64..2.0, -2.0f64..2.0, -2.0f64..2.0, -3.0f64..3.0, -10.0f64..10.0),
+        require_image in any::<bool>(),
     ) {
-        let sched = Scheduler::default();
+        let (cpu, memory, disk, image, failure) = weights;
+        let mut sched = Scheduler::default();
+        sched.config.weights = Weights { cpu, memory, disk, image, failure };
+        sched.config.require_image = require_image;
         let mut table = HostTable::from_hosts(sched.ratios(), &hosts);
         for (i, vcpus, memory_mib) in claims {
             if i < table.len() {
