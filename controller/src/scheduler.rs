@@ -342,9 +342,7 @@ pub struct HostTable {
     index: std::collections::HashMap<NodeId, HostIdx>,
     /// Node ids' first 16 bytes, big-endian: orders like the ids unless two share them.
     keys: Vec<u128>,
-    availability: Vec<Availability>,
     arch: Vec<Arch>,
-    kvm: Vec<bool>,
     /// Claimable after allocation ratios: vCPUs, MiB, GiB.
     effective: Vec<[u64; 3]>,
     /// 1 / effective (0 where nothing is claimable): weighing multiplies, never divides.
@@ -356,9 +354,10 @@ pub struct HostTable {
     failures: Vec<u32>,
     labels: Interned<Label>,
     images: Interned<ImageName>,
-    /// The same facts as bitsets, 64 hosts a word, for the fast path of [`Scheduler::place`].
+    /// Availability, KVM and architecture as bitsets, 64 hosts a word: the fast path of
+    /// [`Scheduler::place`] ANDs them; the reference scan tests one bit.
     up: Bits,
-    kvm_bits: Bits,
+    kvm: Bits,
     arch_bits: Vec<(Arch, Bits)>,
 }
 
@@ -384,9 +383,7 @@ impl HostTable {
             ids: Vec::new(),
             index: std::collections::HashMap::new(),
             keys: Vec::new(),
-            availability: Vec::new(),
             arch: Vec::new(),
-            kvm: Vec::new(),
             effective: Vec::new(),
             inverse: Vec::new(),
             claimed: Vec::new(),
@@ -395,7 +392,7 @@ impl HostTable {
             labels: Interned::default(),
             images: Interned::default(),
             up: Bits::default(),
-            kvm_bits: Bits::default(),
+            kvm: Bits::default(),
             arch_bits: Vec::new(),
         }
     }
@@ -418,9 +415,7 @@ impl HostTable {
                 self.ids.push(h.id.clone());
                 self.index.insert(h.id.clone(), i);
                 self.keys.push(order_key(&h.id));
-                self.availability.push(Availability::Down);
                 self.arch.push(h.arch);
-                self.kvm.push(false);
                 self.effective.push([0; 3]);
                 self.inverse.push([0.0; 3]);
                 self.claimed.push([0; 3]);
@@ -439,8 +434,7 @@ impl HostTable {
             None => self.arch_bits.push((h.arch, Bits::of(&[idx]))),
         }
         self.arch[idx] = h.arch;
-        self.kvm[idx] = h.hypervisor == HypervisorKind::Kvm;
-        self.kvm_bits.set(idx, self.kvm[idx]);
+        self.kvm.set(idx, h.hypervisor == HypervisorKind::Kvm);
         let e = [
             scaled(u32::from(h.capacity.vcpus), self.ratios.cpu),
             scaled(h.capacity.memory_mib, self.ratios.memory),
@@ -484,7 +478,6 @@ impl HostTable {
 
     /// Sets a host's availability.
     pub fn set_availability(&mut self, idx: HostIdx, a: Availability) {
-        self.availability[idx] = a;
         self.up.set(idx, a == Availability::Up);
     }
 
@@ -528,6 +521,21 @@ impl HostTable {
 #[inline]
 fn has_all(sets: &Option<Vec<&Bits>>, i: HostIdx) -> bool {
     sets.as_ref().is_some_and(|s| s.iter().all(|b| b.get(i)))
+}
+
+/// The capacity filter (vCPUs, memory, disk, in that order) that rejects asking `want` of a
+/// host with `headroom` left, if any.
+#[inline(always)]
+fn capacity_filter(headroom: &[i64; 3], want: &[i64; 3]) -> Option<Filter> {
+    if want[0] > headroom[0] {
+        Some(Filter::Vcpus)
+    } else if want[1] > headroom[1] {
+        Some(Filter::Memory)
+    } else if want[2] > headroom[2] {
+        Some(Filter::Disk)
+    } else {
+        None
+    }
 }
 
 /// One request, prepared against a table: interned selectors and images, group and retry sets.
@@ -587,7 +595,7 @@ impl Scheduler {
 
     #[inline]
     fn reject_prepared(&self, t: &HostTable, i: HostIdx, p: &Prepared<'_>) -> Option<Filter> {
-        if t.availability[i] != Availability::Up {
+        if !t.up.get(i) {
             return Some(Filter::Availability);
         }
         if p.exclude.get(i) {
@@ -596,18 +604,11 @@ impl Scheduler {
         if t.arch[i] != p.arch {
             return Some(Filter::Architecture);
         }
-        if p.kvm && !t.kvm[i] {
+        if p.kvm && !t.kvm.get(i) {
             return Some(Filter::Kvm);
         }
-        let h = &t.headroom[i];
-        if p.want[0] > h[0] {
-            return Some(Filter::Vcpus);
-        }
-        if p.want[1] > h[1] {
-            return Some(Filter::Memory);
-        }
-        if p.want[2] > h[2] {
-            return Some(Filter::Disk);
+        if let Some(f) = capacity_filter(&t.headroom[i], &p.want) {
+            return Some(f);
         }
         if !has_all(&p.labels, i) {
             return Some(Filter::Labels);
@@ -685,7 +686,7 @@ impl Scheduler {
         for w in 0..t.len().div_ceil(64) {
             let mut m = t.up.word(w) & arch.word(w) & !p.exclude.word(w);
             if p.kvm {
-                m &= t.kvm_bits.word(w);
+                m &= t.kvm.word(w);
             }
             for b in labels.iter().chain(images) {
                 m &= b.word(w);
@@ -698,8 +699,7 @@ impl Scheduler {
             while m != 0 {
                 let i = w * 64 + m.trailing_zeros() as usize;
                 m &= m - 1;
-                let (h, want) = (&t.headroom[i], &p.want);
-                if want[0] > h[0] || want[1] > h[1] || want[2] > h[2] {
+                if capacity_filter(&t.headroom[i], &p.want).is_some() {
                     continue;
                 }
                 let score = self.weigh(t, i, p);
