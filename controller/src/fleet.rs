@@ -302,7 +302,7 @@ impl Fleet {
             scheduler,
             cfg,
             nodes: BTreeMap::new(),
-            by_name: instances.iter().map(|i| (i.name.clone(), i.id)).collect(),
+            by_name: HashMap::new(),
             by_group: HashMap::new(),
             by_node: HashMap::new(),
             instances: BTreeMap::new(),
@@ -314,11 +314,12 @@ impl Fleet {
             publish: BTreeSet::new(),
         };
         for i in instances {
+            f.by_name.insert(i.name.clone(), i.id);
             if let Some(n) = &i.node {
-                f.by_node.entry(n.clone()).or_default().insert(i.id);
+                index(&mut f.by_node, n, i.id);
             }
             if let Some(g) = &i.group {
-                f.by_group.entry(g.clone()).or_default().insert(i.id);
+                index(&mut f.by_group, g, i.id);
             }
             f.instances.insert(i.id, i);
         }
@@ -383,18 +384,13 @@ impl Fleet {
             if let Some(idx) = self.table.index_of(n) {
                 self.table.release(idx, r);
             }
-            if let Some(set) = self.by_node.get_mut(n) {
-                set.remove(&id);
-                if set.is_empty() {
-                    self.by_node.remove(n);
-                }
-            }
+            unindex(&mut self.by_node, n, id);
         }
         if let Some(n) = to {
             if let Some(idx) = self.table.index_of(n) {
                 self.table.claim(idx, r);
             }
-            self.by_node.entry(n.clone()).or_default().insert(id);
+            index(&mut self.by_node, n, id);
         }
     }
 
@@ -588,7 +584,7 @@ impl Fleet {
         self.move_instance(id, req.spec.resources(), None, Some(&node));
         self.by_name.insert(req.name.clone(), id);
         if let Some((g, _)) = &req.group {
-            self.by_group.entry(g.clone()).or_default().insert(id);
+            index(&mut self.by_group, g, id);
         }
         self.instances.insert(
             id,
@@ -674,13 +670,8 @@ impl Fleet {
         if let Some(i) = self.instances.remove(&id) {
             self.move_instance(id, i.spec.resources(), i.node.as_ref(), None);
             self.by_name.remove(&i.name);
-            if let Some(g) = &i.group
-                && let Some(set) = self.by_group.get_mut(g)
-            {
-                set.remove(&id);
-                if set.is_empty() {
-                    self.by_group.remove(g);
-                }
+            if let Some(g) = &i.group {
+                unindex(&mut self.by_group, g, id);
             }
         }
         self.dirty_instances.remove(&id);
@@ -1003,6 +994,29 @@ impl Fleet {
             for id in ids {
                 let _ = self.relocate(id, None);
             }
+        }
+    }
+}
+
+/// Adds `id` under `key` in one of the fleet's indexes.
+fn index<K: Eq + std::hash::Hash + Clone>(
+    map: &mut HashMap<K, BTreeSet<InstanceId>>,
+    key: &K,
+    id: InstanceId,
+) {
+    map.entry(key.clone()).or_default().insert(id);
+}
+
+/// Removes `id` from under `key` (and the key once nothing is left under it).
+fn unindex<K: Eq + std::hash::Hash>(
+    map: &mut HashMap<K, BTreeSet<InstanceId>>,
+    key: &K,
+    id: InstanceId,
+) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(&id);
+        if set.is_empty() {
+            map.remove(key);
         }
     }
 }
