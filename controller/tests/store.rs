@@ -6,17 +6,21 @@ use outpost_controller::scheduler::{GroupPolicy, Scheduler};
 use outpost_controller::store::{SqliteStore, Store};
 use outpost_protocol::*;
 
-#[test]
-fn fleet_changes_survive_a_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = SqliteStore::open(dir.path()).unwrap();
-    let mut f = Fleet::new(
+fn empty_fleet() -> Fleet {
+    Fleet::new(
         Scheduler::default(),
         FleetConfig::default(),
         vec![],
         vec![],
         vec![],
-    );
+    )
+}
+
+#[test]
+fn fleet_changes_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SqliteStore::open(dir.path()).unwrap();
+    let mut f = empty_fleet();
     let n = NodeId::new("edge-1").unwrap();
     f.on_status(
         1,
@@ -114,13 +118,7 @@ fn the_write_ahead_log_is_checkpointed_in_the_background() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("outpost.db");
     let mut store = SqliteStore::open(dir.path()).unwrap();
-    let mut f = Fleet::new(
-        Scheduler::default(),
-        FleetConfig::default(),
-        vec![],
-        vec![],
-        vec![],
-    );
+    let mut f = empty_fleet();
     for k in 0..2000u32 {
         let n = NodeId::new(&format!("edge-{k:05}")).unwrap();
         f.on_status(

@@ -728,10 +728,17 @@ impl Controller {
 pub struct Link {
     /// The port agents connect to.
     pub port: u16,
-    cut: Arc<std::sync::atomic::AtomicBool>,
-    generation: Arc<std::sync::atomic::AtomicU64>,
-    latency_ms: Arc<std::sync::atomic::AtomicU64>,
-    accepted: Arc<std::sync::atomic::AtomicU64>,
+    state: Arc<LinkState>,
+}
+
+/// What the link's forwarding threads share with the test.
+#[derive(Default)]
+struct LinkState {
+    cut: std::sync::atomic::AtomicBool,
+    /// Bumped by every cut: forwarders of an older generation stop.
+    generation: std::sync::atomic::AtomicU64,
+    latency_ms: std::sync::atomic::AtomicU64,
+    accepted: std::sync::atomic::AtomicU64,
 }
 
 impl Link {
@@ -740,45 +747,39 @@ impl Link {
         use std::sync::atomic::Ordering;
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let latency_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (c, g, lat, acc) = (
-            Arc::clone(&cut),
-            Arc::clone(&generation),
-            Arc::clone(&latency_ms),
-            Arc::clone(&accepted),
-        );
+        let state = Arc::new(LinkState::default());
+        let st = Arc::clone(&state);
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
-                acc.fetch_add(1, Ordering::SeqCst);
-                if c.load(Ordering::SeqCst) {
+                st.accepted.fetch_add(1, Ordering::SeqCst);
+                if st.cut.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
                 }
                 let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
                     continue;
                 };
-                let born = g.load(Ordering::SeqCst);
+                let born = st.generation.load(Ordering::SeqCst);
                 for (mut from, mut to) in [
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
                 ] {
-                    let (c, g, lat) = (Arc::clone(&c), Arc::clone(&g), Arc::clone(&lat));
+                    let st = Arc::clone(&st);
                     std::thread::spawn(move || {
                         use std::io::{Read as _, Write as _};
                         let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
                         let mut buf = [0u8; 16 * 1024];
                         loop {
-                            if c.load(Ordering::SeqCst) || g.load(Ordering::SeqCst) != born {
+                            if st.cut.load(Ordering::SeqCst)
+                                || st.generation.load(Ordering::SeqCst) != born
+                            {
                                 break;
                             }
                             match from.read(&mut buf) {
                                 Ok(0) => break,
                                 Ok(n) => {
-                                    let delay = lat.load(Ordering::SeqCst);
+                                    let delay = st.latency_ms.load(Ordering::SeqCst);
                                     if delay > 0 {
                                         std::thread::sleep(Duration::from_millis(delay));
                                     }
@@ -801,36 +802,35 @@ impl Link {
                 }
             }
         });
-        Self {
-            port,
-            cut,
-            generation,
-            latency_ms,
-            accepted,
-        }
+        Self { port, state }
     }
 
     /// Delays every chunk forwarded (each way) by `d`: a slow link, like a satellite hop.
     pub fn set_latency(&self, d: Duration) {
         let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        self.latency_ms
+        self.state
+            .latency_ms
             .store(ms, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
-        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+        self.state
+            .accepted
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Cuts the link: open connections die, new ones are refused.
     pub fn cut(&self) {
         use std::sync::atomic::Ordering;
-        self.cut.store(true, Ordering::SeqCst);
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.state.cut.store(true, Ordering::SeqCst);
+        self.state.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Restores the link.
     pub fn restore(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.state
+            .cut
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
