@@ -135,23 +135,27 @@ fn main() {
         // Agent: from the desired state's bytes to a running domain.
         let id = InstanceId::from_u64(0xa000_0000 + round);
         let bytes = DesiredState {
+            fleet: FleetId(1),
             generation: round + 1,
             instances: [DesiredInstance {
                 id,
+                name: InstanceName::new("bench").unwrap(),
                 power: PowerState::Running,
                 reboot_count: 0,
                 spec: spec.clone(),
             }]
             .into_iter()
             .collect(),
+            ..Default::default()
         }
         .to_vec()
         .unwrap();
         let t = Instant::now();
         let d = DesiredState::decode(&bytes).unwrap();
         assert_eq!(rec.offer(&d), Offer::Newer);
-        store.save(&d).unwrap();
-        let mut effects = rec.accept(d);
+        let held = rec.next_held(Box::new(d));
+        store.save(&held).unwrap();
+        let mut effects = rec.accept(held);
         effects.extend(rec.observe(Instant::now(), &hv.list().unwrap()));
         let mut created = false;
         for e in effects {

@@ -5,16 +5,22 @@
 //! Level-triggered: every [`Reconciler::observe`] pass compares the whole desired state with the
 //! whole list of domains, so a missed event, a restart or a replayed message converges the same
 //! way. At most one operation per instance is in flight.
+//!
+//! Never destroy what cannot be accounted for: a domain is deleted only when the desired state
+//! of the fleet this agent is bound to lists it as `gone`. A domain that is merely absent from
+//! the desired state (a controller whose store is older than the node, or lost) is kept as it
+//! is, with its spec, and handed back to the controller in a [`Holding`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use outpost_protocol::limits::MAX_INSTANCES_PER_NODE;
 use outpost_protocol::{
-    AckResult, AgentEvent, Arch, DesiredInstance, DesiredState, ErrorKind, HypervisorKind,
+    AckResult, AgentEvent, Arch, DesiredInstance, DesiredState, ErrorKind, Holding, HypervisorKind,
     ImageName, InstanceId, InstanceReport, InstanceSpec, InstanceState, NodeReport, PowerState,
     Reason, Resources, RestartPolicy, Usage,
 };
+use serde::{Deserialize, Serialize};
 
 use crate::hypervisor::{Domain, DomainState};
 
@@ -36,6 +42,21 @@ pub struct HostFacts {
     pub allocatable: Resources,
     /// Files in the image directory.
     pub images: BTreeSet<ImageName>,
+}
+
+/// Most instances an agent keeps without a controller's account of them (see [`Held::kept`]).
+pub const MAX_KEPT: usize = 64;
+
+/// What the agent holds and stores durably: the desired state it converges to, and the
+/// instances it keeps because no desired state of its fleet accounted for them (they were
+/// omitted without being listed as gone). Kept instances are left exactly as they are and
+/// handed back to the controller for adoption.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Held {
+    /// The desired state (boxed: tens of KiB at its largest).
+    pub desired: Box<DesiredState>,
+    /// Instances kept with their last spec, at most [`MAX_KEPT`].
+    pub kept: Vec<DesiredInstance>,
 }
 
 /// An operation on one instance.
@@ -87,14 +108,17 @@ pub enum Offer {
     Newer,
     /// The same generation again (a replay): answer with [`Reconciler::ack_current`].
     Same,
-    /// Older than the one held: ignored, answered with this ack.
-    Stale(AgentEvent),
+    /// Older than the one held, or from another fleet: ignored, answered with this ack and
+    /// with what the agent holds ([`Reconciler::holding`]).
+    Refused(AgentEvent),
 }
 
 /// What the reconciler remembers about one instance between passes.
 #[derive(Debug, Default)]
 struct Track {
     state: Option<InstanceState>,
+    /// Its domain was listed by the last pass.
+    present: bool,
     reason: Reason,
     busy: bool,
     power_applied: Option<PowerState>,
@@ -120,9 +144,20 @@ impl Track {
 /// The agent's decision logic.
 #[derive(Debug)]
 pub struct Reconciler {
-    desired: Option<Box<DesiredState>>,
+    held: Option<Box<Held>>,
     tracks: BTreeMap<InstanceId, Track>,
     host: HostFacts,
+    /// When the agent last heard from its controller (a desired state, or a live link).
+    heard: Option<Instant>,
+}
+
+/// The instance state a domain's state reads as, for an instance the agent does not converge.
+fn as_found(state: DomainState) -> InstanceState {
+    match state {
+        DomainState::Running => InstanceState::Running,
+        DomainState::Off { crashed: true } => InstanceState::Crashed,
+        _ => InstanceState::Stopped,
+    }
 }
 
 fn event(generation: u64, id: InstanceId, state: InstanceState, reason: &Reason) -> Effect {
@@ -203,20 +238,64 @@ fn admit(
 }
 
 impl Reconciler {
-    /// A reconciler for this host, holding the desired state restored from disk (`None` when
-    /// there is none yet or it could not be read: then nothing is created or deleted until the
-    /// controller sends one).
-    pub fn new(host: HostFacts, desired: Option<DesiredState>) -> Self {
+    /// A reconciler for this host, holding what was restored from disk (`None` when there is
+    /// nothing yet or it could not be read: then nothing is created or deleted until the
+    /// controller sends a desired state).
+    pub fn new(host: HostFacts, held: Option<Held>) -> Self {
         Self {
-            desired: desired.map(Box::new),
+            held: held.map(Box::new),
             tracks: BTreeMap::new(),
             host,
+            heard: None,
         }
     }
 
     /// The generation held (0 when none).
     pub fn generation(&self) -> u64 {
-        self.desired.as_ref().map_or(0, |d| d.generation)
+        self.held.as_ref().map_or(0, |h| h.desired.generation)
+    }
+
+    /// What is held (the shell stores it).
+    pub fn held(&self) -> Option<&Held> {
+        self.held.as_deref()
+    }
+
+    /// The agent heard from its controller at `at` (a desired state arrived, or the link to
+    /// the broker is up).
+    pub fn heard(&mut self, at: Instant) {
+        if self.heard.is_none_or(|h| at > h) {
+            self.heard = Some(at);
+        }
+    }
+
+    /// Whether the agent may start instances on its own at `now`: always when the held desired
+    /// state sets no lease, otherwise only within the lease since it last heard from the
+    /// controller (after that, the controller may have rebuilt them elsewhere).
+    pub fn may_start(&self, now: Instant) -> bool {
+        let lease = self.held.as_ref().map_or(0, |h| h.desired.lease_secs);
+        lease == 0
+            || self.heard.is_some_and(|h| {
+                now.saturating_duration_since(h) <= Duration::from_secs(u64::from(lease))
+            })
+    }
+
+    /// What the agent holds, for the controller: the held version, then the specs of the
+    /// kept instances and of the wanted ones (kept first: they are the ones a controller may
+    /// not know).
+    pub fn holding(&self) -> Holding {
+        let Some(h) = &self.held else {
+            return Holding::default();
+        };
+        Holding {
+            held: Some(h.desired.version()),
+            instances: h
+                .kept
+                .iter()
+                .chain(h.desired.instances.iter())
+                .take(MAX_INSTANCES_PER_NODE)
+                .cloned()
+                .collect(),
+        }
     }
 
     /// Updates what the host offers (after a new fingerprint).
@@ -224,19 +303,56 @@ impl Reconciler {
         self.host = host;
     }
 
-    /// Compares a received desired state with the held one.
+    /// Compares a received desired state with the held one. The first one binds the agent to
+    /// its fleet; after that only the same fleet's newer generations are taken, or a state
+    /// that names exactly the held one in `replaces` (an adoption, or a reset of the
+    /// generation after a forged or rolled-back one).
     pub fn offer(&self, d: &DesiredState) -> Offer {
-        match &self.desired {
-            None => Offer::Newer,
-            Some(cur) if d.generation > cur.generation => Offer::Newer,
-            Some(cur) if d.generation == cur.generation => Offer::Same,
-            Some(cur) => Offer::Stale(AgentEvent::Ack {
-                generation: d.generation,
-                result: AckResult::Stale {
-                    current: cur.generation,
-                },
-            }),
+        let Some(h) = &self.held else {
+            return Offer::Newer;
+        };
+        let cur = h.desired.version();
+        if d.version() == cur {
+            return Offer::Same;
         }
+        if d.replaces == Some(cur) {
+            return Offer::Newer;
+        }
+        let refuse = |result| {
+            Offer::Refused(AgentEvent::Ack {
+                generation: d.generation,
+                result,
+            })
+        };
+        if d.fleet != cur.fleet {
+            return refuse(AckResult::OtherFleet { held: cur });
+        }
+        if d.generation > cur.generation {
+            Offer::Newer
+        } else {
+            refuse(AckResult::Stale {
+                current: cur.generation,
+            })
+        }
+    }
+
+    /// What the agent will hold once it takes `d` (offered [`Offer::Newer`]): `d`, and every
+    /// instance held now that `d` neither wants nor lists as gone and whose domain exists.
+    /// The shell stores it durably, then calls [`accept`](Self::accept).
+    pub fn next_held(&self, d: Box<DesiredState>) -> Held {
+        let mut kept: Vec<DesiredInstance> = Vec::new();
+        if let Some(h) = &self.held {
+            for di in h.kept.iter().chain(h.desired.instances.iter()) {
+                let accounted = d.instances.iter().any(|i| i.id == di.id)
+                    || d.gone.contains(&di.id)
+                    || kept.iter().any(|k| k.id == di.id);
+                let present = self.tracks.get(&di.id).is_some_and(|t| t.present);
+                if !accounted && present && kept.len() < MAX_KEPT {
+                    kept.push(di.clone());
+                }
+            }
+        }
+        Held { desired: d, kept }
     }
 
     /// The ack for the generation held.
@@ -247,10 +363,10 @@ impl Reconciler {
         }
     }
 
-    /// Takes a newer desired state, already stored durably by the shell. The next
-    /// [`observe`](Self::observe) converges to it.
-    pub fn accept(&mut self, d: DesiredState) -> Vec<Effect> {
-        self.desired = Some(Box::new(d));
+    /// Takes what [`next_held`](Self::next_held) returned, already stored durably by the
+    /// shell. The next [`observe`](Self::observe) converges to it.
+    pub fn accept(&mut self, held: Held) -> Vec<Effect> {
+        self.held = Some(Box::new(held));
         // A new generation means the controller looked again: failed builds get another try.
         for t in self.tracks.values_mut() {
             t.create_failed = false;
@@ -262,50 +378,73 @@ impl Reconciler {
     pub fn observe(&mut self, now: Instant, domains: &[Domain]) -> Vec<Effect> {
         let observed: BTreeMap<InstanceId, DomainState> =
             domains.iter().map(|d| (d.id, d.state)).collect();
+        for (id, t) in &mut self.tracks {
+            t.present = observed.contains_key(id);
+        }
         let mut out = Vec::new();
+        let may_start = self.may_start(now);
         let Self {
-            desired,
-            tracks,
-            host,
+            held, tracks, host, ..
         } = self;
-        let Some(desired) = desired else {
+        let Some(held) = held else {
             // Desired state unknown: report what is there, change nothing.
             for (&id, &state) in &observed {
                 let t = tracks.entry(id).or_default();
-                let s = match state {
-                    DomainState::Running => InstanceState::Running,
-                    DomainState::Off { crashed: true } => InstanceState::Crashed,
-                    _ => InstanceState::Stopped,
-                };
+                t.present = true;
                 set_state(
                     &mut out,
                     0,
                     id,
                     t,
-                    s,
+                    as_found(state),
                     "waiting for the controller's desired state",
                 );
             }
             return out;
         };
+        let desired = &held.desired;
         let generation = desired.generation;
         let mut used = Resources::default();
         for di in &desired.instances {
             let t = tracks.entry(di.id).or_default();
             match observed.get(&di.id) {
-                None => Self::converge_absent(&mut out, now, generation, di, t, &mut used, host),
+                None if may_start => {
+                    Self::converge_absent(&mut out, now, generation, di, t, &mut used, host);
+                }
+                None => set_state(
+                    &mut out,
+                    generation,
+                    di.id,
+                    t,
+                    InstanceState::Stopped,
+                    "not started: no word from the controller for longer than the lease",
+                ),
                 Some(&state) => {
+                    t.present = true;
                     used = used.saturating_add(di.spec.resources());
-                    Self::converge_present(&mut out, now, generation, di, t, state);
+                    Self::converge_present(&mut out, now, generation, di, t, state, may_start);
                 }
             }
         }
         let wanted: BTreeSet<InstanceId> = desired.instances.iter().map(|d| d.id).collect();
-        for &id in observed.keys().filter(|id| !wanted.contains(id)) {
+        for (&id, &state) in observed.iter().filter(|(id, _)| !wanted.contains(id)) {
             let t = tracks.entry(id).or_default();
-            if t.ready(now) {
-                t.busy = true;
-                out.push(Effect::Run(id, Op::Delete));
+            t.present = true;
+            if desired.gone.contains(&id) {
+                if t.ready(now) {
+                    t.busy = true;
+                    out.push(Effect::Run(id, Op::Delete));
+                }
+            } else if !t.busy {
+                // Not accounted for by the controller: kept exactly as it is, and reported.
+                set_state(
+                    &mut out,
+                    generation,
+                    id,
+                    t,
+                    as_found(state),
+                    "kept: not in the controller's desired state, and not deleted by it",
+                );
             }
         }
         // Instances neither wanted nor present (never built, or deleted): say so once, forget.
@@ -371,6 +510,7 @@ impl Reconciler {
         di: &DesiredInstance,
         t: &mut Track,
         state: DomainState,
+        may_start: bool,
     ) {
         let id = di.id;
         let applied_reboot = *t.reboot_applied.get_or_insert(di.reboot_count);
@@ -412,7 +552,7 @@ impl Reconciler {
                         }
                     }
                 };
-                if restart && t.ready(now) {
+                if restart && may_start && t.ready(now) {
                     if t.power_applied == Some(PowerState::Running) {
                         t.back_off(now);
                     }
@@ -446,9 +586,9 @@ impl Reconciler {
         let mut out = Vec::new();
         let generation = self.generation();
         let wanted = self
-            .desired
+            .held
             .as_ref()
-            .is_some_and(|d| d.instances.iter().any(|i| i.id == id));
+            .is_some_and(|h| h.desired.instances.iter().any(|i| i.id == id));
         let Some(t) = self.tracks.get_mut(&id) else {
             return out;
         };
@@ -499,8 +639,9 @@ impl Reconciler {
     pub fn report(&self) -> NodeReport {
         let mut used = Resources::default();
         let mut count: u16 = 0;
-        if let Some(d) = &self.desired {
-            for di in &d.instances {
+        if let Some(h) = &self.held {
+            // Kept instances hold the host's resources as much as wanted ones.
+            for di in h.desired.instances.iter().chain(h.kept.iter()) {
                 let holds = self
                     .tracks
                     .get(&di.id)

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use outpost_protocol::topics::{self, Channel};
 use outpost_protocol::{
-    AgentEvent, DesiredState, ErrorKind, InstanceId, Inventory, Message, NodeStatus, Presence,
+    AgentEvent, DesiredState, ErrorKind, InstanceId, Inventory, Message, NodeStatus, NoticeKind,
+    Presence, Reason,
 };
 use rumqttc::{
     AsyncClient, ConnectionError, Event, LastWill, MqttOptions, NetworkOptions, Packet, QoS,
@@ -88,17 +89,31 @@ impl Backoff {
     }
 }
 
-/// A session number larger than `last` and, when the clock allows, the current time in ms.
-fn next_session(last: u64) -> u64 {
-    let now = SystemTime::now()
+/// How often, while connected, the agent records on disk that it heard from its controller.
+pub const HEARD_EVERY: Duration = Duration::from_secs(60);
+
+/// The wall clock in ms since the epoch.
+fn wall_ms() -> u64 {
+    SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    now.max(last.saturating_add(1))
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn encode<M: Message>(m: &M) -> Vec<u8> {
-    // Every message the agent builds is within its bounds by construction.
-    m.to_vec().unwrap_or_default()
+/// A session number larger than `last` and, when the clock allows, the current time in ms.
+fn next_session(last: u64) -> u64 {
+    wall_ms().max(last.saturating_add(1))
+}
+
+/// Encodes a message; `None` (logged) if it does not fit its bounds, so that nothing empty is
+/// ever published in its place (an empty retained payload would erase the topic).
+fn encode<M: Message>(m: &M) -> Option<Vec<u8>> {
+    match m.to_vec() {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::error!(message = M::NAME, error = %e, "message does not encode; not sent");
+            None
+        }
+    }
 }
 
 /// MQTT options for one connection attempt: broker `broker`, Last Will for `session`.
@@ -113,7 +128,8 @@ fn mqtt_options(cfg: &Config, broker: usize, session: u64) -> MqttOptions {
             encode(&NodeStatus {
                 presence: Presence::Offline,
                 session,
-            }),
+            })
+            .unwrap_or_default(),
             QoS::AtLeastOnce,
             true,
         ));
@@ -213,10 +229,18 @@ struct Shell {
     inventory: Inventory,
     connected: bool,
     done_tx: mpsc::UnboundedSender<Done>,
+    /// Node notices to repeat after every connect until they no longer hold.
+    notices: Vec<(NoticeKind, String)>,
+    /// When `heard` was last written to disk.
+    heard_saved: Option<Instant>,
+    /// A desired state arrived on the current connection (the retained one comes first): only
+    /// then does the live link count as contact with the controller.
+    synced: bool,
 }
 
 impl Shell {
-    fn publish(&mut self, ch: Channel, payload: Vec<u8>) {
+    fn publish(&mut self, ch: Channel, payload: Option<Vec<u8>>) {
+        let Some(payload) = payload else { return };
         let topic = topics::topic(&self.cfg.node_id, ch);
         if self
             .client
@@ -252,8 +276,54 @@ impl Shell {
         }
     }
 
-    /// Everything the controller needs after a (re)connect: online status, inventory, report
-    /// and each instance's state.
+    /// A notice about the node: logged, published now if connected, and again after every
+    /// connect while `sticky`.
+    fn notice(&mut self, kind: NoticeKind, reason: String, sticky: bool) {
+        tracing::warn!(notice = kind.as_str(), %reason, "node notice");
+        if sticky {
+            self.notices.retain(|(k, _)| *k != kind);
+            self.notices.push((kind, reason.clone()));
+        }
+        if self.connected {
+            self.publish_event(&AgentEvent::Notice {
+                kind,
+                reason: Reason::lossy(&reason),
+            });
+        }
+    }
+
+    /// Publishes what the agent holds, for a controller that may be behind it.
+    fn publish_holding(&mut self) {
+        let h = self.rec.holding();
+        self.publish(Channel::Holding, encode(&h));
+    }
+
+    /// The agent heard from its controller now; recorded on disk at most every
+    /// [`HEARD_EVERY`] (or at once when `force`).
+    async fn heard(&mut self, force: bool) {
+        let now = Instant::now();
+        self.rec.heard(now);
+        if !force
+            && self
+                .heard_saved
+                .is_some_and(|t| now.duration_since(t) < HEARD_EVERY)
+        {
+            return;
+        }
+        self.heard_saved = Some(now);
+        let store = self.store.clone();
+        let ms = wall_ms();
+        match tokio::task::spawn_blocking(move || store.save_heard(ms)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot record when the controller was last heard")
+            }
+            Err(e) => tracing::warn!(error = %e, "recording the last contact panicked"),
+        }
+    }
+
+    /// Everything the controller needs after a (re)connect: online status, inventory, report,
+    /// each instance's state, what the agent holds, and standing notices.
     fn announce(&mut self, session: u64) {
         let status = NodeStatus {
             presence: Presence::Online,
@@ -264,6 +334,13 @@ impl Shell {
         self.publish(Channel::Report, encode(&self.rec.report()));
         for ev in self.rec.resync() {
             self.publish_event(&ev);
+        }
+        self.publish_holding();
+        for (kind, reason) in self.notices.clone() {
+            self.publish_event(&AgentEvent::Notice {
+                kind,
+                reason: Reason::lossy(&reason),
+            });
         }
     }
 
@@ -278,36 +355,50 @@ impl Shell {
         };
         match self.rec.offer(&d) {
             Offer::Newer => {
+                let (generation, fleet, count) = (d.generation, d.fleet, d.instances.len());
+                let next = self.rec.next_held(d);
                 let store = self.store.clone();
-                let copy = d.clone();
+                let copy = next.clone();
                 match tokio::task::spawn_blocking(move || store.save(&copy)).await {
                     Ok(Ok(())) => {
-                        tracing::info!(
-                            generation = d.generation,
-                            instances = d.instances.len(),
-                            "desired state accepted"
-                        );
-                        let effects = self.rec.accept(*d);
+                        tracing::info!(%fleet, generation, instances = count, kept = next.kept.len(), "desired state accepted");
+                        let effects = self.rec.accept(next);
                         self.apply(effects);
+                        self.notices.retain(|(k, _)| {
+                            !matches!(
+                                k,
+                                NoticeKind::StateUnreadable
+                                    | NoticeKind::StateNotStored
+                                    | NoticeKind::LeaseExpired
+                            )
+                        });
+                        self.heard(true).await;
                         return true;
                     }
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "cannot store the desired state: not accepted")
-                    }
+                    Ok(Err(e)) => self.notice(
+                        NoticeKind::StateNotStored,
+                        format!("desired state {generation} not accepted: cannot store it: {e}"),
+                        true,
+                    ),
                     Err(e) => tracing::error!(error = %e, "storing the desired state panicked"),
                 }
             }
             Offer::Same => {
                 let ack = self.rec.ack_current();
                 self.publish_event(&ack);
+                self.heard(false).await;
+                // A replay after a restart with an expired lease: starting is allowed again.
+                return true;
             }
-            Offer::Stale(ack) => {
-                tracing::info!(
+            Offer::Refused(ack) => {
+                tracing::warn!(
+                    fleet = %d.fleet,
                     generation = d.generation,
-                    current = self.rec.generation(),
-                    "ignored a stale desired state"
+                    held = ?self.rec.held().map(|h| h.desired.version()),
+                    "refused a desired state that is older than, or from another fleet than, the one held"
                 );
                 self.publish_event(&ack);
+                self.publish_holding();
             }
         }
         false
@@ -382,19 +473,23 @@ async fn run_loop(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<Counters, AgentError> {
     let store = DesiredStore::open(&cfg.state_dir)?;
+    let mut notices = Vec::new();
     let restored = match store.load() {
         Ok(d) => d,
         Err(e) => {
             // Never guess: without a trustworthy desired state nothing is created or deleted
             // until the controller sends one.
             tracing::error!(error = %e, "ignoring the stored desired state");
+            notices.push((NoticeKind::StateUnreadable, e.to_string()));
             None
         }
     };
-    if let Some(d) = &restored {
+    if let Some(h) = &restored {
         tracing::info!(
-            generation = d.generation,
-            instances = d.instances.len(),
+            fleet = %h.desired.fleet,
+            generation = h.desired.generation,
+            instances = h.desired.instances.len(),
+            kept = h.kept.len(),
             "restored the desired state from disk"
         );
     }
@@ -421,8 +516,23 @@ async fn run_loop(
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     reconcile_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let mut rec = Reconciler::new(facts, restored);
+    // The lease runs from the last contact recorded on disk, if the clock still agrees.
+    if let Some(age) = store
+        .heard_ms()
+        .and_then(|ms| wall_ms().checked_sub(ms))
+        .map(Duration::from_millis)
+        && let Some(at) = Instant::now().checked_sub(age)
+    {
+        rec.heard(at);
+    }
+    if rec.held().is_some() && !rec.may_start(Instant::now()) {
+        let why = "restarted after the controller's lease ran out: starting nothing until it is heard from again";
+        tracing::warn!("{why}");
+        notices.push((NoticeKind::LeaseExpired, why.to_owned()));
+    }
     let mut sh = Shell {
-        rec: Reconciler::new(facts, restored),
+        rec,
         cfg,
         hv,
         store,
@@ -431,6 +541,9 @@ async fn run_loop(
         inventory,
         connected: false,
         done_tx,
+        notices,
+        heard_saved: None,
+        synced: false,
     };
     let mut pass_due = true;
     tokio::pin!(shutdown);
@@ -447,11 +560,13 @@ async fn run_loop(
                     session = s;
                     tracing::info!(%broker, session, "connected");
                     sh.connected = true;
+                    sh.synced = false;
                     let _ = sh.client.try_subscribe(desired_topic.as_str(), QoS::AtLeastOnce);
                     sh.announce(session);
                 }
                 LinkEvent::Message(p) => {
                     if p.topic == desired_topic.as_str() {
+                        sh.synced = true;
                         pass_due |= sh.on_desired(&p.payload).await;
                     } else {
                         sh.counters.malformed += 1;
@@ -478,7 +593,10 @@ async fn run_loop(
             _ = reconcile_tick.tick() => pass_due = true,
             _ = report_tick.tick() => {
                 sh.refresh_host().await?;
-                if sh.connected {
+                if sh.connected && sh.synced {
+                    // A live link to the fleet's broker counts as contact: while it is up, the
+                    // controller sees this node and does not rebuild its instances elsewhere.
+                    sh.heard(false).await;
                     let report = encode(&sh.rec.report());
                     sh.publish(Channel::Report, report);
                 }

@@ -1,16 +1,34 @@
-//! The durable copy of the node's desired state: one file in the state directory, in the wire
-//! encoding (versioned, size-capped), replaced atomically (write, fsync, rename, fsync dir).
+//! What the agent keeps on disk, in its state directory (created 0700):
+//!
+//! - `desired.bin`: what it holds ([`Held`]: the desired state and the instances it keeps),
+//!   framed like the flashed config: `OPST` magic, a format version, the body length (u32 LE),
+//!   the postcard body, and a CRC-32 over everything before it. Replaced atomically (write,
+//!   fsync, rename, fsync dir), mode 0600. A file that fails any check is never guessed at: the
+//!   agent touches nothing until the controller sends a desired state.
+//! - `heard`: when the agent last heard from its controller (ms since the epoch, with a
+//!   CRC-32), which bounds how long it may start instances on its own after a restart.
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-use outpost_protocol::{DecodeError, DesiredState, EncodeError, Message};
+use crate::reconcile::Held;
 
-/// The file name inside the state directory.
+/// The file name of what the agent holds, inside the state directory.
 pub const DESIRED_FILE: &str = "desired.bin";
+/// The file name of the last time the agent heard from its controller.
+pub const HEARD_FILE: &str = "heard";
+/// The first four bytes of the held-state file.
+pub const MAGIC: [u8; 4] = *b"OPST";
+/// The held-state file's format version.
+pub const FORMAT: u8 = 2;
+/// The largest held-state file: a full desired state and a full list of kept instances.
+pub const MAX_FILE_LEN: usize = 256 * 1024;
+const HEADER_LEN: usize = 4 + 1 + 4;
+const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 
-/// Why the desired state could not be stored or loaded.
+/// Why the held state could not be stored or loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Reading or writing the file failed.
@@ -21,73 +39,162 @@ pub enum StoreError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The file exists but does not decode.
-    #[error("{path} is corrupt: {source}")]
+    /// The file exists but fails a check.
+    #[error(
+        "{path} is corrupt ({why}): keeping every domain as it is until the controller sends a desired state"
+    )]
     Corrupt {
         /// The file.
         path: PathBuf,
-        /// The decode error.
-        source: DecodeError,
+        /// Which check failed.
+        why: &'static str,
     },
     /// The state cannot be encoded (cannot happen for a decoded state).
-    #[error("desired state does not encode: {0}")]
-    Encode(#[from] EncodeError),
+    #[error("the held state does not encode")]
+    Encode,
 }
 
-/// The desired-state file of one agent.
+/// The state files of one agent.
 #[derive(Debug, Clone)]
 pub struct DesiredStore {
     dir: PathBuf,
 }
 
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + use<> {
+    let path = path.to_owned();
+    move |source| StoreError::Io { path, source }
+}
+
+/// The framed form of `held`.
+pub fn frame(held: &Held) -> Result<Vec<u8>, StoreError> {
+    let body = postcard::to_stdvec(held).map_err(|_| StoreError::Encode)?;
+    let len = u32::try_from(body.len()).map_err(|_| StoreError::Encode)?;
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len() + 4);
+    out.extend_from_slice(&MAGIC);
+    out.push(FORMAT);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&body);
+    let crc = CRC32.checksum(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    if out.len() > MAX_FILE_LEN {
+        return Err(StoreError::Encode);
+    }
+    Ok(out)
+}
+
+/// Checks and decodes the framed form; the error names the check that failed.
+pub fn unframe(bytes: &[u8]) -> Result<Held, &'static str> {
+    if bytes.len() > MAX_FILE_LEN {
+        return Err("too large");
+    }
+    if bytes.len() < HEADER_LEN + 4 {
+        return Err("too short");
+    }
+    let (data, crc) = bytes.split_at(bytes.len() - 4);
+    if data[..4] != MAGIC {
+        return Err("bad magic");
+    }
+    if data[4] != FORMAT {
+        return Err("unknown format version");
+    }
+    let mut stored = [0u8; 4];
+    stored.copy_from_slice(crc);
+    if CRC32.checksum(data) != u32::from_le_bytes(stored) {
+        return Err("checksum mismatch");
+    }
+    let mut len = [0u8; 4];
+    len.copy_from_slice(&data[5..9]);
+    let body = &data[HEADER_LEN..];
+    if u32::from_le_bytes(len) as usize != body.len() {
+        return Err("length mismatch");
+    }
+    match postcard::take_from_bytes::<Held>(body) {
+        Ok((held, [])) => Ok(held),
+        Ok(_) => Err("trailing bytes"),
+        Err(_) => Err("malformed body"),
+    }
+}
+
+/// Writes `bytes` to `path` atomically with mode 0600, and syncs the directory.
+fn replace(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let name = path
+        .file_name()
+        .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(())
+}
+
 impl DesiredStore {
-    /// A store in `state_dir` (created if missing).
+    /// The store in `state_dir`, created 0700 if missing (an existing directory is narrowed to
+    /// 0700: it holds instance specs).
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        fs::create_dir_all(state_dir).map_err(|source| StoreError::Io {
-            path: state_dir.to_owned(),
-            source,
-        })?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .map_err(io(state_dir))?;
+        fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700)).map_err(io(state_dir))?;
         Ok(Self {
             dir: state_dir.to_owned(),
         })
     }
 
-    /// The file's path.
+    /// The held-state file's path.
     pub fn path(&self) -> PathBuf {
         self.dir.join(DESIRED_FILE)
     }
 
-    /// The stored desired state; `None` if none was ever stored.
-    pub fn load(&self) -> Result<Option<DesiredState>, StoreError> {
+    /// What is held; `None` if nothing was ever stored.
+    pub fn load(&self) -> Result<Option<Held>, StoreError> {
         let path = self.path();
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StoreError::Io { path, source }),
         };
-        DesiredState::decode(&bytes)
+        unframe(&bytes)
             .map(Some)
-            .map_err(|source| StoreError::Corrupt { path, source })
+            .map_err(|why| StoreError::Corrupt { path, why })
     }
 
-    /// Replaces the stored state atomically: after a crash the file holds the old state or the
+    /// Replaces what is held atomically: after a crash the file holds the old state or the
     /// new one, never a mix.
-    pub fn save(&self, d: &DesiredState) -> Result<(), StoreError> {
-        let bytes = d.to_vec()?;
-        let path = self.path();
-        let tmp = self.dir.join(format!("{DESIRED_FILE}.tmp"));
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Io { path, source }
-        };
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io(&path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))?;
-        Ok(())
+    pub fn save(&self, held: &Held) -> Result<(), StoreError> {
+        replace(&self.dir, &self.path(), &frame(held)?)
+    }
+
+    /// When the agent last heard from its controller (ms since the epoch); `None` if never, or
+    /// if the file is damaged (which counts as long ago).
+    pub fn heard_ms(&self) -> Option<u64> {
+        let b = fs::read(self.dir.join(HEARD_FILE)).ok()?;
+        let (ms, crc) = (b.get(..8)?, b.get(8..12)?);
+        let mut c = [0u8; 4];
+        c.copy_from_slice(crc);
+        (b.len() == 12 && CRC32.checksum(ms) == u32::from_le_bytes(c)).then(|| {
+            let mut m = [0u8; 8];
+            m.copy_from_slice(ms);
+            u64::from_le_bytes(m)
+        })
+    }
+
+    /// Records that the agent heard from its controller at `ms` (since the epoch).
+    pub fn save_heard(&self, ms: u64) -> Result<(), StoreError> {
+        let mut b = ms.to_le_bytes().to_vec();
+        b.extend_from_slice(&CRC32.checksum(&ms.to_le_bytes()).to_le_bytes());
+        replace(&self.dir, &self.dir.join(HEARD_FILE), &b)
     }
 }
 
@@ -95,19 +202,46 @@ impl DesiredStore {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use outpost_protocol::{DesiredState, FleetId};
+
+    fn held() -> Held {
+        Held {
+            desired: Box::new(DesiredState {
+                fleet: FleetId(7),
+                generation: 3,
+                ..Default::default()
+            }),
+            kept: Vec::new(),
+        }
+    }
 
     #[test]
-    fn save_then_load_round_trips() {
+    fn save_then_load_round_trips_with_private_modes() {
         let dir = tempfile::tempdir().unwrap();
-        let store = DesiredStore::open(dir.path()).unwrap();
+        let state = dir.path().join("state");
+        let store = DesiredStore::open(&state).unwrap();
         assert!(store.load().unwrap().is_none());
-        let d = DesiredState {
-            generation: 3,
-            ..Default::default()
-        };
-        store.save(&d).unwrap();
-        assert_eq!(store.load().unwrap(), Some(d));
-        assert!(!dir.path().join("desired.bin.tmp").exists());
+        store.save(&held()).unwrap();
+        assert_eq!(store.load().unwrap(), Some(held()));
+        assert!(!state.join("desired.bin.tmp").exists());
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&store.path()), 0o600);
+        assert_eq!(mode(&state), 0o700);
+        store.save_heard(1_700_000_000_123).unwrap();
+        assert_eq!(store.heard_ms(), Some(1_700_000_000_123));
+        assert_eq!(mode(&state.join(HEARD_FILE)), 0o600);
+    }
+
+    #[test]
+    fn every_flipped_bit_is_caught() {
+        let bytes = frame(&held()).unwrap();
+        for i in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            assert!(unframe(&b).is_err(), "bit {i} flipped went unnoticed");
+        }
+        assert!(unframe(&bytes[..bytes.len() - 1]).is_err());
+        assert!(unframe(&[]).is_err());
     }
 
     #[test]
@@ -117,5 +251,7 @@ mod tests {
         fs::write(store.path(), [9, 9, 9]).unwrap();
         let err = store.load().unwrap_err().to_string();
         assert!(err.contains("corrupt"), "{err}");
+        fs::write(dir.path().join(HEARD_FILE), [1, 2, 3]).unwrap();
+        assert_eq!(store.heard_ms(), None);
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use outpost_agent::config::Config;
 use outpost_agent::hypervisor::DomainState;
 use outpost_agent::hypervisor::fake::{Call, FakeHypervisor};
+use outpost_agent::reconcile::Held;
 use outpost_agent::store::DesiredStore;
 use outpost_protocol::*;
 
@@ -52,20 +53,26 @@ async fn cold_boot_offline_restores_instances_from_disk() {
     };
     let ids = [InstanceId::from_u64(1), InstanceId::from_u64(2)];
     let desired = DesiredState {
+        fleet: FleetId(9),
         generation: 4,
         instances: ids
             .iter()
             .map(|&id| DesiredInstance {
                 id,
+                name: InstanceName::new(&format!("vm-{id}x")).unwrap(),
                 power: PowerState::Running,
                 reboot_count: 0,
                 spec: spec.clone(),
             })
             .collect(),
+        ..Default::default()
     };
     DesiredStore::open(dir.path())
         .unwrap()
-        .save(&desired)
+        .save(&Held {
+            desired: Box::new(desired),
+            kept: Vec::new(),
+        })
         .unwrap();
 
     // The host rebooted: the domains exist but are off. A third, unwanted one is there too.
@@ -94,8 +101,9 @@ async fn cold_boot_offline_restores_instances_from_disk() {
         assert_eq!(hv.calls(Call::Start, id), 1, "{id} started once");
         assert_eq!(hv.calls(Call::Create, id), 0, "{id} not rebuilt");
     }
-    // The stored desired state does not want the stray domain: it goes, even offline.
-    assert_eq!(hv.state_of(stray), None);
+    // The stray domain is not wanted, but nobody said it is gone: it is kept as it is.
+    assert_eq!(hv.state_of(stray), Some(DomainState::Running));
+    assert_eq!(hv.calls(Call::Delete, stray), 0);
     // It kept trying the broker, with back-off (not thousands of attempts in 120 s).
     assert!(
         (3..200).contains(&counters.connect_failures),

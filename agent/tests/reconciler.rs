@@ -48,16 +48,29 @@ fn spec(memory_mib: u32, restart: RestartPolicy) -> InstanceSpec {
 fn inst(n: u64, spec: InstanceSpec) -> DesiredInstance {
     DesiredInstance {
         id: id(n),
+        name: InstanceName::new(&format!("vm-{n}")).unwrap(),
         power: PowerState::Running,
         reboot_count: 0,
         spec,
     }
 }
 
+const FLEET: FleetId = FleetId(0xf1ee7);
+
 fn desired(generation: u64, instances: Vec<DesiredInstance>) -> DesiredState {
     DesiredState {
+        fleet: FLEET,
         generation,
         instances: instances.into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+/// A desired state that also lists `gone` (deleted or moved away by the controller).
+fn desired_gone(generation: u64, instances: Vec<DesiredInstance>, gone: &[u64]) -> DesiredState {
+    DesiredState {
+        gone: gone.iter().map(|&n| id(n)).collect(),
+        ..desired(generation, instances)
     }
 }
 
@@ -94,12 +107,13 @@ impl Sim {
     fn deliver(&mut self, d: DesiredState) {
         match self.rec.offer(&d) {
             Offer::Newer => {
-                self.store.save(&d).unwrap();
-                let effects = self.rec.accept(d);
+                let held = self.rec.next_held(Box::new(d));
+                self.store.save(&held).unwrap();
+                let effects = self.rec.accept(held);
                 self.apply(effects);
             }
             Offer::Same => self.events.push(self.rec.ack_current()),
-            Offer::Stale(ack) => self.events.push(ack),
+            Offer::Refused(ack) => self.events.push(ack),
         }
     }
 
@@ -236,7 +250,7 @@ fn stale_generation_is_refused_and_changes_nothing() {
     assert_eq!(acks(&ev), vec![(4, AckResult::Stale { current: 5 })]);
     assert_eq!(s.hv.calls(Call::Delete, id(1)), 0);
     assert_eq!(s.hv.calls(Call::Create, id(2)), 0);
-    assert_eq!(s.store.load().unwrap().unwrap().generation, 5);
+    assert_eq!(s.store.load().unwrap().unwrap().desired.generation, 5);
 }
 
 #[test]
@@ -251,9 +265,10 @@ fn removed_instances_are_deleted() {
     ));
     s.converge();
     s.take_events();
-    s.deliver(desired(
+    s.deliver(desired_gone(
         2,
         vec![inst(2, spec(512, RestartPolicy::OnFailure))],
+        &[1],
     ));
     s.converge();
     let ev = s.take_events();
@@ -361,10 +376,164 @@ fn without_a_desired_state_nothing_is_deleted() {
     s.converge();
     assert_eq!(s.hv.calls(Call::Delete, id(9)), 0);
     assert_eq!(s.state(9), Some(InstanceState::Running));
-    // Once the controller speaks, an instance it does not want goes.
+    // The controller speaks without accounting for it: it is kept, running.
     s.deliver(desired(1, vec![]));
     s.converge();
+    assert_eq!(s.hv.state_of(id(9)), Some(DomainState::Running));
+    assert_eq!(s.hv.calls(Call::Delete, id(9)), 0);
+    // Only when the controller says it is gone does it go.
+    s.deliver(desired_gone(2, vec![], &[9]));
+    s.converge();
     assert_eq!(s.hv.state_of(id(9)), None);
+}
+
+#[test]
+fn omission_alone_never_deletes_and_the_spec_is_kept_for_adoption() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    s.deliver(desired(
+        5,
+        vec![
+            inst(1, spec(512, RestartPolicy::OnFailure)),
+            inst(2, spec(512, RestartPolicy::OnFailure)),
+        ],
+    ));
+    s.converge();
+    // A controller with a rolled-back store: a newer generation that does not know 2.
+    s.deliver(desired(
+        6,
+        vec![inst(1, spec(512, RestartPolicy::OnFailure))],
+    ));
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Delete, id(2)), 0);
+    assert_eq!(s.hv.state_of(id(2)), Some(DomainState::Running));
+    assert_eq!(s.state(2), Some(InstanceState::Running));
+    // Its spec survives a restart and is handed back.
+    s.restart_agent();
+    s.converge();
+    let h = s.rec.holding();
+    assert_eq!(h.held.unwrap().generation, 6);
+    assert_eq!(h.instances[0].id, id(2));
+    assert_eq!(h.instances[0].name.as_str(), "vm-2");
+    assert_eq!(s.hv.state_of(id(2)), Some(DomainState::Running));
+    // The controller adopts it: wanted again, nothing rebuilt.
+    s.deliver(desired(
+        7,
+        vec![
+            inst(1, spec(512, RestartPolicy::OnFailure)),
+            inst(2, spec(512, RestartPolicy::OnFailure)),
+        ],
+    ));
+    s.converge();
+    assert!(s.rec.held().unwrap().kept.is_empty());
+    assert_eq!(s.hv.calls(Call::Create, id(2)), 1);
+}
+
+#[test]
+fn another_fleet_is_refused_until_it_names_what_is_held() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    s.deliver(desired(
+        40,
+        vec![inst(1, spec(512, RestartPolicy::OnFailure))],
+    ));
+    s.converge();
+    s.take_events();
+    // A controller on an empty store: another fleet, generation 1, nothing in it.
+    let foreign = DesiredState {
+        fleet: FleetId(2),
+        ..desired_gone(1, vec![], &[1])
+    };
+    s.deliver(foreign.clone());
+    s.converge();
+    let held = Version {
+        fleet: FLEET,
+        generation: 40,
+    };
+    assert_eq!(
+        acks(&s.take_events()),
+        vec![(1, AckResult::OtherFleet { held })]
+    );
+    assert_eq!(s.hv.state_of(id(1)), Some(DomainState::Running));
+    // A far-future generation of it changes nothing either.
+    s.deliver(DesiredState {
+        generation: u64::MAX,
+        ..foreign
+    });
+    assert_eq!(s.rec.generation(), 40);
+    // The operator adopts the node: the new fleet names what is held, and keeps instance 1.
+    s.deliver(DesiredState {
+        fleet: FleetId(2),
+        replaces: Some(held),
+        ..desired(2, vec![inst(1, spec(512, RestartPolicy::OnFailure))])
+    });
+    s.converge();
+    assert_eq!(s.rec.held().unwrap().desired.fleet, FleetId(2));
+    assert_eq!(s.hv.calls(Call::Create, id(1)), 1);
+    assert_eq!(s.hv.calls(Call::Delete, id(1)), 0);
+    // Replaying the old fleet's state now is refused.
+    s.deliver(desired(41, vec![]));
+    assert_eq!(s.rec.held().unwrap().desired.fleet, FleetId(2));
+}
+
+#[test]
+fn a_forged_far_future_generation_can_be_replaced() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    s.deliver(desired(
+        3,
+        vec![inst(1, spec(512, RestartPolicy::OnFailure))],
+    ));
+    s.converge();
+    // Forged: generation 2^64-1, no instances, nothing gone: nothing is deleted.
+    s.deliver(desired(u64::MAX, vec![]));
+    s.converge();
+    assert_eq!(s.hv.state_of(id(1)), Some(DomainState::Running));
+    // Every later generation is "stale"...
+    s.deliver(desired(
+        4,
+        vec![inst(1, spec(512, RestartPolicy::OnFailure))],
+    ));
+    assert_eq!(s.rec.generation(), u64::MAX);
+    // ...until the controller re-establishes the generation by naming the held one.
+    s.deliver(DesiredState {
+        replaces: Some(Version {
+            fleet: FLEET,
+            generation: u64::MAX,
+        }),
+        ..desired(4, vec![inst(1, spec(512, RestartPolicy::OnFailure))])
+    });
+    assert_eq!(s.rec.generation(), 4);
+    s.deliver(desired(
+        5,
+        vec![inst(1, spec(512, RestartPolicy::OnFailure))],
+    ));
+    assert_eq!(s.rec.generation(), 5);
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Delete, id(1)), 0);
+}
+
+#[test]
+fn after_the_lease_nothing_starts_until_the_controller_is_heard() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    s.deliver(DesiredState {
+        lease_secs: 300,
+        ..desired(1, vec![inst(1, spec(512, RestartPolicy::Never))])
+    });
+    s.rec.heard(s.now);
+    s.converge();
+    assert_eq!(s.hv.state_of(id(1)), Some(DomainState::Running));
+    // The host reboots 10 minutes later, with no word from the controller since.
+    s.advance(Duration::from_secs(600));
+    let last = s.now - Duration::from_secs(600);
+    s.hv.host_reboot();
+    s.restart_agent();
+    s.rec.heard(last);
+    assert!(!s.rec.may_start(s.now));
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Start, id(1)), 0);
+    assert_eq!(s.hv.calls(Call::Delete, id(1)), 0);
+    // Within the lease it cold-boots as before.
+    s.rec.heard(s.now - Duration::from_secs(100));
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Start, id(1)), 1);
 }
 
 #[test]

@@ -63,6 +63,7 @@ pub fn router(calls: mpsc::Sender<Call>, token: Option<String>) -> Router {
         .route("/v1/nodes/{id}", get(|State(a): State<Api>, Path(id): Path<String>| async move { call(&a, Op::GetNode(id)).await }))
         .route("/v1/nodes/{id}/cordon", post(|State(a): State<Api>, Path(id): Path<String>| async move { call(&a, Op::Cordon(id, true)).await }))
         .route("/v1/nodes/{id}/uncordon", post(|State(a): State<Api>, Path(id): Path<String>| async move { call(&a, Op::Cordon(id, false)).await }))
+        .route("/v1/nodes/{id}/adopt", post(|State(a): State<Api>, Path(id): Path<String>| async move { call(&a, Op::Adopt(id)).await }))
         .route("/v1/nodes/{id}/drain", post(|State(a): State<Api>, Path(id): Path<String>| async move { call(&a, Op::Drain(id)).await }))
         .route(
             "/v1/instances",

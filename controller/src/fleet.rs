@@ -6,12 +6,12 @@
 //! any change bumps the node's generation, and agents converge to the latest one. Reports and
 //! events correct the controller's view; nothing depends on one message arriving exactly once.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use outpost_protocol::{
-    AckResult, AgentEvent, DesiredInstance, DesiredState, ErrorKind, InstanceId, InstanceSpec,
-    InstanceState, Inventory, Label, NodeId, NodeReport, NodeStatus, PowerState, Presence,
-    Resources, SpecError,
+    AckResult, AgentEvent, DesiredInstance, DesiredState, ErrorKind, FleetId, Holding, InstanceId,
+    InstanceName, InstanceSpec, InstanceState, Inventory, Label, NodeId, NodeReport, NodeStatus,
+    PowerState, Presence, Resources, SpecError, Version,
 };
 
 use crate::scheduler::{
@@ -165,10 +165,25 @@ pub struct NodeRecord {
     /// Down for longer than the lost-after delay; its instances were moved (not stored: a
     /// restarted controller decides again).
     pub lost: bool,
+    /// What its agent last said it holds (not stored: every agent says it again on connect).
+    pub held: Option<Version>,
+    /// Bound to another fleet, with what it holds: no placements, nothing published that it
+    /// would take, until an operator adopts it (not stored).
+    pub foreign: Option<Holding>,
+    /// The state its agent holds that our next desired state replaces (an adoption, or a
+    /// generation past ours); not stored.
+    pub replaces: Option<Version>,
+    /// The instance ids it last reported (not stored).
+    pub reported: BTreeSet<InstanceId>,
+    /// The `gone` list of the desired state last published to it (not stored).
+    pub published_gone: Vec<InstanceId>,
+    /// The latest notice from its agent (not stored).
+    pub notice: Option<String>,
 }
 
 impl NodeRecord {
-    fn new(id: NodeId) -> Self {
+    /// A node seen for the first time.
+    pub fn new(id: NodeId) -> Self {
         Self {
             id,
             inventory: None,
@@ -181,12 +196,19 @@ impl NodeRecord {
             last_seen_ms: 0,
             failures_ms: Vec::new(),
             lost: false,
+            held: None,
+            foreign: None,
+            replaces: None,
+            reported: BTreeSet::new(),
+            published_gone: Vec::new(),
+            notice: None,
         }
     }
 
-    /// Up, down, cordoned or draining.
+    /// Up, down, cordoned or draining (a node bound to another fleet takes no placements:
+    /// it counts as down for the scheduler).
     pub fn availability(&self) -> Availability {
-        if !self.online || self.inventory.is_none() {
+        if !self.online || self.inventory.is_none() || self.foreign.is_some() {
             Availability::Down
         } else if self.draining {
             Availability::Draining
@@ -237,6 +259,24 @@ pub enum FleetError {
     /// The instance is being deleted.
     #[error("instance {0} is being deleted")]
     Deleting(InstanceId),
+    /// Adopt was asked of a node that is not bound to another fleet.
+    #[error("node {0} is not bound to another fleet: nothing to adopt")]
+    NotForeign(NodeId),
+}
+
+/// Everything the store holds, as the fleet is restored from it.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The fleet's identity, created with the store.
+    pub fleet: FleetId,
+    /// Nodes.
+    pub nodes: Vec<NodeRecord>,
+    /// Instances.
+    pub instances: Vec<InstanceRecord>,
+    /// Server groups.
+    pub groups: Vec<(String, GroupPolicy)>,
+    /// Instances this store created and later deleted (once their node confirmed).
+    pub tombstones: Vec<InstanceId>,
 }
 
 /// What changed since the last [`Fleet::take_changes`]: store it, then publish.
@@ -248,6 +288,9 @@ pub struct Changes {
     pub instances: Vec<InstanceRecord>,
     /// Instances to remove.
     pub removed: Vec<InstanceId>,
+    /// Instances deleted for good (their node confirmed): remembered so that a node still
+    /// holding one may be told it is gone.
+    pub tombstones: Vec<InstanceId>,
     /// Groups to upsert.
     pub groups: Vec<(String, GroupPolicy)>,
     /// Desired states to publish (retained), after the above is stored.
@@ -268,6 +311,11 @@ impl Changes {
 /// The controller's view of the fleet.
 #[derive(Debug)]
 pub struct Fleet {
+    /// This fleet's identity, carried in every desired state.
+    id: FleetId,
+    /// Instances this store created and deleted: the only ones a node is told are gone
+    /// without being placed elsewhere.
+    tombstones: HashSet<InstanceId>,
     /// The scheduler's view of the nodes, kept up to date as they change.
     table: HostTable,
     nodes: BTreeMap<NodeId, NodeRecord>,
@@ -286,18 +334,24 @@ pub struct Fleet {
     removed: BTreeSet<InstanceId>,
     dirty_groups: BTreeSet<String>,
     publish: BTreeSet<NodeId>,
+    new_tombstones: Vec<InstanceId>,
 }
 
 impl Fleet {
-    /// A fleet restored from the store (or empty). Every node's desired state is republished.
-    pub fn new(
-        scheduler: Scheduler,
-        cfg: FleetConfig,
-        nodes: Vec<NodeRecord>,
-        instances: Vec<InstanceRecord>,
-        groups: Vec<(String, GroupPolicy)>,
-    ) -> Self {
+    /// A fleet restored from the store (or empty), at `now_ms`. Every node's desired state is
+    /// republished, and every node that had reported gets the liveness timeout from now to
+    /// report again before it counts as down (as a new Nomad leader resets heartbeats).
+    pub fn new(scheduler: Scheduler, cfg: FleetConfig, snap: Snapshot, now_ms: u64) -> Self {
+        let Snapshot {
+            fleet,
+            nodes,
+            instances,
+            groups,
+            tombstones,
+        } = snap;
         let mut f = Self {
+            id: fleet,
+            tombstones: tombstones.into_iter().collect(),
             table: HostTable::new(scheduler.ratios()),
             scheduler,
             cfg,
@@ -312,6 +366,7 @@ impl Fleet {
             removed: BTreeSet::new(),
             dirty_groups: BTreeSet::new(),
             publish: BTreeSet::new(),
+            new_tombstones: Vec::new(),
         };
         for i in instances {
             f.by_name.insert(i.name.clone(), i.id);
@@ -324,8 +379,10 @@ impl Fleet {
             f.instances.insert(i.id, i);
         }
         for mut n in nodes {
-            // Liveness is learnt again from the broker (retained status) and reports.
-            n.online = false;
+            // Liveness is learnt again from the broker (retained status) and reports; until
+            // then a node that had reported keeps its place for one liveness timeout.
+            n.online = n.inventory.is_some();
+            n.last_seen_ms = now_ms;
             f.publish.insert(n.id.clone());
             let id = n.id.clone();
             f.nodes.insert(id.clone(), n);
@@ -392,6 +449,11 @@ impl Fleet {
             }
             index(&mut self.by_node, n, id);
         }
+    }
+
+    /// This fleet's identity.
+    pub fn id(&self) -> FleetId {
+        self.id
     }
 
     /// Every node.
@@ -467,26 +529,65 @@ impl Fleet {
 
     /// The desired state of a node.
     pub fn desired_for(&self, node: &NodeId) -> DesiredState {
-        let generation = self.nodes.get(node).map_or(0, |n| n.generation);
+        let n = self.nodes.get(node);
         DesiredState {
-            generation,
+            fleet: self.id,
+            generation: n.map_or(0, |n| n.generation),
+            replaces: n.and_then(|n| n.replaces),
+            lease_secs: u32::try_from(self.cfg.lost_after_ms / 1000).unwrap_or(u32::MAX),
             instances: self
                 .on_node(node)
                 .filter(|i| i.wanted_on_node())
                 .map(|i| DesiredInstance {
                     id: i.id,
+                    name: InstanceName::new(&i.name).unwrap_or_else(|_| fallback_name(i.id)),
                     power: i.power,
                     reboot_count: i.reboot_count,
                     spec: i.spec.clone(),
                 })
                 .collect(),
+            gone: self.gone_for(node).into_iter().collect(),
         }
+    }
+
+    /// The instances `node` must remove: those it holds (or last reported) that this store
+    /// deleted or placed elsewhere. Never one this store does not know: what it cannot
+    /// account for, it adopts instead.
+    pub fn gone_for(&self, node: &NodeId) -> Vec<InstanceId> {
+        let deleting = self
+            .on_node(node)
+            .filter(|i| i.phase == Phase::Deleting)
+            .map(|i| i.id);
+        let reported = self.nodes.get(node).into_iter().flat_map(|n| {
+            n.reported
+                .iter()
+                .copied()
+                .filter(|id| match self.instances.get(id) {
+                    Some(i) => i.node.as_ref() != Some(node) || i.phase == Phase::Deleting,
+                    None => self.tombstones.contains(id),
+                })
+        });
+        let mut gone: Vec<InstanceId> = deleting.chain(reported).collect();
+        gone.sort_unstable();
+        gone.dedup();
+        gone.truncate(outpost_protocol::limits::MAX_INSTANCES_PER_NODE);
+        gone
     }
 
     /// Takes what changed: store it durably, then publish the desired states.
     pub fn take_changes(&mut self) -> Changes {
-        let publish = std::mem::take(&mut self.publish);
+        let mut publish = std::mem::take(&mut self.publish);
+        // A node bound to another fleet would refuse anything we send until it is adopted.
+        publish.retain(|n| self.nodes.get(n).is_none_or(|n| n.foreign.is_none()));
+        for n in &publish {
+            let gone = self.gone_for(n);
+            if let Some(rec) = self.nodes.get_mut(n) {
+                rec.published_gone = gone;
+            }
+        }
+        let tombstones = std::mem::take(&mut self.new_tombstones);
         Changes {
+            tombstones,
             nodes: std::mem::take(&mut self.dirty_nodes)
                 .iter()
                 .filter_map(|n| self.nodes.get(n).cloned())
@@ -517,7 +618,18 @@ impl Fleet {
     /// A node's desired state changed: new generation, publish it.
     fn bump(&mut self, node: &NodeId) {
         if let Some(n) = self.nodes.get_mut(node) {
-            n.generation += 1;
+            match n.generation.checked_add(1) {
+                Some(g) => n.generation = g,
+                None => {
+                    // Start over from 1, replacing what the node holds by name: the node takes
+                    // it because it names exactly the state held.
+                    n.replaces = Some(Version {
+                        fleet: self.id,
+                        generation: n.generation,
+                    });
+                    n.generation = 1;
+                }
+            }
             self.dirty_nodes.insert(node.clone());
             self.publish.insert(node.clone());
         }
@@ -676,6 +788,9 @@ impl Fleet {
         }
         self.dirty_instances.remove(&id);
         self.removed.insert(id);
+        if self.tombstones.insert(id) {
+            self.new_tombstones.push(id);
+        }
     }
 
     /// Cordons or uncordons a node.
@@ -831,12 +946,17 @@ impl Fleet {
         };
         n.last_seen_ms = now_ms;
         n.reported_generation = r.generation;
+        n.reported = r.instances.iter().map(|i| i.id).collect();
         let behind = r.generation < n.generation;
         let came_back = !n.online && n.session > 0;
+        let foreign = n.foreign.is_some();
         if came_back {
             n.online = true;
             self.dirty_nodes.insert(node.clone());
             self.sync_availability(node);
+        }
+        if foreign {
+            return; // its instances are another fleet's until an operator adopts the node
         }
         for ir in &r.instances {
             self.observe(now_ms, node, ir.id, ir.state, "");
@@ -855,6 +975,147 @@ impl Fleet {
         } else {
             self.publish.insert(node.clone());
         }
+        // It holds something this store deleted or moved away and has not told it so yet.
+        let told = self.nodes.get(node).map(|n| &n.published_gone);
+        if told.is_some_and(|t| *t != self.gone_for(node)) {
+            self.bump(node);
+        }
+    }
+
+    /// What a node's agent holds: sent after every connect and whenever it refuses a desired
+    /// state. A node of another fleet is held for an operator; in this fleet, instances the
+    /// store does not know are adopted (never deleted), and a node ahead of the store gets a
+    /// desired state that replaces what it holds.
+    pub fn on_holding(&mut self, now_ms: u64, node: &NodeId, h: Holding) {
+        let fleet = self.id;
+        let n = self
+            .nodes
+            .entry(node.clone())
+            .or_insert_with(|| NodeRecord::new(node.clone()));
+        n.last_seen_ms = now_ms;
+        n.held = h.held;
+        match h.held {
+            Some(v) if v.fleet != fleet => {
+                if n.foreign.as_ref().is_none_or(|f| f.held != h.held) {
+                    tracing::warn!(%node, held = %v.fleet, ours = %fleet, instances = h.instances.len(),
+                        "node is bound to another fleet: held for an operator (outpost nodes adopt)");
+                }
+                n.foreign = Some(h);
+                self.dirty_nodes.insert(node.clone());
+                self.sync_availability(node);
+                return;
+            }
+            _ => {}
+        }
+        let ahead = h.held.filter(|v| v.generation > n.generation);
+        if n.foreign.take().is_some() {
+            self.dirty_nodes.insert(node.clone());
+            self.sync_availability(node);
+        }
+        let adopted = self.adopt_from(now_ms, node, &h.instances);
+        if let Some(v) = ahead {
+            tracing::warn!(%node, held = v.generation, ours = self.nodes.get(node).map_or(0, |n| n.generation),
+                "node holds a newer desired state than the store (restored backup or lost log): replacing it, keeping its instances");
+            if let Some(n) = self.nodes.get_mut(node) {
+                n.replaces = Some(v);
+            }
+        }
+        if adopted > 0 || ahead.is_some() {
+            self.bump(node);
+        }
+    }
+
+    /// Adopts the instances of `held` that this store neither knows nor deleted, onto `node`.
+    /// Returns how many.
+    fn adopt_from(&mut self, now_ms: u64, node: &NodeId, held: &[DesiredInstance]) -> usize {
+        let mut adopted = 0;
+        for di in held {
+            if self.instances.contains_key(&di.id) || self.tombstones.contains(&di.id) {
+                continue;
+            }
+            let mut name = di.name.to_string();
+            if self.by_name.contains_key(&name) {
+                name = format!("{}-{}", &name[..name.len().min(46)], di.id);
+            }
+            tracing::warn!(%node, id = %di.id, %name, "adopting an instance the store did not know");
+            self.move_instance(di.id, di.spec.resources(), None, Some(node));
+            self.by_name.insert(name.clone(), di.id);
+            self.instances.insert(
+                di.id,
+                InstanceRecord {
+                    id: di.id,
+                    name,
+                    spec: di.spec.clone(),
+                    selector: Vec::new(),
+                    group: None,
+                    power: di.power,
+                    reboot_count: di.reboot_count,
+                    phase: Phase::Scheduled,
+                    node: Some(node.clone()),
+                    failures: Vec::new(),
+                    reason: format!(
+                        "adopted from {node}: it held this instance, unknown to the store"
+                    ),
+                    created_ms: now_ms,
+                },
+            );
+            self.touch_instance(di.id);
+            adopted += 1;
+        }
+        adopted
+    }
+
+    /// An operator adopts a node bound to another fleet: its instances join this fleet as
+    /// they are, and its agent is sent a desired state that replaces the one it holds.
+    /// Returns how many instances were adopted.
+    pub fn adopt(&mut self, now_ms: u64, node: &NodeId) -> Result<usize, FleetError> {
+        let n = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| FleetError::NoNode(node.to_string()))?;
+        let h = n
+            .foreign
+            .take()
+            .ok_or_else(|| FleetError::NotForeign(node.clone()))?;
+        n.replaces = h.held;
+        self.dirty_nodes.insert(node.clone());
+        self.sync_availability(node);
+        let adopted = self.adopt_from(now_ms, node, &h.instances);
+        self.bump(node);
+        Ok(adopted)
+    }
+
+    /// What a node holds that the fleet cannot place: instances of a node bound to another
+    /// fleet, awaiting an operator (node, instance).
+    pub fn held_elsewhere(&self) -> impl Iterator<Item = (&NodeId, &DesiredInstance)> {
+        self.nodes.values().flat_map(|n| {
+            n.foreign
+                .iter()
+                .flat_map(move |h| h.instances.iter().map(move |i| (&n.id, i)))
+        })
+    }
+
+    /// Instances a node reports that the store does not know and did not delete (kept as they
+    /// are by its agent; adopted once the agent hands back their specs).
+    pub fn unaccounted(&self, node: &NodeId) -> Vec<InstanceId> {
+        self.nodes.get(node).map_or_else(Vec::new, |n| {
+            n.reported
+                .iter()
+                .copied()
+                .filter(|id| !self.instances.contains_key(id) && !self.tombstones.contains(id))
+                .collect()
+        })
+    }
+
+    /// A notice from a node's agent about the node as a whole.
+    pub fn on_notice(&mut self, node: &NodeId, kind: outpost_protocol::NoticeKind, reason: &str) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            tracing::warn!(%node, notice = kind.as_str(), reason, "node notice");
+            n.notice = match kind {
+                outpost_protocol::NoticeKind::HypervisorBack => None,
+                _ => Some(format!("{}: {reason}", kind.as_str())),
+            };
+        }
     }
 
     /// An event from a node.
@@ -864,21 +1125,53 @@ impl Fleet {
                 result: AckResult::Stale { current },
                 ..
             } => {
-                // The node holds a generation newer than ours (our store was rolled back):
-                // jump past it so that the node accepts our view.
+                // The node holds a newer generation of this fleet than the store (a restored
+                // backup, a lost log, a forged state): replace it by name. Nothing is lost:
+                // the node keeps whatever we do not list as gone, and hands it back.
+                let fleet = self.id;
                 if let Some(n) = self.nodes.get_mut(node)
                     && *current >= n.generation
+                    && n.foreign.is_none()
                 {
-                    n.generation = *current;
+                    n.replaces = Some(Version {
+                        fleet,
+                        generation: *current,
+                    });
                     self.bump(node);
                 }
             }
-            AgentEvent::Ack { .. } => {}
+            AgentEvent::Ack {
+                result: AckResult::OtherFleet { held },
+                ..
+            } => {
+                if let Some(n) = self.nodes.get_mut(node)
+                    && n.foreign.is_none()
+                {
+                    n.held = Some(*held);
+                    n.foreign = Some(Holding {
+                        held: Some(*held),
+                        ..Holding::default()
+                    });
+                    self.dirty_nodes.insert(node.clone());
+                    self.sync_availability(node);
+                }
+            }
+            AgentEvent::Ack {
+                generation,
+                result: AckResult::Accepted,
+            } => {
+                if let Some(n) = self.nodes.get_mut(node)
+                    && *generation == n.generation
+                {
+                    n.replaces = None;
+                }
+            }
             AgentEvent::Instance {
                 id, state, reason, ..
             } => {
                 self.observe(now_ms, node, *id, *state, reason.as_str());
             }
+            AgentEvent::Notice { kind, reason } => self.on_notice(node, *kind, reason.as_str()),
         }
     }
 
@@ -1019,6 +1312,11 @@ fn unindex<K: Eq + std::hash::Hash>(
             map.remove(key);
         }
     }
+}
+
+/// A valid name for an instance whose stored name predates the naming rule.
+fn fallback_name(id: InstanceId) -> InstanceName {
+    InstanceName::new(&format!("i-{id}")).unwrap_or_default()
 }
 
 /// Whether an error kind means "this node could not build it" (retry elsewhere).

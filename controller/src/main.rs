@@ -58,17 +58,29 @@ struct ServeArgs {
     #[arg(long, requires = "broker_cert")]
     broker_key: Option<PathBuf>,
     /// Username for the external broker.
-    #[arg(long, requires = "broker_password")]
+    #[arg(long)]
     broker_username: Option<String>,
-    /// Password for the external broker.
-    #[arg(long, env = "OUTPOST_BROKER_PASSWORD", requires = "broker_username")]
+    /// Password for the external broker (prefer --broker-password-file or the environment:
+    /// an argument shows in `ps` to every user).
+    #[arg(long, env = "OUTPOST_BROKER_PASSWORD", hide_env_values = true)]
     broker_password: Option<String>,
+    /// File holding the password for the external broker.
+    #[arg(
+        long,
+        env = "OUTPOST_BROKER_PASSWORD_FILE",
+        conflicts_with = "broker_password"
+    )]
+    broker_password_file: Option<PathBuf>,
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:8080")]
     api_listen: SocketAddr,
-    /// Bearer token the API requires (mandatory when it listens beyond loopback).
-    #[arg(long, env = "OUTPOST_API_TOKEN")]
+    /// Bearer token the API requires (mandatory when it listens beyond loopback). Prefer
+    /// --api-token-file or the environment: an argument shows in `ps` to every user.
+    #[arg(long, env = "OUTPOST_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
+    /// File holding the API's bearer token.
+    #[arg(long, env = "OUTPOST_API_TOKEN_FILE", conflicts_with = "api_token")]
+    api_token_file: Option<PathBuf>,
     /// Seconds without a report after which a node is down.
     #[arg(long, default_value_t = 30)]
     liveness_timeout: u64,
@@ -93,6 +105,32 @@ struct ServeArgs {
     cpu_weight: f64,
 }
 
+/// A secret from a file (trimmed), or the value given; refused when blank.
+fn secret(
+    what: &str,
+    value: Option<String>,
+    file: Option<&PathBuf>,
+) -> anyhow::Result<Option<String>> {
+    let v = match file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading {what} from {}", f.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => value,
+    };
+    if v.as_deref().is_some_and(|s| s.trim().is_empty()) {
+        anyhow::bail!("{what} is blank: give a non-empty secret");
+    }
+    Ok(v)
+}
+
+/// Whether `flag` was given on the command line (not through the environment).
+fn on_command_line(flag: &str) -> bool {
+    std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The embedded broker logs every connection at info: keep it to warnings.
@@ -111,6 +149,26 @@ fn main() -> anyhow::Result<()> {
         .with(filter)
         .init();
     let Command::Serve(a) = cli.command;
+    for flag in ["--api-token", "--broker-password"] {
+        if on_command_line(flag) {
+            tracing::warn!(
+                "{flag} on the command line is visible to every user in `ps`: use {flag}-file or the environment"
+            );
+        }
+    }
+    let api_token = secret(
+        "the API token",
+        a.api_token.clone(),
+        a.api_token_file.as_ref(),
+    )?;
+    let broker_password = secret(
+        "the broker password",
+        a.broker_password.clone(),
+        a.broker_password_file.as_ref(),
+    )?;
+    if a.broker_username.is_some() != broker_password.is_some() {
+        anyhow::bail!("give --broker-username and a broker password together");
+    }
     let broker = match &a.broker {
         None => BrokerChoice::Embedded(a.mqtt_listen),
         Some(url) => {
@@ -137,7 +195,7 @@ fn main() -> anyhow::Result<()> {
             BrokerChoice::External {
                 host: b.host.to_owned(),
                 port: b.port,
-                credentials: a.broker_username.clone().zip(a.broker_password.clone()),
+                credentials: a.broker_username.clone().zip(broker_password),
                 tls,
             }
         }
@@ -153,7 +211,7 @@ fn main() -> anyhow::Result<()> {
         data_dir: a.data_dir,
         broker,
         api_listen: a.api_listen,
-        api_token: a.api_token,
+        api_token,
         mqtt_passwd: a.mqtt_passwd,
         fleet: FleetConfig {
             liveness_timeout_ms: a.liveness_timeout * 1000,

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use outpost_protocol::topics::{self, Channel};
 use outpost_protocol::{
-    AgentEvent, InstanceId, Inventory, Message, NodeId, NodeReport, NodeStatus, PowerState,
+    AgentEvent, FleetId, Holding, InstanceId, Inventory, Message, NodeId, NodeReport, NodeStatus,
+    PowerState,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
 use serde_json::{Value, json};
@@ -100,6 +101,8 @@ pub enum Op {
     Cordon(String, bool),
     /// Drain.
     Drain(String),
+    /// Adopt a node bound to another fleet, with the instances it holds.
+    Adopt(String),
     /// All instances.
     ListInstances,
     /// One instance.
@@ -130,6 +133,7 @@ impl From<FleetError> for ApiError {
         let status = match e {
             FleetError::NoInstance(_) | FleetError::NoNode(_) => 404,
             FleetError::Spec(_) => 400,
+            FleetError::NotForeign(_) => 409,
             FleetError::NoValidHost(_)
             | FleetError::Exists(_)
             | FleetError::GroupPolicy(_)
@@ -236,10 +240,23 @@ pub fn execute(fleet: &mut Fleet, now: u64, op: Op) -> Result<Value, ApiError> {
             let (moved, stuck) = fleet.drain(&node(&id)?)?;
             json!({ "moved": moved, "stuck": stuck })
         }
+        Op::Adopt(id) => {
+            let n = node(&id)?;
+            let adopted = fleet.adopt(now, &n)?;
+            tracing::warn!(node = %n, adopted, "operator adopted a node from another fleet");
+            let mut v = node_view(fleet, &n)?;
+            v["adopted"] = json!(adopted);
+            v
+        }
         Op::ListInstances => Value::Array(
             fleet
                 .instances()
                 .map(|i| to_json(&InstanceView::from(i)))
+                .chain(
+                    fleet
+                        .held_elsewhere()
+                        .map(|(n, di)| to_json(&InstanceView::held(n, di))),
+                )
                 .collect(),
         ),
         Op::GetInstance(key) => fleet
@@ -296,6 +313,9 @@ pub fn ingest(fleet: &mut Fleet, now: u64, topic: &str, payload: &[u8]) -> bool 
             .is_ok(),
         Channel::Event => AgentEvent::decode(payload)
             .map(|e| fleet.on_event(now, &node, &e))
+            .is_ok(),
+        Channel::Holding => Holding::decode(payload)
+            .map(|h| fleet.on_holding(now, &node, h))
             .is_ok(),
         Channel::Desired => true,
     }
@@ -381,18 +401,20 @@ pub async fn serve(
             }
         }
     }
-    let mut store = SqliteStore::open(&cfg.data_dir)?;
+    let mut store = SqliteStore::open(&cfg.data_dir, FleetId(fastrand::u64(1..)))?;
     let snap = store.load()?;
     tracing::info!(
-        nodes = snap.nodes.len(), instances = snap.instances.len(),
-        db = %cfg.data_dir.join("outpost.db").display(), "store opened"
+        fleet = %snap.fleet, nodes = snap.nodes.len(), instances = snap.instances.len(),
+        db = %cfg.data_dir.join(crate::store::DB_FILE).display(), "store opened"
     );
+    if snap.nodes.is_empty() && snap.instances.is_empty() {
+        tracing::warn!(fleet = %snap.fleet, "the store is empty: a new fleet. Agents bound to another fleet keep their instances and wait for `outpost nodes adopt NODE`");
+    }
     let mut fleet = Fleet::new(
         Scheduler::new(cfg.scheduler.clone()),
         cfg.fleet.clone(),
-        snap.nodes,
-        snap.instances,
-        snap.groups,
+        snap,
+        now_ms(),
     );
 
     let (client, mut el) = mqtt(&own);
@@ -408,6 +430,7 @@ pub async fn serve(
                         Channel::Inventory,
                         Channel::Report,
                         Channel::Event,
+                        Channel::Holding,
                     ] {
                         let _ = sub.subscribe(ch.all_nodes(), QoS::AtLeastOnce).await;
                     }
@@ -481,7 +504,13 @@ pub async fn serve(
 
 async fn publish(client: &AsyncClient, states: Vec<(NodeId, outpost_protocol::DesiredState)>) {
     for (node, d) in states {
-        let Ok(bytes) = d.to_vec() else { continue };
+        let bytes = match d.to_vec() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(%node, generation = d.generation, error = %e, "desired state does not encode: not published");
+                continue;
+            }
+        };
         let topic = topics::topic(&node, Channel::Desired);
         tracing::debug!(%node, generation = d.generation, instances = d.instances.len(), "publishing desired state");
         if let Err(e) = client

@@ -1,16 +1,25 @@
 //! The durable store behind a trait: SQLite (WAL, synchronous=FULL) by default. The fleet's
 //! changes are written in one transaction per batch, before anything is published.
+//!
+//! A new store creates the fleet's identity (64 random bits, from the caller): agents bind to
+//! it, so a controller started on an empty or wrong data directory is a different fleet that
+//! no agent obeys until an operator adopts its nodes. The data directory is 0700 and the
+//! database files 0600: they hold every instance's spec.
 
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
 
-use outpost_protocol::{InstanceId, InstanceSpec, Inventory, Label, Message, NodeId, PowerState};
+use outpost_protocol::{
+    FleetId, InstanceId, InstanceSpec, Inventory, Label, Message, NodeId, PowerState,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 
+pub use crate::fleet::Snapshot;
 use crate::fleet::{Changes, InstanceRecord, NodeRecord, Phase};
 use crate::scheduler::GroupPolicy;
 
-/// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema version this build writes (2: the fleet's identity and tombstones).
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +27,14 @@ pub enum StoreError {
     /// SQLite failed.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The data directory or database file cannot be created or secured.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A stored row does not decode.
     #[error("corrupt row in {table}: {what}")]
     Corrupt {
@@ -29,17 +46,6 @@ pub enum StoreError {
     /// The database was written by a newer Outpost.
     #[error("store schema {0} is newer than this build ({SCHEMA_VERSION})")]
     Schema(i64),
-}
-
-/// Everything stored.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    /// Nodes.
-    pub nodes: Vec<NodeRecord>,
-    /// Instances.
-    pub instances: Vec<InstanceRecord>,
-    /// Server groups.
-    pub groups: Vec<(String, GroupPolicy)>,
 }
 
 /// A durable store of the fleet.
@@ -78,22 +84,56 @@ fn join_lines<T>(items: &[T], f: impl Fn(&T) -> String) -> String {
     items.iter().map(f).collect::<Vec<_>>().join("\n")
 }
 
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "outpost.db";
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + use<> {
+    let path = path.to_owned();
+    move |source| StoreError::Io { path, source }
+}
+
 impl SqliteStore {
-    /// Opens (or creates) `DIR/outpost.db`.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| corrupt("(directory)", e.to_string()))?;
-        let path = dir.join("outpost.db");
-        let mut store = Self::with_connection(Connection::open(&path)?)?;
+    /// Opens (or creates) `DIR/outpost.db`; a new store gets `new_fleet` as its identity.
+    /// The directory is made 0700 and the database files 0600.
+    pub fn open(dir: &Path, new_fleet: FleetId) -> Result<Self, StoreError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(dir))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err(dir))?;
+        let path = dir.join(DB_FILE);
+        // Create it 0600 before SQLite does (its write-ahead log takes the same mode).
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        for f in [DB_FILE, "outpost.db-wal", "outpost.db-shm"] {
+            let p = dir.join(f);
+            if p.exists() {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io_err(&p))?;
+            }
+        }
+        let mut store = Self::with_connection(Connection::open(&path)?, new_fleet)?;
         store._checkpointer = Some(checkpointer(Connection::open(&path)?)?);
         Ok(store)
     }
 
-    /// An in-memory database (tests).
-    pub fn in_memory() -> Result<Self, StoreError> {
-        Self::with_connection(Connection::open_in_memory()?)
+    /// This store's fleet identity.
+    pub fn fleet(&self) -> Result<FleetId, StoreError> {
+        let v: i64 =
+            self.conn
+                .query_row("SELECT value FROM meta WHERE key = 'fleet'", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(FleetId(v as u64))
     }
 
-    fn with_connection(conn: Connection) -> Result<Self, StoreError> {
+    fn with_connection(conn: Connection, new_fleet: FleetId) -> Result<Self, StoreError> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         // Checkpoints run on their own thread (see `checkpointer`), never inside a commit: an
@@ -111,7 +151,8 @@ impl SqliteStore {
                 selector TEXT NOT NULL, grp TEXT, power INTEGER NOT NULL,
                 reboot_count INTEGER NOT NULL, phase TEXT NOT NULL, node TEXT,
                 failures TEXT NOT NULL, reason TEXT NOT NULL, created_ms INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, policy TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, policy TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS tombstones (id TEXT PRIMARY KEY);",
         )?;
         let v: Option<i64> = conn
             .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
@@ -120,14 +161,19 @@ impl SqliteStore {
             .optional()?;
         match v {
             Some(v) if v > SCHEMA_VERSION => return Err(StoreError::Schema(v)),
-            Some(_) => {}
-            None => {
+            _ => {
                 conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?1)",
                     params![SCHEMA_VERSION],
                 )?;
             }
         }
+        // A store without an identity gets one now (a new store, or one from schema 1, whose
+        // agents then see another fleet and are held for an operator: never wiped).
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('fleet', ?1)",
+            params![new_fleet.0 as i64],
+        )?;
         Ok(Self {
             conn,
             _checkpointer: None,
@@ -156,9 +202,10 @@ fn checkpointer(conn: Connection) -> Result<std::sync::mpsc::Sender<()>, StoreEr
     Ok(tx)
 }
 
-fn encode_spec(spec: &InstanceSpec) -> Vec<u8> {
-    // A version byte, as on the wire, then postcard.
-    postcard::to_extend(spec, vec![outpost_protocol::WIRE_VERSION]).unwrap_or_default()
+fn encode_spec(spec: &InstanceSpec) -> Result<Vec<u8>, StoreError> {
+    // A version byte, as on the wire, then postcard. Never an empty blob in its place.
+    postcard::to_extend(spec, vec![outpost_protocol::WIRE_VERSION])
+        .map_err(|e| corrupt("instances", format!("spec does not encode: {e}")))
 }
 
 fn decode_spec(b: &[u8]) -> Result<InstanceSpec, StoreError> {
@@ -172,7 +219,10 @@ fn decode_spec(b: &[u8]) -> Result<InstanceSpec, StoreError> {
 
 impl Store for SqliteStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
-        let mut snap = Snapshot::default();
+        let mut snap = Snapshot {
+            fleet: self.fleet()?,
+            ..Snapshot::default()
+        };
         let mut st = self.conn.prepare(
             "SELECT id, inventory, session, cordoned, draining, generation, reported_generation,
                     last_seen_ms, failures FROM nodes ORDER BY id",
@@ -192,13 +242,12 @@ impl Store for SqliteStore {
         })?;
         for row in rows {
             let (id, inv, session, cordoned, draining, generation, reported, seen, failures) = row?;
+            let id = NodeId::new(&id).map_err(|e| corrupt("nodes", e.to_string()))?;
             snap.nodes.push(NodeRecord {
-                id: NodeId::new(&id).map_err(|e| corrupt("nodes", e.to_string()))?,
                 inventory: inv
                     .map(|b| Inventory::decode(&b))
                     .transpose()
                     .map_err(|e| corrupt("nodes", e.to_string()))?,
-                online: false,
                 session: session as u64,
                 cordoned,
                 draining,
@@ -206,7 +255,7 @@ impl Store for SqliteStore {
                 reported_generation: reported as u64,
                 last_seen_ms: seen as u64,
                 failures_ms: failures.split(',').filter_map(|t| t.parse().ok()).collect(),
-                lost: false,
+                ..NodeRecord::new(id)
             });
         }
         let mut st = self.conn.prepare(
@@ -288,6 +337,15 @@ impl Store for SqliteStore {
             };
             snap.groups.push((name, p));
         }
+        let mut st = self.conn.prepare("SELECT id FROM tombstones")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        for row in rows {
+            let id = row?;
+            snap.tombstones
+                .push(id.parse().map_err(|e: outpost_protocol::IdError| {
+                    corrupt("tombstones", e.to_string())
+                })?);
+        }
         Ok(snap)
     }
 
@@ -296,6 +354,7 @@ impl Store for SqliteStore {
             && c.instances.is_empty()
             && c.removed.is_empty()
             && c.groups.is_empty()
+            && c.tombstones.is_empty()
         {
             return Ok(());
         }
@@ -314,10 +373,15 @@ impl Store for SqliteStore {
         let mut remove = tx.prepare("DELETE FROM instances WHERE id = ?1")?;
         let mut put_group =
             tx.prepare("INSERT OR REPLACE INTO groups (name, policy) VALUES (?1, ?2)")?;
+        let mut put_tombstone = tx.prepare("INSERT OR IGNORE INTO tombstones (id) VALUES (?1)")?;
         for n in &c.nodes {
             put_node.execute(params![
                 n.id.as_str(),
-                n.inventory.as_ref().and_then(|i| i.to_vec().ok()),
+                n.inventory
+                    .as_ref()
+                    .map(|i| i.to_vec())
+                    .transpose()
+                    .map_err(|e| corrupt("nodes", format!("inventory does not encode: {e}")))?,
                 n.session as i64,
                 n.cordoned,
                 n.draining,
@@ -331,7 +395,7 @@ impl Store for SqliteStore {
             put_instance.execute(params![
                 i.id.to_string(),
                 i.name,
-                encode_spec(&i.spec),
+                encode_spec(&i.spec)?,
                 join_lines(&i.selector, |l| l.to_string()),
                 i.group,
                 i.power == PowerState::Stopped,
@@ -352,7 +416,10 @@ impl Store for SqliteStore {
         for (name, p) in &c.groups {
             put_group.execute(params![name, policy_str(*p)])?;
         }
-        drop((put_node, put_instance, remove, put_group));
+        for id in &c.tombstones {
+            put_tombstone.execute(params![id.to_string()])?;
+        }
+        drop((put_node, put_instance, remove, put_group, put_tombstone));
         tx.commit()?;
         Ok(())
     }

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use outpost_protocol::{
-    Arch, Boot, Cmdline, ImageName, InstanceId, InstanceSpec, Label, Labels, NetName, Network,
-    PowerState, RestartPolicy,
+    Arch, Boot, Cmdline, DesiredInstance, ImageName, InstanceId, InstanceName, InstanceSpec, Label,
+    Labels, NetName, Network, NodeId, PowerState, RestartPolicy,
 };
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +37,17 @@ pub struct NodeView {
     pub generation: [u64; 2],
     /// Last heard from (ms since the epoch).
     pub last_seen_ms: u64,
+    /// The fleet its agent is bound to when that is another fleet (state `foreign`): it takes
+    /// no placements and keeps its instances until `outpost nodes adopt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_to: Option<String>,
+    /// Instances it reports that this controller does not know and did not delete: kept as
+    /// they are, adopted once the agent hands back their specs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unaccounted: Vec<String>,
+    /// The latest notice from its agent (unreadable state, hypervisor down...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
 }
 
 /// An instance as shown.
@@ -87,6 +98,7 @@ impl NodeView {
         Self {
             id: n.id.to_string(),
             state: match n.availability() {
+                _ if n.foreign.is_some() => "foreign",
                 Availability::Up => "up",
                 Availability::Down => "down",
                 Availability::Cordoned => "cordoned",
@@ -106,18 +118,39 @@ impl NodeView {
             instances,
             generation: [n.generation, n.reported_generation],
             last_seen_ms: n.last_seen_ms,
+            bound_to: n
+                .foreign
+                .as_ref()
+                .and_then(|h| h.held)
+                .map(|v| v.fleet.to_string()),
+            unaccounted: fleet
+                .unaccounted(&n.id)
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            notice: n.notice.clone(),
         }
     }
 }
 
-impl From<&InstanceRecord> for InstanceView {
-    fn from(i: &InstanceRecord) -> Self {
-        let s = &i.spec;
+impl InstanceView {
+    /// An instance held by a node bound to another fleet: shown, not managed, until the node
+    /// is adopted.
+    pub fn held(node: &NodeId, di: &DesiredInstance) -> Self {
+        let mut v = Self::of(di.id, di.name.as_str(), &di.spec, di.power);
+        v.phase = "held".into();
+        v.node = Some(node.to_string());
+        v.reboot_count = di.reboot_count;
+        v.reason = format!("on {node}, bound to another fleet: outpost nodes adopt {node}");
+        v
+    }
+
+    fn of(id: InstanceId, name: &str, s: &InstanceSpec, power: PowerState) -> Self {
         Self {
-            id: i.id.to_string(),
-            name: i.name.clone(),
-            phase: i.phase.as_str().to_owned(),
-            node: i.node.as_ref().map(|n| n.to_string()),
+            id: id.to_string(),
+            name: name.to_owned(),
+            phase: String::new(),
+            node: None,
             vcpus: s.vcpus,
             memory_mib: s.memory_mib,
             disk_gib: s.disk_gib,
@@ -126,11 +159,24 @@ impl From<&InstanceRecord> for InstanceView {
                 Boot::Disk { image } => image.to_string(),
                 Boot::Kernel { kernel, .. } => format!("kernel:{kernel}"),
             },
-            power: match i.power {
+            power: match power {
                 PowerState::Running => "running",
                 PowerState::Stopped => "stopped",
             }
             .to_owned(),
+            reboot_count: 0,
+            group: None,
+            reason: String::new(),
+            failures: Vec::new(),
+        }
+    }
+}
+
+impl From<&InstanceRecord> for InstanceView {
+    fn from(i: &InstanceRecord) -> Self {
+        Self {
+            phase: i.phase.as_str().to_owned(),
+            node: i.node.as_ref().map(|n| n.to_string()),
             reboot_count: i.reboot_count,
             group: i.group.clone(),
             reason: i.reason.clone(),
@@ -139,6 +185,7 @@ impl From<&InstanceRecord> for InstanceView {
                 .iter()
                 .map(|(n, r)| format!("{n}: {r}"))
                 .collect(),
+            ..Self::of(i.id, &i.name, &i.spec, i.power)
         }
     }
 }
@@ -285,9 +332,9 @@ impl CreateBody {
             }
         };
         let name = self.name.unwrap_or_else(|| format!("i-{id}"));
-        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
-            return Err("names are 1 to 64 printable characters".into());
-        }
+        InstanceName::new(&name).map_err(|x| {
+            format!("name {name:?}: {x} (names are DNS labels: lowercase letters, digits and '-', a letter first, at most 63)")
+        })?;
         Ok(CreateRequest {
             id,
             name,

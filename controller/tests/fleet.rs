@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use outpost_controller::fleet::*;
-use outpost_controller::scheduler::{GroupPolicy, Scheduler};
+use outpost_controller::scheduler::{Availability, GroupPolicy, Scheduler};
 use outpost_protocol::*;
 
 fn node(s: &str) -> NodeId {
@@ -59,9 +59,8 @@ fn fleet() -> Fleet {
     let mut f = Fleet::new(
         Scheduler::default(),
         FleetConfig::default(),
-        vec![],
-        vec![],
-        vec![],
+        Snapshot::default(),
+        0,
     );
     online(&mut f, "a", 4096);
     online(&mut f, "b", 2048);
@@ -195,6 +194,11 @@ fn delete_waits_for_the_node_then_forgets() {
     assert_eq!(f.instance("vm1").unwrap().phase, Phase::Deleting);
     let ch = f.take_changes();
     assert!(ch.publish[0].1.instances.is_empty());
+    assert_eq!(
+        ch.publish[0].1.gone.as_slice(),
+        &[id],
+        "a delete is explicit"
+    );
     let g = ch.publish[0].1.generation;
     // A report at an older generation still listing it: not yet.
     let mut r = NodeReport {
@@ -219,11 +223,21 @@ fn delete_waits_for_the_node_then_forgets() {
         },
     );
     assert!(f.instance("vm1").is_none());
-    assert_eq!(f.take_changes().removed, vec![id]);
+    let ch = f.take_changes();
+    assert_eq!(ch.removed, vec![id]);
+    assert_eq!(
+        ch.tombstones,
+        vec![id],
+        "remembered as deleted by this store"
+    );
+    // A node that still reports it later is told it is gone.
+    f.on_report(80, &n, &r);
+    let ch = f.take_changes();
+    assert_eq!(ch.publish[0].1.gone.as_slice(), &[id]);
 }
 
 #[test]
-fn stale_ack_fences_with_a_newer_generation() {
+fn stale_ack_replaces_the_held_state_by_name() {
     let mut f = fleet();
     create(&mut f, 1, 512).unwrap();
     let n = f.instance("vm1").unwrap().node.clone().unwrap();
@@ -237,7 +251,143 @@ fn stale_ack_fences_with_a_newer_generation() {
         },
     );
     let ch = f.take_changes();
-    assert_eq!(ch.publish[0].1.generation, 10);
+    let d = &ch.publish[0].1;
+    assert_eq!(d.generation, 2);
+    assert_eq!(
+        d.replaces,
+        Some(Version {
+            fleet: f.id(),
+            generation: 9
+        })
+    );
+    assert!(d.gone.is_empty(), "nothing is deleted on a stale answer");
+    // Once the node accepts it, later states no longer carry `replaces`.
+    f.on_event(
+        21,
+        &n,
+        &AgentEvent::Ack {
+            generation: 2,
+            result: AckResult::Accepted,
+        },
+    );
+    f.reboot("vm1").unwrap();
+    assert_eq!(f.take_changes().publish[0].1.replaces, None);
+}
+
+fn holding(fleet: FleetId, generation: u64, ids: &[(u64, &str)]) -> Holding {
+    Holding {
+        held: Some(Version { fleet, generation }),
+        instances: ids
+            .iter()
+            .map(|&(id, name)| DesiredInstance {
+                id: InstanceId::from_u64(id),
+                name: InstanceName::new(name).unwrap(),
+                power: PowerState::Running,
+                reboot_count: 0,
+                spec: spec(256),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn a_node_ahead_of_the_store_is_adopted_not_wiped() {
+    let mut f = fleet();
+    create(&mut f, 1, 512).unwrap();
+    let n = f.instance("vm1").unwrap().node.clone().unwrap();
+    f.take_changes();
+    // The store was restored from an older backup: the node holds generation 40, with vm1 and
+    // an instance created after the backup.
+    f.on_holding(50, &n, holding(f.id(), 40, &[(99, "late"), (1, "vm1")]));
+    let late = f.instance("late").expect("adopted under its name");
+    assert_eq!(late.node.as_ref(), Some(&n));
+    assert!(late.reason.contains("adopted"), "{}", late.reason);
+    let ch = f.take_changes();
+    assert!(ch.instances.iter().any(|i| i.name == "late"), "stored");
+    let d = &ch.publish.iter().find(|(m, _)| m == &n).unwrap().1;
+    assert_eq!(d.instances.len(), 2, "both kept");
+    assert!(d.gone.is_empty());
+    assert_eq!(d.replaces.map(|v| v.generation), Some(40));
+    assert_eq!(f.claimed(&n).memory_mib, 512 + 256);
+    // The same holding again adopts nothing twice.
+    f.on_holding(
+        60,
+        &n,
+        holding(f.id(), d.generation, &[(99, "late"), (1, "vm1")]),
+    );
+    assert_eq!(f.instances().count(), 2);
+}
+
+#[test]
+fn a_node_of_another_fleet_is_held_for_an_operator() {
+    let mut f = fleet();
+    let other = FleetId(0xbad);
+    f.on_holding(
+        50,
+        &node("a"),
+        holding(other, 57, &[(5, "web-1"), (6, "db-1")]),
+    );
+    assert_eq!(
+        f.node(&node("a")).unwrap().availability(),
+        Availability::Down
+    );
+    let ch = f.take_changes();
+    assert!(
+        !ch.publish.iter().any(|(n, _)| n == &node("a")),
+        "nothing is published to it"
+    );
+    assert_eq!(f.held_elsewhere().count(), 2);
+    assert!(f.instance("web-1").is_none(), "not adopted by itself");
+    // Placements go elsewhere.
+    create(&mut f, 1, 256).unwrap();
+    assert_eq!(f.instance("vm1").unwrap().node, Some(node("b")));
+    // The operator adopts it.
+    assert_eq!(f.adopt(70, &node("a")).unwrap(), 2);
+    assert!(f.instance("web-1").is_some() && f.instance("db-1").is_some());
+    let ch = f.take_changes();
+    let d = &ch.publish.iter().find(|(n, _)| n == &node("a")).unwrap().1;
+    assert_eq!(d.fleet, f.id());
+    assert_eq!(
+        d.replaces,
+        Some(Version {
+            fleet: other,
+            generation: 57
+        })
+    );
+    assert_eq!(d.instances.len(), 2);
+    assert!(matches!(
+        f.adopt(71, &node("a")),
+        Err(FleetError::NotForeign(_))
+    ));
+}
+
+#[test]
+fn a_restarted_controller_gives_nodes_a_grace_period() {
+    let mut f = fleet();
+    create(&mut f, 1, 256).unwrap();
+    f.take_changes();
+    let nodes: Vec<NodeRecord> = f.nodes().cloned().collect();
+    let instances: Vec<InstanceRecord> = f.instances().cloned().collect();
+    let snap = Snapshot {
+        fleet: f.id(),
+        nodes,
+        instances,
+        ..Snapshot::default()
+    };
+    let mut g = Fleet::new(
+        Scheduler::default(),
+        FleetConfig::default(),
+        snap,
+        1_000_000,
+    );
+    // No agent has spoken yet: creates still place.
+    create(&mut g, 2, 256).unwrap();
+    // Past the liveness timeout without a word, they are down.
+    g.tick(1_000_000 + FleetConfig::default().liveness_timeout_ms + 1);
+    assert_eq!(
+        g.node(&node("a")).unwrap().availability(),
+        Availability::Down
+    );
 }
 
 #[test]
@@ -383,6 +533,10 @@ fn lost_nodes_are_evacuated_after_the_delay_and_fenced_by_generation() {
         .unwrap();
     f.on_report(402_500, &from, &r);
     assert_eq!(f.instance("vm1").unwrap().node.as_ref(), Some(&to));
+    // It is told explicitly that its copy is gone (moved away by this store).
+    let ch = f.take_changes();
+    let d = &ch.publish.iter().find(|(n, _)| n == &from).unwrap().1;
+    assert_eq!(d.gone.as_slice(), &[id]);
 }
 
 /// The scheduler's incremental claims always equal the sum over the instances, and the

@@ -10,16 +10,18 @@ fn empty_fleet() -> Fleet {
     Fleet::new(
         Scheduler::default(),
         FleetConfig::default(),
-        vec![],
-        vec![],
-        vec![],
+        Snapshot {
+            fleet: FleetId(7),
+            ..Snapshot::default()
+        },
+        0,
     )
 }
 
 #[test]
 fn fleet_changes_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = SqliteStore::open(dir.path()).unwrap();
+    let mut store = SqliteStore::open(dir.path(), FleetId(7)).unwrap();
     let mut f = empty_fleet();
     let n = NodeId::new("edge-1").unwrap();
     f.on_status(
@@ -76,7 +78,7 @@ fn fleet_changes_survive_a_reopen() {
     store.apply(&f.take_changes()).unwrap();
     drop(store);
 
-    let mut store = SqliteStore::open(dir.path()).unwrap();
+    let mut store = SqliteStore::open(dir.path(), FleetId(7)).unwrap();
     let snap = store.load().unwrap();
     assert_eq!(
         snap.groups,
@@ -86,13 +88,7 @@ fn fleet_changes_survive_a_reopen() {
     let mut expect: Vec<NodeRecord> = f.nodes().cloned().collect();
     expect[0].online = false; // liveness is not stored
     assert_eq!(snap.nodes, expect);
-    let restored = Fleet::new(
-        Scheduler::default(),
-        FleetConfig::default(),
-        snap.nodes,
-        snap.instances,
-        snap.groups,
-    );
+    let restored = Fleet::new(Scheduler::default(), FleetConfig::default(), snap, 0);
     assert_eq!(restored.desired_for(&n), f.desired_for(&n));
 
     // Deletion is stored too.
@@ -117,7 +113,7 @@ fn fleet_changes_survive_a_reopen() {
 fn the_write_ahead_log_is_checkpointed_in_the_background() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("outpost.db");
-    let mut store = SqliteStore::open(dir.path()).unwrap();
+    let mut store = SqliteStore::open(dir.path(), FleetId(7)).unwrap();
     let mut f = empty_fleet();
     for k in 0..2000u32 {
         let n = NodeId::new(&format!("edge-{k:05}")).unwrap();
@@ -142,6 +138,9 @@ fn the_write_ahead_log_is_checkpointed_in_the_background() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     drop(store);
-    let snap = SqliteStore::open(dir.path()).unwrap().load().unwrap();
+    let snap = SqliteStore::open(dir.path(), FleetId(7))
+        .unwrap()
+        .load()
+        .unwrap();
     assert_eq!(snap.nodes.len(), 2000);
 }

@@ -9,8 +9,8 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::limits::{
-    MAX_CMDLINE_LEN, MAX_IMAGE_NAME_LEN, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS,
-    MAX_NET_NAME_LEN, MAX_NODE_ID_LEN, MAX_REASON_LEN,
+    MAX_CMDLINE_LEN, MAX_IMAGE_NAME_LEN, MAX_INSTANCE_NAME_LEN, MAX_LABEL_KEY_LEN,
+    MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_NET_NAME_LEN, MAX_NODE_ID_LEN, MAX_REASON_LEN,
 };
 
 /// Why a string is not a valid identifier or bounded string.
@@ -31,6 +31,12 @@ pub enum IdError {
     /// An instance id is not 16 hexadecimal digits.
     #[error("instance id must be 16 hexadecimal digits")]
     BadInstanceId,
+    /// A DNS-label style name must start with a letter and end with a letter or digit.
+    #[error("{0} must start with a lowercase letter and end with a letter or digit")]
+    BadLabelShape(&'static str),
+    /// A name that reads as an instance id would shadow that id.
+    #[error("{0} must not be 16 hexadecimal digits (that reads as an instance id)")]
+    LooksLikeId(&'static str),
 }
 
 /// The character rules of one kind of bounded string.
@@ -38,6 +44,8 @@ struct Rule {
     what: &'static str,
     allow_empty: bool,
     alnum_start: bool,
+    /// DNS-label shape: a lowercase letter first, no `-` last, and never an instance id.
+    dns_label: bool,
     allowed: fn(char) -> bool,
 }
 
@@ -58,6 +66,14 @@ impl Rule {
         }
         if self.alnum_start && !s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
             return Err(IdError::BadStart(self.what));
+        }
+        if self.dns_label {
+            if !s.starts_with(|c: char| c.is_ascii_lowercase()) || s.ends_with('-') {
+                return Err(IdError::BadLabelShape(self.what));
+            }
+            if s.parse::<InstanceId>().is_ok() {
+                return Err(IdError::LooksLikeId(self.what));
+            }
         }
         Ok(())
     }
@@ -149,7 +165,22 @@ bounded_str!(
     /// digits, `-`, `_` and `.`, starting with a letter or digit, at most 32 bytes.
     NodeId,
     MAX_NODE_ID_LEN,
-    Rule { what: "node id", allow_empty: false, alnum_start: true, allowed: lower_name_char }
+    Rule { what: "node id", allow_empty: false, alnum_start: true, dns_label: false, allowed: lower_name_char }
+);
+
+bounded_str!(
+    /// An instance's name, unique in the fleet: DNS-label style (lowercase ASCII letters, digits
+    /// and `-`, a letter first, no `-` last, at most 63 bytes), so that it is safe in a URL
+    /// path, a host name and a table, and never 16 hex digits (which would read as an id).
+    InstanceName,
+    MAX_INSTANCE_NAME_LEN,
+    Rule {
+        what: "instance name",
+        allow_empty: false,
+        alnum_start: true,
+        dns_label: true,
+        allowed: |c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-',
+    }
 );
 
 bounded_str!(
@@ -157,7 +188,7 @@ bounded_str!(
     /// ASCII letters, digits, `-`, `_` and `.`, starting with a letter or digit: never a path.
     ImageName,
     MAX_IMAGE_NAME_LEN,
-    Rule { what: "image name", allow_empty: false, alnum_start: true, allowed: name_char }
+    Rule { what: "image name", allow_empty: false, alnum_start: true, dns_label: false, allowed: name_char }
 );
 
 bounded_str!(
@@ -168,6 +199,7 @@ bounded_str!(
         what: "label key",
         allow_empty: false,
         alnum_start: true,
+        dns_label: false,
         allowed: |c| lower_name_char(c) || c == '/',
     }
 );
@@ -176,14 +208,14 @@ bounded_str!(
     /// A label value; may be empty.
     LabelValue,
     MAX_LABEL_VALUE_LEN,
-    Rule { what: "label value", allow_empty: true, alnum_start: true, allowed: name_char }
+    Rule { what: "label value", allow_empty: true, alnum_start: true, dns_label: false, allowed: name_char }
 );
 
 bounded_str!(
     /// A libvirt network name or a host bridge name.
     NetName,
     MAX_NET_NAME_LEN,
-    Rule { what: "network name", allow_empty: false, alnum_start: true, allowed: name_char }
+    Rule { what: "network name", allow_empty: false, alnum_start: true, dns_label: false, allowed: name_char }
 );
 
 bounded_str!(
@@ -194,6 +226,7 @@ bounded_str!(
         what: "kernel command line",
         allow_empty: true,
         alnum_start: false,
+        dns_label: false,
         allowed: |c| c.is_ascii_graphic() || c == ' ',
     }
 );
@@ -206,6 +239,7 @@ bounded_str!(
         what: "reason",
         allow_empty: true,
         alnum_start: false,
+        dns_label: false,
         allowed: |c| !c.is_control(),
     }
 );
@@ -295,6 +329,34 @@ impl FromStr for InstanceId {
     }
 }
 
+/// A fleet's identity: 64 random bits created with the controller's store and carried in
+/// every desired state. An agent binds to the first fleet it hears from and refuses desired
+/// states of any other, so a controller started on an empty or foreign store cannot make it
+/// delete anything.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct FleetId(pub u64);
+
+impl fmt::Display for FleetId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl fmt::Debug for FleetId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FleetId({self})")
+    }
+}
+
+impl FromStr for FleetId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        s.parse::<InstanceId>()
+            .map(|i| Self(i.as_u64()))
+            .map_err(|_| IdError::BadInstanceId)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,6 +375,31 @@ mod tests {
             NodeId::new(&"a".repeat(33)),
             Err(IdError::TooLong("node id", 32))
         );
+    }
+
+    #[test]
+    fn instance_names_are_dns_labels() {
+        assert!(InstanceName::new("web-1").is_ok());
+        for bad in [
+            "x#y",
+            "x?y",
+            "a/b",
+            "a b",
+            "Web",
+            "-a",
+            "a-",
+            "1a",
+            "a\u{202e}b",
+            "",
+        ] {
+            assert!(InstanceName::new(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            InstanceName::new("deadbeefdeadbeef"),
+            Err(IdError::LooksLikeId("instance name"))
+        );
+        assert!(InstanceName::new(&"a".repeat(63)).is_ok());
+        assert!(InstanceName::new(&"a".repeat(64)).is_err());
     }
 
     #[test]

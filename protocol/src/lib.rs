@@ -28,12 +28,12 @@ pub use topics::TopicError;
 
 pub use codec::{DecodeError, EncodeError, Message, WIRE_VERSION};
 pub use ids::{
-    Cmdline, IdError, ImageName, InstanceId, Label, LabelKey, LabelValue, Labels, NetName, NodeId,
-    Reason,
+    Cmdline, FleetId, IdError, ImageName, InstanceId, InstanceName, Label, LabelKey, LabelValue,
+    Labels, NetName, NodeId, Reason,
 };
 pub use messages::{
-    AckResult, AgentEvent, DesiredInstance, DesiredState, InstanceReport, NodeReport, NodeStatus,
-    Presence,
+    AckResult, AgentEvent, DesiredInstance, DesiredState, Holding, InstanceReport, NodeReport,
+    NodeStatus, NoticeKind, Presence, Version,
 };
 pub use node::{Arch, HypervisorKind, Inventory, Resources, Usage};
 pub use spec::{

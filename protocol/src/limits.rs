@@ -3,6 +3,8 @@
 
 /// Longest node id, in bytes. A node id is also the node's MQTT username and a topic level.
 pub const MAX_NODE_ID_LEN: usize = 32;
+/// Longest instance name (a DNS label).
+pub const MAX_INSTANCE_NAME_LEN: usize = 63;
 /// Longest image (or kernel/initrd) file name in an agent's image directory.
 pub const MAX_IMAGE_NAME_LEN: usize = 64;
 /// Longest label key (`zone`, `site`, `outpost.dev/gpu`...).

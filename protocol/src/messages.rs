@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codec::Message;
-use crate::ids::{InstanceId, Reason};
+use crate::ids::{FleetId, InstanceId, InstanceName, Reason};
 use crate::limits::MAX_INSTANCES_PER_NODE;
 use crate::node::{Inventory, Usage};
 use crate::spec::{InstanceSpec, InstanceState, PowerState};
@@ -44,6 +44,8 @@ impl Message for Inventory {
 pub struct DesiredInstance {
     /// Its identity.
     pub id: InstanceId,
+    /// Its name, so that a controller that lost its store can adopt it under the same name.
+    pub name: InstanceName,
     /// Running or stopped.
     pub power: PowerState,
     /// Level-triggered reboot: whenever this grows past the value the agent last applied,
@@ -53,15 +55,51 @@ pub struct DesiredInstance {
     pub spec: InstanceSpec,
 }
 
+/// Which desired state: the fleet that wrote it and its generation there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Version {
+    /// The fleet (the controller's store) that wrote it.
+    pub fleet: FleetId,
+    /// Its generation in that fleet.
+    pub generation: u64,
+}
+
 /// Everything the controller wants on one node, published retained so that a reconnecting
-/// agent always finds the latest. An agent applies it only if its generation is newer than the
-/// one it holds; an instance absent from it is deleted from the node.
+/// agent always finds the latest.
+///
+/// An agent applies it only if it comes from the fleet the agent is bound to and its
+/// generation is newer than the one held, or if `replaces` names exactly the state held (a
+/// controller taking over a node after it has seen what the node holds). An instance absent
+/// from it is not wanted there, but the agent deletes a domain only when its id is listed in
+/// `gone`: omission alone never destroys anything.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct DesiredState {
+    /// The fleet this state belongs to.
+    pub fleet: FleetId,
     /// Grows with every change the controller makes to this node's desired state.
     pub generation: u64,
+    /// The state held by the agent that this one replaces even though it is not newer (set
+    /// only when the controller adopts a node from another fleet or past its own generation).
+    pub replaces: Option<Version>,
+    /// How long (seconds) the agent may keep starting instances on its own without hearing
+    /// from the controller; past that, after a restart, it starts nothing until it hears again
+    /// (the controller may have rebuilt them elsewhere). 0: no limit.
+    pub lease_secs: u32,
     /// The instances, at most [`MAX_INSTANCES_PER_NODE`].
     pub instances: heapless::Vec<DesiredInstance, MAX_INSTANCES_PER_NODE>,
+    /// Instances the controller knows to be deleted or moved away from this node: the agent
+    /// removes their domains. Nothing else is ever removed.
+    pub gone: heapless::Vec<InstanceId, MAX_INSTANCES_PER_NODE>,
+}
+
+impl DesiredState {
+    /// Its version.
+    pub const fn version(&self) -> Version {
+        Version {
+            fleet: self.fleet,
+            generation: self.generation,
+        }
+    }
 }
 
 impl Message for DesiredState {
@@ -105,6 +143,42 @@ pub enum AckResult {
         /// The generation the agent holds.
         current: u64,
     },
+    /// From another fleet than the one the agent is bound to: ignored. The agent keeps its
+    /// instances and publishes what it holds ([`Holding`]) until an operator adopts the node.
+    OtherFleet {
+        /// What the agent holds.
+        held: Version,
+    },
+}
+
+/// Something about the node as a whole that an operator must know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoticeKind {
+    /// The stored desired state could not be read (corrupt, unreadable): the agent touches
+    /// nothing until the controller sends one.
+    StateUnreadable,
+    /// The desired state could not be stored (disk full, read-only): not accepted.
+    StateNotStored,
+    /// The hypervisor does not answer; instances keep running, nothing is changed.
+    HypervisorUnavailable,
+    /// The hypervisor answers again.
+    HypervisorBack,
+    /// The agent restarted after its lease ran out: it starts nothing until it hears from the
+    /// controller.
+    LeaseExpired,
+}
+
+impl NoticeKind {
+    /// Lowercase name for tables and logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::StateUnreadable => "state-unreadable",
+            Self::StateNotStored => "state-not-stored",
+            Self::HypervisorUnavailable => "hypervisor-unavailable",
+            Self::HypervisorBack => "hypervisor-back",
+            Self::LeaseExpired => "lease-expired",
+        }
+    }
 }
 
 /// Something that happened on a node, sent at QoS 1 (at least once: handlers are idempotent).
@@ -128,6 +202,30 @@ pub enum AgentEvent {
         /// Why, in words (empty when there is nothing to say).
         reason: Reason,
     },
+    /// Something about the node as a whole.
+    Notice {
+        /// What.
+        kind: NoticeKind,
+        /// In words.
+        reason: Reason,
+    },
+}
+
+/// What an agent holds: the version of its desired state and the specs of its instances (those
+/// wanted, then those it keeps because no controller accounted for them). Sent after every
+/// connect and whenever the agent refuses a desired state, so that a controller whose store is
+/// older than the node adopts what the node runs instead of deleting it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Holding {
+    /// The desired state held (none: never bound, or its file was unreadable).
+    pub held: Option<Version>,
+    /// The instances held, at most [`MAX_INSTANCES_PER_NODE`].
+    pub instances: heapless::Vec<DesiredInstance, MAX_INSTANCES_PER_NODE>,
+}
+
+impl Message for Holding {
+    const NAME: &'static str = "holding";
+    const MAX_SIZE: usize = 48 * 1024;
 }
 
 impl Message for AgentEvent {

@@ -32,16 +32,20 @@ pub enum Channel {
     Event,
     /// [`crate::DesiredState`]: what the controller wants on the node.
     Desired,
+    /// [`crate::Holding`]: what the agent holds (after connecting, and when it refuses a
+    /// desired state), so that a controller behind the node can adopt it.
+    Holding,
 }
 
 impl Channel {
     /// Every channel.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Status,
         Self::Inventory,
         Self::Report,
         Self::Event,
         Self::Desired,
+        Self::Holding,
     ];
 
     /// The last topic level.
@@ -52,6 +56,7 @@ impl Channel {
             Self::Report => "report",
             Self::Event => "event",
             Self::Desired => "desired",
+            Self::Holding => "holding",
         }
     }
 
@@ -84,6 +89,7 @@ impl Channel {
             Self::Report => "outpost/node/+/report",
             Self::Event => "outpost/node/+/event",
             Self::Desired => "outpost/node/+/desired",
+            Self::Holding => "outpost/node/+/holding",
         }
     }
 

@@ -291,6 +291,8 @@ pub struct Seen {
     pub report: Vec<(NodeId, NodeReport)>,
     /// Every event, in arrival order.
     pub events: Vec<(NodeId, AgentEvent)>,
+    /// Latest holding per node.
+    pub holding: Vec<(NodeId, Holding)>,
     /// Payloads that did not decode.
     pub malformed: usize,
 }
@@ -303,6 +305,14 @@ fn upsert<T>(v: &mut Vec<(NodeId, T)>, node: NodeId, t: T) {
 }
 
 impl Seen {
+    /// Latest holding of `node`.
+    pub fn holding_of(&self, node: &NodeId) -> Option<Holding> {
+        self.holding
+            .iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, h)| h.clone())
+    }
+
     /// Latest status of `node`.
     pub fn status_of(&self, node: &NodeId) -> Option<NodeStatus> {
         self.status.iter().find(|(n, _)| n == node).map(|(_, s)| *s)
@@ -396,6 +406,7 @@ impl TestController {
                             Channel::Inventory,
                             Channel::Report,
                             Channel::Event,
+                            Channel::Holding,
                         ] {
                             c.subscribe(ch.all_nodes(), QoS::AtLeastOnce).await.unwrap();
                         }
@@ -457,6 +468,9 @@ fn record(seen: &Mutex<Seen>, topic: &str, payload: &[u8]) {
         Channel::Event => AgentEvent::decode(payload)
             .map(|m| s.events.push((node, m)))
             .is_ok(),
+        Channel::Holding => Holding::decode(payload)
+            .map(|m| upsert(&mut s.holding, node, m))
+            .is_ok(),
         Channel::Desired => true,
     };
     if !ok {
@@ -468,6 +482,7 @@ fn record(seen: &Mutex<Seen>, topic: &str, payload: &[u8]) {
 pub fn instance(id: u64, boot: Boot, memory_mib: u32) -> DesiredInstance {
     DesiredInstance {
         id: InstanceId::from_u64(id),
+        name: InstanceName::new(&format!("vm-{id}")).unwrap(),
         power: PowerState::Running,
         reboot_count: 0,
         spec: InstanceSpec {
@@ -484,11 +499,28 @@ pub fn instance(id: u64, boot: Boot, memory_mib: u32) -> DesiredInstance {
     }
 }
 
-/// A desired state of `generation` with `instances`.
+/// The fleet identity the stand-in controller uses.
+pub const TEST_FLEET: FleetId = FleetId(0x7e57);
+
+/// A desired state of `generation` with `instances` (fleet [`TEST_FLEET`], no lease).
 pub fn desired(generation: u64, instances: Vec<DesiredInstance>) -> DesiredState {
     DesiredState {
+        fleet: TEST_FLEET,
         generation,
         instances: instances.into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+/// A desired state that also says `gone` were deleted by the controller.
+pub fn desired_gone(
+    generation: u64,
+    instances: Vec<DesiredInstance>,
+    gone: &[u64],
+) -> DesiredState {
+    DesiredState {
+        gone: gone.iter().map(|&g| InstanceId::from_u64(g)).collect(),
+        ..desired(generation, instances)
     }
 }
 

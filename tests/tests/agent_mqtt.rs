@@ -99,12 +99,13 @@ fn agent_announces_converges_and_survives_bad_input() {
         ctl.publish_raw(&node, Channel::Desired, junk, false);
     }
     // The agent is alive, still holds generation 1, still running both, and takes a new state.
-    let d2 = desired(
+    let d2 = desired_gone(
         2,
         vec![
             instance(2, boot.clone(), 256),
             instance(3, boot.clone(), 256),
         ],
+        &[1],
     );
     ctl.publish_desired(&node, &d2);
     ctl.wait(T, "instance 3 running", |s| {

@@ -80,7 +80,7 @@ fn agent_boots_stops_and_deletes_a_real_guest() {
 
     // Stop (forced after 2 s: busybox has no ACPI handler).
     inst.power = PowerState::Stopped;
-    ctl.publish_desired(&node, &desired(2, vec![inst]));
+    ctl.publish_desired(&node, &desired(2, vec![inst.clone()]));
     ctl.wait(BOOT, "the instance stopped", |s| {
         s.states(&node, id)
             .contains(&InstanceState::Stopped)
@@ -89,7 +89,7 @@ fn agent_boots_stops_and_deletes_a_real_guest() {
     assert!(virsh(&["domstate", &domain]).contains("shut off"));
 
     // Delete: nothing of it is left in libvirt or on disk.
-    ctl.publish_desired(&node, &desired(3, vec![]));
+    ctl.publish_desired(&node, &desired_gone(3, vec![], &[inst.id.as_u64()]));
     ctl.wait(BOOT, "the instance deleted", |s| {
         s.states(&node, id)
             .contains(&InstanceState::Deleted)

@@ -18,6 +18,25 @@ use crate::config::KindChoice;
 
 /// How long the KVM probe guest must stay up to count KVM as usable.
 const KVM_PROBE_SETTLE: Duration = Duration::from_millis(1500);
+/// How long a probe guest booting the host's kernel has to print its first console line.
+const KVM_PROBE_KERNEL: Duration = Duration::from_secs(6);
+
+/// The host's own kernel, if one is readable in `/boot` (the KVM probe boots it).
+fn host_kernel() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz") || n == "Image")
+        })
+        .filter(|p| std::fs::File::open(p).is_ok())
+        .collect();
+    found.sort();
+    found.pop()
+}
 
 /// What the libvirt backend needs to know.
 #[derive(Debug, Clone)]
@@ -98,7 +117,9 @@ impl LibvirtHypervisor {
         let kind = match cfg.kind {
             KindChoice::Kvm => HypervisorKind::Kvm,
             KindChoice::Emulated => HypervisorKind::Emulated,
-            KindChoice::Auto if probe_kvm(&conn, &caps, arch) => HypervisorKind::Kvm,
+            KindChoice::Auto if probe_kvm(&conn, &caps, arch, &cfg.instance_dir) => {
+                HypervisorKind::Kvm
+            }
             KindChoice::Auto => HypervisorKind::Emulated,
         };
         tracing::info!(uri = %cfg.uri, %arch, %kind, "libvirt connected");
@@ -163,8 +184,11 @@ impl LibvirtHypervisor {
 }
 
 /// KVM counts as usable if libvirt offers a `kvm` domain type for the host architecture and a
-/// tiny transient KVM guest with the host CPU actually starts and stays up.
-fn probe_kvm(conn: &Connect, caps: &str, arch: Arch) -> bool {
+/// tiny transient KVM guest with the host CPU actually starts and stays up; where the host's
+/// kernel is readable, that guest boots it and must print on its serial console within a few
+/// seconds (under nested virtualisation KVM can start a guest that then hangs or stops on an
+/// internal error: such a host runs its instances under emulation instead).
+fn probe_kvm(conn: &Connect, caps: &str, arch: Arch, scratch: &Path) -> bool {
     if !(caps.contains("<domain type='kvm'") || caps.contains("<domain type=\"kvm\""))
         || std::fs::OpenOptions::new()
             .read(true)
@@ -178,28 +202,71 @@ fn probe_kvm(conn: &Connect, caps: &str, arch: Arch) -> bool {
         Arch::X86_64 => "q35",
         Arch::Aarch64 => "virt",
     };
+    let console = scratch.join(format!(".kvm-probe-{}.log", std::process::id()));
+    // x86_64 only: there the host's vmlinuz boots directly and prints on ttyS0 (an arm64
+    // vmlinuz is compressed and its console differs; KVM on ARM hardware keeps the plain probe).
+    let kernel = host_kernel().filter(|_| {
+        arch == Arch::X86_64
+            && std::fs::create_dir_all(scratch).is_ok()
+            && std::fs::write(&console, b"").is_ok()
+    });
+    let (os, devices, settle) = match &kernel {
+        Some(k) => (
+            format!(
+                "<kernel>{}</kernel><cmdline>console=ttyS0 earlyprintk=serial panic=0</cmdline>",
+                super::xml::esc(&k.to_string_lossy())
+            ),
+            format!(
+                "<serial type='file'><source path='{}'/><target port='0'/></serial>",
+                super::xml::esc(&console.to_string_lossy())
+            ),
+            KVM_PROBE_KERNEL,
+        ),
+        None => (String::new(), String::new(), KVM_PROBE_SETTLE),
+    };
+    let memory = if kernel.is_some() { 128 } else { 32 };
     let xml = format!(
-        "<domain type='kvm'><name>outpost-kvm-probe-{pid}</name><memory unit='MiB'>32</memory>\
-         <os><type arch='{arch}' machine='{machine}'>hvm</type></os>\
-         <cpu mode='host-passthrough'/><devices><memballoon model='none'/></devices></domain>",
+        "<domain type='kvm'><name>outpost-kvm-probe-{pid}</name><memory unit='MiB'>{memory}</memory>\
+         <os><type arch='{arch}' machine='{machine}'>hvm</type>{os}</os>\
+         <cpu mode='host-passthrough'/><devices>{devices}<memballoon model='none'/></devices></domain>",
         pid = std::process::id()
     );
     let Ok(dom) = conn.create_domain_xml(&xml, 0) else {
         tracing::info!("KVM probe guest did not start: using software emulation");
+        let _ = std::fs::remove_file(&console);
         return false;
     };
-    let deadline = Instant::now() + KVM_PROBE_SETTLE;
+    // The kernel proper prints its banner at once with earlyprintk; a guest stuck in KVM never
+    // gets that far (the real-mode stub's lines do not count).
+    let printed =
+        || std::fs::read(&console).is_ok_and(|b| b.windows(13).any(|w| w == b"Linux version"));
+    let deadline = Instant::now() + settle;
     let mut up = true;
+    let mut spoke = false;
     while up && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
         up = dom.is_active().unwrap_or(false)
             && matches!(dom.state(), Ok((Enum::Known(VirState::Running), _)));
+        spoke = kernel.is_some() && printed();
+        if spoke {
+            break;
+        }
     }
-    let _ = dom.destroy();
-    if !up {
-        tracing::info!("KVM probe guest died: using software emulation");
+    for _ in 0..3 {
+        if dom.destroy().is_ok() || !dom.is_active().unwrap_or(false) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    up
+    let _ = std::fs::remove_file(&console);
+    let ok = if kernel.is_some() { up && spoke } else { up };
+    if !ok {
+        tracing::info!(
+            kernel_probe = kernel.is_some(),
+            "KVM probe guest died or never printed: using software emulation"
+        );
+    }
+    ok
 }
 
 fn reduce(dom: &VirDomain) -> Result<DomainState, HypervisorError> {

@@ -60,7 +60,8 @@ pub struct DomainDef<'a> {
 }
 
 /// Escapes text for XML content and attribute values.
-fn esc(s: &str) -> String {
+/// Escapes text for an XML attribute or element.
+pub fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {

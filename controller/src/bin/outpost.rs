@@ -19,9 +19,18 @@ struct Cli {
         default_value = "http://127.0.0.1:8080"
     )]
     api: String,
-    /// Bearer token, if the API requires one.
-    #[arg(long, global = true, env = "OUTPOST_API_TOKEN")]
+    /// Bearer token, if the API requires one (prefer --token-file or OUTPOST_API_TOKEN: an
+    /// argument shows in `ps` to every user).
+    #[arg(long, global = true, env = "OUTPOST_API_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(
+        long,
+        global = true,
+        env = "OUTPOST_API_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<std::path::PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -51,6 +60,9 @@ enum NodeCmd {
     Uncordon { id: String },
     /// Cordon a node and move its instances to other nodes.
     Drain { id: String },
+    /// Adopt a node bound to another fleet (shown as `foreign`): its instances join this
+    /// fleet as they are, and it takes this fleet's desired state from then on.
+    Adopt { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -186,6 +198,20 @@ impl Client {
     }
 }
 
+/// Percent-encodes one path segment: a name or id typed by a user never changes the path
+/// (`x#y` stays one segment, and is refused by the API as a name, rather than becoming `x`).
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
@@ -212,6 +238,19 @@ fn node_rows(v: &Value) -> anyhow::Result<()> {
         Value::Array(_) => serde_json::from_value(v.clone())?,
         other => vec![serde_json::from_value(other.clone())?],
     };
+    let notes: Vec<String> = nodes
+        .iter()
+        .flat_map(|n| {
+            let id = &n.id;
+            n.bound_to
+                .iter()
+                .map(move |f| format!("{id}: bound to another fleet ({f}); its instances are kept. Adopt it: outpost nodes adopt {id}"))
+                .chain(n.notice.iter().map(move |x| format!("{id}: {x}")))
+                .chain((!n.unaccounted.is_empty()).then(|| {
+                    format!("{id}: runs instances this controller does not know (kept, not deleted): {}", n.unaccounted.join(", "))
+                }))
+        })
+        .collect();
     table(
         &[
             "NODE",
@@ -241,6 +280,9 @@ fn node_rows(v: &Value) -> anyhow::Result<()> {
             })
             .collect(),
     );
+    for note in notes {
+        println!("{note}");
+    }
     Ok(())
 }
 
@@ -294,24 +336,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .timeout_global(Some(std::time::Duration::from_secs(30)))
         .build()
         .into();
+    let token = match &cli.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading the token file {}", f.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => cli.token.clone(),
+    };
     let c = Client {
         agent,
         base: cli.api.clone(),
-        token: cli.token.clone(),
+        token,
     };
     let (v, nodes) = match cli.what {
         What::Nodes(cmd) => {
             let v = match cmd {
                 NodeCmd::List => c.send("GET", "/v1/nodes", None)?,
-                NodeCmd::Show { id } => c.send("GET", &format!("/v1/nodes/{id}"), None)?,
+                NodeCmd::Show { id } => c.send("GET", &format!("/v1/nodes/{}", seg(&id)), None)?,
                 NodeCmd::Cordon { id } => {
-                    c.send("POST", &format!("/v1/nodes/{id}/cordon"), None)?
+                    c.send("POST", &format!("/v1/nodes/{}/cordon", seg(&id)), None)?
                 }
                 NodeCmd::Uncordon { id } => {
-                    c.send("POST", &format!("/v1/nodes/{id}/uncordon"), None)?
+                    c.send("POST", &format!("/v1/nodes/{}/uncordon", seg(&id)), None)?
+                }
+                NodeCmd::Adopt { id } => {
+                    c.send("POST", &format!("/v1/nodes/{}/adopt", seg(&id)), None)?
                 }
                 NodeCmd::Drain { id } => {
-                    let v = c.send("POST", &format!("/v1/nodes/{id}/drain"), None)?;
+                    let v = c.send("POST", &format!("/v1/nodes/{}/drain", seg(&id)), None)?;
                     if !cli.json {
                         println!("moved {} instance(s)", v["moved"]);
                         for s in v["stuck"].as_array().into_iter().flatten() {
@@ -351,19 +405,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 InstanceCmd::List => c.send("GET", "/v1/instances", None)?,
                 InstanceCmd::Show { key } => {
-                    c.send("GET", &format!("/v1/instances/{key}"), None)?
+                    c.send("GET", &format!("/v1/instances/{}", seg(&key)), None)?
                 }
                 InstanceCmd::Stop { key } => {
-                    c.send("POST", &format!("/v1/instances/{key}/stop"), None)?
+                    c.send("POST", &format!("/v1/instances/{}/stop", seg(&key)), None)?
                 }
                 InstanceCmd::Start { key } => {
-                    c.send("POST", &format!("/v1/instances/{key}/start"), None)?
+                    c.send("POST", &format!("/v1/instances/{}/start", seg(&key)), None)?
                 }
                 InstanceCmd::Reboot { key } => {
-                    c.send("POST", &format!("/v1/instances/{key}/reboot"), None)?
+                    c.send("POST", &format!("/v1/instances/{}/reboot", seg(&key)), None)?
                 }
                 InstanceCmd::Delete { key } => {
-                    let v = c.send("DELETE", &format!("/v1/instances/{key}"), None)?;
+                    let v = c.send("DELETE", &format!("/v1/instances/{}", seg(&key)), None)?;
                     if !cli.json {
                         println!(
                             "{} {}",

@@ -84,16 +84,24 @@ pub fn kernel_spec() -> InstanceSpec {
 
 pub fn desired() -> DesiredState {
     DesiredState {
+        fleet: FleetId(0x0f1e_e71d),
         generation: 7,
+        replaces: None,
+        lease_secs: 300,
+        gone: [InstanceId::from_u64(0x5555_6666_7777_8888)]
+            .into_iter()
+            .collect(),
         instances: [
             DesiredInstance {
                 id: InstanceId::from_u64(0x1111_2222_3333_4444),
+                name: InstanceName::new("web-1").unwrap(),
                 power: PowerState::Running,
                 reboot_count: 0,
                 spec: spec(),
             },
             DesiredInstance {
                 id: InstanceId::from_u64(0xaaaa_bbbb_cccc_dddd),
+                name: InstanceName::new("fw-1").unwrap(),
                 power: PowerState::Stopped,
                 reboot_count: 2,
                 spec: kernel_spec(),
@@ -205,12 +213,26 @@ pub fn max_spec() -> InstanceSpec {
     }
 }
 
+pub fn max_name() -> InstanceName {
+    InstanceName::new(&max_str('z', MAX_INSTANCE_NAME_LEN)).unwrap()
+}
+
 pub fn max_desired() -> DesiredState {
     DesiredState {
+        fleet: FleetId(u64::MAX),
         generation: u64::MAX,
+        replaces: Some(Version {
+            fleet: FleetId(u64::MAX),
+            generation: u64::MAX,
+        }),
+        lease_secs: u32::MAX,
+        gone: (0..MAX_INSTANCES_PER_NODE as u64)
+            .map(|i| InstanceId::from_u64(u64::MAX - i))
+            .collect(),
         instances: (0..MAX_INSTANCES_PER_NODE as u64)
             .map(|i| DesiredInstance {
                 id: InstanceId::from_u64(u64::MAX - i),
+                name: max_name(),
                 power: PowerState::Stopped,
                 reboot_count: u32::MAX,
                 spec: max_spec(),
@@ -242,6 +264,14 @@ pub fn max_event() -> AgentEvent {
         state: InstanceState::Error(ErrorKind::TooManyInstances),
         // Multi-byte characters still count in bytes.
         reason: Reason::lossy(&"é".repeat(MAX_REASON_LEN)),
+    }
+}
+
+pub fn max_holding() -> Holding {
+    let d = max_desired();
+    Holding {
+        held: d.replaces,
+        instances: d.instances,
     }
 }
 
@@ -396,9 +426,16 @@ pub fn arb_spec() -> impl Strategy<Value = InstanceSpec> {
 }
 
 pub fn arb_desired() -> impl Strategy<Value = DesiredState> {
-    let inst = (any::<u64>(), any::<bool>(), any::<u32>(), arb_spec()).prop_map(
-        |(id, stopped, reboot_count, spec)| DesiredInstance {
+    let inst = (
+        any::<u64>(),
+        any::<bool>(),
+        any::<u32>(),
+        arb_spec(),
+        "[a-z][a-z0-9-]{0,20}[a-z]",
+    )
+        .prop_map(|(id, stopped, reboot_count, spec, name)| DesiredInstance {
             id: InstanceId::from_u64(id),
+            name: InstanceName::new(&name).unwrap(),
             power: if stopped {
                 PowerState::Stopped
             } else {
@@ -406,16 +443,28 @@ pub fn arb_desired() -> impl Strategy<Value = DesiredState> {
             },
             reboot_count,
             spec,
-        },
-    );
+        });
     (
         any::<u64>(),
+        any::<u64>(),
+        proptest::option::of((any::<u64>(), any::<u64>())),
+        any::<u32>(),
         proptest::collection::vec(inst, 0..=MAX_INSTANCES_PER_NODE),
+        proptest::collection::vec(any::<u64>(), 0..=MAX_INSTANCES_PER_NODE),
     )
-        .prop_map(|(generation, v)| DesiredState {
-            generation,
-            instances: v.into_iter().collect(),
-        })
+        .prop_map(
+            |(fleet, generation, replaces, lease_secs, v, gone)| DesiredState {
+                fleet: FleetId(fleet),
+                generation,
+                replaces: replaces.map(|(f, g)| Version {
+                    fleet: FleetId(f),
+                    generation: g,
+                }),
+                lease_secs,
+                instances: v.into_iter().collect(),
+                gone: gone.into_iter().map(InstanceId::from_u64).collect(),
+            },
+        )
 }
 
 pub fn arb_report() -> impl Strategy<Value = NodeReport> {
@@ -438,14 +487,27 @@ pub fn arb_report() -> impl Strategy<Value = NodeReport> {
 
 pub fn arb_event() -> impl Strategy<Value = AgentEvent> {
     prop_oneof![
-        (any::<u64>(), proptest::option::of(any::<u64>())).prop_map(|(generation, stale)| {
-            AgentEvent::Ack {
+        (
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+            any::<bool>()
+        )
+            .prop_map(|(generation, stale, other)| AgentEvent::Ack {
                 generation,
-                result: match stale {
-                    Some(current) => AckResult::Stale { current },
-                    None => AckResult::Accepted,
+                result: match (stale, other) {
+                    (Some(current), false) => AckResult::Stale { current },
+                    (Some(g), true) => AckResult::OtherFleet {
+                        held: Version {
+                            fleet: FleetId(g ^ 1),
+                            generation: g,
+                        },
+                    },
+                    (None, _) => AckResult::Accepted,
                 },
-            }
+            }),
+        ".{0,200}".prop_map(|reason| AgentEvent::Notice {
+            kind: NoticeKind::StateUnreadable,
+            reason: Reason::lossy(&reason),
         }),
         (any::<u64>(), any::<u64>(), arb_state(), ".{0,200}").prop_map(
             |(id, generation, state, reason)| AgentEvent::Instance {
