@@ -21,21 +21,39 @@ pub enum BrokerError {
     Thread(std::io::Error),
 }
 
-/// The rumqttd configuration for one MQTT 3.1.1 listener.
-pub fn config(listen: SocketAddr) -> Config {
+/// Compares two secrets in time independent of where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// The rumqttd configuration for one MQTT 3.1.1 listener. With `secret`, every connection must
+/// log in with it as its password (the gate and the controller's own client do; no other local
+/// process knows it).
+pub fn config(listen: SocketAddr, secret: Option<String>) -> Config {
+    let mut connections = ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        max_payload_size: MAX_PAYLOAD,
+        max_inflight_count: 500,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    if let Some(secret) = secret {
+        connections.set_auth_handler(move |_client, _user, password: String| {
+            let ok = same_secret(&password, &secret);
+            async move { ok }
+        });
+    }
     let server = ServerSettings {
         name: "outpost-v4".into(),
         listen,
         tls: None,
         next_connection_delay_ms: 1,
-        connections: ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: MAX_PAYLOAD,
-            max_inflight_count: 500,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
+        connections,
     };
     Config {
         id: 0,
@@ -59,10 +77,11 @@ pub fn config(listen: SocketAddr) -> Config {
     }
 }
 
-/// Starts the broker on its own thread. A broker that cannot listen stops at once: that is
-/// reported here; agents and the controller's own client reconnect until it answers.
-pub fn start(listen: SocketAddr) -> Result<(), BrokerError> {
-    let cfg = config(listen);
+/// Starts the broker on its own thread (authenticated by `secret` when given). A broker that
+/// cannot listen stops at once: that is reported here; agents and the controller's own client
+/// reconnect until it answers.
+pub fn start(listen: SocketAddr, secret: Option<String>) -> Result<(), BrokerError> {
+    let cfg = config(listen, secret);
     let handle = std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {

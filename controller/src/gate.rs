@@ -8,6 +8,12 @@
 //! be the node's own status topic; afterwards every PUBLISH must be on one of the node's own
 //! agent topics and every SUBSCRIBE on its own desired topic. A violation closes the
 //! connection. The controller's own user may use every topic.
+//!
+//! The broker behind the gate takes only connections that log in with a secret made at each
+//! start and known only to this process: the gate swaps it in for the device's password once
+//! the device is authenticated, so the internal port is no side door for local users. A
+//! connection must send its CONNECT within [`CONNECT_DEADLINE`], and at most
+//! [`MAX_UNAUTHENTICATED`] may be waiting to, so idle sockets cannot lock devices out.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,6 +31,10 @@ pub const CONTROLLER_USER: &str = outpost_firmware_config::provision::CONTROLLER
 const MAX_PACKET: usize = 256 * 1024;
 /// CONNACK "not authorized" (MQTT 3.1.1 return code 5).
 const CONNACK_NOT_AUTHORIZED: [u8; 4] = [0x20, 0x02, 0x00, 0x05];
+/// How long a new connection has to send its CONNECT.
+pub const CONNECT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most connections that may be waiting to authenticate at once; more are closed at once.
+pub const MAX_UNAUTHENTICATED: usize = 64;
 
 /// Where the gate listens and what it checks against.
 #[derive(Debug, Clone)]
@@ -36,6 +46,8 @@ pub struct GateConfig {
     /// The mosquitto-format password file (read at every connect, so new devices need no
     /// restart).
     pub passwd: PathBuf,
+    /// The password the internal broker requires (replaces the device's once admitted).
+    pub internal_secret: String,
 }
 
 /// Who is connected.
@@ -109,12 +121,27 @@ fn admit(c: &rumqttc::mqttbytes::v4::Connect, passwd: &str) -> Result<Peer, &'st
     Ok(Peer::Node(node))
 }
 
-async fn serve_one(mut client: TcpStream, from: SocketAddr, cfg: GateConfig) {
+async fn serve_one(
+    mut client: TcpStream,
+    from: SocketAddr,
+    cfg: GateConfig,
+    pending: tokio::sync::OwnedSemaphorePermit,
+) {
     let mut buf = BytesMut::with_capacity(4096);
-    let Some((raw, Packet::Connect(c))) = next_packet(&mut client, &mut buf).await else {
+    let first = tokio::time::timeout(CONNECT_DEADLINE, next_packet(&mut client, &mut buf)).await;
+    let Ok(Some((_, Packet::Connect(mut c)))) = first else {
+        if first.is_err() {
+            tracing::debug!(%from, "no CONNECT within the deadline: connection closed");
+        }
         return;
     };
-    let passwd = std::fs::read_to_string(&cfg.passwd).unwrap_or_default();
+    let passwd = match std::fs::read_to_string(&cfg.passwd) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(passwd = %cfg.passwd.display(), error = %e, "cannot read the password file: refusing every device");
+            String::new()
+        }
+    };
     let peer = match admit(&c, &passwd) {
         Ok(p) => p,
         Err(why) => {
@@ -123,6 +150,15 @@ async fn serve_one(mut client: TcpStream, from: SocketAddr, cfg: GateConfig) {
             return;
         }
     };
+    drop(pending);
+    // The internal broker knows only the internal secret.
+    if let Some(login) = c.login.as_mut() {
+        login.password.clone_from(&cfg.internal_secret);
+    }
+    let mut connect = BytesMut::new();
+    if c.write(&mut connect).is_err() {
+        return;
+    }
     let Ok(upstream) = TcpStream::connect(cfg.upstream).await else {
         return;
     };
@@ -130,7 +166,7 @@ async fn serve_one(mut client: TcpStream, from: SocketAddr, cfg: GateConfig) {
     let _ = client.set_nodelay(true);
     let (mut c_read, mut c_write) = client.into_split();
     let (mut u_read, mut u_write) = upstream.into_split();
-    if u_write.write_all(&raw).await.is_err() {
+    if u_write.write_all(&connect).await.is_err() {
         return;
     }
     let down = tokio::spawn(async move {
@@ -176,12 +212,27 @@ fn packet_name(p: &Packet) -> String {
 pub async fn run(cfg: GateConfig) -> std::io::Result<()> {
     let listener = TcpListener::bind(cfg.listen).await?;
     tracing::info!(listen = %cfg.listen, passwd = %cfg.passwd.display(), "MQTT gate listening: per-device authentication and topics");
+    let pending = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED));
     tokio::spawn(async move {
         loop {
-            let Ok((conn, from)) = listener.accept().await else {
-                continue;
+            let (conn, from) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors, most likely: do not spin.
+                    tracing::warn!(error = %e, "MQTT gate cannot accept");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
             };
-            tokio::spawn(serve_one(conn, from, cfg.clone()));
+            match std::sync::Arc::clone(&pending).try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(serve_one(conn, from, cfg.clone(), permit));
+                }
+                Err(_) => {
+                    tracing::warn!(%from, limit = MAX_UNAUTHENTICATED, "too many connections waiting to authenticate: closed");
+                    drop(conn);
+                }
+            }
         }
     });
     Ok(())

@@ -126,6 +126,20 @@ fn secret(
     Ok(v)
 }
 
+/// Raises the soft open-file limit to the hard one: every device holds a connection (two
+/// through the gate), and a low soft limit would lock devices and the API out.
+fn raise_open_files() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "open-file limit raised"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
 /// Whether `flag` was given on the command line (not through the environment).
 fn on_command_line(flag: &str) -> bool {
     std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")))
@@ -149,6 +163,7 @@ fn main() -> anyhow::Result<()> {
         .with(filter)
         .init();
     let Command::Serve(a) = cli.command;
+    raise_open_files();
     for flag in ["--api-token", "--broker-password"] {
         if on_command_line(flag) {
             tracing::warn!(

@@ -184,6 +184,20 @@ fn batch(
     inputs
 }
 
+/// 128 random bits from the OS, as hex.
+fn random_secret() -> Result<String, ServeError> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| ServeError::Config(format!("no randomness: {e}")))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// A new fleet identity: 64 random bits from the OS (never 0).
+fn random_fleet() -> Result<FleetId, ServeError> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| ServeError::Config(format!("no randomness: {e}")))?;
+    Ok(FleetId(u64::from_le_bytes(b).max(1)))
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -381,27 +395,35 @@ pub async fn serve(
                 )));
             }
             None => {
-                crate::broker::start(a)?;
+                crate::broker::start(a, None)?;
                 tracing::info!(listen = %a, "embedded MQTT broker listening");
             }
             Some(passwd) => {
-                // The broker itself on an internal loopback port; the gate on the public one.
+                // The broker itself on an internal loopback port that takes only the secret
+                // made here; the gate on the public one.
                 let internal = std::net::TcpListener::bind("127.0.0.1:0")
                     .and_then(|l| l.local_addr())
                     .map_err(|source| ServeError::Listen { addr: a, source })?;
-                crate::broker::start(internal)?;
+                let secret = random_secret()?;
+                crate::broker::start(internal, Some(secret.clone()))?;
                 crate::gate::run(crate::gate::GateConfig {
                     listen: a,
                     upstream: internal,
                     passwd: passwd.clone(),
+                    internal_secret: secret.clone(),
                 })
                 .await
                 .map_err(|source| ServeError::Listen { addr: a, source })?;
-                own.broker = BrokerChoice::Embedded(internal);
+                own.broker = BrokerChoice::External {
+                    host: internal.ip().to_string(),
+                    port: internal.port(),
+                    credentials: Some((crate::gate::CONTROLLER_USER.to_owned(), secret)),
+                    tls: None,
+                };
             }
         }
     }
-    let mut store = SqliteStore::open(&cfg.data_dir, FleetId(fastrand::u64(1..)))?;
+    let mut store = SqliteStore::open(&cfg.data_dir, random_fleet()?)?;
     let snap = store.load()?;
     tracing::info!(
         fleet = %snap.fleet, nodes = snap.nodes.len(), instances = snap.instances.len(),

@@ -193,10 +193,20 @@ impl Mosquitto {
     /// Starts mosquitto with exactly `conf` (plus running as root, no persistence, logs to
     /// stderr); `port` is where it is expected to listen.
     pub fn start_conf(dir: &Path, port: u16, conf_text: &str) -> Self {
+        Self::start_raw(dir, port, &format!("user root\n{conf_text}"))
+    }
+
+    /// Starts mosquitto with `conf` as Debian runs it: started as root, it drops to the
+    /// `mosquitto` user before it reads the password file and ACL.
+    pub fn start_as_debian(dir: &Path, port: u16, conf_text: &str) -> Self {
+        Self::start_raw(dir, port, conf_text)
+    }
+
+    fn start_raw(dir: &Path, port: u16, conf_text: &str) -> Self {
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("user root\npersistence false\nlog_dest stderr\n{conf_text}"),
+            format!("persistence false\nlog_dest stderr\n{conf_text}"),
         )
         .unwrap();
         let mut cmd = Command::new("mosquitto");

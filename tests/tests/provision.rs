@@ -73,6 +73,8 @@ fn connect_as(
 #[test]
 fn provisioned_devices_are_confined_to_their_own_topics() {
     let dir = tempfile::tempdir().unwrap();
+    // mosquitto runs as its own user, as Debian ships it: it must reach the registry.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let reg = dir.path().join("registry");
     let reg_s = reg.to_str().unwrap();
     let port = free_port();
@@ -128,7 +130,18 @@ fn provisioned_devices_are_confined_to_their_own_topics() {
 
     let dev1 = reg.join("devices/edge-p1/device.bin");
     assert_eq!(mode(&dev1), 0o600);
-    assert_eq!(mode(&reg.join("mosquitto/passwd")), 0o600);
+    // Readable by mosquitto's group and nobody else.
+    let passwd = reg.join("mosquitto/passwd");
+    assert_eq!(mode(&passwd), 0o640);
+    let group = Command::new("stat")
+        .args(["-c", "%U:%G"])
+        .arg(&passwd)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&group.stdout).trim(),
+        "root:mosquitto"
+    );
     let inspected = provision(&["inspect", dev1.to_str().unwrap()]);
     assert!(
         inspected.contains("CRC-32 ok") && inspected.contains("node_id      edge-p1"),
@@ -161,7 +174,8 @@ fn provisioned_devices_are_confined_to_their_own_topics() {
         "--listen",
         &format!("127.0.0.1:{port}"),
     ]);
-    let _broker = Mosquitto::start_conf(dir.path(), port, &conf);
+    assert!(conf.contains("use_username_as_clientid true"), "{conf}");
+    let broker = Mosquitto::start_as_debian(dir.path(), port, &conf);
 
     // Install onto the "SD card" and start the agent from that tree.
     let out = provision(&[
@@ -211,6 +225,23 @@ fn provisioned_devices_are_confined_to_their_own_topics() {
     // Wrong password: refused.
     let (code, _) = connect(port, "edge-p1", "wrong-password");
     assert_ne!(code, ConnectReturnCode::Success);
+
+    // Device 2 with its own password but device 1's client id does not take over device 1's
+    // session: mosquitto uses the username as the client id.
+    let (code, thief) = connect_as(port, "edge-p1", "edge-p2", &secret2);
+    assert_eq!(code, ConnectReturnCode::Success);
+    std::thread::sleep(Duration::from_secs(1));
+    drop(thief);
+    assert_eq!(
+        ctl.seen().status_of(&node).map(|s| s.presence),
+        Some(Presence::Online),
+        "device 1 stayed connected"
+    );
+    assert!(
+        !broker.proc.log_text().contains("edge-p1 already connected"),
+        "{}",
+        broker.proc.log_text()
+    );
 
     // Device 2 with its own valid credentials cannot read or write device 1's topics.
     let (code, c2) = connect(port, "edge-p2", &secret2);

@@ -148,6 +148,9 @@ fn device(a: DeviceArgs) -> anyhow::Result<()> {
         reg.passwd_path().display(),
         reg.acl_path().display()
     );
+    println!(
+        "  a running mosquitto reads it on reload: kill -HUP $(pidof mosquitto); the embedded broker's gate reads it at every connect"
+    );
     Ok(())
 }
 
