@@ -264,6 +264,49 @@ impl Agent {
         }
     }
 
+    /// An agent with the fake hypervisor backend (`memory_mib` of memory, label
+    /// `zone=ZONE`), with a kernel and initrd in its image directory.
+    pub fn fake(dir: &Path, node: &str, broker_port: u16, memory_mib: u32, zone: &str) -> Self {
+        let a = Self::configure(
+            dir,
+            node,
+            broker_port,
+            &format!(
+                "[labels]\nzone = \"{zone}\"\n[hypervisor]\nbackend = \"fake\"\nfake_memory_mib = {memory_mib}\n"
+            ),
+        );
+        for f in ["vmlinuz", "initrd.img"] {
+            std::fs::write(a.state_dir.join("images").join(f), b"x").unwrap();
+        }
+        a
+    }
+
+    /// An agent driving the real libvirtd (`qemu:///system`), label `zone=ZONE`, with the tiny
+    /// test guest in its image directory.
+    pub fn real(dir: &Path, node: &str, broker_port: u16, zone: &str) -> Self {
+        let a = Self::configure(
+            dir,
+            node,
+            broker_port,
+            &format!(
+                "[labels]\nzone = \"{zone}\"\n[hypervisor]\nbackend = \"libvirt\"\nuri = \"qemu:///system\"\nstop_timeout_secs = 1\n"
+            ),
+        );
+        install_test_guest(&a.state_dir.join("images"));
+        a
+    }
+
+    /// How many hypervisor operations named `op` (`create`, `delete`...) its log shows, for
+    /// instance `id` if given.
+    pub fn ops(&self, op: &str, id: Option<&str>) -> usize {
+        let log = std::fs::read_to_string(self.state_dir.with_extension("log")).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains(" hypervisor id="))
+            .filter(|l| l.contains(&format!("op=\"{op}\"")) || l.contains(&format!("op={op} ")))
+            .filter(|l| id.is_none_or(|i| l.contains(i)))
+            .count()
+    }
+
     /// Starts (or restarts) the agent process.
     pub fn start(&mut self) {
         self.start_cmd(Command::new(bin("outpost-agent")));
@@ -734,6 +777,27 @@ impl Controller {
         } else {
             Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }
+    }
+
+    /// Creates a direct-kernel-boot instance of the tiny guest (256 MiB unless `extra` says
+    /// `--memory`), with `extra` arguments.
+    pub fn create(&self, name: &str, extra: &[&str]) -> Result<serde_json::Value, String> {
+        let mut args = vec![
+            "instances",
+            "create",
+            name,
+            "--kernel",
+            "vmlinuz",
+            "--initrd",
+            "initrd.img",
+            "--cmdline",
+            "console=ttyS0 quiet",
+        ];
+        if !extra.contains(&"--memory") {
+            args.extend_from_slice(&["--memory", "256"]);
+        }
+        args.extend_from_slice(extra);
+        self.cli(&args)
     }
 
     /// The phase of an instance (by name), if it exists.

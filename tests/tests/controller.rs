@@ -10,35 +10,11 @@ use outpost_tests::*;
 const T: Duration = Duration::from_secs(30);
 
 fn fake_agent(dir: &std::path::Path, node: &str, port: u16, memory_mib: u32, zone: &str) -> Agent {
-    let a = Agent::configure(
-        dir,
-        node,
-        port,
-        &format!(
-            "[labels]\nzone = \"{zone}\"\n[hypervisor]\nbackend = \"fake\"\nfake_memory_mib = {memory_mib}\n"
-        ),
-    );
-    for f in ["vmlinuz", "initrd.img"] {
-        std::fs::write(a.state_dir.join("images").join(f), b"x").unwrap();
-    }
-    a
+    Agent::fake(dir, node, port, memory_mib, zone)
 }
 
 fn create(c: &Controller, name: &str, extra: &[&str]) -> Result<serde_json::Value, String> {
-    let mut args = vec![
-        "instances",
-        "create",
-        name,
-        "--kernel",
-        "vmlinuz",
-        "--initrd",
-        "initrd.img",
-    ];
-    if !extra.contains(&"--memory") {
-        args.extend_from_slice(&["--memory", "256"]);
-    }
-    args.extend_from_slice(extra);
-    c.cli(&args)
+    c.create(name, extra)
 }
 
 #[test]
