@@ -33,8 +33,26 @@ const MAX_PACKET: usize = 256 * 1024;
 const CONNACK_NOT_AUTHORIZED: [u8; 4] = [0x20, 0x02, 0x00, 0x05];
 /// How long a new connection has to send its CONNECT.
 pub const CONNECT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
-/// Most connections that may be waiting to authenticate at once; more are closed at once.
+/// Most connections that may be waiting to authenticate at once; past that the oldest one is
+/// closed to make room (a real device sends CONNECT within milliseconds of connecting, so idle
+/// sockets can never crowd it out).
 pub const MAX_UNAUTHENTICATED: usize = 64;
+
+/// The connections still waiting for their CONNECT, oldest first.
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    waiting: std::collections::VecDeque<(u64, tokio::task::AbortHandle)>,
+}
+
+type PendingSet = std::sync::Arc<std::sync::Mutex<Pending>>;
+
+/// Removes connection `id` from the waiting set (it authenticated, or gave up).
+fn settled(pending: &PendingSet, id: u64) {
+    if let Ok(mut p) = pending.lock() {
+        p.waiting.retain(|(i, _)| *i != id);
+    }
+}
 
 /// Where the gate listens and what it checks against.
 #[derive(Debug, Clone)]
@@ -125,10 +143,12 @@ async fn serve_one(
     mut client: TcpStream,
     from: SocketAddr,
     cfg: GateConfig,
-    pending: tokio::sync::OwnedSemaphorePermit,
+    pending: PendingSet,
+    id: u64,
 ) {
     let mut buf = BytesMut::with_capacity(4096);
     let first = tokio::time::timeout(CONNECT_DEADLINE, next_packet(&mut client, &mut buf)).await;
+    settled(&pending, id);
     let Ok(Some((_, Packet::Connect(mut c)))) = first else {
         if first.is_err() {
             tracing::debug!(%from, "no CONNECT within the deadline: connection closed");
@@ -150,7 +170,6 @@ async fn serve_one(
             return;
         }
     };
-    drop(pending);
     // The internal broker knows only the internal secret.
     if let Some(login) = c.login.as_mut() {
         login.password.clone_from(&cfg.internal_secret);
@@ -212,7 +231,7 @@ fn packet_name(p: &Packet) -> String {
 pub async fn run(cfg: GateConfig) -> std::io::Result<()> {
     let listener = TcpListener::bind(cfg.listen).await?;
     tracing::info!(listen = %cfg.listen, passwd = %cfg.passwd.display(), "MQTT gate listening: per-device authentication and topics");
-    let pending = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED));
+    let pending: PendingSet = PendingSet::default();
     tokio::spawn(async move {
         loop {
             let (conn, from) = match listener.accept().await {
@@ -224,15 +243,21 @@ pub async fn run(cfg: GateConfig) -> std::io::Result<()> {
                     continue;
                 }
             };
-            match std::sync::Arc::clone(&pending).try_acquire_owned() {
-                Ok(permit) => {
-                    tokio::spawn(serve_one(conn, from, cfg.clone(), permit));
-                }
-                Err(_) => {
-                    tracing::warn!(%from, limit = MAX_UNAUTHENTICATED, "too many connections waiting to authenticate: closed");
-                    drop(conn);
-                }
+            let Ok(mut p) = pending.lock() else { continue };
+            p.waiting.retain(|(_, h)| !h.is_finished());
+            if p.waiting.len() >= MAX_UNAUTHENTICATED
+                && let Some((_, oldest)) = p.waiting.pop_front()
+            {
+                tracing::debug!(
+                    limit = MAX_UNAUTHENTICATED,
+                    "too many connections waiting to authenticate: closed the oldest"
+                );
+                oldest.abort();
             }
+            p.next += 1;
+            let id = p.next;
+            let task = tokio::spawn(serve_one(conn, from, cfg.clone(), pending.clone(), id));
+            p.waiting.push_back((id, task.abort_handle()));
         }
     });
     Ok(())

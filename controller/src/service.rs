@@ -406,6 +406,7 @@ pub async fn serve(
                     .map_err(|source| ServeError::Listen { addr: a, source })?;
                 let secret = random_secret()?;
                 crate::broker::start(internal, Some(secret.clone()))?;
+                tracing::info!(%internal, "embedded MQTT broker listening on its internal port (the gate's secret only)");
                 crate::gate::run(crate::gate::GateConfig {
                     listen: a,
                     upstream: internal,

@@ -24,10 +24,30 @@ fn api_off_loopback_requires_a_token() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("give --api-token"));
 
-    // With a token: requests without it (or with a wrong one) get 401.
+    // A blank token is refused at start.
+    let blank = dir.path().join("blank.token");
+    std::fs::write(&blank, "  \n").unwrap();
+    let out = Command::new(bin("outpost-controller"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path().join("d2"))
+        .args(["--mqtt-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--api-listen", &format!("0.0.0.0:{port}")])
+        .arg("--api-token-file")
+        .arg(&blank)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("blank"));
+
+    // With a token from a file: requests without it (or with a wrong one) get 401, and the
+    // secret is nowhere on the command line.
+    let token_file = dir.path().join("api.token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
     let mut ctl = Controller::embedded(dir.path());
-    ctl.args
-        .extend(["--api-token".to_owned(), "s3cret-token".to_owned()]);
+    ctl.args.extend([
+        "--api-token-file".to_owned(),
+        token_file.display().to_string(),
+    ]);
     ctl.api = format!("http://127.0.0.1:{port}");
     let mut cmd = Command::new(bin("outpost-controller"));
     cmd.arg("serve")
@@ -45,6 +65,9 @@ fn api_off_loopback_requires_a_token() {
     wait_for(Duration::from_secs(20), "the API", || {
         with("s3cret-token").status.success().then_some(())
     });
+    let pid = ctl.proc.as_ref().unwrap().pid();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("s3cret-token"));
     let bad = with("wrong");
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("HTTP 401"));
@@ -53,6 +76,35 @@ fn api_off_loopback_requires_a_token() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&none.stderr).contains("HTTP 401"));
+}
+
+#[test]
+fn names_follow_one_rule_and_every_path_segment_is_encoded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    let mut a = Agent::fake(dir.path(), "names-1", ctl.mqtt_port, 4096, "any");
+    a.start();
+    ctl.wait_nodes_up(1);
+    for bad in [
+        "x#y",
+        "x?y",
+        "a/b",
+        "a b",
+        "Web",
+        "x\u{202e}y",
+        "deadbeefdeadbeef",
+    ] {
+        let e = ctl.create(bad, &[]).unwrap_err();
+        assert!(e.contains("HTTP 400") && e.contains("DNS"), "{bad:?}: {e}");
+    }
+    ctl.create("x", &[]).unwrap();
+    // `x#y` does not address `x`: nothing is deleted, and the answer says so.
+    let e = ctl.cli(&["instances", "delete", "x#y"]).unwrap_err();
+    assert!(e.contains("HTTP 404"), "{e}");
+    assert!(ctl.phase("x").is_some(), "x is still there");
+    let e = ctl.cli(&["instances", "show", "x/../x"]).unwrap_err();
+    assert!(e.contains("HTTP 404"), "{e}");
 }
 
 #[test]

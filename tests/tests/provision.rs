@@ -393,4 +393,60 @@ fn embedded_broker_gate_confines_devices_too() {
     assert!(log.contains("outside its own topics"), "{log}");
     assert!(log.contains("wrong username or password"));
     assert!(agent.alive());
+
+    // The broker's internal port is no side door: neither anonymous nor a device's own valid
+    // credentials get in there (only the gate's per-start secret does).
+    let internal: u16 = log
+        .lines()
+        .find(|l| l.contains("internal port"))
+        .and_then(|l| l.split("internal=127.0.0.1:").nth(1))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("the controller logs its internal port");
+    let secret1 = flash::decode(&std::fs::read(reg.join("devices/edge-g1/device.bin")).unwrap())
+        .unwrap()
+        .password
+        .unwrap()
+        .expose()
+        .to_owned();
+    let refused = |login: Option<(&str, &str)>| {
+        let mut o = MqttOptions::new("edge-g1", "127.0.0.1", internal);
+        o.set_keep_alive(Duration::from_secs(5));
+        if let Some((u, p)) = login {
+            o.set_credentials(u, p);
+        }
+        let (_c, mut conn) = Client::new(o, 4);
+        conn.iter().find_map(|ev| match ev {
+            Ok(Event::Incoming(Packet::ConnAck(a))) => Some(a.code != ConnectReturnCode::Success),
+            Err(_) => Some(true),
+            Ok(_) => None,
+        })
+    };
+    assert_eq!(refused(None), Some(true), "anonymous on the internal port");
+    assert_eq!(
+        refused(Some(("edge-g1", &secret1))),
+        Some(true),
+        "a device's own password on the internal port"
+    );
+
+    // Sockets that never send CONNECT do not lock devices out, and are closed after the
+    // deadline.
+    let idle: Vec<std::net::TcpStream> = (0..150)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    assert_eq!(
+        connect_as(port, "edge-g2", "edge-g2", &secret2).0,
+        ConnectReturnCode::Success,
+        "a device gets in past 150 idle sockets"
+    );
+    assert!(ctl.cli(&["nodes", "list"]).is_ok(), "the API answers");
+    let mut first = idle.into_iter().next().unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    let t = std::time::Instant::now();
+    let n = std::io::Read::read(&mut first, &mut b).unwrap_or(0);
+    assert_eq!(n, 0, "an idle socket is closed");
+    assert!(t.elapsed() < Duration::from_secs(15));
 }

@@ -1,0 +1,150 @@
+//! The agent never destroys what it cannot account for, on a real libvirtd with a real guest:
+//! a corrupt state file touches nothing, and a node that comes back after its lease (its
+//! instances rebuilt elsewhere meanwhile) starts nothing until it hears from the controller.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use outpost_protocol::*;
+use outpost_tests::*;
+
+const T: Duration = Duration::from_secs(60);
+
+fn virsh(args: &[&str]) -> String {
+    let out = std::process::Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn guest(id: u64) -> DesiredInstance {
+    instance(id, kernel_boot("console=ttyS0 quiet"), 256)
+}
+
+fn running(s: &Seen, node: &NodeId, id: u64) -> bool {
+    s.states(node, InstanceId::from_u64(id)).last() == Some(&InstanceState::Running)
+}
+
+#[test]
+fn a_corrupt_state_file_touches_nothing() {
+    assert!(ensure_libvirtd(), "libvirtd could not be started");
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let ctl = TestController::connect(broker.port);
+    let mut agent = Agent::real(dir.path(), "corrupt-1", broker.port, "real");
+    let node = agent.node.clone();
+    agent.start();
+    ctl.wait(T, "inventory", |s| s.inventory_of(&node));
+    let id = 0xc0_77a1_0001_u64;
+    ctl.publish_desired(&node, &desired(1, vec![guest(id)]));
+    ctl.wait(T, "the guest running", |s| {
+        running(s, &node, id).then_some(())
+    });
+    ctl.wait(T, "generation 1 stored", |s| {
+        s.acks(&node)
+            .contains(&(1, AckResult::Accepted))
+            .then_some(())
+    });
+    let domain = format!("outpost-{}", InstanceId::from_u64(id));
+
+    // kill -9, then one flipped bit in the stored instance id.
+    agent.proc().kill();
+    let file = agent.state_dir.join("desired.bin");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes
+        .windows(8)
+        .position(|w| w == id.to_be_bytes())
+        .expect("the id is in the file");
+    bytes[at + 7] ^= 0x01;
+    std::fs::write(&file, &bytes).unwrap();
+    let acks_before = ctl.seen().acks(&node).len();
+    agent.start();
+
+    // It says so, keeps the guest as it is, and takes the controller's state when it comes.
+    ctl.wait(T, "a state-unreadable notice", |s| {
+        s.events
+            .iter()
+            .any(|(n, e)| {
+                n == &node
+                    && matches!(
+                        e,
+                        AgentEvent::Notice {
+                            kind: NoticeKind::StateUnreadable,
+                            ..
+                        }
+                    )
+            })
+            .then_some(())
+    });
+    assert!(agent.proc().log_text().contains("corrupt"));
+    ctl.wait(T, "the retained desired state accepted again", |s| {
+        (s.acks(&node).len() > acks_before).then_some(())
+    });
+    wait_for(T, "the guest reported running again", || {
+        (ctl.seen()
+            .report_of(&node)?
+            .instances
+            .iter()
+            .any(|r| r.id == InstanceId::from_u64(id) && r.state == InstanceState::Running))
+        .then_some(())
+    });
+    assert_eq!(virsh(&["domstate", &domain]), "running");
+    assert_eq!(agent.ops("delete", None), 0, "nothing deleted");
+    assert_eq!(agent.ops("create", None), 1, "nothing built twice");
+    assert_eq!(agent.ops("start", None), 0, "nothing restarted");
+
+    ctl.publish_desired(&node, &desired_gone(2, vec![], &[id]));
+    wait_for(T, "the guest deleted on request", || {
+        (!virsh(&["list", "--all", "--name"]).contains(&domain)).then_some(())
+    });
+}
+
+#[test]
+fn past_its_lease_a_returning_node_starts_nothing_until_it_hears() {
+    assert!(ensure_libvirtd(), "libvirtd could not be started");
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let link = Link::new(broker.port);
+    let ctl = TestController::connect(broker.port);
+    let mut agent = Agent::real(dir.path(), "lease-1", link.port, "real");
+    let node = agent.node.clone();
+    agent.start();
+    ctl.wait(T, "inventory", |s| s.inventory_of(&node));
+    let id = 0xc0_77a1_0002_u64;
+    let leased = |d: DesiredState| DesiredState { lease_secs: 2, ..d };
+    ctl.publish_desired(&node, &leased(desired(1, vec![guest(id)])));
+    ctl.wait(T, "the guest running", |s| {
+        running(s, &node, id).then_some(())
+    });
+    let domain = format!("outpost-{}", InstanceId::from_u64(id));
+
+    // The node is cut off and its host reboots (the guest is off); past the lease the
+    // controller has rebuilt the instance elsewhere and says it is gone here.
+    link.cut();
+    agent.proc().kill();
+    virsh(&["destroy", &domain]);
+    ctl.publish_desired(&node, &leased(desired_gone(2, vec![], &[id])));
+    std::thread::sleep(Duration::from_secs(3));
+
+    // Back up, still cut off: it starts nothing, and says why.
+    agent.start();
+    wait_for(T, "the lease notice in the log", || {
+        agent.proc().log_text().contains("lease").then_some(())
+    });
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            virsh(&["domstate", &domain]),
+            "shut off",
+            "started a stale copy"
+        );
+    }
+    // Link back: the newer state arrives and the stale copy goes without ever starting.
+    link.restore();
+    wait_for(T, "the stale copy deleted", || {
+        (!virsh(&["list", "--all", "--name"]).contains(&domain)).then_some(())
+    });
+    assert_eq!(agent.ops("start", None), 0);
+}
