@@ -212,7 +212,23 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run => {
-            let hv = open_hypervisor(&cfg)?;
+            // libvirtd may start after the agent, or be restarting: wait for it with back-off.
+            let mut wait = std::time::Duration::from_secs(1);
+            let hv = loop {
+                match open_hypervisor(&cfg) {
+                    Ok(hv) => break hv,
+                    Err(e) if matches!(cfg.backend, Backend::Libvirt { .. }) => {
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            retry_in_s = wait.as_secs(),
+                            "hypervisor not available yet; VMs keep running"
+                        );
+                        std::thread::sleep(wait);
+                        wait = (wait * 2).min(std::time::Duration::from_secs(30));
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             let counters = rt.block_on(outpost_agent::shell::run(cfg, hv, shutdown_signal()))?;
             if counters.malformed > 0 {
                 tracing::info!(

@@ -236,6 +236,8 @@ struct Shell {
     /// A desired state arrived on the current connection (the retained one comes first): only
     /// then does the live link count as contact with the controller.
     synced: bool,
+    /// The hypervisor stopped answering (libvirtd restarting): nothing is changed meanwhile.
+    hv_down: bool,
 }
 
 impl Shell {
@@ -404,21 +406,59 @@ impl Shell {
         false
     }
 
+    /// The hypervisor answered (`Ok`) or not: says so once on each change.
+    fn hypervisor_health(&mut self, r: Result<(), String>) {
+        match r {
+            Err(why) if !self.hv_down => {
+                self.hv_down = true;
+                self.notice(
+                    NoticeKind::HypervisorUnavailable,
+                    format!("the hypervisor does not answer ({why}): instances keep running, nothing is changed until it is back"),
+                    true,
+                );
+            }
+            Ok(()) if self.hv_down => {
+                self.hv_down = false;
+                self.notices
+                    .retain(|(k, _)| *k != NoticeKind::HypervisorUnavailable);
+                self.notice(
+                    NoticeKind::HypervisorBack,
+                    "the hypervisor answers again".into(),
+                    false,
+                );
+            }
+            _ => {}
+        }
+    }
+
     async fn reconcile(&mut self) -> Result<(), AgentError> {
         let hv = Arc::clone(&self.hv);
         match tokio::task::spawn_blocking(move || hv.list()).await? {
             Ok(domains) => {
+                self.hypervisor_health(Ok(()));
                 let effects = self.rec.observe(Instant::now(), &domains);
                 self.apply(effects);
             }
-            Err(e) => tracing::warn!(error = %e, "cannot list domains; will retry"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list domains; will retry");
+                self.hypervisor_health(Err(e.to_string()));
+            }
         }
         Ok(())
     }
 
     /// Re-reads the host (images, disk, CPUs, memory); republishes the inventory if it changed.
+    /// A hypervisor that does not answer is reported, never fatal.
     async fn refresh_host(&mut self) -> Result<(), AgentError> {
-        let (inventory, facts) = describe(&self.cfg, Arc::clone(&self.hv)).await?;
+        let (inventory, facts) = match describe(&self.cfg, Arc::clone(&self.hv)).await {
+            Ok(d) => d,
+            Err(AgentError::Host(e)) => {
+                tracing::warn!(error = %e, "cannot describe the host; will retry");
+                self.hypervisor_health(Err(e.to_string()));
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         if inventory != self.inventory {
             tracing::info!("host changed: republishing the inventory");
             self.inventory = inventory;
@@ -493,7 +533,19 @@ async fn run_loop(
             "restored the desired state from disk"
         );
     }
-    let (inventory, facts) = describe(&cfg, Arc::clone(&hv)).await?;
+    // A hypervisor that is not up yet (libvirtd starting after the agent) is waited for.
+    let mut wait = Duration::from_secs(1);
+    let (inventory, facts) = loop {
+        match describe(&cfg, Arc::clone(&hv)).await {
+            Ok(d) => break d,
+            Err(AgentError::Host(e)) => {
+                tracing::warn!(error = %e, retry_in_s = wait.as_secs(), "cannot describe the host yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RECONNECT_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    };
     tracing::info!(
         node = %cfg.node_id, arch = %inventory.arch, hypervisor = %inventory.hypervisor,
         vcpus = inventory.total.vcpus, memory_mib = inventory.total.memory_mib,
@@ -544,6 +596,7 @@ async fn run_loop(
         notices,
         heard_saved: None,
         synced: false,
+        hv_down: false,
     };
     let mut pass_due = true;
     tokio::pin!(shutdown);

@@ -56,9 +56,11 @@ pub struct LibvirtConfig {
     pub stop_timeout: Duration,
 }
 
-/// A libvirt connection and what Outpost learned about the host through it.
+/// A libvirt connection and what Outpost learned about the host through it. The connection
+/// is reopened when libvirtd restarts (guests keep running meanwhile; calls fail until it
+/// answers again).
 pub struct LibvirtHypervisor {
-    conn: Connect,
+    conn: std::sync::Mutex<Connect>,
     cfg: LibvirtConfig,
     arch: Arch,
     kind: HypervisorKind,
@@ -124,15 +126,30 @@ impl LibvirtHypervisor {
         };
         tracing::info!(uri = %cfg.uri, %arch, %kind, "libvirt connected");
         Ok(Self {
-            conn,
+            conn: std::sync::Mutex::new(conn),
             cfg,
             arch,
             kind,
         })
     }
 
+    /// The connection, reopened first if libvirtd went away since the last call.
+    fn conn(&self) -> Result<std::sync::MutexGuard<'_, Connect>, HypervisorError> {
+        let mut c = self
+            .conn
+            .lock()
+            .map_err(|_| HypervisorError::Libvirt("connection lock poisoned".into()))?;
+        if !c.is_alive().unwrap_or(false) {
+            let fresh = Connect::open(Some(&self.cfg.uri)).map_err(lv)?;
+            tracing::info!(uri = %self.cfg.uri, "reconnected to libvirt");
+            // The dead connection is released when dropped.
+            drop(std::mem::replace(&mut *c, fresh));
+        }
+        Ok(c)
+    }
+
     fn lookup(&self, id: InstanceId) -> Result<Option<VirDomain>, HypervisorError> {
-        match self.conn.lookup_domain_by_name(&super::domain_name(id)) {
+        match self.conn()?.lookup_domain_by_name(&super::domain_name(id)) {
             Ok(d) => Ok(Some(d)),
             Err(e) if e.code() == Enum::Known(virt::error::ErrorNumber::NoDomain) => Ok(None),
             Err(e) => Err(lv(e)),
@@ -289,7 +306,7 @@ fn reduce(dom: &VirDomain) -> Result<DomainState, HypervisorError> {
 
 impl Hypervisor for LibvirtHypervisor {
     fn host(&self) -> Result<HostInfo, HypervisorError> {
-        let info = self.conn.node_info().map_err(lv)?;
+        let info = self.conn()?.node_info().map_err(lv)?;
         Ok(HostInfo {
             arch: self.arch,
             kind: self.kind,
@@ -300,7 +317,7 @@ impl Hypervisor for LibvirtHypervisor {
 
     fn list(&self) -> Result<Vec<Domain>, HypervisorError> {
         let mut out = Vec::new();
-        for dom in self.conn.list_all_domains(0).map_err(lv)? {
+        for dom in self.conn()?.list_all_domains(0).map_err(lv)? {
             let Ok(name) = dom.name() else { continue };
             let Some(Ok(id)) = name
                 .strip_prefix(DOMAIN_PREFIX)
@@ -370,7 +387,7 @@ impl Hypervisor for LibvirtHypervisor {
                     network: &spec.network,
                     console_log: &console,
                 });
-                self.conn.define_domain_xml(&xml).map_err(lv)?
+                self.conn()?.define_domain_xml(&xml).map_err(lv)?
             }
         };
         if start && !dom.is_active().map_err(lv)? {
