@@ -611,6 +611,23 @@ impl Fleet {
         }
     }
 
+    /// Puts back changes that could not be stored: the next [`take_changes`](Self::take_changes)
+    /// offers them again (with whatever the records are by then), and nothing is published
+    /// before it is durable.
+    pub fn requeue(&mut self, c: Changes) {
+        self.dirty_nodes.extend(c.nodes.into_iter().map(|n| n.id));
+        for i in c.instances {
+            if self.instances.contains_key(&i.id) {
+                self.dirty_instances.insert(i.id);
+            }
+        }
+        self.removed.extend(c.removed);
+        self.dirty_groups
+            .extend(c.groups.into_iter().map(|(g, _)| g));
+        self.new_tombstones.extend(c.tombstones);
+        self.publish.extend(c.publish.into_iter().map(|(n, _)| n));
+    }
+
     fn touch_instance(&mut self, id: InstanceId) {
         self.dirty_instances.insert(id);
     }
@@ -1109,12 +1126,27 @@ impl Fleet {
 
     /// A notice from a node's agent about the node as a whole.
     pub fn on_notice(&mut self, node: &NodeId, kind: outpost_protocol::NoticeKind, reason: &str) {
-        if let Some(n) = self.nodes.get_mut(node) {
-            tracing::warn!(%node, notice = kind.as_str(), reason, "node notice");
-            n.notice = match kind {
-                outpost_protocol::NoticeKind::HypervisorBack => None,
-                _ => Some(format!("{}: {reason}", kind.as_str())),
-            };
+        let Some(n) = self.nodes.get_mut(node) else {
+            return;
+        };
+        tracing::warn!(%node, notice = kind.as_str(), reason, "node notice");
+        n.notice = match kind {
+            outpost_protocol::NoticeKind::HypervisorBack => None,
+            _ => Some(format!("{}: {reason}", kind.as_str())),
+        };
+        // Instances waiting on that node say why they do not move (a full disk...).
+        if kind == outpost_protocol::NoticeKind::StateNotStored {
+            let waiting: Vec<InstanceId> = self
+                .on_node(node)
+                .filter(|i| i.phase == Phase::Scheduled)
+                .map(|i| i.id)
+                .collect();
+            for id in waiting {
+                if let Some(i) = self.instances.get_mut(&id) {
+                    i.reason = format!("node {node}: {reason}");
+                    self.touch_instance(id);
+                }
+            }
         }
     }
 

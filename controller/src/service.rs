@@ -119,6 +119,16 @@ pub enum Op {
     Delete(String),
 }
 
+impl Op {
+    /// Whether it changes the fleet (refused while the store cannot be written).
+    pub fn mutates(&self) -> bool {
+        !matches!(
+            self,
+            Self::ListNodes | Self::GetNode(_) | Self::ListInstances | Self::GetInstance(_)
+        )
+    }
+}
+
 /// An API error: an HTTP status and a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -489,7 +499,10 @@ pub async fn serve(
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut malformed: u64 = 0;
-    let mut replies: Vec<(Reply, Result<Value, ApiError>)> = Vec::new();
+    let mut replies: Vec<(Reply, bool, Result<Value, ApiError>)> = Vec::new();
+    // Why the store cannot be written, while it cannot: changes are refused, reads answered,
+    // the broker and liveness keep running, and the store is tried again every turn.
+    let mut store_down: Option<String> = None;
     tokio::pin!(shutdown);
     loop {
         // Wait for one input, then take what else is already queued (group commit): one
@@ -509,16 +522,55 @@ pub async fn serve(
                         tracing::warn!(%topic, len = payload.len(), malformed, "dropped a message that does not decode");
                     }
                 }
-                Input::Call((op, reply)) => replies.push((reply, execute(&mut fleet, now, op))),
+                Input::Call((op, reply)) => {
+                    let mutates = op.mutates();
+                    let r = match &store_down {
+                        Some(cause) if mutates => Err(ApiError {
+                            status: 503,
+                            message: format!(
+                                "the store cannot be written ({cause}): changes are refused until it can; reads still work"
+                            ),
+                        }),
+                        _ => execute(&mut fleet, now, op),
+                    };
+                    replies.push((reply, mutates, r));
+                }
                 Input::Tick => fleet.tick(now),
             }
         }
         // Durable before answered, and before published.
+        if store_down.is_some() && store.check_writable().is_ok() {
+            tracing::warn!("the store can be written again: changes are accepted");
+            store_down = None;
+        }
         let changes = fleet.take_changes();
-        store.apply(&changes)?;
-        publish(&client, changes.publish).await;
-        for (reply, r) in replies.drain(..) {
-            let _ = reply.send(r);
+        match store.apply(&changes) {
+            Ok(()) => {
+                publish(&client, changes.publish).await;
+                for (reply, _, r) in replies.drain(..) {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                let cause = e.to_string();
+                if store_down.is_none() {
+                    tracing::error!(error = %cause, "cannot write the store: refusing changes until it can be written; the broker and liveness keep running");
+                }
+                store_down = Some(cause.clone());
+                fleet.requeue(changes);
+                for (reply, mutates, r) in replies.drain(..) {
+                    let r = match r {
+                        Ok(_) if mutates => Err(ApiError {
+                            status: 503,
+                            message: format!(
+                                "the store cannot be written ({cause}): this change is not stored yet, and is applied once it can be"
+                            ),
+                        }),
+                        other => other,
+                    };
+                    let _ = reply.send(r);
+                }
+            }
         }
     }
     tracing::info!("controller stopped");

@@ -54,6 +54,8 @@ pub trait Store: Send {
     fn load(&mut self) -> Result<Snapshot, StoreError>;
     /// Stores a batch of changes atomically.
     fn apply(&mut self, changes: &Changes) -> Result<(), StoreError>;
+    /// Checks that the store can be written (after a failure, before taking changes again).
+    fn check_writable(&mut self) -> Result<(), StoreError>;
 }
 
 /// The SQLite store.
@@ -218,6 +220,16 @@ fn decode_spec(b: &[u8]) -> Result<InstanceSpec, StoreError> {
 }
 
 impl Store for SqliteStore {
+    fn check_writable(&mut self) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?1)",
+            params![fastrand::i64(..)],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     fn load(&mut self) -> Result<Snapshot, StoreError> {
         let mut snap = Snapshot {
             fleet: self.fleet()?,

@@ -131,6 +131,27 @@ fn controller_schedules_dispatches_and_survives_kill_9() {
     assert_eq!(on_b(&ctl), vec!["db-1".to_owned()]);
     let nodes = ctl.cli(&["nodes", "show", "edge-b"]).unwrap();
     assert_eq!(nodes["state"], "draining");
+
+    // A restarted controller gives nodes the liveness timeout to report again: with both
+    // agents frozen, edge-a is still up at once and a create is placed, not refused.
+    let signal = |sig: &str, p: u32| {
+        std::process::Command::new("kill")
+            .args([sig, &p.to_string()])
+            .status()
+            .unwrap();
+    };
+    let (pa, pb) = (a.proc().pid(), b.proc().pid());
+    signal("-STOP", pa);
+    signal("-STOP", pb);
+    ctl.proc().kill();
+    ctl.start();
+    let shown = ctl.cli(&["nodes", "show", "edge-a"]).unwrap();
+    assert_eq!(shown["state"], "up", "{shown}");
+    let placed = create(&ctl, "after-restart", &["--memory", "64"]).unwrap();
+    assert_eq!(placed["node"], "edge-a");
+    signal("-CONT", pa);
+    signal("-CONT", pb);
+    ctl.wait_phase("after-restart", "running", T);
 }
 
 #[test]
