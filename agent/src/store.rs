@@ -1,4 +1,6 @@
-//! What the agent keeps on disk, in its state directory (created 0700):
+//! What the agent keeps on disk, in its state directory (mode 0711: nobody else may list or
+//! read it, but QEMU, running unprivileged as libvirt's `libvirt-qemu` user, must reach the
+//! image and instance directories beneath it):
 //!
 //! - `desired.bin`: what it holds ([`Held`]: the desired state and the instances it keeps),
 //!   framed like the flashed config: `OPST` magic, a format version, the body length (u32 LE),
@@ -25,6 +27,8 @@ pub const MAGIC: [u8; 4] = *b"OPST";
 pub const FORMAT: u8 = 2;
 /// The largest held-state file: a full desired state and a full list of kept instances.
 pub const MAX_FILE_LEN: usize = 256 * 1024;
+/// The state directory's mode: private listing, traversable by QEMU's unprivileged user.
+pub const STATE_DIR_MODE: u32 = 0o711;
 const HEADER_LEN: usize = 4 + 1 + 4;
 const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
 
@@ -226,7 +230,7 @@ mod tests {
         assert!(!state.join("desired.bin.tmp").exists());
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&store.path()), 0o600);
-        assert_eq!(mode(&state), 0o700);
+        assert_eq!(mode(&state), STATE_DIR_MODE);
         store.save_heard(1_700_000_000_123).unwrap();
         assert_eq!(store.heard_ms(), Some(1_700_000_000_123));
         assert_eq!(mode(&state.join(HEARD_FILE)), 0o600);

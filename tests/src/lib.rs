@@ -293,6 +293,9 @@ impl Agent {
             ),
         );
         install_test_guest(&a.state_dir.join("images"));
+        // QEMU runs as libvirt's unprivileged user on a stock host: it must reach the files.
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711));
         a
     }
 

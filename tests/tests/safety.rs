@@ -192,7 +192,7 @@ fn store_loss_rollback_and_lost_log_delete_nothing() {
     assert_eq!(mode(&ctl.data_dir), 0o700);
     assert_eq!(mode(&ctl.data_dir.join("outpost.db")), 0o600);
     assert_eq!(mode(&first.join("outpost.db")), 0o600);
-    assert_eq!(mode(&agents[0].state_dir), 0o700);
+    assert_eq!(mode(&agents[0].state_dir), 0o711);
     assert_eq!(mode(&agents[0].state_dir.join("desired.bin")), 0o600);
 
     // Clean up the real guests (an operator's delete is the one way they go).
