@@ -29,6 +29,12 @@ fn size_table() {
     row("online", &status(), &max_status());
     row("8 vCPU, 2 labels, 2 images", &inventory(), &max_inventory());
     row("2 instances", &desired(), &max_desired());
+    let d = desired();
+    let holding = Holding {
+        held: Some(d.version()),
+        instances: d.instances,
+    };
+    row("2 instances held", &holding, &max_holding());
     let (four, _) = row("4 instances", &report(4), &max_report());
     row("1 instance", &report(1), &max_report());
     row("16 instances", &report(16), &max_report());

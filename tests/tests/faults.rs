@@ -1,8 +1,11 @@
 //! A randomized fault run: the real controller (embedded broker and store) and four agents
 //! as separate processes (three with the fake hypervisor, one driving the real libvirtd and
 //! booting real guests), with creates and deletes mixed with kill -9 of the controller, kill -9
-//! of an agent, and an agent cut off for a while. After every round the fleet must converge,
-//! and the invariants must hold:
+//! of an agent, an agent cut off for a while, the controller's store lost (a new empty data
+//! directory, its nodes adopted by the operator), the store rolled back to an older copy, and
+//! an agent's state file corrupted. After every round the fleet must converge, and the
+//! invariants must hold:
+//! - no instance the store ever acknowledged is deleted without an operator's delete;
 //! - every requested instance exists exactly once, running, on exactly one node, and that
 //!   node's own report lists it while no other node's does;
 //! - no node is over-committed; anti-affinity groups are never violated;
@@ -72,7 +75,25 @@ fn domains() -> BTreeMap<String, bool> {
         .collect()
 }
 
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
 impl World {
+    /// A store that lost its rows adopts instances from their nodes without their server
+    /// group: from then on they count as ungrouped.
+    fn forget_groups(&mut self) {
+        for anti in self.wanted.values_mut() {
+            *anti = false;
+        }
+    }
+
     fn check(&self, what: &str) {
         let seed = self.seed;
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.converged()));
@@ -260,8 +281,70 @@ fn fault_run(on_mosquitto: bool) {
     }
     w.ctl.wait_nodes_up(fakes + 1);
     let mut next = 0;
+    // A copy of the store, and whether anything was deleted since it was taken (a rollback
+    // past a delete would bring the instance back: that is an older backup's nature, not
+    // tested here).
+    let snapshot = dir.path().join("store-snapshot");
+    let mut snapshot_clean = false;
+    let mut stores = 0;
     for round in 0..rounds {
-        let what = match rng.below(12) {
+        let what = match rng.below(15) {
+            12 => {
+                // Store rollback to the snapshot, or take one.
+                w.ctl.proc().kill();
+                let data = w.ctl.data_dir.clone();
+                let what = if snapshot_clean {
+                    std::fs::remove_dir_all(&data).unwrap();
+                    copy_dir(&snapshot, &data);
+                    // Instances created since are adopted from their nodes, without their group.
+                    w.forget_groups();
+                    "store rolled back to an older copy"
+                } else {
+                    let _ = std::fs::remove_dir_all(&snapshot);
+                    copy_dir(&data, &snapshot);
+                    snapshot_clean = true;
+                    "store copied (kill -9 of the controller)"
+                };
+                w.ctl.start();
+                what.into()
+            }
+            13 => {
+                // Store lost: the controller comes back on an empty data directory, and the
+                // operator adopts every node.
+                w.ctl.proc().kill();
+                stores += 1;
+                w.ctl.data_dir = dir.path().join(format!("lost-store-{stores}"));
+                snapshot_clean = false;
+                w.ctl.start();
+                let n = w.agents.len();
+                wait_for(CONVERGE, "every node bound to the old fleet", || {
+                    let v = w.ctl.cli(&["nodes", "list"]).ok()?;
+                    let foreign = v
+                        .as_array()?
+                        .iter()
+                        .filter(|x| x["state"] == "foreign")
+                        .count();
+                    (foreign == n).then_some(())
+                });
+                for a in &w.agents {
+                    w.ctl.cli(&["nodes", "adopt", a.node.as_str()]).unwrap();
+                }
+                w.forget_groups();
+                "store lost; every node adopted".into()
+            }
+            14 => {
+                // An agent's state file corrupted (a flipped byte) across a kill -9.
+                let i = rng.below(w.agents.len() as u64) as usize;
+                w.agents[i].proc().kill();
+                let file = w.agents[i].state_dir.join("desired.bin");
+                if let Ok(mut b) = std::fs::read(&file) {
+                    let at = rng.below(b.len() as u64) as usize;
+                    b[at] ^= 0x10;
+                    std::fs::write(&file, b).unwrap();
+                }
+                w.agents[i].start();
+                format!("state file of agent {} corrupted", w.agents[i].node)
+            }
             10 | 11 if w.real.len() < 2 => {
                 next += 1;
                 let name = format!("real{next}");
@@ -335,6 +418,7 @@ fn fault_run(on_mosquitto: bool) {
                 .cloned()
             {
                 Some(name) => {
+                    snapshot_clean = false;
                     w.ctl.cli(&["instances", "delete", &name]).unwrap();
                     w.wanted.remove(&name);
                     if let Some(id) = w.real.remove(&name) {
