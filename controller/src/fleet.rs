@@ -980,6 +980,24 @@ impl Fleet {
         }
         // Instances this node should be deleting and no longer lists are gone.
         let listed: BTreeSet<InstanceId> = r.instances.iter().map(|i| i.id).collect();
+        // Instances it should run at the generation it holds, and does not list: say so.
+        if !behind {
+            let missing: Vec<InstanceId> = self
+                .on_node(node)
+                .filter(|i| i.wanted_on_node() && !listed.contains(&i.id))
+                .filter(|i| matches!(i.phase, Phase::Running | Phase::Stopped | Phase::Crashed))
+                .map(|i| i.id)
+                .collect();
+            for id in missing {
+                if let Some(i) = self.instances.get_mut(&id) {
+                    let why = format!("its node {node} does not report it");
+                    if i.reason != why {
+                        i.reason = why;
+                        self.touch_instance(id);
+                    }
+                }
+            }
+        }
         let gone: Vec<InstanceId> = self
             .on_node(node)
             .filter(|i| i.phase == Phase::Deleting && !listed.contains(&i.id))
@@ -1261,7 +1279,8 @@ impl Fleet {
         if i.phase == Phase::Deleting {
             return;
         }
-        if i.phase != phase || (!reason.is_empty() && i.reason != reason) {
+        let stale_reason = phase == Phase::Running && reason.is_empty() && !i.reason.is_empty();
+        if i.phase != phase || (!reason.is_empty() && i.reason != reason) || stale_reason {
             i.phase = phase;
             if !reason.is_empty() {
                 i.reason = reason.to_owned();

@@ -611,3 +611,39 @@ fn incremental_claims_match_the_instances_through_every_change() {
     f.drain(&n3).unwrap();
     assert_claims_consistent(&f);
 }
+
+#[test]
+fn an_instance_its_node_does_not_report_says_so_and_a_report_clears_it() {
+    let mut f = fleet();
+    let id = create(&mut f, 1, 256).unwrap();
+    let n = f.instance("vm1").unwrap().node.clone().unwrap();
+    let g = f.node(&n).unwrap().generation;
+    f.on_event(1, &n, &ev(id, InstanceState::Running, ""));
+    // A report at the current generation without it.
+    f.on_report(
+        2,
+        &n,
+        &NodeReport {
+            generation: g,
+            ..Default::default()
+        },
+    );
+    assert!(
+        f.instance("vm1")
+            .unwrap()
+            .reason
+            .contains("does not report")
+    );
+    let mut r = NodeReport {
+        generation: g,
+        ..Default::default()
+    };
+    r.instances
+        .push(InstanceReport {
+            id,
+            state: InstanceState::Running,
+        })
+        .unwrap();
+    f.on_report(3, &n, &r);
+    assert_eq!(f.instance("vm1").unwrap().reason, "");
+}
