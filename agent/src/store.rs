@@ -147,10 +147,11 @@ impl DesiredStore {
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
         fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            .mode(STATE_DIR_MODE)
             .create(state_dir)
             .map_err(io(state_dir))?;
-        fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700)).map_err(io(state_dir))?;
+        fs::set_permissions(state_dir, fs::Permissions::from_mode(STATE_DIR_MODE))
+            .map_err(io(state_dir))?;
         Ok(Self {
             dir: state_dir.to_owned(),
         })
