@@ -625,6 +625,80 @@ pub fn ensure_libvirtd() -> bool {
     ok
 }
 
+/// `cp -a FROM TO`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp -a {} {}", from.display(), to.display());
+}
+
+/// `virsh -c qemu:///system ARGS`, its output trimmed.
+pub fn virsh(args: &[&str]) -> String {
+    let out = Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// One agent on the real libvirtd, its own mosquitto (reached through a cuttable [`Link`]) and
+/// a stand-in controller, started and announced.
+pub struct RealBench {
+    /// The agent.
+    pub agent: Agent,
+    /// Its node id.
+    pub node: NodeId,
+    /// The stand-in controller.
+    pub ctl: TestController,
+    /// The agent's link to the broker.
+    pub link: Link,
+    /// The broker.
+    pub broker: Mosquitto,
+    /// Where everything lives.
+    pub dir: tempfile::TempDir,
+}
+
+impl RealBench {
+    /// Starts it all for node `node`; panics if libvirtd cannot be had.
+    pub fn start(node: &str) -> Self {
+        assert!(ensure_libvirtd(), "libvirtd could not be started");
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Mosquitto::start(dir.path());
+        let link = Link::new(broker.port);
+        let ctl = TestController::connect(broker.port);
+        let mut agent = Agent::real(dir.path(), node, link.port, "real");
+        let node = agent.node.clone();
+        agent.start();
+        ctl.wait(Duration::from_secs(60), "inventory", |s| {
+            s.inventory_of(&node)
+        });
+        Self {
+            agent,
+            node,
+            ctl,
+            link,
+            broker,
+            dir,
+        }
+    }
+
+    /// Publishes `d` and waits until instance `id` runs.
+    pub fn run(&self, d: &DesiredState, id: u64) {
+        self.ctl.publish_desired(&self.node, d);
+        self.ctl
+            .wait(Duration::from_secs(60), "the guest running", |s| {
+                (s.states(&self.node, InstanceId::from_u64(id)).last()
+                    == Some(&InstanceState::Running))
+                .then_some(())
+            });
+    }
+}
+
 /// A test PKI made with openssl: a CA, a server certificate for `localhost`/127.0.0.1 and a
 /// client certificate, all in `dir` (`ca.pem`, `server.pem`, `server.key`, `client.pem`,
 /// `client.key`).

@@ -10,38 +10,17 @@ use outpost_tests::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn virsh(args: &[&str]) -> String {
-    let out = std::process::Command::new("virsh")
-        .args(["-c", "qemu:///system"])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 fn guest(id: u64) -> DesiredInstance {
     instance(id, kernel_boot("console=ttyS0 quiet"), 256)
 }
 
-fn running(s: &Seen, node: &NodeId, id: u64) -> bool {
-    s.states(node, InstanceId::from_u64(id)).last() == Some(&InstanceState::Running)
-}
-
 #[test]
 fn a_corrupt_state_file_touches_nothing() {
-    assert!(ensure_libvirtd(), "libvirtd could not be started");
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path());
-    let ctl = TestController::connect(broker.port);
-    let mut agent = Agent::real(dir.path(), "corrupt-1", broker.port, "real");
-    let node = agent.node.clone();
-    agent.start();
-    ctl.wait(T, "inventory", |s| s.inventory_of(&node));
+    let mut b = RealBench::start("corrupt-1");
+    let (ctl, node) = (&b.ctl, b.node.clone());
     let id = 0xc0_77a1_0001_u64;
-    ctl.publish_desired(&node, &desired(1, vec![guest(id)]));
-    ctl.wait(T, "the guest running", |s| {
-        running(s, &node, id).then_some(())
-    });
+    b.run(&desired(1, vec![guest(id)]), id);
+    let agent = &mut b.agent;
     ctl.wait(T, "generation 1 stored", |s| {
         s.acks(&node)
             .contains(&(1, AckResult::Accepted))
@@ -103,21 +82,11 @@ fn a_corrupt_state_file_touches_nothing() {
 
 #[test]
 fn past_its_lease_a_returning_node_starts_nothing_until_it_hears() {
-    assert!(ensure_libvirtd(), "libvirtd could not be started");
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path());
-    let link = Link::new(broker.port);
-    let ctl = TestController::connect(broker.port);
-    let mut agent = Agent::real(dir.path(), "lease-1", link.port, "real");
-    let node = agent.node.clone();
-    agent.start();
-    ctl.wait(T, "inventory", |s| s.inventory_of(&node));
+    let mut b = RealBench::start("lease-1");
     let id = 0xc0_77a1_0002_u64;
     let leased = |d: DesiredState| DesiredState { lease_secs: 2, ..d };
-    ctl.publish_desired(&node, &leased(desired(1, vec![guest(id)])));
-    ctl.wait(T, "the guest running", |s| {
-        running(s, &node, id).then_some(())
-    });
+    b.run(&leased(desired(1, vec![guest(id)])), id);
+    let (ctl, node, link, agent) = (&b.ctl, b.node.clone(), &b.link, &mut b.agent);
     let domain = format!("outpost-{}", InstanceId::from_u64(id));
 
     // The node is cut off and its host reboots (the guest is off); past the lease the

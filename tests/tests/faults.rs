@@ -75,16 +75,6 @@ fn domains() -> BTreeMap<String, bool> {
         .collect()
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    let st = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 impl World {
     /// A store that lost its rows adopts instances from their nodes without their server
     /// group: from then on they count as ungrouped.

@@ -13,16 +13,6 @@ use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
 
-fn copy_dir(from: &Path, to: &Path) {
-    let st = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 fn instances(ctl: &Controller) -> Vec<Value> {
     ctl.cli(&["instances", "list"])
         .ok()
@@ -55,11 +45,7 @@ fn node_states(ctl: &Controller) -> Vec<String> {
 }
 
 fn virsh_state(domain: &str) -> String {
-    let out = std::process::Command::new("virsh")
-        .args(["-c", "qemu:///system", "domstate", domain])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    virsh(&["domstate", domain])
 }
 
 /// Restarts the controller (kill -9) after `change` is done to its data directory.
