@@ -22,7 +22,7 @@ use outpost_protocol::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::hypervisor::{Domain, DomainState};
+use crate::hypervisor::{Domain, DomainState, Op};
 
 /// First delay before retrying a failed operation or restarting a crashed instance.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -57,39 +57,6 @@ pub struct Held {
     pub desired: Box<DesiredState>,
     /// Instances kept with their last spec, at most [`MAX_KEPT`].
     pub kept: Vec<DesiredInstance>,
-}
-
-/// An operation on one instance.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
-    /// Build it, and start it if `start`.
-    Create {
-        /// What to build.
-        spec: Box<InstanceSpec>,
-        /// Start it once built.
-        start: bool,
-    },
-    /// Start it.
-    Start,
-    /// Stop it.
-    Stop,
-    /// Reboot it.
-    Reboot,
-    /// Remove it and its files.
-    Delete,
-}
-
-impl Op {
-    /// A name for logs.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Create { .. } => "create",
-            Self::Start => "start",
-            Self::Stop => "stop",
-            Self::Reboot => "reboot",
-            Self::Delete => "delete",
-        }
-    }
 }
 
 /// Something the shell must do.

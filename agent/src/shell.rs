@@ -21,8 +21,8 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::fingerprint;
-use crate::hypervisor::{Hypervisor, HypervisorError, execute};
-use crate::reconcile::{Effect, HostFacts, Offer, Op, Reconciler};
+use crate::hypervisor::{Hypervisor, HypervisorError, Op, execute};
+use crate::reconcile::{Effect, HostFacts, Offer, Reconciler};
 use crate::store::{DesiredStore, StoreError};
 
 /// MQTT keep-alive: the broker declares the agent gone (and publishes its Last Will) after

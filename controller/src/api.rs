@@ -1,5 +1,6 @@
-//! The HTTP JSON API (axum): a thin layer that turns requests into [`Op`]s for the service
-//! task and its answers into responses. Loopback by default; a bearer token when configured.
+//! The HTTP JSON API (axum): a thin layer that turns requests into [`Action`]s for the service
+//! loop and its typed answers into responses. The only place that knows HTTP status codes.
+//! Loopback by default; a bearer token when configured.
 
 use axum::Json;
 use axum::Router;
@@ -8,10 +9,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::service::{ApiError, Call, Op};
+use crate::action::{Action, ActionError, Call, Reply};
+use crate::fleet::FleetError;
 use crate::views::CreateBody;
 
 #[derive(Clone)]
@@ -20,21 +22,51 @@ struct Api {
     token: Option<String>,
 }
 
-impl IntoResponse for ApiError {
+/// An HTTP error: a status and the `{"error": ...}` body.
+struct HttpError(StatusCode, String);
+
+impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(json!({ "error": self.message }))).into_response()
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
     }
 }
 
-async fn call(api: &Api, op: Op) -> Result<Json<Value>, ApiError> {
+/// The status code of each refusal.
+fn status(e: &ActionError) -> StatusCode {
+    match e {
+        ActionError::Fleet(FleetError::NoInstance(_) | FleetError::NoNode(_)) => {
+            StatusCode::NOT_FOUND
+        }
+        ActionError::Fleet(FleetError::Spec(_)) | ActionError::Invalid(_) => {
+            StatusCode::BAD_REQUEST
+        }
+        ActionError::Fleet(
+            FleetError::NoValidHost(_)
+            | FleetError::Exists(_)
+            | FleetError::GroupPolicy(_)
+            | FleetError::Deleting(_)
+            | FleetError::NotForeign(_),
+        ) => StatusCode::CONFLICT,
+        ActionError::StoreDown(_) | ActionError::NotStored(_) | ActionError::ShuttingDown => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    }
+}
+
+impl From<ActionError> for HttpError {
+    fn from(e: ActionError) -> Self {
+        Self(status(&e), e.to_string())
+    }
+}
+
+async fn call(api: &Api, action: Action) -> Result<Json<Reply>, HttpError> {
     let (tx, rx) = oneshot::channel();
-    let down = || ApiError {
-        status: 503,
-        message: "the controller is shutting down".into(),
-    };
-    api.calls.send((op, tx)).await.map_err(|_| down())?;
-    rx.await.map_err(|_| down())?.map(Json)
+    api.calls
+        .send((action, tx))
+        .await
+        .map_err(|_| ActionError::ShuttingDown)?;
+    let reply = rx.await.map_err(|_| ActionError::ShuttingDown)??;
+    Ok(Json(reply))
 }
 
 async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Next) -> Response {
@@ -45,45 +77,47 @@ async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Ne
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|t| t == token);
         if !ok {
-            return ApiError {
-                status: 401,
-                message: "missing or wrong bearer token".into(),
-            }
+            return HttpError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token".into(),
+            )
             .into_response();
         }
     }
     next.run(req).await
 }
 
+type Key = Path<String>;
+
 /// The API's routes, under `/v1`.
 pub fn router(calls: mpsc::Sender<Call>, token: Option<String>) -> Router {
     let api = Api { calls, token };
     Router::new()
-        .route("/v1/nodes", get(|State(a): State<Api>| async move { call(&a, Op::ListNodes).await }))
-        .route("/v1/nodes/{id}", get(|State(a): State<Api>, Path(id): Path<String>| async move { call(&a, Op::GetNode(id)).await }))
-        .route("/v1/nodes/{id}/cordon", post(|State(a): State<Api>, Path(id): Path<String>| async move { call(&a, Op::Cordon(id, true)).await }))
-        .route("/v1/nodes/{id}/uncordon", post(|State(a): State<Api>, Path(id): Path<String>| async move { call(&a, Op::Cordon(id, false)).await }))
-        .route("/v1/nodes/{id}/adopt", post(|State(a): State<Api>, Path(id): Path<String>| async move { call(&a, Op::Adopt(id)).await }))
-        .route("/v1/nodes/{id}/drain", post(|State(a): State<Api>, Path(id): Path<String>| async move { call(&a, Op::Drain(id)).await }))
+        .route("/v1/nodes", get(|State(a): State<Api>| async move { call(&a, Action::ListNodes).await }))
+        .route("/v1/nodes/{id}", get(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::GetNode(id)).await }))
+        .route("/v1/nodes/{id}/cordon", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::CordonNode(id)).await }))
+        .route("/v1/nodes/{id}/uncordon", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::UncordonNode(id)).await }))
+        .route("/v1/nodes/{id}/adopt", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::AdoptNode(id)).await }))
+        .route("/v1/nodes/{id}/drain", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::DrainNode(id)).await }))
         .route(
             "/v1/instances",
-            get(|State(a): State<Api>| async move { call(&a, Op::ListInstances).await })
+            get(|State(a): State<Api>| async move { call(&a, Action::ListInstances).await })
                 .post(|State(a): State<Api>, body: Result<Json<CreateBody>, axum::extract::rejection::JsonRejection>| async move {
                     match body {
-                        Ok(Json(b)) => call(&a, Op::Create(Box::new(b))).await.map(|v| (StatusCode::CREATED, v)),
-                        Err(e) => Err(ApiError { status: 400, message: e.body_text() }),
+                        Ok(Json(b)) => call(&a, Action::CreateInstance(Box::new(b))).await.map(|v| (StatusCode::CREATED, v)),
+                        Err(e) => Err(HttpError(StatusCode::BAD_REQUEST, e.body_text())),
                     }
                 }),
         )
         .route(
             "/v1/instances/{key}",
-            get(|State(a): State<Api>, Path(k): Path<String>| async move { call(&a, Op::GetInstance(k)).await })
-                .delete(|State(a): State<Api>, Path(k): Path<String>| async move { call(&a, Op::Delete(k)).await }),
+            get(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::GetInstance(k)).await })
+                .delete(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::DeleteInstance(k)).await }),
         )
-        .route("/v1/instances/{key}/stop", post(|State(a): State<Api>, Path(k): Path<String>| async move { call(&a, Op::Stop(k)).await }))
-        .route("/v1/instances/{key}/start", post(|State(a): State<Api>, Path(k): Path<String>| async move { call(&a, Op::Start(k)).await }))
-        .route("/v1/instances/{key}/reboot", post(|State(a): State<Api>, Path(k): Path<String>| async move { call(&a, Op::Reboot(k)).await }))
-        .fallback(|| async { ApiError { status: 404, message: "no such endpoint (see README: HTTP API)".into() } })
+        .route("/v1/instances/{key}/stop", post(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::StopInstance(k)).await }))
+        .route("/v1/instances/{key}/start", post(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::StartInstance(k)).await }))
+        .route("/v1/instances/{key}/reboot", post(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::RebootInstance(k)).await }))
+        .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such endpoint (see README: HTTP API)".into()) })
         .layer(middleware::from_fn_with_state(api.clone(), auth))
         .with_state(api)
 }

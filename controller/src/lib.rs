@@ -5,6 +5,7 @@
 //! synchronous core (no I/O, no clock reads). It must never depend on the agent: the two meet
 //! only in `outpost-protocol`.
 
+pub mod action;
 pub mod api;
 pub mod broker;
 pub mod fleet;

@@ -10,16 +10,14 @@ use std::time::{Duration, SystemTime};
 use outpost_protocol::topics::{self, Channel};
 use outpost_protocol::{
     AgentEvent, FleetId, Holding, InstanceId, Inventory, Message, NodeId, NodeReport, NodeStatus,
-    PowerState,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
-use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use crate::fleet::{Fleet, FleetConfig, FleetError};
+use crate::action::{ActionError, Call, Reply, Responder, execute};
+use crate::fleet::{Fleet, FleetConfig};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::store::{SqliteStore, Store, StoreError};
-use crate::views::{CreateBody, InstanceView, NodeView};
 
 /// Where the MQTT broker is.
 #[derive(Debug, Clone)]
@@ -90,78 +88,6 @@ pub enum ServeError {
     Config(String),
 }
 
-/// An API operation.
-#[derive(Debug)]
-pub enum Op {
-    /// All nodes.
-    ListNodes,
-    /// One node.
-    GetNode(String),
-    /// Cordon (true) or uncordon (false).
-    Cordon(String, bool),
-    /// Drain.
-    Drain(String),
-    /// Adopt a node bound to another fleet, with the instances it holds.
-    Adopt(String),
-    /// All instances.
-    ListInstances,
-    /// One instance.
-    GetInstance(String),
-    /// Create one.
-    Create(Box<CreateBody>),
-    /// Stop one.
-    Stop(String),
-    /// Start one.
-    Start(String),
-    /// Reboot one.
-    Reboot(String),
-    /// Delete one.
-    Delete(String),
-}
-
-impl Op {
-    /// Whether it changes the fleet (refused while the store cannot be written).
-    pub fn mutates(&self) -> bool {
-        !matches!(
-            self,
-            Self::ListNodes | Self::GetNode(_) | Self::ListInstances | Self::GetInstance(_)
-        )
-    }
-}
-
-/// An API error: an HTTP status and a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    /// HTTP status.
-    pub status: u16,
-    /// Message.
-    pub message: String,
-}
-
-impl From<FleetError> for ApiError {
-    fn from(e: FleetError) -> Self {
-        let status = match e {
-            FleetError::NoInstance(_) | FleetError::NoNode(_) => 404,
-            FleetError::Spec(_) => 400,
-            FleetError::NotForeign(_) => 409,
-            FleetError::NoValidHost(_)
-            | FleetError::Exists(_)
-            | FleetError::GroupPolicy(_)
-            | FleetError::Deleting(_) => 409,
-        };
-        Self {
-            status,
-            message: e.to_string(),
-        }
-    }
-}
-
-/// Where an operation's answer goes.
-pub type Reply = oneshot::Sender<Result<Value, ApiError>>;
-
-/// An operation and where to send its answer.
-pub type Call = (Op, Reply);
-
 /// The most inputs folded into one stored batch: bounds how long the first caller of a batch
 /// waits for its answer.
 const MAX_BATCH: usize = 512;
@@ -212,112 +138,6 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> Value {
-    serde_json::to_value(v).unwrap_or(Value::Null)
-}
-
-/// One node's view.
-fn node_view(fleet: &Fleet, id: &NodeId) -> Result<Value, ApiError> {
-    let n = fleet
-        .node(id)
-        .ok_or_else(|| FleetError::NoNode(id.to_string()))?;
-    let held = fleet.instance_counts().get(id).copied().unwrap_or(0);
-    Ok(to_json(&NodeView::of(n, fleet, held)))
-}
-
-/// Runs one API operation against the fleet.
-pub fn execute(fleet: &mut Fleet, now: u64, op: Op) -> Result<Value, ApiError> {
-    let node = |s: &str| {
-        NodeId::new(s).map_err(|_| ApiError {
-            status: 404,
-            message: format!("no node {s}"),
-        })
-    };
-    let inst = |fleet: &Fleet, id: InstanceId| {
-        fleet
-            .get(id)
-            .map(|i| to_json(&InstanceView::from(i)))
-            .unwrap_or(Value::Null)
-    };
-    Ok(match op {
-        Op::ListNodes => {
-            let counts = fleet.instance_counts();
-            Value::Array(
-                fleet
-                    .nodes()
-                    .map(|n| {
-                        let held = counts.get(&n.id).copied().unwrap_or(0);
-                        to_json(&NodeView::of(n, fleet, held))
-                    })
-                    .collect(),
-            )
-        }
-        Op::GetNode(id) => node_view(fleet, &node(&id)?)?,
-        Op::Cordon(id, on) => {
-            let n = node(&id)?;
-            fleet.cordon(&n, on)?;
-            node_view(fleet, &n)?
-        }
-        Op::Drain(id) => {
-            let (moved, stuck) = fleet.drain(&node(&id)?)?;
-            json!({ "moved": moved, "stuck": stuck })
-        }
-        Op::Adopt(id) => {
-            let n = node(&id)?;
-            let adopted = fleet.adopt(now, &n)?;
-            tracing::warn!(node = %n, adopted, "operator adopted a node from another fleet");
-            let mut v = node_view(fleet, &n)?;
-            v["adopted"] = json!(adopted);
-            v
-        }
-        Op::ListInstances => Value::Array(
-            fleet
-                .instances()
-                .map(|i| to_json(&InstanceView::from(i)))
-                .chain(
-                    fleet
-                        .held_elsewhere()
-                        .map(|(n, di)| to_json(&InstanceView::held(n, di))),
-                )
-                .collect(),
-        ),
-        Op::GetInstance(key) => fleet
-            .instance(&key)
-            .map(|i| to_json(&InstanceView::from(i)))
-            .ok_or(FleetError::NoInstance(key))?,
-        Op::Create(body) => {
-            let id = InstanceId::from_u64(fastrand::u64(..));
-            let req = (*body).into_request(id).map_err(|message| ApiError {
-                status: 400,
-                message,
-            })?;
-            let id = fleet.create(now, req)?;
-            inst(fleet, id)
-        }
-        Op::Stop(key) => {
-            let id = fleet.set_power(&key, PowerState::Stopped)?;
-            inst(fleet, id)
-        }
-        Op::Start(key) => {
-            let id = fleet.set_power(&key, PowerState::Running)?;
-            inst(fleet, id)
-        }
-        Op::Reboot(key) => {
-            let id = fleet.reboot(&key)?;
-            inst(fleet, id)
-        }
-        Op::Delete(key) => {
-            let id = fleet.delete(&key)?;
-            let v = inst(fleet, id);
-            if v.is_null() {
-                json!({ "id": id.to_string(), "phase": "deleted" })
-            } else {
-                v
-            }
-        }
-    })
 }
 
 /// Folds one MQTT message into the fleet; returns false if it did not decode.
@@ -499,7 +319,7 @@ pub async fn serve(
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut malformed: u64 = 0;
-    let mut replies: Vec<(Reply, bool, Result<Value, ApiError>)> = Vec::new();
+    let mut replies: Vec<(Responder, bool, Result<Reply, ActionError>)> = Vec::new();
     // Why the store cannot be written, while it cannot: changes are refused, reads answered,
     // the broker and liveness keep running, and the store is tried again every turn.
     let mut store_down: Option<String> = None;
@@ -522,16 +342,15 @@ pub async fn serve(
                         tracing::warn!(%topic, len = payload.len(), malformed, "dropped a message that does not decode");
                     }
                 }
-                Input::Call((op, reply)) => {
-                    let mutates = op.mutates();
+                Input::Call((action, reply)) => {
+                    let mutates = action.mutates();
                     let r = match &store_down {
-                        Some(cause) if mutates => Err(ApiError {
-                            status: 503,
-                            message: format!(
-                                "the store cannot be written ({cause}): changes are refused until it can; reads still work"
-                            ),
-                        }),
-                        _ => execute(&mut fleet, now, op),
+                        Some(cause) if mutates => Err(ActionError::StoreDown(cause.clone())),
+                        _ => {
+                            // Ids come from here, so that executing an action is deterministic.
+                            let id = InstanceId::from_u64(fastrand::u64(..));
+                            execute(&mut fleet, now, id, action)
+                        }
                     };
                     replies.push((reply, mutates, r));
                 }
@@ -560,12 +379,7 @@ pub async fn serve(
                 fleet.requeue(changes);
                 for (reply, mutates, r) in replies.drain(..) {
                     let r = match r {
-                        Ok(_) if mutates => Err(ApiError {
-                            status: 503,
-                            message: format!(
-                                "the store cannot be written ({cause}): this change is not stored yet, and is applied once it can be"
-                            ),
-                        }),
+                        Ok(_) if mutates => Err(ActionError::NotStored(cause.clone())),
                         other => other,
                     };
                     let _ = reply.send(r);
@@ -610,8 +424,10 @@ mod tests {
         for k in 0..total {
             msg_tx.try_send((format!("t{k}"), vec![])).unwrap();
         }
-        let (reply, _rx) = oneshot::channel();
-        call_tx.try_send((Op::ListNodes, reply)).unwrap();
+        let (reply, _rx) = tokio::sync::oneshot::channel();
+        call_tx
+            .try_send((crate::action::Action::ListNodes, reply))
+            .unwrap();
         let mut seen = Vec::new();
         let mut calls_seen = 0;
         let mut first = Input::Tick;

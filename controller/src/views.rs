@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use outpost_protocol::limits::MAX_LABELS;
 use outpost_protocol::{
-    Arch, Boot, Cmdline, DesiredInstance, ImageName, InstanceId, InstanceName, InstanceSpec, Label,
-    Labels, NetName, Network, NodeId, PowerState, RestartPolicy,
+    Arch, Boot, Cmdline, DesiredInstance, IdError, ImageName, InstanceId, InstanceName,
+    InstanceSpec, Label, Labels, NetName, Network, NodeId, PowerState, RestartPolicy,
 };
 use serde::{Deserialize, Serialize};
 
@@ -247,62 +248,120 @@ pub struct CreateBody {
     pub group_policy: Option<String>,
 }
 
-fn labels(m: &BTreeMap<String, String>) -> Result<Vec<Label>, String> {
+/// Why a create request is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CreateError {
+    /// This controller's architecture has no default.
+    #[error("this controller's architecture is unsupported: give arch")]
+    NoDefaultArch,
+    /// Unknown architecture.
+    #[error("unknown arch {0:?} (x86_64 or aarch64)")]
+    Arch(String),
+    /// A field is not a valid value of its kind.
+    #[error("{field}: {source}")]
+    Field {
+        /// Which field.
+        field: &'static str,
+        /// Why.
+        source: IdError,
+    },
+    /// Neither or both of image and kernel.
+    #[error("give exactly one of image or kernel")]
+    Boot,
+    /// Both a network and a bridge.
+    #[error("give at most one of network or bridge")]
+    Network,
+    /// Unknown restart policy.
+    #[error("unknown restart policy {0:?} (never, on-failure, always)")]
+    Restart(String),
+    /// A label is invalid.
+    #[error("label {key}: {source}")]
+    Label {
+        /// Its key.
+        key: String,
+        /// Why.
+        source: IdError,
+    },
+    /// More labels than an instance may carry.
+    #[error("too many labels (at most {MAX_LABELS})")]
+    TooManyLabels,
+    /// A group policy without a group.
+    #[error("group_policy needs a group")]
+    PolicyWithoutGroup,
+    /// Unknown group policy.
+    #[error("unknown group policy {0:?} (affinity or anti-affinity)")]
+    GroupPolicy(String),
+    /// A group name out of bounds.
+    #[error("group names are 1 to 64 bytes")]
+    GroupName,
+    /// The name breaks the naming rule.
+    #[error(
+        "name {name:?}: {source} (names are DNS labels: lowercase letters, digits and '-', a letter first, at most 63)"
+    )]
+    Name {
+        /// The name given.
+        name: String,
+        /// Why.
+        source: IdError,
+    },
+}
+
+fn labels(m: &BTreeMap<String, String>) -> Result<Vec<Label>, CreateError> {
     m.iter()
-        .map(|(k, v)| Label::parse(&format!("{k}={v}")).map_err(|e| format!("label {k}: {e}")))
+        .map(|(k, v)| {
+            Label::parse(&format!("{k}={v}")).map_err(|source| CreateError::Label {
+                key: k.clone(),
+                source,
+            })
+        })
         .collect()
 }
 
 impl CreateBody {
     /// Checks the body and makes the fleet's request, with `id`.
-    pub fn into_request(self, id: InstanceId) -> Result<CreateRequest, String> {
-        let e = |what: &str, err: outpost_protocol::IdError| format!("{what}: {err}");
-        let arch =
-            match self.arch.as_deref() {
-                None => Arch::native()
-                    .ok_or("this controller's architecture is unsupported: give arch")?,
-                Some(a) => Arch::parse(a)
-                    .ok_or_else(|| format!("unknown arch {a:?} (x86_64 or aarch64)"))?,
-            };
+    pub fn into_request(self, id: InstanceId) -> Result<CreateRequest, CreateError> {
+        let e = |field: &'static str| move |source| CreateError::Field { field, source };
+        let arch = match self.arch.as_deref() {
+            None => Arch::native().ok_or(CreateError::NoDefaultArch)?,
+            Some(a) => Arch::parse(a).ok_or_else(|| CreateError::Arch(a.to_owned()))?,
+        };
         let boot = match (self.image, self.kernel) {
             (Some(image), None) => Boot::Disk {
-                image: ImageName::new(&image).map_err(|x| e("image", x))?,
+                image: ImageName::new(&image).map_err(e("image"))?,
             },
             (None, Some(kernel)) => Boot::Kernel {
-                kernel: ImageName::new(&kernel).map_err(|x| e("kernel", x))?,
+                kernel: ImageName::new(&kernel).map_err(e("kernel"))?,
                 initrd: self
                     .initrd
                     .map(|i| ImageName::new(&i))
                     .transpose()
-                    .map_err(|x| e("initrd", x))?,
+                    .map_err(e("initrd"))?,
                 cmdline: Cmdline::new(self.cmdline.as_deref().unwrap_or("console=ttyS0"))
-                    .map_err(|x| e("cmdline", x))?,
+                    .map_err(e("cmdline"))?,
             },
-            _ => return Err("give exactly one of image or kernel".into()),
+            _ => return Err(CreateError::Boot),
         };
         let network = match (self.network, self.bridge) {
             (None, None) => Network::None,
             (Some(n), None) => Network::Libvirt {
-                network: NetName::new(&n).map_err(|x| e("network", x))?,
+                network: NetName::new(&n).map_err(e("network"))?,
             },
             (None, Some(b)) => Network::Bridge {
-                bridge: NetName::new(&b).map_err(|x| e("bridge", x))?,
+                bridge: NetName::new(&b).map_err(e("bridge"))?,
             },
-            _ => return Err("give at most one of network or bridge".into()),
+            _ => return Err(CreateError::Network),
         };
         let restart = match self.restart.as_deref() {
             None | Some("on-failure") => RestartPolicy::OnFailure,
             Some("never") => RestartPolicy::Never,
             Some("always") => RestartPolicy::Always,
-            Some(o) => {
-                return Err(format!(
-                    "unknown restart policy {o:?} (never, on-failure, always)"
-                ));
-            }
+            Some(o) => return Err(CreateError::Restart(o.to_owned())),
         };
         let mut spec_labels = Labels::new();
         for l in labels(&self.labels)? {
-            spec_labels.push(l).map_err(|_| "too many labels")?;
+            spec_labels
+                .push(l)
+                .map_err(|_| CreateError::TooManyLabels)?;
         }
         let disk_default = u32::from(matches!(boot, Boot::Disk { .. }));
         let spec = InstanceSpec {
@@ -318,23 +377,23 @@ impl CreateBody {
         };
         let group = match (self.group, self.group_policy.as_deref()) {
             (None, None) => None,
-            (None, Some(_)) => return Err("group_policy needs a group".into()),
+            (None, Some(_)) => return Err(CreateError::PolicyWithoutGroup),
             (Some(g), p) => {
                 let policy = match p {
                     None | Some("anti-affinity") => GroupPolicy::AntiAffinity,
                     Some("affinity") => GroupPolicy::Affinity,
-                    Some(o) => return Err(format!("unknown group policy {o:?}")),
+                    Some(o) => return Err(CreateError::GroupPolicy(o.to_owned())),
                 };
                 if g.is_empty() || g.len() > 64 {
-                    return Err("group names are 1 to 64 bytes".into());
+                    return Err(CreateError::GroupName);
                 }
                 Some((g, policy))
             }
         };
         let name = self.name.unwrap_or_else(|| format!("i-{id}"));
-        InstanceName::new(&name).map_err(|x| {
-            format!("name {name:?}: {x} (names are DNS labels: lowercase letters, digits and '-', a letter first, at most 63)")
-        })?;
+        if let Err(source) = InstanceName::new(&name) {
+            return Err(CreateError::Name { name, source });
+        }
         Ok(CreateRequest {
             id,
             name,

@@ -19,6 +19,39 @@ pub fn domain_name(id: InstanceId) -> String {
     format!("{DOMAIN_PREFIX}{id}")
 }
 
+/// An operation on one instance: what the reconciler asks of the hypervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Build it, and start it if `start`.
+    Create {
+        /// What to build.
+        spec: Box<InstanceSpec>,
+        /// Start it once built.
+        start: bool,
+    },
+    /// Start it.
+    Start,
+    /// Stop it.
+    Stop,
+    /// Reboot it.
+    Reboot,
+    /// Remove it and its files.
+    Delete,
+}
+
+impl Op {
+    /// A name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Create { .. } => "create",
+            Self::Start => "start",
+            Self::Stop => "stop",
+            Self::Reboot => "reboot",
+            Self::Delete => "delete",
+        }
+    }
+}
+
 /// What the host offers, as the hypervisor sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostInfo {
@@ -126,13 +159,12 @@ impl HypervisorError {
 }
 
 /// Runs one reconciler operation on a backend (blocking), in the form
-/// [`crate::reconcile::Reconciler::completed`] takes.
+/// the reconciler takes back.
 pub fn execute(
     hv: &dyn Hypervisor,
     id: InstanceId,
-    op: &crate::reconcile::Op,
+    op: &Op,
 ) -> Result<(), (outpost_protocol::ErrorKind, String)> {
-    use crate::reconcile::Op;
     let r = match op {
         Op::Create { spec, start } => hv.create(id, spec, *start),
         Op::Start => hv.start(id),

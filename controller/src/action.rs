@@ -1,0 +1,222 @@
+//! The action layer between the HTTP API and the service loop (like Firecracker's
+//! `rpc_interface`): the API turns each request into one [`Action`]; the service loop runs it
+//! against the fleet with [`execute`] and answers with a typed [`Reply`] or an
+//! [`ActionError`]. Only the API knows HTTP status codes; nothing here reads a clock or a random
+//! source (the loop passes the time and the id of a new instance in), so executing an action is
+//! deterministic.
+
+use outpost_protocol::{InstanceId, NodeId, PowerState};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::fleet::{Fleet, FleetError};
+use crate::views::{CreateBody, CreateError, InstanceView, NodeView};
+
+/// What an API caller asks of the fleet. Names and ids are as the caller typed them.
+#[derive(Debug)]
+pub enum Action {
+    /// All nodes.
+    ListNodes,
+    /// One node.
+    GetNode(String),
+    /// Stop placements on a node.
+    CordonNode(String),
+    /// Resume placements on a node.
+    UncordonNode(String),
+    /// Cordon a node and move its instances elsewhere.
+    DrainNode(String),
+    /// Adopt a node bound to another fleet, with the instances it holds.
+    AdoptNode(String),
+    /// All instances (and those held by nodes of another fleet).
+    ListInstances,
+    /// One instance, by name or id.
+    GetInstance(String),
+    /// Create an instance.
+    CreateInstance(Box<CreateBody>),
+    /// Stop an instance.
+    StopInstance(String),
+    /// Start an instance.
+    StartInstance(String),
+    /// Reboot an instance.
+    RebootInstance(String),
+    /// Delete an instance.
+    DeleteInstance(String),
+}
+
+impl Action {
+    /// Whether it changes the fleet (refused while the store cannot be written).
+    pub fn mutates(&self) -> bool {
+        !matches!(
+            self,
+            Self::ListNodes | Self::GetNode(_) | Self::ListInstances | Self::GetInstance(_)
+        )
+    }
+}
+
+/// The answer to an action, serialized as the API's JSON body.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    /// Nodes.
+    Nodes(Vec<NodeView>),
+    /// One node.
+    Node(Box<NodeView>),
+    /// A drain: how many instances moved, and the ones that could not (`id: why`).
+    Drained {
+        /// Moved.
+        moved: usize,
+        /// Could not move.
+        stuck: Vec<String>,
+    },
+    /// An adopted node and how many instances it brought.
+    Adopted {
+        /// The node.
+        #[serde(flatten)]
+        node: Box<NodeView>,
+        /// Instances adopted.
+        adopted: usize,
+    },
+    /// Instances.
+    Instances(Vec<InstanceView>),
+    /// One instance.
+    Instance(Box<InstanceView>),
+    /// An instance deleted at once (it had no node).
+    Deleted {
+        /// Its id.
+        id: String,
+        /// Always `deleted`.
+        phase: &'static str,
+    },
+}
+
+/// Why an action was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActionError {
+    /// The fleet refused it.
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    /// The request is malformed.
+    #[error(transparent)]
+    Invalid(#[from] CreateError),
+    /// The store cannot be written; the change was not made.
+    #[error(
+        "the store cannot be written ({0}): changes are refused until it can; reads still work"
+    )]
+    StoreDown(String),
+    /// The store failed while storing this change; it is stored once the store can be written.
+    #[error(
+        "the store cannot be written ({0}): this change is not stored yet, and is applied once it can be"
+    )]
+    NotStored(String),
+    /// The service loop is gone.
+    #[error("the controller is shutting down")]
+    ShuttingDown,
+}
+
+/// Where an action's answer goes.
+pub type Responder = oneshot::Sender<Result<Reply, ActionError>>;
+
+/// An action and where to send its answer.
+pub type Call = (Action, Responder);
+
+fn node_id(s: &str) -> Result<NodeId, FleetError> {
+    NodeId::new(s).map_err(|_| FleetError::NoNode(s.to_owned()))
+}
+
+fn node_view(fleet: &Fleet, id: &NodeId) -> Result<Box<NodeView>, FleetError> {
+    let n = fleet
+        .node(id)
+        .ok_or_else(|| FleetError::NoNode(id.to_string()))?;
+    let held = fleet.instance_counts().get(id).copied().unwrap_or(0);
+    Ok(Box::new(NodeView::of(n, fleet, held)))
+}
+
+fn instance_reply(fleet: &Fleet, id: InstanceId) -> Reply {
+    match fleet.get(id) {
+        Some(i) => Reply::Instance(Box::new(InstanceView::from(i))),
+        None => Reply::Deleted {
+            id: id.to_string(),
+            phase: "deleted",
+        },
+    }
+}
+
+/// Runs one action against the fleet at `now` (ms since the epoch); `new_id` is the id a
+/// created instance gets.
+pub fn execute(
+    fleet: &mut Fleet,
+    now: u64,
+    new_id: InstanceId,
+    action: Action,
+) -> Result<Reply, ActionError> {
+    Ok(match action {
+        Action::ListNodes => {
+            let counts = fleet.instance_counts();
+            Reply::Nodes(
+                fleet
+                    .nodes()
+                    .map(|n| NodeView::of(n, fleet, counts.get(&n.id).copied().unwrap_or(0)))
+                    .collect(),
+            )
+        }
+        Action::GetNode(id) => Reply::Node(node_view(fleet, &node_id(&id)?)?),
+        Action::CordonNode(id) => {
+            let n = node_id(&id)?;
+            fleet.cordon(&n, true)?;
+            Reply::Node(node_view(fleet, &n)?)
+        }
+        Action::UncordonNode(id) => {
+            let n = node_id(&id)?;
+            fleet.cordon(&n, false)?;
+            Reply::Node(node_view(fleet, &n)?)
+        }
+        Action::DrainNode(id) => {
+            let (moved, stuck) = fleet.drain(&node_id(&id)?)?;
+            Reply::Drained { moved, stuck }
+        }
+        Action::AdoptNode(id) => {
+            let n = node_id(&id)?;
+            let adopted = fleet.adopt(now, &n)?;
+            tracing::warn!(node = %n, adopted, "operator adopted a node from another fleet");
+            Reply::Adopted {
+                node: node_view(fleet, &n)?,
+                adopted,
+            }
+        }
+        Action::ListInstances => Reply::Instances(
+            fleet
+                .instances()
+                .map(InstanceView::from)
+                .chain(
+                    fleet
+                        .held_elsewhere()
+                        .map(|(n, di)| InstanceView::held(n, di)),
+                )
+                .collect(),
+        ),
+        Action::GetInstance(key) => Reply::Instance(Box::new(InstanceView::from(
+            fleet.instance(&key).ok_or(FleetError::NoInstance(key))?,
+        ))),
+        Action::CreateInstance(body) => {
+            let req = (*body).into_request(new_id)?;
+            let id = fleet.create(now, req)?;
+            instance_reply(fleet, id)
+        }
+        Action::StopInstance(key) => {
+            let id = fleet.set_power(&key, PowerState::Stopped)?;
+            instance_reply(fleet, id)
+        }
+        Action::StartInstance(key) => {
+            let id = fleet.set_power(&key, PowerState::Running)?;
+            instance_reply(fleet, id)
+        }
+        Action::RebootInstance(key) => {
+            let id = fleet.reboot(&key)?;
+            instance_reply(fleet, id)
+        }
+        Action::DeleteInstance(key) => {
+            let id = fleet.delete(&key)?;
+            instance_reply(fleet, id)
+        }
+    })
+}
