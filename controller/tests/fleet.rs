@@ -647,3 +647,119 @@ fn an_instance_its_node_does_not_report_says_so_and_a_report_clears_it() {
     f.on_report(3, &n, &r);
     assert_eq!(f.instance("vm1").unwrap().reason, "");
 }
+
+/// One step of a random history: an operator's command or an agent's message.
+#[derive(Debug, Clone)]
+enum Step {
+    Create(u64, u32, bool),
+    Delete(u64),
+    Stop(u64),
+    Reboot(u64),
+    Drain(usize),
+    Uncordon(usize),
+    Adopt(usize),
+    Running(u64),
+    Failed(u64),
+    Report(usize),
+    Offline(usize),
+    Online(usize),
+    Holding(usize, u64),
+    Tick(u64),
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (0..12u64, 1..6u32, any::<bool>()).prop_map(|(i, m, g)| Step::Create(i, m * 128, g)),
+        (0..12u64).prop_map(Step::Delete),
+        (0..12u64).prop_map(Step::Stop),
+        (0..12u64).prop_map(Step::Reboot),
+        (0..3usize).prop_map(Step::Drain),
+        (0..3usize).prop_map(Step::Uncordon),
+        (0..3usize).prop_map(Step::Adopt),
+        (0..12u64).prop_map(Step::Running),
+        (0..12u64).prop_map(Step::Failed),
+        (0..3usize).prop_map(Step::Report),
+        (0..3usize).prop_map(Step::Offline),
+        (0..3usize).prop_map(Step::Online),
+        (0..3usize, 100..104u64).prop_map(|(n, i)| Step::Holding(n, i)),
+        (1..400u64).prop_map(Step::Tick),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    /// Over any history of commands and agent messages, the scheduler's incremental claims,
+    /// the per-node and per-name indexes and every desired state agree with a recount from the
+    /// instances, and nothing is ever listed as gone that this store did not delete or move.
+    #[test]
+    fn indexes_and_claims_match_a_recount_over_any_history(steps in proptest::collection::vec(step(), 1..60)) {
+        let mut f = fleet();
+        online(&mut f, "c", 2048);
+        let names = ["a", "b", "c"];
+        let mut now = 100;
+        let known = |f: &Fleet, i: u64| f.get(InstanceId::from_u64(i)).map(|r| (r.id, r.node.clone()));
+        let mut ever_known = std::collections::BTreeSet::new();
+        for s in steps {
+            now += 10;
+            match s {
+                Step::Create(i, m, grouped) => {
+                    let _ = f.create(now, CreateRequest {
+                        id: InstanceId::from_u64(i),
+                        name: format!("vm{i}"),
+                        spec: spec(m),
+                        selector: vec![],
+                        group: grouped.then(|| ("g".to_owned(), GroupPolicy::AntiAffinity)),
+                    });
+                }
+                Step::Delete(i) => { let _ = f.delete(&format!("vm{i}")); }
+                Step::Stop(i) => { let _ = f.set_power(&format!("vm{i}"), PowerState::Stopped); }
+                Step::Reboot(i) => { let _ = f.reboot(&format!("vm{i}")); }
+                Step::Drain(n) => { let _ = f.drain(&node(names[n])); }
+                Step::Uncordon(n) => { let _ = f.cordon(&node(names[n]), false); }
+                Step::Adopt(n) => { let _ = f.adopt(now, &node(names[n])); }
+                Step::Running(i) | Step::Failed(i) => {
+                    if let Some((id, Some(n))) = known(&f, i) {
+                        let state = if matches!(s, Step::Running(_)) {
+                            InstanceState::Running
+                        } else {
+                            InstanceState::Error(ErrorKind::Hypervisor)
+                        };
+                        f.on_event(now, &n, &ev(id, state, ""));
+                    }
+                }
+                Step::Report(n) => {
+                    let n = node(names[n]);
+                    let g = f.node(&n).map_or(0, |r| r.generation);
+                    let mut r = NodeReport { generation: g, ..Default::default() };
+                    for i in f.instances().filter(|i| i.node.as_ref() == Some(&n) && i.phase != Phase::Deleting) {
+                        let _ = r.instances.push(InstanceReport { id: i.id, state: InstanceState::Running });
+                    }
+                    f.on_report(now, &n, &r);
+                }
+                Step::Offline(n) | Step::Online(n) => {
+                    let presence = if matches!(s, Step::Online(_)) { Presence::Online } else { Presence::Offline };
+                    f.on_status(now, &node(names[n]), NodeStatus { presence, session: now });
+                }
+                Step::Holding(n, i) => {
+                    let fleet_id = if i % 2 == 0 { f.id() } else { FleetId(0xbad) };
+                    f.on_holding(now, &node(names[n]), holding(fleet_id, 500, &[(i, "held")]));
+                }
+                Step::Tick(dt) => {
+                    now += dt * 1000;
+                    f.tick(now);
+                }
+            }
+            assert_claims_consistent(&f);
+            ever_known.extend(f.instances().map(|i| i.id));
+            for n in f.nodes() {
+                for id in f.gone_for(&n.id) {
+                    let owned_here = f.get(id).is_some_and(|i| i.node.as_ref() == Some(&n.id) && i.phase != Phase::Deleting);
+                    proptest::prop_assert!(!owned_here, "{id} is both wanted on {} and gone", n.id);
+                    proptest::prop_assert!(ever_known.contains(&id), "{id} listed as gone but never known to this store");
+                }
+            }
+            let _ = f.take_changes();
+        }
+    }
+}

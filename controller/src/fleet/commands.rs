@@ -1,0 +1,297 @@
+//! What operators ask of the fleet: create, power, reboot, delete, cordon, drain, adopt; and
+//! the placement that serves them.
+
+use outpost_protocol::{InstanceId, InstanceSpec, Label, NodeId, PowerState};
+
+use super::records::{CreateRequest, FleetError, InstanceRecord, Phase};
+use super::{Fleet, index, unindex};
+use crate::scheduler::{GroupConstraint, GroupPolicy, NoValidHost, Request};
+
+impl Fleet {
+    /// Chooses a node for `spec` (the pure scheduler over the current table).
+    pub(super) fn choose(
+        &self,
+        spec: &InstanceSpec,
+        selector: &[Label],
+        group: Option<(&str, GroupPolicy)>,
+        exclude: &[NodeId],
+        except: Option<InstanceId>,
+    ) -> Result<NodeId, NoValidHost> {
+        let excluded: Vec<usize> = exclude
+            .iter()
+            .filter_map(|n| self.table.index_of(n))
+            .collect();
+        let members: Vec<usize> = group
+            .map(|(g, _)| {
+                self.by_group
+                    .get(g)
+                    .into_iter()
+                    .flatten()
+                    .filter(|id| Some(**id) != except)
+                    .filter_map(|id| self.instances.get(id))
+                    .filter_map(|i| i.node.as_ref().and_then(|n| self.table.index_of(n)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let req = Request {
+            spec,
+            selector,
+            group: group.map(|(_, policy)| GroupConstraint {
+                policy,
+                members_on: &members,
+            }),
+            exclude: &excluded,
+        };
+        self.scheduler
+            .place(&self.table, &req)
+            .map(|p| self.table.id(p.host).clone())
+    }
+
+    /// Creates and places an instance, or says at once why nothing fits (nothing is stored).
+    pub fn create(&mut self, now_ms: u64, req: CreateRequest) -> Result<InstanceId, FleetError> {
+        req.spec.validate()?;
+        if self.instances.contains_key(&req.id) || self.by_name.contains_key(&req.name) {
+            return Err(FleetError::Exists(req.name));
+        }
+        if let Some((g, p)) = &req.group
+            && self.groups.get(g).is_some_and(|q| q != p)
+        {
+            return Err(FleetError::GroupPolicy(g.clone()));
+        }
+        let group = req.group.as_ref().map(|(g, p)| (g.as_str(), *p));
+        let node = self.choose(&req.spec, &req.selector, group, &[], None)?;
+        if let Some((g, p)) = req.group.clone()
+            && self.groups.insert(g.clone(), p).is_none()
+        {
+            self.journal.groups.insert(g);
+        }
+        let id = req.id;
+        self.move_instance(id, req.spec.resources(), None, Some(&node));
+        self.by_name.insert(req.name.clone(), id);
+        if let Some((g, _)) = &req.group {
+            index(&mut self.by_group, g, id);
+        }
+        self.instances.insert(
+            id,
+            InstanceRecord {
+                id,
+                name: req.name,
+                spec: req.spec,
+                selector: req.selector,
+                group: req.group.map(|(g, _)| g),
+                power: PowerState::Running,
+                reboot_count: 0,
+                phase: Phase::Scheduled,
+                node: Some(node.clone()),
+                failures: Vec::new(),
+                reason: String::new(),
+                created_ms: now_ms,
+            },
+        );
+        self.touch_instance(id);
+        self.bump(&node);
+        Ok(id)
+    }
+
+    pub(super) fn get_mut(&mut self, key: &str) -> Result<&mut InstanceRecord, FleetError> {
+        let id = self
+            .instance(key)
+            .map(|i| i.id)
+            .ok_or_else(|| FleetError::NoInstance(key.to_owned()))?;
+        self.instances
+            .get_mut(&id)
+            .ok_or_else(|| FleetError::NoInstance(key.to_owned()))
+    }
+
+    /// Changes an instance and republishes its node.
+    pub(super) fn update(
+        &mut self,
+        key: &str,
+        f: impl FnOnce(&mut InstanceRecord),
+    ) -> Result<InstanceId, FleetError> {
+        let i = self.get_mut(key)?;
+        if i.phase == Phase::Deleting {
+            return Err(FleetError::Deleting(i.id));
+        }
+        f(i);
+        let (id, node) = (i.id, i.node.clone());
+        self.touch_instance(id);
+        if let Some(n) = node {
+            self.bump(&n);
+        }
+        Ok(id)
+    }
+
+    /// Asks for an instance to run or stop.
+    pub fn set_power(&mut self, key: &str, power: PowerState) -> Result<InstanceId, FleetError> {
+        self.update(key, |i| i.power = power)
+    }
+
+    /// Asks for one reboot.
+    pub fn reboot(&mut self, key: &str) -> Result<InstanceId, FleetError> {
+        self.update(key, |i| {
+            i.reboot_count += 1;
+            i.power = PowerState::Running;
+        })
+    }
+
+    /// Deletes an instance: removed from its node's desired state; gone once the node confirms
+    /// (or at once if it never had a node).
+    pub fn delete(&mut self, key: &str) -> Result<InstanceId, FleetError> {
+        let i = self.get_mut(key)?;
+        let id = i.id;
+        match i.node.clone() {
+            Some(node) => {
+                i.phase = Phase::Deleting;
+                self.touch_instance(id);
+                self.bump(&node);
+            }
+            None => self.forget(id),
+        }
+        Ok(id)
+    }
+
+    pub(super) fn forget(&mut self, id: InstanceId) {
+        if let Some(i) = self.instances.remove(&id) {
+            self.move_instance(id, i.spec.resources(), i.node.as_ref(), None);
+            self.by_name.remove(&i.name);
+            if let Some(g) = &i.group {
+                unindex(&mut self.by_group, g, id);
+            }
+        }
+        self.journal.instances.remove(&id);
+        self.journal.removed.insert(id);
+        if self.tombstones.insert(id) {
+            self.journal.tombstones.push(id);
+        }
+    }
+
+    /// Cordons or uncordons a node.
+    pub fn cordon(&mut self, node: &NodeId, on: bool) -> Result<(), FleetError> {
+        let n = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| FleetError::NoNode(node.to_string()))?;
+        n.cordoned = on;
+        if !on {
+            n.draining = false;
+        }
+        self.journal.nodes.insert(node.clone());
+        self.sync_availability(node);
+        Ok(())
+    }
+
+    /// Drains a node: cordons it and moves each of its instances to another node (cold move:
+    /// built there, then removed here). Returns how many moved and the ones that could not.
+    pub fn drain(&mut self, node: &NodeId) -> Result<(usize, Vec<String>), FleetError> {
+        let n = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| FleetError::NoNode(node.to_string()))?;
+        n.cordoned = true;
+        n.draining = true;
+        self.journal.nodes.insert(node.clone());
+        self.sync_availability(node);
+        let ids: Vec<InstanceId> = self
+            .on_node(node)
+            .filter(|i| i.wanted_on_node())
+            .map(|i| i.id)
+            .collect();
+        let (mut moved, mut stuck) = (0, Vec::new());
+        for id in ids {
+            match self.relocate(id, None) {
+                Ok(()) => moved += 1,
+                Err(e) => stuck.push(format!("{id}: {e}")),
+            }
+        }
+        Ok((moved, stuck))
+    }
+
+    /// Moves an instance to a new node (excluding where it failed), or fails it for good.
+    pub(super) fn relocate(
+        &mut self,
+        id: InstanceId,
+        failed_on: Option<(NodeId, String)>,
+    ) -> Result<(), FleetError> {
+        let Some(i) = self.instances.get(&id) else {
+            return Ok(());
+        };
+        let old = i.node.clone();
+        let mut exclude: Vec<NodeId> = i.failures.iter().map(|(n, _)| n.clone()).collect();
+        exclude.extend(failed_on.iter().map(|(n, _)| n.clone()));
+        exclude.extend(old.clone());
+        let attempts = i.failures.len() as u32 + u32::from(failed_on.is_some());
+        let group = i
+            .group
+            .as_deref()
+            .and_then(|g| self.groups.get(g).map(|p| (g, *p)));
+        let choice = if failed_on.is_some() && attempts >= self.cfg.max_attempts {
+            None
+        } else {
+            Some(self.choose(&i.spec, &i.selector, group, &exclude, Some(id)))
+        };
+        let i = self
+            .instances
+            .get_mut(&id)
+            .ok_or(FleetError::NoInstance(id.to_string()))?;
+        if let Some(f) = failed_on {
+            i.failures.push(f);
+        }
+        let r = i.spec.resources();
+        let result = match choice {
+            Some(Ok(node)) => {
+                i.node = Some(node.clone());
+                i.phase = Phase::Scheduled;
+                self.move_instance(id, r, old.as_ref(), Some(&node));
+                self.bump(&node);
+                Ok(())
+            }
+            Some(Err(e)) if i.failures.is_empty() => Err(FleetError::NoValidHost(e)),
+            other => {
+                let why = match other {
+                    Some(Err(e)) => format!("no other host: {e}"),
+                    _ => format!("{attempts} attempts failed"),
+                };
+                i.phase = Phase::Error;
+                let history: Vec<String> = i
+                    .failures
+                    .iter()
+                    .map(|(n, r)| format!("{n}: {r}"))
+                    .collect();
+                i.reason = format!("{why} [{}]", history.join("; "));
+                i.node = None;
+                self.move_instance(id, r, old.as_ref(), None);
+                Ok(())
+            }
+        };
+        // Only a move (or a final failure) changes the old node's desired state.
+        let now_on = self.instances.get(&id).and_then(|i| i.node.clone());
+        if now_on != old {
+            self.touch_instance(id);
+            if let Some(o) = old {
+                self.bump(&o);
+            }
+        }
+        result
+    }
+
+    /// An operator adopts a node bound to another fleet: its instances join this fleet as
+    /// they are, and its agent is sent a desired state that replaces the one it holds.
+    /// Returns how many instances were adopted.
+    pub fn adopt(&mut self, now_ms: u64, node: &NodeId) -> Result<usize, FleetError> {
+        let n = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| FleetError::NoNode(node.to_string()))?;
+        let h = n
+            .foreign
+            .take()
+            .ok_or_else(|| FleetError::NotForeign(node.clone()))?;
+        n.replaces = h.held;
+        self.journal.nodes.insert(node.clone());
+        self.sync_availability(node);
+        let adopted = self.adopt_from(now_ms, node, &h.instances);
+        self.bump(node);
+        Ok(adopted)
+    }
+}

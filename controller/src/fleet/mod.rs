@@ -1,0 +1,267 @@
+//! The fleet: every node and instance the controller knows, and the decisions about them. A
+//! pure core: time comes in as milliseconds, changes go out through [`Fleet::take_changes`],
+//! which the shell stores durably *before* it publishes any desired state.
+//!
+//! Level-triggered: each node's desired state is derived from the instances assigned to it;
+//! any change bumps the node's generation, and agents converge to the latest one. Reports and
+//! events correct the controller's view; nothing depends on one message arriving exactly once.
+//!
+//! One concern a file: [`records`] (what is stored), this file (the state and its indexes),
+//! [`journal`] (what changed, and each node's desired state), [`commands`] (what operators
+//! ask), [`reports`] (what agents say), [`timed`] (what time does).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use outpost_protocol::{FleetId, InstanceId, InstanceName, NodeId, Resources};
+
+use crate::scheduler::{GroupPolicy, HostState, HostTable, Scheduler};
+
+pub mod commands;
+pub mod journal;
+pub mod records;
+pub mod reports;
+pub mod timed;
+
+pub use journal::{Changes, Journal};
+pub use records::{
+    CreateRequest, FleetConfig, FleetError, InstanceRecord, NodeRecord, Phase, Snapshot,
+};
+
+/// The controller's view of the fleet.
+#[derive(Debug)]
+pub struct Fleet {
+    /// This fleet's identity, carried in every desired state.
+    id: FleetId,
+    /// Instances this store created and deleted: the only ones a node is told are gone
+    /// without being placed elsewhere.
+    tombstones: HashSet<InstanceId>,
+    /// The scheduler's view of the nodes, kept up to date as they change.
+    table: HostTable,
+    nodes: BTreeMap<NodeId, NodeRecord>,
+    instances: BTreeMap<InstanceId, InstanceRecord>,
+    /// Index: instance name to id (names are unique).
+    by_name: HashMap<String, InstanceId>,
+    /// Index: the members of each server group.
+    by_group: HashMap<String, BTreeSet<InstanceId>>,
+    /// Index: the instances each node holds.
+    by_node: HashMap<NodeId, BTreeSet<InstanceId>>,
+    groups: BTreeMap<String, GroupPolicy>,
+    scheduler: Scheduler,
+    cfg: FleetConfig,
+    /// What changed since the shell last took the changes.
+    journal: Journal,
+}
+
+impl Fleet {
+    /// A fleet restored from the store (or empty), at `now_ms`. Every node's desired state is
+    /// republished, and every node that had reported gets the liveness timeout from now to
+    /// report again before it counts as down (as a new Nomad leader resets heartbeats).
+    pub fn new(scheduler: Scheduler, cfg: FleetConfig, snap: Snapshot, now_ms: u64) -> Self {
+        let Snapshot {
+            fleet,
+            nodes,
+            instances,
+            groups,
+            tombstones,
+        } = snap;
+        let mut f = Self {
+            id: fleet,
+            tombstones: tombstones.into_iter().collect(),
+            table: HostTable::new(scheduler.ratios()),
+            scheduler,
+            cfg,
+            nodes: BTreeMap::new(),
+            by_name: HashMap::new(),
+            by_group: HashMap::new(),
+            by_node: HashMap::new(),
+            instances: BTreeMap::new(),
+            groups: groups.into_iter().collect(),
+            journal: Journal::default(),
+        };
+        for i in instances {
+            f.by_name.insert(i.name.clone(), i.id);
+            if let Some(n) = &i.node {
+                index(&mut f.by_node, n, i.id);
+            }
+            if let Some(g) = &i.group {
+                index(&mut f.by_group, g, i.id);
+            }
+            f.instances.insert(i.id, i);
+        }
+        for mut n in nodes {
+            // Liveness is learnt again from the broker (retained status) and reports; until
+            // then a node that had reported keeps its place for one liveness timeout.
+            n.online = n.inventory.is_some();
+            n.last_seen_ms = now_ms;
+            f.journal.publish.insert(n.id.clone());
+            let id = n.id.clone();
+            f.nodes.insert(id.clone(), n);
+            f.sync_host(&id, 0);
+        }
+        f
+    }
+
+    /// Brings the node's row of the scheduler's table up to date (claims are kept
+    /// incrementally; they are computed here only when the node first enters the table).
+    fn sync_host(&mut self, id: &NodeId, now_ms: u64) {
+        let Some(n) = self.nodes.get(id) else { return };
+        let Some(inv) = &n.inventory else { return };
+        let claimed = match self.table.index_of(id) {
+            Some(_) => self.claimed(id),
+            None => self.claims().get(id).copied().unwrap_or_default(),
+        };
+        let host = HostState {
+            id: id.clone(),
+            availability: n.availability(),
+            arch: inv.arch,
+            hypervisor: inv.hypervisor,
+            capacity: inv.allocatable(),
+            claimed,
+            labels: inv.labels.iter().cloned().collect(),
+            images: inv.images.iter().cloned().collect(),
+            recent_failures: self.recent_failures(n, now_ms),
+        };
+        self.table.upsert(&host);
+    }
+
+    fn recent_failures(&self, n: &NodeRecord, now_ms: u64) -> u32 {
+        n.failures_ms
+            .iter()
+            .filter(|&&t| now_ms.saturating_sub(t) < self.cfg.failure_memory_ms)
+            .count() as u32
+    }
+
+    /// Refreshes a node's availability in the table.
+    fn sync_availability(&mut self, id: &NodeId) {
+        if let (Some(n), Some(idx)) = (self.nodes.get(id), self.table.index_of(id)) {
+            self.table.set_availability(idx, n.availability());
+        }
+    }
+
+    /// Moves an instance's claim from one node to another in the table.
+    /// Moves an instance (its claim and its place in the per-node index) between nodes.
+    fn move_instance(
+        &mut self,
+        id: InstanceId,
+        r: Resources,
+        from: Option<&NodeId>,
+        to: Option<&NodeId>,
+    ) {
+        if let Some(n) = from {
+            if let Some(idx) = self.table.index_of(n) {
+                self.table.release(idx, r);
+            }
+            unindex(&mut self.by_node, n, id);
+        }
+        if let Some(n) = to {
+            if let Some(idx) = self.table.index_of(n) {
+                self.table.claim(idx, r);
+            }
+            index(&mut self.by_node, n, id);
+        }
+    }
+
+    /// This fleet's identity.
+    pub fn id(&self) -> FleetId {
+        self.id
+    }
+
+    /// Every node.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.values()
+    }
+
+    /// One node.
+    pub fn node(&self, id: &NodeId) -> Option<&NodeRecord> {
+        self.nodes.get(id)
+    }
+
+    /// Every instance.
+    pub fn instances(&self) -> impl Iterator<Item = &InstanceRecord> {
+        self.instances.values()
+    }
+
+    /// One instance, by id.
+    pub fn get(&self, id: InstanceId) -> Option<&InstanceRecord> {
+        self.instances.get(&id)
+    }
+
+    /// One instance, by id or name.
+    pub fn instance(&self, key: &str) -> Option<&InstanceRecord> {
+        key.parse::<InstanceId>()
+            .ok()
+            .and_then(|id| self.get(id))
+            .or_else(|| self.by_name.get(key).and_then(|id| self.get(*id)))
+    }
+
+    /// Resources claimed on one node, as the scheduler holds them (kept incrementally).
+    pub fn claimed(&self, node: &NodeId) -> Resources {
+        self.table
+            .index_of(node)
+            .map_or_else(Resources::default, |idx| {
+                let (_, c) = self.table.usage(idx);
+                Resources {
+                    vcpus: u16::try_from(c[0]).unwrap_or(u16::MAX),
+                    memory_mib: u32::try_from(c[1]).unwrap_or(u32::MAX),
+                    disk_gib: u32::try_from(c[2]).unwrap_or(u32::MAX),
+                }
+            })
+    }
+
+    /// The instances a node holds (including those it is deleting), by id.
+    fn on_node<'a>(&'a self, node: &NodeId) -> impl Iterator<Item = &'a InstanceRecord> + 'a {
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.instances.get(id))
+    }
+
+    /// How many instances each node holds.
+    pub fn instance_counts(&self) -> BTreeMap<NodeId, usize> {
+        self.by_node
+            .iter()
+            .map(|(n, set)| (n.clone(), set.len()))
+            .collect()
+    }
+
+    /// Resources claimed on each node by its instances, summed from the instances.
+    pub fn claims(&self) -> BTreeMap<NodeId, Resources> {
+        let mut m: BTreeMap<NodeId, Resources> = BTreeMap::new();
+        for i in self.instances.values().filter(|i| i.holds()) {
+            if let Some(n) = &i.node {
+                let e = m.entry(n.clone()).or_default();
+                *e = e.saturating_add(i.spec.resources());
+            }
+        }
+        m
+    }
+}
+
+/// Adds `id` under `key` in one of the fleet's indexes.
+fn index<K: Eq + std::hash::Hash + Clone>(
+    map: &mut HashMap<K, BTreeSet<InstanceId>>,
+    key: &K,
+    id: InstanceId,
+) {
+    map.entry(key.clone()).or_default().insert(id);
+}
+
+/// Removes `id` from under `key` (and the key once nothing is left under it).
+fn unindex<K: Eq + std::hash::Hash>(
+    map: &mut HashMap<K, BTreeSet<InstanceId>>,
+    key: &K,
+    id: InstanceId,
+) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(&id);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+/// A valid name for an instance whose stored name predates the naming rule.
+fn fallback_name(id: InstanceId) -> InstanceName {
+    InstanceName::new(&format!("i-{id}")).unwrap_or_default()
+}

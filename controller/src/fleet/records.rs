@@ -1,0 +1,271 @@
+//! The fleet's records: what the store keeps of each node and instance, the settings, the
+//! requests and the refusals.
+
+use std::collections::BTreeSet;
+
+use outpost_protocol::{
+    FleetId, Holding, InstanceId, InstanceSpec, Inventory, Label, NodeId, PowerState, SpecError,
+    Version,
+};
+
+use crate::scheduler::{Availability, GroupPolicy, NoValidHost};
+
+/// Fleet settings.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// A node that has not reported for this long is down.
+    pub liveness_timeout_ms: u64,
+    /// Build attempts per instance (the first one and retries on other nodes).
+    pub max_attempts: u32,
+    /// How long a build failure counts against a node in the weighers.
+    pub failure_memory_ms: u64,
+    /// A node down for this long is lost: its instances are rebuilt elsewhere. If it comes
+    /// back, its newer desired state (without them) makes it delete its stale copies.
+    pub lost_after_ms: u64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            liveness_timeout_ms: 30_000,
+            max_attempts: 3,
+            failure_memory_ms: 600_000,
+            lost_after_ms: 300_000,
+        }
+    }
+}
+
+/// Where an instance is in its life, as the controller sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Accepted, not yet placed (only during a retry with no host free yet).
+    Pending,
+    /// Placed on a node; the node has not started building it yet.
+    Scheduled,
+    /// The node is building it.
+    Building,
+    /// Running.
+    Running,
+    /// Stopped (asked to, or the guest shut down).
+    Stopped,
+    /// Crashed, and not (yet) restarted.
+    Crashed,
+    /// Failed: could not be built anywhere, or failed in place.
+    Error,
+    /// Being deleted: removed from its node's desired state, waiting for the node to confirm.
+    Deleting,
+}
+
+impl Phase {
+    /// Lowercase name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Scheduled => "scheduled",
+            Self::Building => "building",
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+            Self::Crashed => "crashed",
+            Self::Error => "error",
+            Self::Deleting => "deleting",
+        }
+    }
+
+    /// Parses [`Phase::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Pending,
+            Self::Scheduled,
+            Self::Building,
+            Self::Running,
+            Self::Stopped,
+            Self::Crashed,
+            Self::Error,
+            Self::Deleting,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+    }
+}
+
+/// One instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceRecord {
+    /// Its id.
+    pub id: InstanceId,
+    /// Its human name.
+    pub name: String,
+    /// What it is.
+    pub spec: InstanceSpec,
+    /// Labels its node must carry.
+    pub selector: Vec<Label>,
+    /// Its server group.
+    pub group: Option<String>,
+    /// Running or stopped, as asked.
+    pub power: PowerState,
+    /// Reboots asked so far.
+    pub reboot_count: u32,
+    /// Its phase.
+    pub phase: Phase,
+    /// Its node, once placed.
+    pub node: Option<NodeId>,
+    /// Nodes where a build failed, with why.
+    pub failures: Vec<(NodeId, String)>,
+    /// The latest reason (error text, scheduler answer...).
+    pub reason: String,
+    /// Creation time (ms since the epoch).
+    pub created_ms: u64,
+}
+
+impl InstanceRecord {
+    /// Whether it holds resources on its node (an instance that failed in place keeps them:
+    /// its node keeps trying; one that failed everywhere has no node).
+    pub(super) fn holds(&self) -> bool {
+        self.node.is_some()
+    }
+
+    /// Whether its node should have it.
+    pub(super) fn wanted_on_node(&self) -> bool {
+        self.holds() && self.phase != Phase::Deleting
+    }
+}
+
+/// One node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeRecord {
+    /// Its id.
+    pub id: NodeId,
+    /// What it reported about itself.
+    pub inventory: Option<Inventory>,
+    /// Connected (retained status / Last Will) and reporting.
+    pub online: bool,
+    /// The latest status session seen.
+    pub session: u64,
+    /// No new placements.
+    pub cordoned: bool,
+    /// Cordoned, and its instances are being moved.
+    pub draining: bool,
+    /// Its desired-state generation.
+    pub generation: u64,
+    /// The generation it last reported holding.
+    pub reported_generation: u64,
+    /// Last report or status (ms since the epoch).
+    pub last_seen_ms: u64,
+    /// Times of recent build failures on it.
+    pub failures_ms: Vec<u64>,
+    /// Down for longer than the lost-after delay; its instances were moved (not stored: a
+    /// restarted controller decides again).
+    pub lost: bool,
+    /// What its agent last said it holds (not stored: every agent says it again on connect).
+    pub held: Option<Version>,
+    /// Bound to another fleet, with what it holds: no placements, nothing published that it
+    /// would take, until an operator adopts it (not stored).
+    pub foreign: Option<Holding>,
+    /// The state its agent holds that our next desired state replaces (an adoption, or a
+    /// generation past ours); not stored.
+    pub replaces: Option<Version>,
+    /// The instance ids it last reported (not stored).
+    pub reported: BTreeSet<InstanceId>,
+    /// The `gone` list of the desired state last published to it (not stored).
+    pub published_gone: Vec<InstanceId>,
+    /// The latest notice from its agent (not stored).
+    pub notice: Option<String>,
+}
+
+impl NodeRecord {
+    /// A node seen for the first time.
+    pub fn new(id: NodeId) -> Self {
+        Self {
+            id,
+            inventory: None,
+            online: false,
+            session: 0,
+            cordoned: false,
+            draining: false,
+            generation: 0,
+            reported_generation: 0,
+            last_seen_ms: 0,
+            failures_ms: Vec::new(),
+            lost: false,
+            held: None,
+            foreign: None,
+            replaces: None,
+            reported: BTreeSet::new(),
+            published_gone: Vec::new(),
+            notice: None,
+        }
+    }
+
+    /// Up, down, cordoned or draining (a node bound to another fleet takes no placements:
+    /// it counts as down for the scheduler).
+    pub fn availability(&self) -> Availability {
+        if !self.online || self.inventory.is_none() || self.foreign.is_some() {
+            Availability::Down
+        } else if self.draining {
+            Availability::Draining
+        } else if self.cordoned {
+            Availability::Cordoned
+        } else {
+            Availability::Up
+        }
+    }
+}
+
+/// A request to create an instance.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    /// The id to give it (random, chosen by the caller).
+    pub id: InstanceId,
+    /// Its name.
+    pub name: String,
+    /// What to build.
+    pub spec: InstanceSpec,
+    /// Labels its node must carry.
+    pub selector: Vec<Label>,
+    /// A server group and its policy (the policy is fixed by the group's first member).
+    pub group: Option<(String, GroupPolicy)>,
+}
+
+/// Why an API request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FleetError {
+    /// The spec is impossible on its face.
+    #[error("invalid instance: {0}")]
+    Spec(#[from] SpecError),
+    /// Nothing fits.
+    #[error("{0}")]
+    NoValidHost(#[from] NoValidHost),
+    /// No such instance.
+    #[error("no instance {0}")]
+    NoInstance(String),
+    /// No such node.
+    #[error("no node {0}")]
+    NoNode(String),
+    /// The id or name is taken.
+    #[error("an instance named {0:?} already exists")]
+    Exists(String),
+    /// The group exists with the other policy.
+    #[error("group {0:?} exists with a different policy")]
+    GroupPolicy(String),
+    /// The instance is being deleted.
+    #[error("instance {0} is being deleted")]
+    Deleting(InstanceId),
+    /// Adopt was asked of a node that is not bound to another fleet.
+    #[error("node {0} is not bound to another fleet: nothing to adopt")]
+    NotForeign(NodeId),
+}
+
+/// Everything the store holds, as the fleet is restored from it.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The fleet's identity, created with the store.
+    pub fleet: FleetId,
+    /// Nodes.
+    pub nodes: Vec<NodeRecord>,
+    /// Instances.
+    pub instances: Vec<InstanceRecord>,
+    /// Server groups.
+    pub groups: Vec<(String, GroupPolicy)>,
+    /// Instances this store created and later deleted (once their node confirmed).
+    pub tombstones: Vec<InstanceId>,
+}

@@ -1,0 +1,376 @@
+//! What agents say: status, inventory, reports, holdings, events and notices, folded into the
+//! fleet's view. A node that holds what the store does not know is adopted, never wiped.
+
+use std::collections::BTreeSet;
+
+use outpost_protocol::{
+    AckResult, AgentEvent, DesiredInstance, ErrorKind, Holding, InstanceId, InstanceState,
+    Inventory, NodeId, NodeReport, NodeStatus, Presence, Version,
+};
+
+use super::Fleet;
+use super::records::{InstanceRecord, NodeRecord, Phase};
+
+impl Fleet {
+    /// A node's retained status (online on connect, offline as its Last Will).
+    pub fn on_status(&mut self, now_ms: u64, node: &NodeId, st: NodeStatus) {
+        let n = self
+            .nodes
+            .entry(node.clone())
+            .or_insert_with(|| NodeRecord::new(node.clone()));
+        if st.session < n.session {
+            return; // a late Last Will of an older connection
+        }
+        n.session = st.session;
+        n.online = st.presence == Presence::Online;
+        if n.online {
+            n.lost = false;
+        }
+        n.last_seen_ms = now_ms;
+        self.journal.nodes.insert(node.clone());
+        if n.online {
+            // Whatever it holds, it gets the latest desired state again.
+            self.journal.publish.insert(node.clone());
+        }
+        self.sync_availability(node);
+    }
+
+    /// A node's inventory.
+    pub fn on_inventory(&mut self, now_ms: u64, node: &NodeId, inv: Inventory) {
+        let n = self
+            .nodes
+            .entry(node.clone())
+            .or_insert_with(|| NodeRecord::new(node.clone()));
+        n.last_seen_ms = now_ms;
+        if n.inventory.as_ref() != Some(&inv) {
+            n.inventory = Some(inv);
+            self.journal.nodes.insert(node.clone());
+            self.sync_host(node, now_ms);
+        }
+    }
+
+    /// A node's periodic report: liveness, generation held, each instance's state.
+    pub fn on_report(&mut self, now_ms: u64, node: &NodeId, r: &NodeReport) {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return;
+        };
+        n.last_seen_ms = now_ms;
+        n.reported_generation = r.generation;
+        n.reported = r.instances.iter().map(|i| i.id).collect();
+        let behind = r.generation < n.generation;
+        let came_back = !n.online && n.session > 0;
+        let foreign = n.foreign.is_some();
+        if came_back {
+            n.online = true;
+            self.journal.nodes.insert(node.clone());
+            self.sync_availability(node);
+        }
+        if foreign {
+            return; // its instances are another fleet's until an operator adopts the node
+        }
+        for ir in &r.instances {
+            self.observe(now_ms, node, ir.id, ir.state, "");
+        }
+        // Instances this node should be deleting and no longer lists are gone.
+        let listed: BTreeSet<InstanceId> = r.instances.iter().map(|i| i.id).collect();
+        // Instances it should run at the generation it holds, and does not list: say so.
+        if !behind {
+            let missing: Vec<InstanceId> = self
+                .on_node(node)
+                .filter(|i| i.wanted_on_node() && !listed.contains(&i.id))
+                .filter(|i| matches!(i.phase, Phase::Running | Phase::Stopped | Phase::Crashed))
+                .map(|i| i.id)
+                .collect();
+            for id in missing {
+                if let Some(i) = self.instances.get_mut(&id) {
+                    let why = format!("its node {node} does not report it");
+                    if i.reason != why {
+                        i.reason = why;
+                        self.touch_instance(id);
+                    }
+                }
+            }
+        }
+        let gone: Vec<InstanceId> = self
+            .on_node(node)
+            .filter(|i| i.phase == Phase::Deleting && !listed.contains(&i.id))
+            .map(|i| i.id)
+            .collect();
+        if !behind {
+            for id in gone {
+                self.forget(id);
+            }
+        } else {
+            self.journal.publish.insert(node.clone());
+        }
+        // It holds something this store deleted or moved away and has not told it so yet.
+        let told = self.nodes.get(node).map(|n| &n.published_gone);
+        if told.is_some_and(|t| *t != self.gone_for(node)) {
+            self.bump(node);
+        }
+    }
+
+    /// What a node's agent holds: sent after every connect and whenever it refuses a desired
+    /// state. A node of another fleet is held for an operator; in this fleet, instances the
+    /// store does not know are adopted (never deleted), and a node ahead of the store gets a
+    /// desired state that replaces what it holds.
+    pub fn on_holding(&mut self, now_ms: u64, node: &NodeId, h: Holding) {
+        let fleet = self.id;
+        let n = self
+            .nodes
+            .entry(node.clone())
+            .or_insert_with(|| NodeRecord::new(node.clone()));
+        n.last_seen_ms = now_ms;
+        n.held = h.held;
+        match h.held {
+            Some(v) if v.fleet != fleet => {
+                if n.foreign.as_ref().is_none_or(|f| f.held != h.held) {
+                    tracing::warn!(%node, held = %v.fleet, ours = %fleet, instances = h.instances.len(),
+                        "node is bound to another fleet: held for an operator (outpost nodes adopt)");
+                }
+                n.foreign = Some(h);
+                self.journal.nodes.insert(node.clone());
+                self.sync_availability(node);
+                return;
+            }
+            _ => {}
+        }
+        let ahead = h.held.filter(|v| v.generation > n.generation);
+        if n.foreign.take().is_some() {
+            self.journal.nodes.insert(node.clone());
+            self.sync_availability(node);
+        }
+        let adopted = self.adopt_from(now_ms, node, &h.instances);
+        if let Some(v) = ahead {
+            tracing::warn!(%node, held = v.generation, ours = self.nodes.get(node).map_or(0, |n| n.generation),
+                "node holds a newer desired state than the store (restored backup or lost log): replacing it, keeping its instances");
+            if let Some(n) = self.nodes.get_mut(node) {
+                n.replaces = Some(v);
+            }
+        }
+        if adopted > 0 || ahead.is_some() {
+            self.bump(node);
+        }
+    }
+
+    /// Adopts the instances of `held` that this store neither knows nor deleted, onto `node`.
+    /// Returns how many.
+    pub(super) fn adopt_from(
+        &mut self,
+        now_ms: u64,
+        node: &NodeId,
+        held: &[DesiredInstance],
+    ) -> usize {
+        let mut adopted = 0;
+        for di in held {
+            if self.instances.contains_key(&di.id) || self.tombstones.contains(&di.id) {
+                continue;
+            }
+            let mut name = di.name.to_string();
+            if self.by_name.contains_key(&name) {
+                name = format!("{}-{}", &name[..name.len().min(46)], di.id);
+            }
+            tracing::warn!(%node, id = %di.id, %name, "adopting an instance the store did not know");
+            self.move_instance(di.id, di.spec.resources(), None, Some(node));
+            self.by_name.insert(name.clone(), di.id);
+            self.instances.insert(
+                di.id,
+                InstanceRecord {
+                    id: di.id,
+                    name,
+                    spec: di.spec.clone(),
+                    selector: Vec::new(),
+                    group: None,
+                    power: di.power,
+                    reboot_count: di.reboot_count,
+                    phase: Phase::Scheduled,
+                    node: Some(node.clone()),
+                    failures: Vec::new(),
+                    reason: format!(
+                        "adopted from {node}: it held this instance, unknown to the store"
+                    ),
+                    created_ms: now_ms,
+                },
+            );
+            self.touch_instance(di.id);
+            adopted += 1;
+        }
+        adopted
+    }
+
+    /// What a node holds that the fleet cannot place: instances of a node bound to another
+    /// fleet, awaiting an operator (node, instance).
+    pub fn held_elsewhere(&self) -> impl Iterator<Item = (&NodeId, &DesiredInstance)> {
+        self.nodes.values().flat_map(|n| {
+            n.foreign
+                .iter()
+                .flat_map(move |h| h.instances.iter().map(move |i| (&n.id, i)))
+        })
+    }
+
+    /// Instances a node reports that the store does not know and did not delete (kept as they
+    /// are by its agent; adopted once the agent hands back their specs).
+    pub fn unaccounted(&self, node: &NodeId) -> Vec<InstanceId> {
+        self.nodes.get(node).map_or_else(Vec::new, |n| {
+            n.reported
+                .iter()
+                .copied()
+                .filter(|id| !self.instances.contains_key(id) && !self.tombstones.contains(id))
+                .collect()
+        })
+    }
+
+    /// A notice from a node's agent about the node as a whole.
+    pub fn on_notice(&mut self, node: &NodeId, kind: outpost_protocol::NoticeKind, reason: &str) {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return;
+        };
+        tracing::warn!(%node, notice = kind.as_str(), reason, "node notice");
+        n.notice = match kind {
+            outpost_protocol::NoticeKind::HypervisorBack => None,
+            _ => Some(format!("{}: {reason}", kind.as_str())),
+        };
+        // Instances waiting on that node say why they do not move (a full disk...).
+        if kind == outpost_protocol::NoticeKind::StateNotStored {
+            let waiting: Vec<InstanceId> = self
+                .on_node(node)
+                .filter(|i| i.phase == Phase::Scheduled)
+                .map(|i| i.id)
+                .collect();
+            for id in waiting {
+                if let Some(i) = self.instances.get_mut(&id) {
+                    i.reason = format!("node {node}: {reason}");
+                    self.touch_instance(id);
+                }
+            }
+        }
+    }
+
+    /// An event from a node.
+    pub fn on_event(&mut self, now_ms: u64, node: &NodeId, ev: &AgentEvent) {
+        match ev {
+            AgentEvent::Ack {
+                result: AckResult::Stale { current },
+                ..
+            } => {
+                // The node holds a newer generation of this fleet than the store (a restored
+                // backup, a lost log, a forged state): replace it by name. Nothing is lost:
+                // the node keeps whatever we do not list as gone, and hands it back.
+                let fleet = self.id;
+                if let Some(n) = self.nodes.get_mut(node)
+                    && *current >= n.generation
+                    && n.foreign.is_none()
+                {
+                    n.replaces = Some(Version {
+                        fleet,
+                        generation: *current,
+                    });
+                    self.bump(node);
+                }
+            }
+            AgentEvent::Ack {
+                result: AckResult::OtherFleet { held },
+                ..
+            } => {
+                if let Some(n) = self.nodes.get_mut(node)
+                    && n.foreign.is_none()
+                {
+                    n.held = Some(*held);
+                    n.foreign = Some(Holding {
+                        held: Some(*held),
+                        ..Holding::default()
+                    });
+                    self.journal.nodes.insert(node.clone());
+                    self.sync_availability(node);
+                }
+            }
+            AgentEvent::Ack {
+                generation,
+                result: AckResult::Accepted,
+            } => {
+                if let Some(n) = self.nodes.get_mut(node)
+                    && *generation == n.generation
+                {
+                    n.replaces = None;
+                }
+            }
+            AgentEvent::Instance {
+                id, state, reason, ..
+            } => {
+                self.observe(now_ms, node, *id, *state, reason.as_str());
+            }
+            AgentEvent::Notice { kind, reason } => self.on_notice(node, *kind, reason.as_str()),
+        }
+    }
+
+    /// Folds one observed instance state into the view.
+    pub(super) fn observe(
+        &mut self,
+        now_ms: u64,
+        node: &NodeId,
+        id: InstanceId,
+        state: InstanceState,
+        reason: &str,
+    ) {
+        let Some(i) = self.instances.get_mut(&id) else {
+            return;
+        };
+        if i.node.as_ref() != Some(node) {
+            return; // a stale copy on a node it was moved away from: that node deletes it
+        }
+        let phase = match state {
+            InstanceState::Building => Phase::Building,
+            InstanceState::Running => Phase::Running,
+            InstanceState::Stopped => Phase::Stopped,
+            InstanceState::Crashed => Phase::Crashed,
+            InstanceState::Deleted => {
+                if i.phase == Phase::Deleting {
+                    self.forget(id);
+                }
+                return;
+            }
+            InstanceState::Error(kind) => {
+                if i.phase == Phase::Deleting {
+                    return;
+                }
+                let why = if reason.is_empty() {
+                    kind.as_str().to_owned()
+                } else {
+                    reason.to_owned()
+                };
+                if build_failure(kind) && matches!(i.phase, Phase::Scheduled | Phase::Building) {
+                    if let Some(n) = self.nodes.get_mut(node) {
+                        n.failures_ms.push(now_ms);
+                        self.journal.nodes.insert(node.clone());
+                        let count = n.failures_ms.len() as u32;
+                        if let Some(idx) = self.table.index_of(node) {
+                            self.table.set_failures(idx, count);
+                        }
+                    }
+                    let _ = self.relocate(id, Some((node.clone(), why)));
+                    return;
+                }
+                i.reason = why;
+                Phase::Error
+            }
+        };
+        if i.phase == Phase::Deleting {
+            return;
+        }
+        let stale_reason = phase == Phase::Running && reason.is_empty() && !i.reason.is_empty();
+        if i.phase != phase || (!reason.is_empty() && i.reason != reason) || stale_reason {
+            i.phase = phase;
+            if !reason.is_empty() {
+                i.reason = reason.to_owned();
+            } else if phase == Phase::Running {
+                i.reason.clear();
+            }
+            self.touch_instance(id);
+        }
+    }
+}
+
+/// Whether an error kind means "this node could not build it" (retry elsewhere).
+pub(super) fn build_failure(kind: ErrorKind) -> bool {
+    !matches!(kind, ErrorKind::InvalidSpec)
+}
