@@ -83,7 +83,19 @@ fn alternates_are_ranked_and_exclusive() {
         host("d", 8, 512),
     ];
     let s = spec(1, 256);
-    let p = place(&Scheduler::default(), &hosts, &req(&s)).unwrap();
+    // The fleet retries by placing again, so by default none are computed; asked for, they
+    // are ranked.
+    assert!(
+        place(&Scheduler::default(), &hosts, &req(&s))
+            .unwrap()
+            .alternates
+            .is_empty()
+    );
+    let with_alternates = Scheduler::new(SchedulerConfig {
+        alternates: 3,
+        ..SchedulerConfig::default()
+    });
+    let p = place(&with_alternates, &hosts, &req(&s)).unwrap();
     assert_eq!(p.host, 1);
     assert_eq!(p.alternates, vec![2, 0, 3]);
     // A retry excludes what was tried.
@@ -354,13 +366,14 @@ proptest! {
 
     #[test]
     fn never_overcommits_and_is_deterministic(hosts in arb_fleet(), asks in arb_asks()) {
-        let sched = Scheduler::default();
+        // With alternates, so that they are checked against every filter too.
+        let sched = Scheduler::new(SchedulerConfig { alternates: 3, ..SchedulerConfig::default() });
         let (first, after) = run(&sched, hosts.clone(), &asks);
         for i in 0..after.len() {
-            let (eff, claimed) = after.usage(i);
-            for k in 0..3 {
-                prop_assert!(claimed[k] <= eff[k]);
-            }
+            let (eff, claimed) = (after.effective(i), after.claimed(i));
+            prop_assert!(claimed.vcpus <= eff.vcpus);
+            prop_assert!(claimed.memory_mib <= eff.memory_mib);
+            prop_assert!(claimed.disk_gib <= eff.disk_gib);
         }
         let (second, _) = run(&sched, hosts, &asks);
         prop_assert_eq!(first, second);

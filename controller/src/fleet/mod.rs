@@ -198,14 +198,7 @@ impl Fleet {
     pub fn claimed(&self, node: &NodeId) -> Resources {
         self.table
             .index_of(node)
-            .map_or_else(Resources::default, |idx| {
-                let (_, c) = self.table.usage(idx);
-                Resources {
-                    vcpus: u16::try_from(c[0]).unwrap_or(u16::MAX),
-                    memory_mib: u32::try_from(c[1]).unwrap_or(u32::MAX),
-                    disk_gib: u32::try_from(c[2]).unwrap_or(u32::MAX),
-                }
-            })
+            .map_or_else(Resources::default, |idx| self.table.claimed(idx))
     }
 
     /// The instances a node holds (including those it is deleting), by id.

@@ -1,56 +1,11 @@
-//! The scheduler: a pure, synchronous function of (hosts, request) → a placement with ranked
-//! alternates, or the reason nothing fits, naming how many hosts each filter removed.
-//!
-//! Filters and weighers in the manner of Nova: every host is checked (no sampling) in one pass,
-//! O(hosts); claims are applied by the caller at decision time ([`HostTable::claim`]), so two
-//! requests decided one after the other can never over-commit a host.
-//!
-//! Built for 100,000 hosts: [`HostTable`] keeps hosts as a struct of arrays (capacities after
-//! allocation ratios, claims, flags) and interns labels and images into one bitset per distinct
-//! value, so the per-host work of a decision is a few integer comparisons and bit tests.
+//! Placement: the filters and weighers in the manner of Nova, over a [`HostTable`]. A pure
+//! function of (table, request) -> the chosen host, or how many hosts each filter removed.
 
 use std::fmt;
 
-use outpost_protocol::{Arch, HypervisorKind, ImageName, InstanceSpec, Label, NodeId, Resources};
+use outpost_protocol::{Arch, InstanceSpec, Label};
 
-/// Index of a host in the slice given to [`Scheduler::place`].
-pub type HostIdx = usize;
-
-/// Whether a host takes new instances.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Availability {
-    /// Up and schedulable.
-    Up,
-    /// Offline or not reporting.
-    Down,
-    /// Up, but an operator stopped new placements.
-    Cordoned,
-    /// Up, cordoned, and its instances are being moved away.
-    Draining,
-}
-
-/// One host, as given to [`HostTable::upsert`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostState {
-    /// The node.
-    pub id: NodeId,
-    /// Whether it takes new instances.
-    pub availability: Availability,
-    /// Its architecture.
-    pub arch: Arch,
-    /// KVM, emulation or fake.
-    pub hypervisor: HypervisorKind,
-    /// Allocatable resources (total minus host reservations), before allocation ratios.
-    pub capacity: Resources,
-    /// Resources claimed by instances placed on it.
-    pub claimed: Resources,
-    /// Its labels.
-    pub labels: Vec<Label>,
-    /// Images present on it, sorted.
-    pub images: Vec<ImageName>,
-    /// Builds that failed on it recently (a weigher penalty).
-    pub recent_failures: u32,
-}
+use super::table::{Bits, HostIdx, HostTable, Ratios};
 
 /// Server-group policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -125,7 +80,9 @@ pub struct SchedulerConfig {
     pub require_image: bool,
     /// Weigher multipliers.
     pub weights: Weights,
-    /// How many ranked alternates to return with a placement (for retries).
+    /// How many ranked alternates to return with a placement. The fleet retries a failed build
+    /// by placing again against the claims of that moment (excluding where it failed), so it
+    /// asks for none and the hot path keeps only the best host.
     pub alternates: usize,
 }
 
@@ -137,7 +94,7 @@ impl Default for SchedulerConfig {
             disk_ratio: 1.0,
             require_image: true,
             weights: Weights::default(),
-            alternates: 3,
+            alternates: 0,
         }
     }
 }
@@ -233,288 +190,6 @@ pub struct Placement {
     pub host: HostIdx,
     /// Where to retry if the build fails, best first.
     pub alternates: Vec<HostIdx>,
-}
-
-/// Where the allocation ratios turn capacities into what can be claimed.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Ratios {
-    /// vCPU allocation ratio (virtual per physical).
-    pub cpu: f64,
-    /// Memory allocation ratio.
-    pub memory: f64,
-    /// Disk allocation ratio.
-    pub disk: f64,
-}
-
-/// A growable bitset, one bit per host.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Bits(Vec<u64>);
-
-impl Bits {
-    fn get(&self, i: usize) -> bool {
-        self.0.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
-    }
-
-    fn set(&mut self, i: usize, on: bool) {
-        if self.0.len() <= i / 64 {
-            self.0.resize(i / 64 + 1, 0);
-        }
-        let bit = 1u64 << (i % 64);
-        if on {
-            self.0[i / 64] |= bit;
-        } else {
-            self.0[i / 64] &= !bit;
-        }
-    }
-
-    /// Word `w` (hosts 64w..64w+63); words past the end are empty.
-    #[inline]
-    fn word(&self, w: usize) -> u64 {
-        self.0.get(w).copied().unwrap_or(0)
-    }
-
-    fn of(idx: &[HostIdx]) -> Self {
-        let mut b = Self::default();
-        for &i in idx {
-            b.set(i, true);
-        }
-        b
-    }
-}
-
-/// Interned values (labels or images) with one host bitset each.
-#[derive(Debug, Clone)]
-struct Interned<T: Ord> {
-    ids: std::collections::BTreeMap<T, usize>,
-    bits: Vec<Bits>,
-    per_host: Vec<Vec<usize>>,
-}
-
-impl<T: Ord> Default for Interned<T> {
-    fn default() -> Self {
-        Self {
-            ids: std::collections::BTreeMap::new(),
-            bits: Vec::new(),
-            per_host: Vec::new(),
-        }
-    }
-}
-
-impl<T: Ord + Clone> Interned<T> {
-    fn set_host(&mut self, host: HostIdx, values: &[T]) {
-        if self.per_host.len() <= host {
-            self.per_host.resize(host + 1, Vec::new());
-        }
-        for &v in &self.per_host[host] {
-            self.bits[v].set(host, false);
-        }
-        let mut now = Vec::with_capacity(values.len());
-        for v in values {
-            let id = match self.ids.get(v) {
-                Some(&id) => id,
-                None => {
-                    self.ids.insert(v.clone(), self.bits.len());
-                    self.bits.push(Bits::default());
-                    self.bits.len() - 1
-                }
-            };
-            self.bits[id].set(host, true);
-            now.push(id);
-        }
-        self.per_host[host] = now;
-    }
-
-    /// The bitsets of every value in `want`; `None` if one is on no host at all.
-    fn all<'a>(&self, want: impl Iterator<Item = &'a T>) -> Option<Vec<&Bits>>
-    where
-        T: 'a,
-    {
-        want.map(|v| self.ids.get(v).map(|&id| &self.bits[id]))
-            .collect()
-    }
-}
-
-/// The scheduler's view of every host, as parallel arrays indexed by [`HostIdx`].
-#[derive(Debug, Clone)]
-pub struct HostTable {
-    ratios: Ratios,
-    ids: Vec<NodeId>,
-    index: std::collections::HashMap<NodeId, HostIdx>,
-    /// Node ids' first 16 bytes, big-endian: orders like the ids unless two share them.
-    keys: Vec<u128>,
-    arch: Vec<Arch>,
-    /// Claimable after allocation ratios: vCPUs, MiB, GiB.
-    effective: Vec<[u64; 3]>,
-    /// 1 / effective (0 where nothing is claimable): weighing multiplies, never divides.
-    inverse: Vec<[f64; 3]>,
-    claimed: Vec<[u64; 3]>,
-    /// effective - claimed (negative if over-claimed): the one array the capacity filters
-    /// and the weighers read.
-    headroom: Vec<[i64; 3]>,
-    failures: Vec<u32>,
-    labels: Interned<Label>,
-    images: Interned<ImageName>,
-    /// Availability, KVM and architecture as bitsets, 64 hosts a word: the fast path of
-    /// [`Scheduler::place`] ANDs them; the reference scan tests one bit.
-    up: Bits,
-    kvm: Bits,
-    arch_bits: Vec<(Arch, Bits)>,
-}
-
-/// The ordering key of a node id (its first 16 bytes, zero-padded, big-endian).
-fn order_key(id: &NodeId) -> u128 {
-    let mut b = [0u8; 16];
-    let s = id.as_str().as_bytes();
-    let n = s.len().min(16);
-    b[..n].copy_from_slice(&s[..n]);
-    u128::from_be_bytes(b)
-}
-
-fn scaled(v: u32, ratio: f64) -> u64 {
-    // Capacities are at most u32::MAX and ratios small: exact enough in f64.
-    (f64::from(v) * ratio).floor() as u64
-}
-
-impl HostTable {
-    /// An empty table with these allocation ratios.
-    pub fn new(ratios: Ratios) -> Self {
-        Self {
-            ratios,
-            ids: Vec::new(),
-            index: std::collections::HashMap::new(),
-            keys: Vec::new(),
-            arch: Vec::new(),
-            effective: Vec::new(),
-            inverse: Vec::new(),
-            claimed: Vec::new(),
-            headroom: Vec::new(),
-            failures: Vec::new(),
-            labels: Interned::default(),
-            images: Interned::default(),
-            up: Bits::default(),
-            kvm: Bits::default(),
-            arch_bits: Vec::new(),
-        }
-    }
-
-    /// A table of these hosts (index = position in the slice).
-    pub fn from_hosts(ratios: Ratios, hosts: &[HostState]) -> Self {
-        let mut t = Self::new(ratios);
-        for h in hosts {
-            t.upsert(h);
-        }
-        t
-    }
-
-    /// Adds or replaces a host; returns its index (stable for the table's life).
-    pub fn upsert(&mut self, h: &HostState) -> HostIdx {
-        let idx = match self.index.get(&h.id) {
-            Some(&i) => i,
-            None => {
-                let i = self.ids.len();
-                self.ids.push(h.id.clone());
-                self.index.insert(h.id.clone(), i);
-                self.keys.push(order_key(&h.id));
-                self.arch.push(h.arch);
-                self.effective.push([0; 3]);
-                self.inverse.push([0.0; 3]);
-                self.claimed.push([0; 3]);
-                self.headroom.push([0; 3]);
-                self.failures.push(0);
-                i
-            }
-        };
-        self.set_availability(idx, h.availability);
-        let old = self.arch[idx];
-        if let Some((_, b)) = self.arch_bits.iter_mut().find(|(a, _)| *a == old) {
-            b.set(idx, false);
-        }
-        match self.arch_bits.iter_mut().find(|(a, _)| *a == h.arch) {
-            Some((_, b)) => b.set(idx, true),
-            None => self.arch_bits.push((h.arch, Bits::of(&[idx]))),
-        }
-        self.arch[idx] = h.arch;
-        self.kvm.set(idx, h.hypervisor == HypervisorKind::Kvm);
-        let e = [
-            scaled(u32::from(h.capacity.vcpus), self.ratios.cpu),
-            scaled(h.capacity.memory_mib, self.ratios.memory),
-            scaled(h.capacity.disk_gib, self.ratios.disk),
-        ];
-        self.effective[idx] = e;
-        self.inverse[idx] = e.map(|v| if v == 0 { 0.0 } else { 1.0 / v as f64 });
-        self.claimed[idx] = [
-            u64::from(h.claimed.vcpus),
-            u64::from(h.claimed.memory_mib),
-            u64::from(h.claimed.disk_gib),
-        ];
-        self.sync_headroom(idx);
-        self.failures[idx] = h.recent_failures;
-        self.labels.set_host(idx, &h.labels);
-        let mut images = h.images.clone();
-        images.sort();
-        self.images.set_host(idx, &images);
-        idx
-    }
-
-    /// Number of hosts.
-    pub fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    /// Whether there are no hosts.
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-
-    /// The node at `idx`.
-    pub fn id(&self, idx: HostIdx) -> &NodeId {
-        &self.ids[idx]
-    }
-
-    /// The index of a node.
-    pub fn index_of(&self, id: &NodeId) -> Option<HostIdx> {
-        self.index.get(id).copied()
-    }
-
-    /// Sets a host's availability.
-    pub fn set_availability(&mut self, idx: HostIdx, a: Availability) {
-        self.up.set(idx, a == Availability::Up);
-    }
-
-    /// Sets a host's recent build failures.
-    pub fn set_failures(&mut self, idx: HostIdx, n: u32) {
-        self.failures[idx] = n;
-    }
-
-    /// Adds a claim on a host.
-    pub fn claim(&mut self, idx: HostIdx, r: Resources) {
-        let c = &mut self.claimed[idx];
-        c[0] += u64::from(r.vcpus);
-        c[1] += u64::from(r.memory_mib);
-        c[2] += u64::from(r.disk_gib);
-        self.sync_headroom(idx);
-    }
-
-    fn sync_headroom(&mut self, idx: HostIdx) {
-        let (e, c) = (self.effective[idx], self.claimed[idx]);
-        self.headroom[idx] = [0, 1, 2].map(|k| {
-            i64::try_from(e[k]).unwrap_or(i64::MAX) - i64::try_from(c[k]).unwrap_or(i64::MAX)
-        });
-    }
-
-    /// Removes a claim from a host.
-    pub fn release(&mut self, idx: HostIdx, r: Resources) {
-        let c = &mut self.claimed[idx];
-        c[0] = c[0].saturating_sub(u64::from(r.vcpus));
-        c[1] = c[1].saturating_sub(u64::from(r.memory_mib));
-        c[2] = c[2].saturating_sub(u64::from(r.disk_gib));
-        self.sync_headroom(idx);
-    }
-
-    /// What can be claimed on a host after allocation ratios, and what is claimed.
-    pub fn usage(&self, idx: HostIdx) -> ([u64; 3], [u64; 3]) {
-        (self.effective[idx], self.claimed[idx])
-    }
 }
 
 /// Whether host `i` is in every set (`None`: a value no host has).
