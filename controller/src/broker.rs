@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
@@ -13,6 +14,22 @@ pub const MAX_PAYLOAD: usize = 256 * 1024;
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The OS has no randomness to give.
+    #[error("no randomness for the internal secret: {0}")]
+    Random(String),
+    /// The embedded broker may listen beyond loopback only behind the gate.
+    #[error(
+        "the embedded broker listens beyond loopback ({0}) only with authentication: give --mqtt-passwd (a password file from outpost-provision)"
+    )]
+    Unauthenticated(SocketAddr),
     /// Nothing accepted connections on the address in time.
     #[error("embedded broker did not start listening on {0}")]
     NotListening(SocketAddr),
@@ -96,4 +113,63 @@ pub fn start(listen: SocketAddr, secret: Option<String>) -> Result<(), BrokerErr
         return Err(BrokerError::NotListening(listen));
     }
     Ok(())
+}
+
+/// How the controller's own client reaches the embedded broker.
+#[derive(Debug, Clone)]
+pub struct OwnLink {
+    /// The broker's address.
+    pub addr: SocketAddr,
+    /// The login (the internal secret, behind the gate).
+    pub credentials: Option<(String, String)>,
+}
+
+/// 128 random bits from the OS, as hex.
+fn random_secret() -> Result<String, BrokerError> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| BrokerError::Random(e.to_string()))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Starts the embedded broker on `listen`: alone on loopback, or, with a password file, on an
+/// internal loopback port that takes only a secret made here, behind the gate on `listen`.
+pub async fn start_embedded(
+    listen: SocketAddr,
+    passwd: Option<&Path>,
+) -> Result<OwnLink, BrokerError> {
+    let Some(passwd) = passwd else {
+        if !listen.ip().is_loopback() {
+            return Err(BrokerError::Unauthenticated(listen));
+        }
+        start(listen, None)?;
+        tracing::info!(%listen, "embedded MQTT broker listening");
+        return Ok(OwnLink {
+            addr: listen,
+            credentials: None,
+        });
+    };
+    let internal = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|source| BrokerError::Listen {
+            addr: listen,
+            source,
+        })?;
+    let secret = random_secret()?;
+    start(internal, Some(secret.clone()))?;
+    tracing::info!(%internal, "embedded MQTT broker listening on its internal port (the gate's secret only)");
+    crate::gate::run(crate::gate::GateConfig {
+        listen,
+        upstream: internal,
+        passwd: passwd.to_owned(),
+        internal_secret: secret.clone(),
+    })
+    .await
+    .map_err(|source| BrokerError::Listen {
+        addr: listen,
+        source,
+    })?;
+    Ok(OwnLink {
+        addr: internal,
+        credentials: Some((crate::gate::CONTROLLER_USER.to_owned(), secret)),
+    })
 }

@@ -7,8 +7,10 @@
 
 pub mod action;
 pub mod api;
+#[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod fleet;
+#[cfg(feature = "embedded-broker")]
 pub mod gate;
 pub mod scheduler;
 pub mod service;

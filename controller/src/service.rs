@@ -73,6 +73,7 @@ pub enum ServeError {
     #[error("store: {0}")]
     Store(#[from] StoreError),
     /// The embedded broker failed.
+    #[cfg(feature = "embedded-broker")]
     #[error("{0}")]
     Broker(#[from] crate::broker::BrokerError),
     /// The API could not listen.
@@ -120,11 +121,31 @@ fn batch(
     inputs
 }
 
-/// 128 random bits from the OS, as hex.
-fn random_secret() -> Result<String, ServeError> {
-    let mut b = [0u8; 16];
-    getrandom::fill(&mut b).map_err(|e| ServeError::Config(format!("no randomness: {e}")))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+/// Starts the embedded broker on `a` (behind the gate when `passwd` is given) and says how the
+/// controller's own client reaches it.
+#[cfg(feature = "embedded-broker")]
+async fn embedded(
+    a: SocketAddr,
+    passwd: Option<&std::path::Path>,
+) -> Result<BrokerChoice, ServeError> {
+    let link = crate::broker::start_embedded(a, passwd).await?;
+    Ok(match link.credentials {
+        None => BrokerChoice::Embedded(link.addr),
+        credentials => BrokerChoice::External {
+            host: link.addr.ip().to_string(),
+            port: link.addr.port(),
+            credentials,
+            tls: None,
+        },
+    })
+}
+
+/// This build has no embedded broker.
+#[cfg(not(feature = "embedded-broker"))]
+async fn embedded(_: SocketAddr, _: Option<&std::path::Path>) -> Result<BrokerChoice, ServeError> {
+    Err(ServeError::Config(
+        "this build has no embedded broker (feature embedded-broker): give --broker".into(),
+    ))
 }
 
 /// A new fleet identity: 64 random bits from the OS (never 0).
@@ -218,41 +239,7 @@ pub async fn serve(
     // The address the controller's own client uses.
     let mut own = cfg.clone();
     if let BrokerChoice::Embedded(a) = cfg.broker {
-        match &cfg.mqtt_passwd {
-            None if !a.ip().is_loopback() => {
-                return Err(ServeError::Config(format!(
-                    "the embedded broker listens beyond loopback ({a}) only with authentication: give --mqtt-passwd (a password file from outpost-provision)"
-                )));
-            }
-            None => {
-                crate::broker::start(a, None)?;
-                tracing::info!(listen = %a, "embedded MQTT broker listening");
-            }
-            Some(passwd) => {
-                // The broker itself on an internal loopback port that takes only the secret
-                // made here; the gate on the public one.
-                let internal = std::net::TcpListener::bind("127.0.0.1:0")
-                    .and_then(|l| l.local_addr())
-                    .map_err(|source| ServeError::Listen { addr: a, source })?;
-                let secret = random_secret()?;
-                crate::broker::start(internal, Some(secret.clone()))?;
-                tracing::info!(%internal, "embedded MQTT broker listening on its internal port (the gate's secret only)");
-                crate::gate::run(crate::gate::GateConfig {
-                    listen: a,
-                    upstream: internal,
-                    passwd: passwd.clone(),
-                    internal_secret: secret.clone(),
-                })
-                .await
-                .map_err(|source| ServeError::Listen { addr: a, source })?;
-                own.broker = BrokerChoice::External {
-                    host: internal.ip().to_string(),
-                    port: internal.port(),
-                    credentials: Some((crate::gate::CONTROLLER_USER.to_owned(), secret)),
-                    tls: None,
-                };
-            }
-        }
+        own.broker = embedded(a, cfg.mqtt_passwd.as_deref()).await?;
     }
     let mut store = SqliteStore::open(&cfg.data_dir, random_fleet()?)?;
     let snap = store.load()?;

@@ -1,7 +1,7 @@
 //! `outpost-firmware-config`: the device configuration flashed with each agent.
 //!
-//! It owns the device config schema ([`DeviceConfig`]), its human form (TOML, with the `std`
-//! feature) and its flashed form ([`flash`]: magic, version, length, postcard body, CRC-32),
+//! It owns the device config schema ([`DeviceConfig`]), its human form (TOML, with the `human`
+//! feature), the provisioning registry (`provision`), and its flashed form ([`flash`]: magic, version, length, postcard body, CRC-32),
 //! whose decoder is `no_std` so that it builds for bare-metal targets like the protocol. It must
 //! never depend on the agent or the controller.
 #![no_std]
@@ -10,9 +10,9 @@
 extern crate std;
 
 pub mod flash;
-#[cfg(feature = "std")]
+#[cfg(feature = "human")]
 pub mod human;
-#[cfg(feature = "std")]
+#[cfg(feature = "provision")]
 pub mod provision;
 mod schema;
 

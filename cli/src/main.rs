@@ -1,4 +1,5 @@
-//! `outpost`: the command-line client of the controller's HTTP API.
+//! `outpost`: the command-line client of the controller's HTTP API. It knows the API only
+//! through its JSON shapes (`outpost_controller::views`) and never links the embedded broker.
 
 use std::collections::BTreeMap;
 
