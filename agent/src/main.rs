@@ -185,6 +185,8 @@ async fn shutdown_signal() {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // MQTT over TLS uses ring: the process's one rustls provider, chosen here.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_max_level(cli.log_level)
         .with_target(false)

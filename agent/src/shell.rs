@@ -500,8 +500,7 @@ pub async fn run(
     hv: Arc<dyn Hypervisor>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<Counters, AgentError> {
-    // TLS uses ring; installing it twice is harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // (TLS uses the process's rustls provider, which `main` installs.)
     // The loop's state holds whole desired states (tens of KiB each): keep it on the heap,
     // not on the stack of whichever thread polls it.
     Box::pin(run_loop(cfg, hv, shutdown)).await

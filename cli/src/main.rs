@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use outpost_controller::views::{CreateBody, InstanceView, NodeView};
+use outpost_controller::views::{
+    CreateBody, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, InstanceView, NodeView,
+};
 use serde_json::Value;
 
 /// Manage an Outpost fleet through the controller's HTTP API.
@@ -101,10 +103,10 @@ struct CreateArgs {
     #[arg(long, requires = "kernel")]
     cmdline: Option<String>,
     /// vCPUs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = DEFAULT_VCPUS)]
     vcpus: u16,
     /// Memory in MiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
     memory: u32,
     /// Disk in GiB (default 1 for an image, 0 for kernel boot).
     #[arg(long)]
@@ -272,9 +274,9 @@ fn node_rows(v: &Value) -> anyhow::Result<()> {
                     n.state,
                     n.arch.unwrap_or_default(),
                     n.hypervisor.unwrap_or_default(),
-                    format!("{}/{}", n.claimed[0], n.allocatable[0]),
-                    format!("{}/{}", n.claimed[1], n.allocatable[1]),
-                    format!("{}/{}", n.claimed[2], n.allocatable[2]),
+                    format!("{}/{}", n.claimed.vcpus, n.allocatable.vcpus),
+                    format!("{}/{}", n.claimed.memory_mib, n.allocatable.memory_mib),
+                    format!("{}/{}", n.claimed.disk_gib, n.allocatable.disk_gib),
                     n.instances.to_string(),
                     n.labels.join(","),
                 ]

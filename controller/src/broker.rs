@@ -108,11 +108,18 @@ pub fn start(listen: SocketAddr, secret: Option<String>) -> Result<(), BrokerErr
             }
         })
         .map_err(BrokerError::Thread)?;
-    std::thread::sleep(Duration::from_millis(200));
-    if handle.is_finished() {
-        return Err(BrokerError::NotListening(listen));
+    // Ready once it accepts a connection (or failed if its thread ended first).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if handle.is_finished() {
+            return Err(BrokerError::NotListening(listen));
+        }
+        if std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(())
+    Err(BrokerError::NotListening(listen))
 }
 
 /// How the controller's own client reaches the embedded broker.

@@ -82,26 +82,26 @@ struct ServeArgs {
     #[arg(long, env = "OUTPOST_API_TOKEN_FILE", conflicts_with = "api_token")]
     api_token_file: Option<PathBuf>,
     /// Seconds without a report after which a node is down.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = FleetConfig::default().liveness_timeout_ms / 1000)]
     liveness_timeout: u64,
     /// Seconds a node may be down before its instances are rebuilt on other nodes (a node that
     /// returns later deletes its stale copies).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = FleetConfig::default().lost_after_ms / 1000)]
     lost_after: u64,
     /// Build attempts per instance (the first one plus retries on other nodes).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = FleetConfig::default().max_attempts)]
     max_attempts: u32,
     /// vCPU allocation ratio.
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = SchedulerConfig::default().cpu_ratio)]
     cpu_ratio: f64,
     /// Memory allocation ratio.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = SchedulerConfig::default().memory_ratio)]
     memory_ratio: f64,
     /// Weigher multiplier for free memory: positive spreads, negative packs.
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = SchedulerConfig::default().weights.memory, allow_negative_numbers = true)]
     memory_weight: f64,
     /// Weigher multiplier for free vCPUs: positive spreads, negative packs.
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = SchedulerConfig::default().weights.cpu, allow_negative_numbers = true)]
     cpu_weight: f64,
 }
 
@@ -147,6 +147,8 @@ fn on_command_line(flag: &str) -> bool {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // MQTT over TLS uses ring: the process's one rustls provider, chosen here.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // The embedded broker logs every connection at info: keep it to warnings.
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;

@@ -209,7 +209,7 @@ fn mqtt(cfg: &ServeConfig) -> (AsyncClient, rumqttc::EventLoop) {
         client: client_auth,
     }) = tls
     {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        // (the process's rustls provider is installed by `main`)
         o.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Simple {
                 ca,

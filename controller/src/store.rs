@@ -75,13 +75,6 @@ fn corrupt(table: &'static str, what: impl Into<String>) -> StoreError {
     }
 }
 
-fn policy_str(p: GroupPolicy) -> &'static str {
-    match p {
-        GroupPolicy::Affinity => "affinity",
-        GroupPolicy::AntiAffinity => "anti-affinity",
-    }
-}
-
 fn join_lines<T>(items: &[T], f: impl Fn(&T) -> String) -> String {
     items.iter().map(f).collect::<Vec<_>>().join("\n")
 }
@@ -342,11 +335,8 @@ impl Store for SqliteStore {
         let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
         for row in rows {
             let (name, policy) = row?;
-            let p = match policy.as_str() {
-                "affinity" => GroupPolicy::Affinity,
-                "anti-affinity" => GroupPolicy::AntiAffinity,
-                other => return Err(corrupt("groups", format!("policy {other}"))),
-            };
+            let p = GroupPolicy::parse(&policy)
+                .ok_or_else(|| corrupt("groups", format!("policy {policy}")))?;
             snap.groups.push((name, p));
         }
         let mut st = self.conn.prepare("SELECT id FROM tombstones")?;
@@ -426,7 +416,7 @@ impl Store for SqliteStore {
             remove.execute(params![id.to_string()])?;
         }
         for (name, p) in &c.groups {
-            put_group.execute(params![name, policy_str(*p)])?;
+            put_group.execute(params![name, p.as_str()])?;
         }
         for id in &c.tombstones {
             put_tombstone.execute(params![id.to_string()])?;

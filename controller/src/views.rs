@@ -11,7 +11,7 @@ use outpost_protocol::{
 use serde::{Deserialize, Serialize};
 
 use crate::fleet::{CreateRequest, Fleet, InstanceRecord, NodeRecord};
-use crate::scheduler::{Availability, GroupPolicy};
+use crate::scheduler::GroupPolicy;
 
 /// A node as shown.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -24,18 +24,18 @@ pub struct NodeView {
     pub arch: Option<String>,
     /// kvm, emulated or fake.
     pub hypervisor: Option<String>,
-    /// Allocatable vCPUs / memory (MiB) / disk (GiB), before allocation ratios.
-    pub allocatable: [u64; 3],
-    /// Claimed by instances.
-    pub claimed: [u64; 3],
+    /// Allocatable (total minus reservations), before allocation ratios.
+    pub allocatable: ResourcesView,
+    /// Claimed by its instances.
+    pub claimed: ResourcesView,
     /// Labels.
     pub labels: Vec<String>,
     /// Images present.
     pub images: Vec<String>,
     /// Instances placed on it.
     pub instances: usize,
-    /// Desired-state generation, and the one it last reported holding.
-    pub generation: [u64; 2],
+    /// Desired-state generations.
+    pub generation: GenerationView,
     /// Last heard from (ms since the epoch).
     pub last_seen_ms: u64,
     /// The fleet its agent is bound to when that is another fleet (state `foreign`): it takes
@@ -84,12 +84,34 @@ pub struct InstanceView {
     pub failures: Vec<String>,
 }
 
-fn triple(r: outpost_protocol::Resources) -> [u64; 3] {
-    [
-        u64::from(r.vcpus),
-        u64::from(r.memory_mib),
-        u64::from(r.disk_gib),
-    ]
+/// Resources as shown: named fields.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResourcesView {
+    /// vCPUs.
+    pub vcpus: u64,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Disk in GiB.
+    pub disk_gib: u64,
+}
+
+impl From<outpost_protocol::Resources> for ResourcesView {
+    fn from(r: outpost_protocol::Resources) -> Self {
+        Self {
+            vcpus: u64::from(r.vcpus),
+            memory_mib: u64::from(r.memory_mib),
+            disk_gib: u64::from(r.disk_gib),
+        }
+    }
+}
+
+/// A node's desired-state generations.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GenerationView {
+    /// The generation of the desired state published to it.
+    pub desired: u64,
+    /// The generation it last reported holding.
+    pub reported: u64,
 }
 
 impl NodeView {
@@ -98,18 +120,15 @@ impl NodeView {
         let inv = n.inventory.as_ref();
         Self {
             id: n.id.to_string(),
-            state: match n.availability() {
-                _ if n.foreign.is_some() => "foreign",
-                Availability::Up => "up",
-                Availability::Down => "down",
-                Availability::Cordoned => "cordoned",
-                Availability::Draining => "draining",
-            }
-            .to_owned(),
+            state: if n.foreign.is_some() {
+                "foreign".to_owned()
+            } else {
+                n.availability().as_str().to_owned()
+            },
             arch: inv.map(|i| i.arch.to_string()),
             hypervisor: inv.map(|i| i.hypervisor.to_string()),
-            allocatable: inv.map(|i| triple(i.allocatable())).unwrap_or_default(),
-            claimed: triple(fleet.claimed(&n.id)),
+            allocatable: inv.map(|i| i.allocatable().into()).unwrap_or_default(),
+            claimed: fleet.claimed(&n.id).into(),
             labels: inv
                 .map(|i| i.labels.iter().map(|l| l.to_string()).collect())
                 .unwrap_or_default(),
@@ -117,7 +136,10 @@ impl NodeView {
                 .map(|i| i.images.iter().map(|l| l.to_string()).collect())
                 .unwrap_or_default(),
             instances,
-            generation: [n.generation, n.reported_generation],
+            generation: GenerationView {
+                desired: n.generation,
+                reported: n.reported_generation,
+            },
             last_seen_ms: n.last_seen_ms,
             bound_to: n
                 .foreign
@@ -160,11 +182,7 @@ impl InstanceView {
                 Boot::Disk { image } => image.to_string(),
                 Boot::Kernel { kernel, .. } => format!("kernel:{kernel}"),
             },
-            power: match power {
-                PowerState::Running => "running",
-                PowerState::Stopped => "stopped",
-            }
-            .to_owned(),
+            power: power.as_str().to_owned(),
             reboot_count: 0,
             group: None,
             reason: String::new(),
@@ -190,6 +208,11 @@ impl From<&InstanceRecord> for InstanceView {
         }
     }
 }
+
+/// vCPUs of an instance created without saying.
+pub const DEFAULT_VCPUS: u16 = 1;
+/// Memory (MiB) of an instance created without saying.
+pub const DEFAULT_MEMORY_MIB: u32 = 256;
 
 /// The body of `POST /v1/instances`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -365,8 +388,8 @@ impl CreateBody {
         }
         let disk_default = u32::from(matches!(boot, Boot::Disk { .. }));
         let spec = InstanceSpec {
-            vcpus: self.vcpus.unwrap_or(1),
-            memory_mib: self.memory_mib.unwrap_or(256),
+            vcpus: self.vcpus.unwrap_or(DEFAULT_VCPUS),
+            memory_mib: self.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
             disk_gib: self.disk_gib.unwrap_or(disk_default),
             arch,
             require_kvm: self.require_kvm,
@@ -380,9 +403,9 @@ impl CreateBody {
             (None, Some(_)) => return Err(CreateError::PolicyWithoutGroup),
             (Some(g), p) => {
                 let policy = match p {
-                    None | Some("anti-affinity") => GroupPolicy::AntiAffinity,
-                    Some("affinity") => GroupPolicy::Affinity,
-                    Some(o) => return Err(CreateError::GroupPolicy(o.to_owned())),
+                    None => GroupPolicy::AntiAffinity,
+                    Some(p) => GroupPolicy::parse(p)
+                        .ok_or_else(|| CreateError::GroupPolicy(p.to_owned()))?,
                 };
                 if g.is_empty() || g.len() > 64 {
                     return Err(CreateError::GroupName);

@@ -81,6 +81,23 @@ pub enum PowerState {
     Stopped,
 }
 
+impl PowerState {
+    /// Lowercase name (`running`, `stopped`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+        }
+    }
+
+    /// Parses [`PowerState::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Running, Self::Stopped]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
+}
+
 /// Everything an agent needs to build an instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceSpec {

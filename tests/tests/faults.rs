@@ -174,8 +174,8 @@ impl World {
         }
         let nodes = self.ctl.cli(&["nodes", "list"])?;
         for n in nodes.as_array().ok_or("no nodes")? {
-            for k in 1..3 {
-                // vCPUs (k = 0) are over-subscribed by the allocation ratio; memory and disk not.
+            // vCPUs are over-subscribed by the allocation ratio; memory and disk not.
+            for k in ["memory_mib", "disk_gib"] {
                 let (c, a) = (
                     n["claimed"][k].as_u64().unwrap(),
                     n["allocatable"][k].as_u64().unwrap(),

@@ -16,6 +16,23 @@ pub enum GroupPolicy {
     AntiAffinity,
 }
 
+impl GroupPolicy {
+    /// Lowercase name (`affinity`, `anti-affinity`), as stored and in the API.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Affinity => "affinity",
+            Self::AntiAffinity => "anti-affinity",
+        }
+    }
+
+    /// Parses [`GroupPolicy::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Affinity, Self::AntiAffinity]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
+}
+
 /// A server-group constraint: the policy and the hosts that already hold members.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupConstraint<'a> {

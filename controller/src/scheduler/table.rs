@@ -20,6 +20,25 @@ pub enum Availability {
     Draining,
 }
 
+impl Availability {
+    /// Lowercase name, as the API shows it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Down => "down",
+            Self::Cordoned => "cordoned",
+            Self::Draining => "draining",
+        }
+    }
+
+    /// Parses [`Availability::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Up, Self::Down, Self::Cordoned, Self::Draining]
+            .into_iter()
+            .find(|a| a.as_str() == s)
+    }
+}
+
 /// One host, as given to [`HostTable::upsert`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostState {
