@@ -215,18 +215,21 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Run => {
             // libvirtd may start after the agent, or be restarting: wait for it with back-off.
-            let mut wait = std::time::Duration::from_secs(1);
+            let mut backoff = outpost_protocol::Backoff::new(
+                std::time::Duration::from_secs(1),
+                outpost_agent::shell::RECONNECT_MAX,
+            );
             let hv = loop {
                 match open_hypervisor(&cfg) {
                     Ok(hv) => break hv,
                     Err(e) if matches!(cfg.backend, Backend::Libvirt { .. }) => {
+                        let wait = backoff.next_delay();
                         tracing::warn!(
                             error = format!("{e:#}"),
                             retry_in_s = wait.as_secs(),
                             "hypervisor not available yet; VMs keep running"
                         );
                         std::thread::sleep(wait);
-                        wait = (wait * 2).min(std::time::Duration::from_secs(30));
                     }
                     Err(e) => return Err(e),
                 }

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use outpost_protocol::limits::MAX_INSTANCES_PER_NODE;
 use outpost_protocol::{
-    AckResult, AgentEvent, Arch, DesiredInstance, DesiredState, ErrorKind, Holding, HypervisorKind,
-    ImageName, InstanceId, InstanceReport, InstanceSpec, InstanceState, NodeReport, PowerState,
-    Reason, Resources, RestartPolicy, Usage,
+    AckResult, AgentEvent, Arch, Backoff, DesiredInstance, DesiredState, ErrorKind, Holding,
+    HypervisorKind, ImageName, InstanceId, InstanceReport, InstanceSpec, InstanceState, NodeReport,
+    PowerState, Reason, Resources, RestartPolicy, Usage,
 };
 use serde::{Deserialize, Serialize};
 
@@ -81,7 +81,7 @@ pub enum Offer {
 }
 
 /// What the reconciler remembers about one instance between passes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Track {
     state: Option<InstanceState>,
     /// Its domain was listed by the last pass.
@@ -91,8 +91,25 @@ struct Track {
     power_applied: Option<PowerState>,
     reboot_applied: Option<u32>,
     create_failed: bool,
-    attempts: u32,
+    /// Back-off for retries and restarts (the one policy: [`Backoff`]).
+    backoff: Backoff,
     not_before: Option<Instant>,
+}
+
+impl Default for Track {
+    fn default() -> Self {
+        Self {
+            state: None,
+            present: false,
+            reason: Reason::default(),
+            busy: false,
+            power_applied: None,
+            reboot_applied: None,
+            create_failed: false,
+            backoff: Backoff::new(BACKOFF_BASE, BACKOFF_MAX),
+            not_before: None,
+        }
+    }
 }
 
 impl Track {
@@ -101,10 +118,7 @@ impl Track {
     }
 
     fn back_off(&mut self, now: Instant) {
-        self.attempts = self.attempts.saturating_add(1);
-        let exp = self.attempts.saturating_sub(1).min(16);
-        let delay = BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_MAX);
-        self.not_before = Some(now + delay);
+        self.not_before = Some(now + self.backoff.next_delay());
     }
 }
 
@@ -244,6 +258,18 @@ impl Reconciler {
             || self.heard.is_some_and(|h| {
                 now.saturating_duration_since(h) <= Duration::from_secs(u64::from(lease))
             })
+    }
+
+    /// When the next pass is needed for a retry or a restart waiting out its back-off (the
+    /// shell wakes then, as well as on its regular tick and on every input), like kube's
+    /// requeue-after.
+    pub fn next_pass(&self, now: Instant) -> Option<Instant> {
+        self.tracks
+            .values()
+            .filter(|t| !t.busy)
+            .filter_map(|t| t.not_before)
+            .filter(|&nb| nb > now)
+            .min()
     }
 
     /// What the agent holds, for the controller: the held version, then the specs of the
@@ -488,8 +514,10 @@ impl Reconciler {
             (_, DomainState::Paused | DomainState::Transient) => {}
             (PowerState::Running, DomainState::Running) => {
                 t.power_applied = Some(PowerState::Running);
-                if t.attempts > 0 && t.not_before.is_none_or(|nb| now >= nb + STABLE_AFTER) {
-                    t.attempts = 0;
+                if t.backoff.failures() > 0
+                    && t.not_before.is_none_or(|nb| now >= nb + STABLE_AFTER)
+                {
+                    t.backoff.reset();
                     t.not_before = None;
                 }
                 if di.reboot_count > applied_reboot {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use outpost_protocol::topics::{self, Channel};
 use outpost_protocol::{
-    AgentEvent, DesiredState, ErrorKind, InstanceId, Inventory, Message, NodeStatus, NoticeKind,
-    Presence, Reason,
+    AgentEvent, Backoff, DesiredState, ErrorKind, InstanceId, Inventory, Message, NodeStatus,
+    NoticeKind, Presence, Reason,
 };
 use rumqttc::{
     AsyncClient, ConnectionError, Event, LastWill, MqttOptions, NetworkOptions, Packet, QoS,
@@ -65,28 +65,6 @@ pub struct Counters {
     pub dropped_publishes: u64,
     /// Failed connection attempts.
     pub connect_failures: u64,
-}
-
-/// Jittered exponential back-off for reconnects ("full jitter").
-#[derive(Debug, Default)]
-pub struct Backoff {
-    failures: u32,
-}
-
-impl Backoff {
-    /// The delay before the next attempt; `unit` in [0, 1) is the jitter.
-    pub fn next(&mut self, unit: f64) -> Duration {
-        let cap = RECONNECT_BASE
-            .saturating_mul(1 << self.failures.min(16))
-            .min(RECONNECT_MAX);
-        self.failures = self.failures.saturating_add(1);
-        cap.mul_f64(unit.clamp(0.0, 1.0))
-    }
-
-    /// Back to the first delay (after a successful connect).
-    pub fn reset(&mut self) {
-        self.failures = 0;
-    }
 }
 
 /// How often, while connected, the agent records on disk that it heard from its controller.
@@ -181,7 +159,7 @@ async fn drive_link(
     tx: mpsc::Sender<LinkEvent>,
 ) {
     let mut broker = 0usize;
-    let mut backoff = Backoff::default();
+    let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_MAX);
     loop {
         let ev = match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -198,7 +176,7 @@ async fn drive_link(
             }
             Ok(_) => continue,
             Err(error) => {
-                let retry_in = backoff.next(fastrand::f64());
+                let retry_in = backoff.next_jittered(fastrand::f64());
                 broker += 1;
                 session = next_session(session);
                 eventloop.mqtt_options = mqtt_options(&cfg, broker, session);
@@ -494,6 +472,14 @@ async fn describe(
     ))
 }
 
+/// Resolves at `at`, or never.
+async fn wake_at(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs the agent until `shutdown` resolves. Running VMs are left running when it returns.
 pub async fn run(
     cfg: Config,
@@ -533,14 +519,14 @@ async fn run_loop(
         );
     }
     // A hypervisor that is not up yet (libvirtd starting after the agent) is waited for.
-    let mut wait = Duration::from_secs(1);
+    let mut backoff = Backoff::new(Duration::from_secs(1), RECONNECT_MAX);
     let (inventory, facts) = loop {
         match describe(&cfg, Arc::clone(&hv)).await {
             Ok(d) => break d,
             Err(AgentError::Host(e)) => {
+                let wait = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in_s = wait.as_secs(), "cannot describe the host yet");
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(RECONNECT_MAX);
             }
             Err(e) => return Err(e),
         }
@@ -643,6 +629,8 @@ async fn run_loop(
                 pass_due = true;
             }
             _ = reconcile_tick.tick() => pass_due = true,
+            // The core said when it needs the next pass (a retry or a restart after back-off).
+            () = wake_at(sh.rec.next_pass(Instant::now())) => pass_due = true,
             _ = report_tick.tick() => {
                 sh.refresh_host().await?;
                 if sh.connected && sh.synced {
@@ -681,21 +669,6 @@ async fn run_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_and_caps() {
-        let mut b = Backoff::default();
-        assert_eq!(b.next(1.0), RECONNECT_BASE);
-        assert_eq!(b.next(1.0), RECONNECT_BASE * 2);
-        assert_eq!(b.next(0.5), RECONNECT_BASE * 2);
-        for _ in 0..40 {
-            assert!(b.next(1.0) <= RECONNECT_MAX);
-        }
-        assert_eq!(b.next(1.0), RECONNECT_MAX);
-        assert_eq!(b.next(0.0), Duration::ZERO);
-        b.reset();
-        assert_eq!(b.next(1.0), RECONNECT_BASE);
-    }
 
     #[test]
     fn sessions_always_grow() {

@@ -261,9 +261,12 @@ pub async fn serve(
     let (msg_tx, mut msg_rx) = mpsc::channel::<(String, Vec<u8>)>(10_000);
     let sub = client.clone();
     tokio::spawn(async move {
+        let mut backoff =
+            outpost_protocol::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         loop {
             match el.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff.reset();
                     tracing::info!("connected to the broker");
                     for ch in [
                         Channel::Status,
@@ -282,8 +285,12 @@ pub async fn serve(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "broker connection lost; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let wait = backoff.next_jittered(fastrand::f64());
+                    // Said at the first failures, then at each doubling of their count.
+                    if backoff.failures().is_power_of_two() {
+                        tracing::warn!(error = %e, failures = backoff.failures(), retry_in_ms = wait.as_millis() as u64, "broker connection lost; retrying with back-off");
+                    }
+                    tokio::time::sleep(wait).await;
                 }
             }
         }

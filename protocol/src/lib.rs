@@ -17,6 +17,7 @@ extern crate std;
 #[cfg(feature = "std")]
 extern crate alloc;
 
+pub mod backoff;
 mod codec;
 mod ids;
 pub mod limits;
@@ -26,6 +27,7 @@ mod spec;
 pub mod topics;
 pub use topics::TopicError;
 
+pub use backoff::Backoff;
 pub use codec::{DecodeError, EncodeError, Message, WIRE_VERSION};
 pub use ids::{
     Cmdline, FleetId, IdError, ImageName, InstanceId, InstanceName, Label, LabelKey, LabelValue,
