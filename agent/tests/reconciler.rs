@@ -324,6 +324,12 @@ fn crashes_follow_the_restart_policy_with_backoff() {
     s.converge();
     assert_eq!(s.hv.calls(Call::Start, id(1)), 1);
     assert_eq!(s.state(1), Some(InstanceState::Crashed));
+    // ...and the core says when it wants to look again (the shell wakes then).
+    let wake = s
+        .rec
+        .next_pass(s.now)
+        .expect("a pass is due after the back-off");
+    assert!(wake > s.now && wake <= s.now + Duration::from_secs(1));
     s.advance(Duration::from_millis(1100));
     s.converge();
     assert_eq!(s.hv.calls(Call::Start, id(1)), 2);
