@@ -166,10 +166,17 @@ fn agent_rides_out_a_broker_restart() {
     }
     // The broker dies and comes back empty (no persistence): retained messages are gone.
     broker.proc.kill();
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        agent.proc().alive(),
-        "the agent survives the broker's absence"
+    wait_for(T, "the agent to notice the broker is gone", || {
+        agent
+            .proc()
+            .log_text()
+            .contains("broker unreachable")
+            .then_some(())
+    });
+    holds_for(
+        Duration::from_secs(1),
+        "the agent alive without its broker",
+        || agent.proc().alive(),
     );
     broker.restart();
     let ctl = TestController::connect(broker.port);

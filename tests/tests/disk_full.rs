@@ -70,9 +70,11 @@ fn a_full_disk_refuses_changes_and_recovers_by_itself() {
     assert_eq!(nodes[0]["state"], "up");
     let again = ctl.create("during", &["--memory", "16"]).unwrap_err();
     assert!(again.contains("HTTP 503"), "{again}");
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(ctl.proc().alive());
-    assert_eq!(ctl.cli(&["nodes", "list"]).unwrap()[0]["state"], "up");
+    holds_for(
+        Duration::from_secs(2),
+        "the controller up, its node up",
+        || ctl.proc().alive() && ctl.cli(&["nodes", "list"]).unwrap()[0]["state"] == "up",
+    );
 
     // Space returns: changes are taken again without a restart.
     std::fs::remove_file(&filler).unwrap();

@@ -178,10 +178,9 @@ fn agent_cold_boots_offline_from_its_stored_desired_state() {
         (state_of(&ctl, "edge-cold") == "up").then_some(())
     });
     ctl.wait_phase("cold-1", "running", T);
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(
-        ops(&mut agent, "create", &id),
-        2,
-        "built once before and once at the offline cold boot"
+    holds_for(
+        Duration::from_secs(2),
+        "built once before and once at the offline cold boot",
+        || ops(&mut agent, "create", &id) == 2,
     );
 }

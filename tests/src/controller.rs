@@ -1,0 +1,134 @@
+//! The controller process and the `outpost` CLI against it.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::process::{Proc, bin, free_port, wait_for};
+
+/// A controller process with its own data directory and ports.
+pub struct Controller {
+    /// Its HTTP API, `http://127.0.0.1:PORT`.
+    pub api: String,
+    /// The MQTT port agents use (embedded broker, or the external one).
+    pub mqtt_port: u16,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Extra arguments (`--broker ...`).
+    pub args: Vec<String>,
+    /// The process.
+    pub proc: Option<Proc>,
+}
+
+impl Controller {
+    /// A controller with an embedded broker on a free port.
+    pub fn embedded(dir: &Path) -> Self {
+        let port = free_port();
+        Self::new(
+            dir,
+            port,
+            vec!["--mqtt-listen".into(), format!("127.0.0.1:{port}")],
+        )
+    }
+
+    /// A controller using the broker on `port`.
+    pub fn external(dir: &Path, port: u16) -> Self {
+        Self::new(
+            dir,
+            port,
+            vec!["--broker".into(), format!("mqtt://127.0.0.1:{port}")],
+        )
+    }
+
+    fn new(dir: &Path, mqtt_port: u16, args: Vec<String>) -> Self {
+        Self {
+            api: format!("http://127.0.0.1:{}", free_port()),
+            mqtt_port,
+            data_dir: dir.join("controller-data"),
+            args,
+            proc: None,
+        }
+    }
+
+    /// Starts (or restarts) the process and waits for its API.
+    pub fn start(&mut self) {
+        let mut cmd = Command::new(bin("outpost-controller"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--api-listen")
+            .arg(self.api.trim_start_matches("http://"))
+            .arg("--liveness-timeout")
+            .arg("5")
+            .args(&self.args);
+        self.proc = Some(Proc::spawn(cmd, self.data_dir.with_extension("log")));
+        wait_for(Duration::from_secs(20), "the controller's API", || {
+            self.cli(&["nodes", "list"]).ok()
+        });
+    }
+
+    /// Runs the `outpost` CLI against this controller with `--json`; Ok(JSON) or Err(stderr).
+    pub fn cli(&self, args: &[&str]) -> Result<serde_json::Value, String> {
+        let out = Command::new(bin("outpost"))
+            .arg("--api")
+            .arg(&self.api)
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Creates a direct-kernel-boot instance of the tiny guest (256 MiB unless `extra` says
+    /// `--memory`), with `extra` arguments.
+    pub fn create(&self, name: &str, extra: &[&str]) -> Result<serde_json::Value, String> {
+        let mut args = vec![
+            "instances",
+            "create",
+            name,
+            "--kernel",
+            "vmlinuz",
+            "--initrd",
+            "initrd.img",
+            "--cmdline",
+            "console=ttyS0 quiet",
+        ];
+        if !extra.contains(&"--memory") {
+            args.extend_from_slice(&["--memory", "256"]);
+        }
+        args.extend_from_slice(extra);
+        self.cli(&args)
+    }
+
+    /// The phase of an instance (by name), if it exists.
+    pub fn phase(&self, name: &str) -> Option<String> {
+        let v = self.cli(&["instances", "show", name]).ok()?;
+        v["phase"].as_str().map(str::to_owned)
+    }
+
+    /// Waits until instance `name` is in `phase`.
+    pub fn wait_phase(&self, name: &str, phase: &str, timeout: Duration) {
+        wait_for(timeout, &format!("{name} to be {phase}"), || {
+            (self.phase(name).as_deref() == Some(phase)).then_some(())
+        });
+    }
+
+    /// Waits until `n` nodes are up.
+    pub fn wait_nodes_up(&self, n: usize) {
+        wait_for(Duration::from_secs(30), &format!("{n} nodes up"), || {
+            let v = self.cli(&["nodes", "list"]).ok()?;
+            let up = v.as_array()?.iter().filter(|n| n["state"] == "up").count();
+            (up >= n).then_some(())
+        });
+    }
+
+    /// The process.
+    pub fn proc(&mut self) -> &mut Proc {
+        self.proc.as_mut().unwrap()
+    }
+}

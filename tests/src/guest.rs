@@ -1,0 +1,144 @@
+//! Real guests and libvirt: libvirtd started as shared/PLATFORM.md says, the tiny test
+//! guest, virsh, and a test PKI.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Starts libvirtd (and virtlogd) as `shared/PLATFORM.md` describes, unless one answers.
+/// Returns false (and says why) when libvirtd cannot be had on this machine.
+pub fn ensure_libvirtd() -> bool {
+    let answers = || {
+        Command::new("virsh")
+            .args(["-c", "qemu:///system", "version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if answers() {
+        return true;
+    }
+    // scripts/setup configures QEMU to run as root, so guests can read the test's files.
+    for d in ["/var/log/libvirt", "/var/run/libvirt"] {
+        let _ = std::fs::create_dir_all(d);
+    }
+    for daemon in ["virtlogd", "libvirtd"] {
+        let _ = Command::new(daemon)
+            .arg("-d")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+    let mut ok = false;
+    for _ in 0..100 {
+        if answers() {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ok
+}
+
+/// `cp -a FROM TO`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp -a {} {}", from.display(), to.display());
+}
+
+/// `virsh -c qemu:///system ARGS`, its output trimmed.
+pub fn virsh(args: &[&str]) -> String {
+    let out = Command::new("virsh")
+        .args(["-c", "qemu:///system"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A test PKI made with openssl: a CA, a server certificate for `localhost`/127.0.0.1 and a
+/// client certificate, all in `dir` (`ca.pem`, `server.pem`, `server.key`, `client.pem`,
+/// `client.key`).
+pub fn make_pki(dir: &Path, ca_name: &str) {
+    let run = |args: &str| {
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(format!("openssl {args} 2>/dev/null"))
+            .current_dir(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "openssl {args}");
+    };
+    // Version-3 certificates with the usual extensions: rustls (webpki) accepts nothing else.
+    std::fs::write(dir.join("ca.ext"), "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n").unwrap();
+    std::fs::write(dir.join("server.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n").unwrap();
+    run(&format!(
+        "req -new -newkey rsa:2048 -nodes -subj '/CN={ca_name}' -keyout ca.key -out ca.csr"
+    ));
+    run("x509 -req -in ca.csr -signkey ca.key -days 2 -extfile ca.ext -out ca.pem");
+    for who in ["server", "client"] {
+        let cn = if who == "server" {
+            "localhost"
+        } else {
+            "client"
+        };
+        run(&format!(
+            "req -newkey rsa:2048 -nodes -subj /CN={cn} -keyout {who}.key -out {who}.csr"
+        ));
+        run(&format!(
+            "x509 -req -in {who}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile {who}.ext -out {who}.pem"
+        ));
+    }
+}
+
+/// The marker the test guest prints on its serial console.
+pub const GUEST_MARKER: &str = "OUTPOST-GUEST-BOOTED";
+
+/// Puts the tiny test guest (Debian's cloud kernel and a busybox initramfs whose init prints
+/// [`GUEST_MARKER`]) into `image_dir` as `vmlinuz` and `initrd.img`.
+pub fn install_test_guest(image_dir: &Path) {
+    let kernel = std::fs::read_dir("/boot")
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vmlinuz-")
+                && p.to_string_lossy().ends_with("-cloud-amd64")
+        })
+        .expect("Debian's cloud kernel (linux-image-cloud-amd64) is installed by scripts/setup");
+    std::fs::copy(&kernel, image_dir.join("vmlinuz")).unwrap();
+
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    for d in ["bin", "dev", "proc", "sys"] {
+        std::fs::create_dir_all(r.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", r.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", r.join("bin/sh")).unwrap();
+    let init = format!(
+        "#!/bin/sh\n/bin/busybox mount -t proc proc /proc\n/bin/busybox mount -t devtmpfs dev /dev\n\
+         echo {GUEST_MARKER} > /dev/ttyS0\nwhile true; do /bin/busybox sleep 3600; done\n"
+    );
+    std::fs::write(r.join("init"), init).unwrap();
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "chmod +x init && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
+            image_dir.join("initrd.img").display()
+        ))
+        .current_dir(r)
+        .status()
+        .unwrap();
+    assert!(st.success(), "building the test initramfs failed");
+}
