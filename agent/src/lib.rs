@@ -6,11 +6,13 @@
 //! on the controller: the two meet only in `outpost-protocol`.
 //!
 //! Layout: [`reconcile`] is the pure core (no I/O, no clock reads); [`shell`] is the async I/O
-//! around it (MQTT, the hypervisor on blocking threads, disk, timers).
+//! around it (the hypervisor on blocking threads, disk, timers) and [`link`] its MQTT link.
 
+pub mod admission;
 pub mod config;
 pub mod fingerprint;
 pub mod hypervisor;
+pub mod link;
 pub mod reconcile;
 pub mod shell;
 

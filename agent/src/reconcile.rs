@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 
 use outpost_protocol::limits::MAX_INSTANCES_PER_NODE;
 use outpost_protocol::{
-    AckResult, AgentEvent, Arch, Backoff, DesiredInstance, DesiredState, ErrorKind, Holding,
-    HypervisorKind, ImageName, InstanceId, InstanceReport, InstanceSpec, InstanceState, NodeReport,
-    PowerState, Reason, Resources, RestartPolicy, Usage,
+    AckResult, AgentEvent, Backoff, DesiredInstance, DesiredState, ErrorKind, Holding, InstanceId,
+    InstanceReport, InstanceState, NodeReport, PowerState, Reason, Resources, RestartPolicy, Usage,
 };
 use serde::{Deserialize, Serialize};
 
+pub use crate::admission::HostFacts;
+use crate::admission::admit;
 use crate::hypervisor::{Domain, DomainState, Op};
 
 /// First delay before retrying a failed operation or restarting a crashed instance.
@@ -30,19 +31,6 @@ pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// An instance running this long after its last restart has its restart count reset.
 pub const STABLE_AFTER: Duration = Duration::from_secs(60);
-
-/// What the host offers, as the reconciler needs it for admission.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostFacts {
-    /// Host architecture.
-    pub arch: Arch,
-    /// KVM, emulation or fake.
-    pub kind: HypervisorKind,
-    /// Total minus reserved.
-    pub allocatable: Resources,
-    /// Files in the image directory.
-    pub images: BTreeSet<ImageName>,
-}
 
 /// Most instances an agent keeps without a controller's account of them (see [`Held::kept`]).
 pub const MAX_KEPT: usize = 64;
@@ -171,51 +159,6 @@ fn set_state(
         t.reason = reason;
         out.push(event(generation, id, state, &t.reason));
     }
-}
-
-/// Checks an instance that does not exist yet against the host. `used` is what the instances
-/// before it in the desired state already hold.
-fn admit(
-    spec: &InstanceSpec,
-    used: Resources,
-    host: &HostFacts,
-) -> Result<(), (ErrorKind, String)> {
-    spec.validate()
-        .map_err(|e| (ErrorKind::InvalidSpec, e.to_string()))?;
-    if spec.arch != host.arch {
-        return Err((
-            ErrorKind::ArchMismatch,
-            format!("instance is {}, host is {}", spec.arch, host.arch),
-        ));
-    }
-    if spec.require_kvm && host.kind != HypervisorKind::Kvm {
-        return Err((
-            ErrorKind::KvmUnavailable,
-            format!("instance requires KVM, host has {}", host.kind),
-        ));
-    }
-    if let Some(missing) = spec.boot.images().find(|i| !host.images.contains(*i)) {
-        return Err((
-            ErrorKind::UnknownImage,
-            format!("image {missing} is not in the image directory"),
-        ));
-    }
-    // Memory and disk are hard limits on the host. vCPUs are time-shared: how far to
-    // over-subscribe them is the scheduler's policy (its allocation ratio), not the agent's.
-    let want = used.saturating_add(spec.resources());
-    let fits = want.memory_mib <= host.allocatable.memory_mib
-        && want.disk_gib <= host.allocatable.disk_gib;
-    if !fits {
-        let free = host.allocatable.saturating_sub(used);
-        return Err((
-            ErrorKind::InsufficientResources,
-            format!(
-                "needs {} MiB/{} GiB, host has {} MiB/{} GiB free",
-                spec.memory_mib, spec.disk_gib, free.memory_mib, free.disk_gib
-            ),
-        ));
-    }
-    Ok(())
 }
 
 impl Reconciler {

@@ -6,41 +6,23 @@
 //! converging while the broker is away.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use outpost_protocol::topics::{self, Channel};
 use outpost_protocol::{
     AgentEvent, Backoff, DesiredState, ErrorKind, InstanceId, Inventory, Message, NodeStatus,
     NoticeKind, Presence, Reason,
 };
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, LastWill, MqttOptions, NetworkOptions, Packet, QoS,
-    TlsConfiguration, Transport,
-};
+use rumqttc::{AsyncClient, ConnectionError, QoS};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::fingerprint;
 use crate::hypervisor::{Hypervisor, HypervisorError, Op, execute};
+pub use crate::link::{CONNECT_TIMEOUT, KEEP_ALIVE, MAX_PACKET, RECONNECT_BASE, RECONNECT_MAX};
+use crate::link::{LinkEvent, encode, qos, wall_ms};
 use crate::reconcile::{Effect, HostFacts, Offer, Reconciler};
 use crate::store::{DesiredStore, StoreError};
-
-/// MQTT keep-alive: the broker declares the agent gone (and publishes its Last Will) after
-/// about 1.5 times this without traffic.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
-/// Largest MQTT packet accepted: a full desired state plus its topic and header.
-pub const MAX_PACKET: usize = 64 * 1024;
-/// First reconnect delay; doubles per failure up to [`RECONNECT_MAX`], with full jitter.
-pub const RECONNECT_BASE: Duration = Duration::from_millis(200);
-/// Longest reconnect delay.
-pub const RECONNECT_MAX: Duration = Duration::from_secs(30);
-/// Requests queued towards the MQTT event loop before new publishes are dropped (the next
-/// connect republishes the full state anyway).
-const REQUEST_QUEUE: usize = 256;
-/// Longest TCP + TLS + MQTT handshake before the attempt counts as failed.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Events queued from the MQTT link task to the loop (the link waits when it is full).
-const LINK_QUEUE: usize = 64;
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -69,129 +51,6 @@ pub struct Counters {
 
 /// How often, while connected, the agent records on disk that it heard from its controller.
 pub const HEARD_EVERY: Duration = Duration::from_secs(60);
-
-/// The wall clock in ms since the epoch.
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// A session number larger than `last` and, when the clock allows, the current time in ms.
-fn next_session(last: u64) -> u64 {
-    wall_ms().max(last.saturating_add(1))
-}
-
-/// Encodes a message; `None` (logged) if it does not fit its bounds, so that nothing empty is
-/// ever published in its place (an empty retained payload would erase the topic).
-fn encode<M: Message>(m: &M) -> Option<Vec<u8>> {
-    match m.to_vec() {
-        Ok(b) => Some(b),
-        Err(e) => {
-            tracing::error!(message = M::NAME, error = %e, "message does not encode; not sent");
-            None
-        }
-    }
-}
-
-/// MQTT options for one connection attempt: broker `broker`, Last Will for `session`.
-fn mqtt_options(cfg: &Config, broker: usize, session: u64) -> MqttOptions {
-    let b = &cfg.brokers[broker % cfg.brokers.len()];
-    let mut o = MqttOptions::new(cfg.node_id.as_str(), b.host.clone(), b.port);
-    o.set_keep_alive(KEEP_ALIVE)
-        .set_clean_session(false)
-        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-        .set_last_will(LastWill::new(
-            topics::topic(&cfg.node_id, Channel::Status).as_str(),
-            encode(&NodeStatus {
-                presence: Presence::Offline,
-                session,
-            })
-            .unwrap_or_default(),
-            QoS::AtLeastOnce,
-            true,
-        ));
-    if let Some(c) = &cfg.credentials {
-        o.set_credentials(c.username.clone(), c.password.clone());
-    }
-    if let Some(tls) = cfg.tls.as_ref().filter(|_| b.tls) {
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-            ca: tls.ca_pem.clone(),
-            alpn: None,
-            client_auth: tls.client.clone(),
-        }));
-    }
-    o
-}
-
-fn qos(ch: Channel) -> QoS {
-    match ch.qos() {
-        0 => QoS::AtMostOnce,
-        _ => QoS::AtLeastOnce,
-    }
-}
-
-/// What the MQTT link task tells the agent's loop.
-#[derive(Debug)]
-enum LinkEvent {
-    /// Connected; the Last Will of this connection carries `session`.
-    Connected { session: u64, broker: String },
-    /// A message from the broker.
-    Message(rumqttc::Publish),
-    /// The connection failed or dropped; the next attempt is in `retry_in`.
-    Lost {
-        error: ConnectionError,
-        retry_in: Duration,
-    },
-    /// The clean disconnect went out.
-    Closed,
-}
-
-/// Drives the MQTT event loop in its own task: `EventLoop::poll` is not cancel-safe while it
-/// connects (a dropped poll drops the half-open connection), so it must never race the agent's
-/// timers in a `select!`, or a handshake slower than a tick would never finish. Reconnects
-/// rotate through the brokers with jittered back-off and a new session each time, so that a
-/// connection's Last Will can never hide the next connection's status.
-async fn drive_link(
-    cfg: Config,
-    mut eventloop: rumqttc::EventLoop,
-    mut session: u64,
-    tx: mpsc::Sender<LinkEvent>,
-) {
-    let mut broker = 0usize;
-    let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_MAX);
-    loop {
-        let ev = match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff.reset();
-                LinkEvent::Connected {
-                    session,
-                    broker: cfg.brokers[broker % cfg.brokers.len()].host.clone(),
-                }
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => LinkEvent::Message(p),
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
-                let _ = tx.send(LinkEvent::Closed).await;
-                return;
-            }
-            Ok(_) => continue,
-            Err(error) => {
-                let retry_in = backoff.next_jittered(fastrand::f64());
-                broker += 1;
-                session = next_session(session);
-                eventloop.mqtt_options = mqtt_options(&cfg, broker, session);
-                if tx.send(LinkEvent::Lost { error, retry_in }).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(retry_in).await;
-                continue;
-            }
-        };
-        if tx.send(ev).await.is_err() {
-            return;
-        }
-    }
-}
 
 /// A finished hypervisor operation, as the reconciler takes it back.
 type Done = (InstanceId, Op, Result<(), (ErrorKind, String)>);
@@ -537,14 +396,7 @@ async fn run_loop(
         disk_gib = inventory.total.disk_gib, images = inventory.images.len(), "host fingerprinted"
     );
 
-    let mut session = next_session(0);
-    let (client, mut eventloop) = AsyncClient::new(mqtt_options(&cfg, 0, session), REQUEST_QUEUE);
-    let mut net = NetworkOptions::new();
-    net.set_tcp_nodelay(true);
-    net.set_connection_timeout(CONNECT_TIMEOUT.as_secs());
-    eventloop.set_network_options(net);
-    let (link_tx, mut link_rx) = mpsc::channel(LINK_QUEUE);
-    let link = tokio::spawn(drive_link(cfg.clone(), eventloop, session, link_tx));
+    let (client, mut link_rx, link, mut session) = crate::link::start(&cfg);
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let desired_topic = topics::topic(&cfg.node_id, Channel::Desired);
@@ -664,17 +516,4 @@ async fn run_loop(
     link.abort();
     tracing::info!(counters = ?sh.counters, "agent stopped; instances keep running");
     Ok(sh.counters)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sessions_always_grow() {
-        let a = next_session(0);
-        assert!(a > 1_600_000_000_000);
-        assert_eq!(next_session(u64::MAX - 1), u64::MAX);
-        assert!(next_session(a + 1_000_000) > a + 1_000_000);
-    }
 }
