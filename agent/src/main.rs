@@ -15,15 +15,11 @@ use outpost_protocol::{Arch, NodeId};
 #[derive(Debug, Parser)]
 #[command(name = "outpost-agent", version)]
 struct Cli {
-    /// Config file: the flashed form made by outpost-firmware-config, or its TOML form (see
-    /// agent/agent.example.toml). Flags below override it.
-    #[arg(
-        short,
-        long,
-        env = "OUTPOST_AGENT_CONFIG",
-        default_value = "/etc/outpost/agent.toml"
-    )]
-    config: PathBuf,
+    /// Config file: the flashed form made by outpost-provision, or its TOML form (see
+    /// agent/agent.example.toml). Flags below override it. Default: /etc/outpost/device.bin
+    /// (where `outpost-provision install` puts it), else /etc/outpost/agent.toml.
+    #[arg(short, long, env = "OUTPOST_AGENT_CONFIG")]
+    config: Option<PathBuf>,
     /// Node id (also the MQTT username); lets the agent run without a config file.
     #[arg(long)]
     node_id: Option<String>,
@@ -78,9 +74,28 @@ enum KindArg {
     Emulated,
 }
 
+/// Where the config is read from: `--config`, else the flashed config where
+/// `outpost-provision install` puts it, else the TOML form beside it.
+fn config_path(cli: &Cli) -> PathBuf {
+    cli.config.clone().unwrap_or_else(|| {
+        let flashed = PathBuf::from(DEFAULT_FLASHED);
+        if flashed.exists() || !std::path::Path::new(DEFAULT_TOML).exists() {
+            flashed
+        } else {
+            PathBuf::from(DEFAULT_TOML)
+        }
+    })
+}
+
+/// The flashed config, as installed.
+const DEFAULT_FLASHED: &str = "/etc/outpost/device.bin";
+/// The TOML form, for a hand-written config.
+const DEFAULT_TOML: &str = "/etc/outpost/agent.toml";
+
 fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     use outpost_firmware_config::human::{self, ConfigError, text};
-    let mut d = match human::load(&cli.config) {
+    let path = config_path(cli);
+    let mut d = match human::load(&path) {
         Ok(d) => d,
         Err(ConfigError::Read { source, .. })
             if source.kind() == std::io::ErrorKind::NotFound && cli.node_id.is_some() =>
@@ -89,7 +104,7 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
         }
         Err(e) => {
             return Err(e)
-                .with_context(|| format!("config {} (or give --node-id)", cli.config.display()));
+                .with_context(|| format!("config {} (or give --node-id)", path.display()));
         }
     };
     if let Some(n) = &cli.node_id {

@@ -479,6 +479,12 @@ impl Reconciler {
                     // Asked to run and never started by us (new desired power, agent restart,
                     // host reboot): start it.
                     None | Some(PowerState::Stopped) => true,
+                    // A (re)boot asked since (an operator's start or reboot of an instance that
+                    // stopped by itself): start it, whatever its restart policy.
+                    Some(PowerState::Running) if di.reboot_count > applied_reboot => {
+                        t.not_before = None;
+                        true
+                    }
                     Some(PowerState::Running) => {
                         if t.state != Some(s) && t.state != Some(InstanceState::Building) {
                             set_state(out, generation, id, t, s, why);

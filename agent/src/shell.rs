@@ -466,7 +466,15 @@ async fn run_loop(
                 LinkEvent::Lost { error, retry_in } => {
                     sh.counters.connect_failures += 1;
                     if sh.connected || sh.counters.connect_failures.is_power_of_two() {
-                        tracing::warn!(%error, retry_in_ms = retry_in.as_millis() as u64, failures = sh.counters.connect_failures, "broker unreachable; VMs keep running");
+                        let retry_in_ms = retry_in.as_millis() as u64;
+                        let failures = sh.counters.connect_failures;
+                        match &error {
+                            ConnectionError::ConnectionRefused(code) => tracing::error!(
+                                ?code, retry_in_ms, failures,
+                                "the broker refused this device's login: check its credentials (re-provision it with outpost-provision, and reload the broker's password file); VMs keep running"
+                            ),
+                            _ => tracing::warn!(%error, retry_in_ms, failures, "broker unreachable; VMs keep running"),
+                        }
                     }
                     if matches!(error, ConnectionError::MqttState(_)) {
                         tracing::warn!("protocol error from the broker side");

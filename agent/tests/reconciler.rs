@@ -699,3 +699,21 @@ fn vcpus_are_not_a_hard_limit_on_the_agent() {
     s.converge();
     assert_eq!(s.state(1), Some(InstanceState::Running));
 }
+
+#[test]
+fn a_boot_request_starts_an_instance_that_stopped_by_itself() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    let mut di = inst(1, spec(256, RestartPolicy::OnFailure));
+    s.deliver(desired(1, vec![di.clone()]));
+    s.converge();
+    // The guest shuts itself down: on-failure leaves it stopped.
+    s.hv.guest_shutdown(id(1));
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Start, id(1)), 0);
+    // The operator's start: the same power, one more boot request.
+    di.reboot_count += 1;
+    s.deliver(desired(2, vec![di]));
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Start, id(1)), 1);
+    assert_eq!(s.hv.state_of(id(1)), Some(DomainState::Running));
+}

@@ -10,6 +10,25 @@ use outpost_controller::views::{
 };
 use serde_json::Value;
 
+/// Writes a line to stdout; a reader that went away (`outpost ... | head`) ends the command
+/// quietly instead of a panic.
+fn emit(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing the output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` that ends quietly on a closed pipe.
+macro_rules! say {
+    ($($t:tt)*) => { emit(format_args!($($t)*)) };
+}
+
 /// Manage an Outpost fleet through the controller's HTTP API.
 #[derive(Debug, Parser)]
 #[command(name = "outpost", version)]
@@ -228,7 +247,7 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
             .enumerate()
             .map(|(i, c)| format!("{c:<width$}", width = w[i]))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        say!("{}", s.join("  ").trim_end());
     };
     line(headers.iter().map(|h| (*h).to_owned()).collect());
     for r in rows {
@@ -284,7 +303,7 @@ fn node_rows(v: &Value) -> anyhow::Result<()> {
             .collect(),
     );
     for note in notes {
-        println!("{note}");
+        say!("{note}");
     }
     Ok(())
 }
@@ -324,10 +343,16 @@ fn instance_rows(v: &Value) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let json = cli.json;
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            if json {
+                eprintln!("{}", serde_json::json!({ "error": format!("{e:#}") }));
+            } else {
+                eprintln!("error: {e:#}");
+            }
             std::process::ExitCode::FAILURE
         }
     }
@@ -369,14 +394,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 NodeCmd::Drain { id } => {
                     let v = c.send("POST", &format!("/v1/nodes/{}/drain", seg(&id)), None)?;
-                    if !cli.json {
-                        println!("moved {} instance(s)", v["moved"]);
-                        for s in v["stuck"].as_array().into_iter().flatten() {
-                            println!("could not move {}", s.as_str().unwrap_or_default());
+                    let stuck: Vec<&str> = v["stuck"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    if cli.json {
+                        say!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        say!("moved {} instance(s)", v["moved"]);
+                        for s in &stuck {
+                            say!("could not move {s}");
                         }
-                        return Ok(());
                     }
-                    v
+                    // A drain that leaves instances behind has not drained the node.
+                    if !stuck.is_empty() {
+                        bail!(
+                            "{id} is not drained: {} instance(s) could not move ({})",
+                            stuck.len(),
+                            stuck.join("; ")
+                        );
+                    }
+                    return Ok(());
                 }
             };
             (v, true)
@@ -422,7 +462,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 InstanceCmd::Delete { key } => {
                     let v = c.send("DELETE", &format!("/v1/instances/{}", seg(&key)), None)?;
                     if !cli.json {
-                        println!(
+                        say!(
                             "{} {}",
                             v["id"].as_str().unwrap_or_default(),
                             v["phase"].as_str().unwrap_or_default()
@@ -436,7 +476,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        say!("{}", serde_json::to_string_pretty(&v)?);
     } else if nodes {
         node_rows(&v)?;
     } else {

@@ -288,7 +288,18 @@ pub async fn serve(
                     let wait = backoff.next_jittered(fastrand::f64());
                     // Said at the first failures, then at each doubling of their count.
                     if backoff.failures().is_power_of_two() {
-                        tracing::warn!(error = %e, failures = backoff.failures(), retry_in_ms = wait.as_millis() as u64, "broker connection lost; retrying with back-off");
+                        let (failures, retry_in_ms) = (backoff.failures(), wait.as_millis() as u64);
+                        match &e {
+                            rumqttc::ConnectionError::ConnectionRefused(code) => tracing::error!(
+                                ?code,
+                                failures,
+                                retry_in_ms,
+                                "the broker refused the controller's login: check --broker-username and the broker password (outpost-provision controller prints it)"
+                            ),
+                            _ => {
+                                tracing::warn!(error = %e, failures, retry_in_ms, "broker connection lost; retrying with back-off")
+                            }
+                        }
                     }
                     tokio::time::sleep(wait).await;
                 }

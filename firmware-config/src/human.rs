@@ -20,6 +20,11 @@ pub enum ConfigError {
     /// Not valid TOML for this schema.
     #[error("invalid config: {0}")]
     Toml(#[from] toml::de::Error),
+    /// The file is empty (an interrupted flash or copy).
+    #[error(
+        "{0} is empty (0 bytes): flash the device again (outpost-provision install) or write a TOML config there"
+    )]
+    Empty(PathBuf),
     /// The flashed form is damaged or foreign.
     #[error("invalid flashed config: {0}")]
     Flash(#[from] FlashError),
@@ -220,6 +225,9 @@ pub fn load(path: &Path) -> Result<DeviceConfig, ConfigError> {
         path: path.to_owned(),
         source,
     })?;
+    if bytes.is_empty() {
+        return Err(ConfigError::Empty(path.to_owned()));
+    }
     if flash::is_flashed(&bytes) {
         return Ok(flash::decode(&bytes)?);
     }

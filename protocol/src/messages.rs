@@ -48,8 +48,8 @@ pub struct DesiredInstance {
     pub name: InstanceName,
     /// Running or stopped.
     pub power: PowerState,
-    /// Level-triggered reboot: whenever this grows past the value the agent last applied,
-    /// the agent reboots the instance once.
+    /// Level-triggered (re)boot: whenever this grows past the value the agent last applied,
+    /// the agent reboots the instance once if it runs, or starts it if it stopped by itself.
     pub reboot_count: u32,
     /// What to build.
     pub spec: InstanceSpec,

@@ -115,18 +115,41 @@ fn controller_schedules_dispatches_and_survives_kill_9() {
             .collect()
     };
     let before = on_b(&ctl);
-    let drained = ctl.cli(&["nodes", "drain", "edge-b"]).unwrap();
+    // A drain that leaves an instance behind is a failure (exit 1, JSON error on stderr) that
+    // names it; the JSON answer on stdout still counts what moved.
+    let out = std::process::Command::new(bin("outpost"))
+        .args(["--api", &ctl.api, "--json", "nodes", "drain", "edge-b"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let drained: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         drained["moved"].as_u64().unwrap() as usize,
         before.len() - 1,
         "{drained} {before:?}"
     );
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    let err = err["error"].as_str().unwrap();
     assert!(
-        drained["stuck"][0]
-            .as_str()
-            .unwrap()
-            .contains("labels removed"),
-        "{drained}"
+        err.contains("not drained") && err.contains("labels removed"),
+        "{err}"
+    );
+    // `--json | head`: a reader that goes away early is no panic.
+    let piped = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{} --api {} --json instances list | true; echo ${{PIPESTATUS[0]}}",
+            bin("outpost").display(),
+            ctl.api
+        ))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&piped.stdout).trim(),
+        "0",
+        "{stderr}"
     );
     assert_eq!(on_b(&ctl), vec!["db-1".to_owned()]);
     let nodes = ctl.cli(&["nodes", "show", "edge-b"]).unwrap();

@@ -208,9 +208,33 @@ fn provisioned_devices_are_confined_to_their_own_topics() {
         .unwrap();
     assert!(!over.status.success());
 
-    let mut cmd = Command::new(root.join("usr/local/bin/outpost-agent"));
-    cmd.arg("--config").arg(root.join("etc/outpost/device.bin"));
+    // Start the agent exactly as the installed unit does: its ExecStart, with every absolute
+    // path taken inside the installed root.
+    let unit =
+        std::fs::read_to_string(root.join("etc/systemd/system/outpost-agent.service")).unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("the unit has an ExecStart");
+    let mut words = exec.split_whitespace().map(|w| {
+        w.strip_prefix('/')
+            .map_or_else(|| std::path::PathBuf::from(w), |rel| root.join(rel))
+    });
+    let mut cmd = Command::new(words.next().unwrap());
+    cmd.args(words);
     let mut agent = Proc::spawn(cmd, dir.path().join("agent.log"));
+    // Where systemd is available, the unit is checked too.
+    if let Ok(out) = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(root.join("etc/systemd/system/outpost-agent.service"))
+        .output()
+    {
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !text.contains("Failed to parse") && !text.contains("Unknown key"),
+            "{text}"
+        );
+    }
 
     let ctl = TestController::connect_as(port, Some(("outpost-controller", &ctl_pass)));
     let node = NodeId::new("edge-p1").unwrap();

@@ -248,6 +248,17 @@ fn probe_kvm(conn: &Connect, caps: &str, arch: Arch, scratch: &Path) -> bool {
          <cpu mode='host-passthrough'/><devices>{devices}<memballoon model='none'/></devices></domain>",
         pid = std::process::id()
     );
+    // A probe left behind by an agent killed while probing would run on: remove those of
+    // processes that are gone.
+    for old in conn.list_all_domains(0).unwrap_or_default() {
+        let pid = old.name().ok().and_then(|n| {
+            n.strip_prefix("outpost-kvm-probe-")
+                .and_then(|p| p.parse::<u32>().ok())
+        });
+        if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = old.destroy();
+        }
+    }
     let Ok(dom) = conn.create_domain_xml(&xml, 0) else {
         tracing::info!("KVM probe guest did not start: using software emulation");
         let _ = std::fs::remove_file(&console);

@@ -122,9 +122,17 @@ impl Fleet {
         Ok(id)
     }
 
-    /// Asks for an instance to run or stop.
+    /// Asks for an instance to run or stop. Start means running: an instance already asked to
+    /// run that stopped or crashed by itself gets a boot request (level-triggered, like a
+    /// reboot), so its node starts it whatever its restart policy.
     pub fn set_power(&mut self, key: &str, power: PowerState) -> Result<InstanceId, FleetError> {
-        self.update(key, |i| i.power = power)
+        self.update(key, |i| {
+            let down = matches!(i.phase, Phase::Stopped | Phase::Crashed);
+            if power == PowerState::Running && i.power == PowerState::Running && down {
+                i.reboot_count = i.reboot_count.saturating_add(1);
+            }
+            i.power = power;
+        })
     }
 
     /// Asks for one reboot.

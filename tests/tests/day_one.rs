@@ -1,0 +1,106 @@
+//! The operator's first hour: start means running, and every refusal names its real cause.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use outpost_tests::*;
+
+const T: Duration = Duration::from_secs(60);
+
+/// `outpost instances start` on a VM that stopped by itself (its domain was killed) runs it
+/// again, whatever its restart policy.
+#[test]
+fn start_means_running() {
+    assert!(ensure_libvirtd(), "libvirtd could not be started");
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    let mut agent = Agent::real(dir.path(), "day1-real", ctl.mqtt_port, "real");
+    agent.start();
+    ctl.wait_nodes_up(1);
+    let v = ctl.create("web-1", &["--restart", "on-failure"]).unwrap();
+    ctl.wait_phase("web-1", "running", T);
+    let domain = format!("outpost-{}", v["id"].as_str().unwrap());
+    virsh(&["destroy", &domain]);
+    wait_for(T, "the instance seen stopped", || {
+        matches!(ctl.phase("web-1").as_deref(), Some("stopped" | "crashed")).then_some(())
+    });
+    ctl.cli(&["instances", "start", "web-1"]).unwrap();
+    ctl.wait_phase("web-1", "running", T);
+    assert_eq!(virsh(&["domstate", &domain]), "running");
+    assert_eq!(agent.ops("create", None), 1, "started, not rebuilt");
+    ctl.cli(&["instances", "delete", "web-1"]).unwrap();
+    wait_for(T, "web-1 gone", || {
+        ctl.phase("web-1").is_none().then_some(())
+    });
+}
+
+/// Each refusal says what is wrong and what to do.
+#[test]
+fn refusals_name_the_real_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 0-byte flashed config.
+    let empty = dir.path().join("device.bin");
+    std::fs::write(&empty, b"").unwrap();
+    let out = Command::new(bin("outpost-agent"))
+        .arg("--config")
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is empty") && err.contains("outpost-provision install"),
+        "{err}"
+    );
+    assert!(!err.contains("invalid config") && !err.contains("parse"), "{err}");
+
+    // A data directory that cannot be created.
+    let out = Command::new(bin("outpost-controller"))
+        .args(["serve", "--data-dir", "/proc/outpost-cannot-exist"])
+        .args(["--mqtt-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--api-listen", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/proc/outpost-cannot-exist") && !err.contains("corrupt"),
+        "{err}"
+    );
+
+    // A device whose password the broker refuses: said as such, not "unreachable".
+    let reg = dir.path().join("registry");
+    let mut ctl = Controller::embedded(dir.path());
+    let port = ctl.mqtt_port;
+    ctl.args.extend([
+        "--mqtt-passwd".to_owned(),
+        reg.join("mosquitto/passwd").display().to_string(),
+    ]);
+    let st = Command::new(bin("outpost-provision"))
+        .args(["device", "day1-a", "--registry"])
+        .arg(&reg)
+        .args(["--broker", &format!("mqtt://127.0.0.1:{port}")])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    ctl.start();
+    let mut wrong = Agent::fake(dir.path(), "day1-a", port, 1024, "any");
+    std::fs::write(
+        &wrong.config,
+        format!(
+            "username = \"day1-a\"\npassword = \"not-its-password\"\n{}",
+            std::fs::read_to_string(&wrong.config).unwrap()
+        ),
+    )
+    .unwrap();
+    wrong.start();
+    wait_for(T, "the refused login said as such", || {
+        wrong
+            .proc()
+            .log_text()
+            .contains("refused this device's login")
+            .then_some(())
+    });
+}
