@@ -252,7 +252,10 @@ fn stale_ack_replaces_the_held_state_by_name() {
     );
     let ch = f.take_changes();
     let d = &ch.publish[0].1;
-    assert_eq!(d.generation, 2);
+    assert_eq!(
+        d.generation, 10,
+        "past the held generation, never equal to it"
+    );
     assert_eq!(
         d.replaces,
         Some(Version {
@@ -266,7 +269,7 @@ fn stale_ack_replaces_the_held_state_by_name() {
         21,
         &n,
         &AgentEvent::Ack {
-            generation: 2,
+            generation: 10,
             result: AckResult::Accepted,
         },
     );

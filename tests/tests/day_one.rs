@@ -54,7 +54,10 @@ fn refusals_name_the_real_cause() {
         err.contains("is empty") && err.contains("outpost-provision install"),
         "{err}"
     );
-    assert!(!err.contains("invalid config") && !err.contains("parse"), "{err}");
+    assert!(
+        !err.contains("invalid config") && !err.contains("parse"),
+        "{err}"
+    );
 
     // A data directory that cannot be created.
     let out = Command::new(bin("outpost-controller"))

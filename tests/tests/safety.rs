@@ -131,8 +131,10 @@ fn store_loss_rollback_and_lost_log_delete_nothing() {
         "{log}"
     );
 
-    // 2. The write-ahead log holding the last create is lost.
+    // 2. The write-ahead log holding the last create is lost (after its node got it: what only
+    //    ever lived in a lost log cannot come back).
     make(&ctl, "f4", "fake", &mut names);
+    ctl.wait_phase("f4", "running", T);
     restart_with(&mut ctl, |d| {
         for f in ["outpost.db-wal", "outpost.db-shm"] {
             let _ = std::fs::remove_file(d.join(f));

@@ -146,6 +146,7 @@ impl Fleet {
                 "node holds a newer desired state than the store (restored backup or lost log): replacing it, keeping its instances");
             if let Some(n) = self.nodes.get_mut(node) {
                 n.replaces = Some(v);
+                n.generation = v.generation;
             }
         }
         if adopted > 0 || ahead.is_some() {
@@ -265,6 +266,9 @@ impl Fleet {
                         fleet,
                         generation: *current,
                     });
+                    // Past the held generation: an equal one would read as a replay of what
+                    // the node holds, whatever ours contains.
+                    n.generation = *current;
                     self.bump(node);
                 }
             }
