@@ -87,22 +87,104 @@ enum NodeCmd {
     Adopt { id: String },
 }
 
+/// Waiting for an operation to take effect on its node.
+#[derive(Debug, Clone, Copy, clap::Args)]
+struct WaitArgs {
+    /// Wait until it took effect (running, stopped or gone), or fail with the reason.
+    #[arg(long)]
+    wait: bool,
+    /// How long `--wait` waits, in seconds.
+    #[arg(long, default_value_t = 300, requires = "wait")]
+    timeout: u64,
+}
+
 #[derive(Debug, Subcommand)]
 enum InstanceCmd {
     /// Create an instance (placed at once, or refused with the reason).
-    Create(Box<CreateArgs>),
-    /// List instances.
-    List,
+    Create {
+        #[command(flatten)]
+        args: Box<CreateArgs>,
+        #[command(flatten)]
+        w: WaitArgs,
+    },
+    /// List instances, optionally only some.
+    List {
+        /// Only those on this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only those in this phase (running, stopped, error, held...).
+        #[arg(long)]
+        phase: Option<String>,
+        /// Only those of this server group.
+        #[arg(long)]
+        group: Option<String>,
+    },
     /// Show one instance (by id or name).
     Show { key: String },
     /// Stop an instance.
-    Stop { key: String },
-    /// Start a stopped instance.
-    Start { key: String },
+    Stop {
+        key: String,
+        #[command(flatten)]
+        w: WaitArgs,
+    },
+    /// Start an instance (also one that stopped or crashed by itself).
+    Start {
+        key: String,
+        #[command(flatten)]
+        w: WaitArgs,
+    },
     /// Reboot an instance.
-    Reboot { key: String },
+    Reboot {
+        key: String,
+        #[command(flatten)]
+        w: WaitArgs,
+    },
     /// Delete an instance.
-    Delete { key: String },
+    Delete {
+        key: String,
+        #[command(flatten)]
+        w: WaitArgs,
+    },
+}
+
+/// What `--wait` waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    Phase(&'static str),
+    Gone,
+}
+
+impl Client {
+    /// Polls instance `key` until `until`, an error phase, or the timeout.
+    fn wait_for(&self, key: &str, until: Until, w: WaitArgs) -> anyhow::Result<Value> {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(w.timeout);
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let mut last = String::new();
+        loop {
+            let got = self.send("GET", &format!("/v1/instances/{}", seg(key)), None);
+            match (&got, until) {
+                (Err(e), Until::Gone) if e.to_string().contains("HTTP 404") => {
+                    return Ok(serde_json::json!({ "name": key, "phase": "deleted" }));
+                }
+                (Err(_), _) => return got,
+                (Ok(v), Until::Phase(p)) if v["phase"] == p => return got,
+                (Ok(v), _) if v["phase"] == "error" => {
+                    bail!("{key} failed: {}", v["reason"].as_str().unwrap_or_default())
+                }
+                (Ok(v), _) => {
+                    let phase = v["phase"].as_str().unwrap_or_default().to_owned();
+                    if tty && phase != last {
+                        eprintln!("{key}: {phase}...");
+                    }
+                    last = phase;
+                }
+            }
+            if std::time::Instant::now() >= end {
+                bail!("{key}: still {last} after {} s", w.timeout);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -308,6 +390,64 @@ fn node_rows(v: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The whole of one node, and the instances on it.
+fn node_detail(v: &Value, instances: &[&Value]) -> anyhow::Result<()> {
+    let n: NodeView = serde_json::from_value(v.clone())?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let ago = now_ms.saturating_sub(n.last_seen_ms) / 1000;
+    let res = |r: &outpost_controller::views::ResourcesView| {
+        format!(
+            "{} vCPUs, {} MiB, {} GiB",
+            r.vcpus, r.memory_mib, r.disk_gib
+        )
+    };
+    say!("node          {}", n.id);
+    say!("state         {}", n.state);
+    say!("last seen     {ago} s ago");
+    say!("arch          {}", n.arch.as_deref().unwrap_or("-"));
+    say!("hypervisor    {}", n.hypervisor.as_deref().unwrap_or("-"));
+    say!(
+        "allocatable   {} (before allocation ratios)",
+        res(&n.allocatable)
+    );
+    say!("claimed       {}", res(&n.claimed));
+    say!("labels        {}", n.labels.join(", "));
+    say!("images        {}", n.images.join(", "));
+    say!(
+        "generation    {} desired, {} reported",
+        n.generation.desired,
+        n.generation.reported
+    );
+    if let Some(f) = &n.bound_to {
+        say!(
+            "bound to      fleet {f} (another fleet): outpost nodes adopt {}",
+            n.id
+        );
+    }
+    if let Some(x) = &n.notice {
+        say!("notice        {x}");
+    }
+    if !n.unaccounted.is_empty() {
+        say!(
+            "unaccounted   {} (kept, not deleted)",
+            n.unaccounted.join(", ")
+        );
+    }
+    say!("instances     {}", n.instances);
+    for i in instances {
+        say!(
+            "  {}  {}  {}  {}",
+            i["id"].as_str().unwrap_or_default(),
+            i["name"].as_str().unwrap_or_default(),
+            i["phase"].as_str().unwrap_or_default(),
+            i["reason"].as_str().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
 fn instance_rows(v: &Value) -> anyhow::Result<()> {
     let list: Vec<InstanceView> = match v {
         Value::Array(_) => serde_json::from_value(v.clone())?,
@@ -382,7 +522,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         What::Nodes(cmd) => {
             let v = match cmd {
                 NodeCmd::List => c.send("GET", "/v1/nodes", None)?,
-                NodeCmd::Show { id } => c.send("GET", &format!("/v1/nodes/{}", seg(&id)), None)?,
+                NodeCmd::Show { id } => {
+                    let v = c.send("GET", &format!("/v1/nodes/{}", seg(&id)), None)?;
+                    if !cli.json {
+                        let all = c.send("GET", "/v1/instances", None)?;
+                        let on: Vec<&Value> = all
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter(|i| i["node"] == id.as_str())
+                            .collect();
+                        node_detail(&v, &on)?;
+                        return Ok(());
+                    }
+                    v
+                }
                 NodeCmd::Cordon { id } => {
                     c.send("POST", &format!("/v1/nodes/{}/cordon", seg(&id)), None)?
                 }
@@ -423,8 +577,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         What::Instances(cmd) => {
             let v = match cmd {
-                InstanceCmd::Create(a) => {
+                InstanceCmd::Create { args: a, w } => {
                     let a = *a;
+                    let name = a.name.clone();
                     let body = CreateBody {
                         name: Some(a.name),
                         vcpus: Some(a.vcpus),
@@ -444,23 +599,61 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         group: a.group,
                         group_policy: a.affinity.then(|| "affinity".to_owned()),
                     };
-                    c.send("POST", "/v1/instances", Some(serde_json::to_value(body)?))?
+                    let v = c.send("POST", "/v1/instances", Some(serde_json::to_value(body)?))?;
+                    if w.wait {
+                        c.wait_for(&name, Until::Phase("running"), w)?
+                    } else {
+                        v
+                    }
                 }
-                InstanceCmd::List => c.send("GET", "/v1/instances", None)?,
+                InstanceCmd::List { node, phase, group } => {
+                    let v = c.send("GET", "/v1/instances", None)?;
+                    let keep = |i: &Value| {
+                        node.as_ref().is_none_or(|n| i["node"] == n.as_str())
+                            && phase.as_ref().is_none_or(|p| i["phase"] == p.as_str())
+                            && group.as_ref().is_none_or(|g| i["group"] == g.as_str())
+                    };
+                    Value::Array(
+                        v.as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter(|i| keep(i))
+                            .cloned()
+                            .collect(),
+                    )
+                }
                 InstanceCmd::Show { key } => {
                     c.send("GET", &format!("/v1/instances/{}", seg(&key)), None)?
                 }
-                InstanceCmd::Stop { key } => {
-                    c.send("POST", &format!("/v1/instances/{}/stop", seg(&key)), None)?
+                InstanceCmd::Stop { key, w } => {
+                    let v = c.send("POST", &format!("/v1/instances/{}/stop", seg(&key)), None)?;
+                    if w.wait {
+                        c.wait_for(&key, Until::Phase("stopped"), w)?
+                    } else {
+                        v
+                    }
                 }
-                InstanceCmd::Start { key } => {
-                    c.send("POST", &format!("/v1/instances/{}/start", seg(&key)), None)?
+                InstanceCmd::Start { key, w } => {
+                    let v = c.send("POST", &format!("/v1/instances/{}/start", seg(&key)), None)?;
+                    if w.wait {
+                        c.wait_for(&key, Until::Phase("running"), w)?
+                    } else {
+                        v
+                    }
                 }
-                InstanceCmd::Reboot { key } => {
-                    c.send("POST", &format!("/v1/instances/{}/reboot", seg(&key)), None)?
+                InstanceCmd::Reboot { key, w } => {
+                    let v = c.send("POST", &format!("/v1/instances/{}/reboot", seg(&key)), None)?;
+                    if w.wait {
+                        c.wait_for(&key, Until::Phase("running"), w)?
+                    } else {
+                        v
+                    }
                 }
-                InstanceCmd::Delete { key } => {
-                    let v = c.send("DELETE", &format!("/v1/instances/{}", seg(&key)), None)?;
+                InstanceCmd::Delete { key, w } => {
+                    let mut v = c.send("DELETE", &format!("/v1/instances/{}", seg(&key)), None)?;
+                    if w.wait {
+                        v = c.wait_for(&key, Until::Gone, w)?;
+                    }
                     if !cli.json {
                         say!(
                             "{} {}",

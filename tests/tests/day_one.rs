@@ -107,3 +107,68 @@ fn refusals_name_the_real_cause() {
             .then_some(())
     });
 }
+
+/// `--wait` returns once the change took effect; lists filter; `nodes show` shows the whole node.
+#[test]
+fn wait_filters_and_the_whole_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    let mut a = Agent::fake(dir.path(), "day1-f1", ctl.mqtt_port, 2048, "north");
+    let mut b = Agent::fake(dir.path(), "day1-f2", ctl.mqtt_port, 2048, "south");
+    a.start();
+    b.start();
+    ctl.wait_nodes_up(2);
+    let wait = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--wait", "--timeout", "60"]);
+        ctl.cli(&all).unwrap()
+    };
+    let v = wait(&[
+        "instances",
+        "create",
+        "w-1",
+        "--kernel",
+        "vmlinuz",
+        "--memory",
+        "64",
+        "--selector",
+        "zone=north",
+    ]);
+    assert_eq!(v["phase"], "running", "{v}");
+    ctl.create(
+        "w-2",
+        &["--memory", "64", "--selector", "zone=south", "--group", "g"],
+    )
+    .unwrap();
+    assert_eq!(wait(&["instances", "stop", "w-1"])["phase"], "stopped");
+    assert_eq!(wait(&["instances", "start", "w-1"])["phase"], "running");
+    let on_f1 = ctl
+        .cli(&["instances", "list", "--node", "day1-f1"])
+        .unwrap();
+    assert_eq!(on_f1.as_array().unwrap().len(), 1, "{on_f1}");
+    assert_eq!(on_f1[0]["name"], "w-1");
+    let grouped = ctl.cli(&["instances", "list", "--group", "g"]).unwrap();
+    assert_eq!(grouped.as_array().unwrap().len(), 1);
+    assert_eq!(grouped[0]["name"], "w-2");
+    let none = ctl.cli(&["instances", "list", "--phase", "error"]).unwrap();
+    assert!(none.as_array().unwrap().is_empty());
+
+    let out = Command::new(bin("outpost"))
+        .args(["--api", &ctl.api, "nodes", "show", "day1-f1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "state         up",
+        "allocatable",
+        "claimed",
+        "zone=north",
+        "generation",
+        "w-1",
+    ] {
+        assert!(text.contains(want), "{want:?} missing in:\n{text}");
+    }
+    assert_eq!(wait(&["instances", "delete", "w-1"])["phase"], "deleted");
+    assert!(ctl.phase("w-1").is_none());
+}
