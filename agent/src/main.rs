@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use outpost_agent::config::{Backend, BackendName, Config, DeviceConfig, KindChoice};
 use outpost_agent::hypervisor::Hypervisor;
 use outpost_agent::hypervisor::fake::FakeHypervisor;
-use outpost_protocol::{Arch, NodeId};
+use outpost_protocol::{Arch, NodeId, Resources};
 
 /// Outpost's edge agent: reports this host over MQTT and converges its VMs (libvirt/KVM) to the
 /// node's desired state. VMs keep running while the controller or the broker is away.
@@ -56,9 +56,17 @@ enum Command {
     /// Run the agent (the default).
     Run,
     /// Print this host's inventory as the agent would report it, and exit.
-    Fingerprint,
-    /// Check the config and print it, and exit.
-    CheckConfig,
+    Fingerprint {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the config and print it (secrets masked), and exit.
+    CheckConfig {
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -198,6 +206,107 @@ async fn shutdown_signal() {
     }
 }
 
+/// Resources in words.
+fn resources(r: Resources) -> String {
+    format!(
+        "{} vCPUs, {} MiB, {} GiB",
+        r.vcpus, r.memory_mib, r.disk_gib
+    )
+}
+
+fn joined<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    items
+        .into_iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The config, field by field, secrets masked.
+fn config_fields(c: &Config) -> Vec<(&'static str, String)> {
+    let backend = match &c.backend {
+        Backend::Libvirt { uri, kind } => format!("libvirt {uri} ({kind:?})").to_lowercase(),
+        Backend::Fake {
+            kind,
+            vcpus,
+            memory_mib,
+        } => format!("fake ({kind}, {vcpus} vCPUs, {memory_mib} MiB)"),
+    };
+    vec![
+        ("node", c.node_id.to_string()),
+        (
+            "brokers",
+            joined(c.brokers.iter().map(|b| {
+                format!(
+                    "{}://{}:{}",
+                    if b.tls { "mqtts" } else { "mqtt" },
+                    b.host,
+                    b.port
+                )
+            })),
+        ),
+        (
+            "login",
+            c.credentials.as_ref().map_or("none".into(), |cr| {
+                format!("{} (password set)", cr.username)
+            }),
+        ),
+        (
+            "tls",
+            c.tls.as_ref().map_or("no".into(), |t| {
+                format!(
+                    "CA pinned{}",
+                    if t.client.is_some() {
+                        ", client certificate"
+                    } else {
+                        ""
+                    }
+                )
+            }),
+        ),
+        ("labels", joined(c.labels.iter())),
+        ("reserved", resources(c.reserved)),
+        ("hypervisor", backend),
+        ("state dir", c.state_dir.display().to_string()),
+        ("image dir", c.image_dir.display().to_string()),
+        ("instance dir", c.instance_dir.display().to_string()),
+        ("report every", format!("{} s", c.report_interval.as_secs())),
+        (
+            "reconcile every",
+            format!("{} s", c.reconcile_interval.as_secs()),
+        ),
+        ("stop timeout", format!("{} s", c.stop_timeout.as_secs())),
+    ]
+}
+
+/// The inventory, field by field.
+fn inventory_fields(i: &outpost_protocol::Inventory) -> Vec<(&'static str, String)> {
+    vec![
+        ("arch", i.arch.to_string()),
+        ("hypervisor", i.hypervisor.to_string()),
+        ("total", resources(i.total)),
+        ("reserved", resources(i.reserved)),
+        ("allocatable", resources(i.allocatable())),
+        ("labels", joined(i.labels.iter())),
+        ("images", joined(i.images.iter())),
+    ]
+}
+
+/// Prints `name  value` lines, or one JSON object.
+fn print_fields(fields: &[(&'static str, String)], json: bool) {
+    if json {
+        let map: serde_json::Map<String, serde_json::Value> = fields
+            .iter()
+            .map(|(k, v)| (k.replace(' ', "_"), serde_json::Value::String(v.clone())))
+            .collect();
+        println!("{}", serde_json::Value::Object(map));
+    } else {
+        for (k, v) in fields {
+            println!("{k:<16}{v}");
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // MQTT over TLS uses ring: the process's one rustls provider, chosen here.
@@ -214,18 +323,18 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     match cli.command.unwrap_or(Command::Run) {
-        Command::CheckConfig => {
-            println!("{cfg:#?}");
+        Command::CheckConfig { json } => {
+            print_fields(&config_fields(&cfg), json);
             Ok(())
         }
-        Command::Fingerprint => {
+        Command::Fingerprint { json } => {
             let hv = open_hypervisor(&cfg)?;
             let host = hv.host()?;
             let images = outpost_agent::fingerprint::scan_images(&cfg.image_dir);
             let disk = outpost_agent::fingerprint::disk_free_gib(&cfg.state_dir);
             let (inv, _) =
                 outpost_agent::fingerprint::describe(host, disk, cfg.reserved, &cfg.labels, images);
-            println!("{inv:#?}");
+            print_fields(&inventory_fields(&inv), json);
             Ok(())
         }
         Command::Run => {

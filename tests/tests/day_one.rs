@@ -172,3 +172,47 @@ fn wait_filters_and_the_whole_node() {
     assert_eq!(wait(&["instances", "delete", "w-1"])["phase"], "deleted");
     assert!(ctl.phase("w-1").is_none());
 }
+
+/// `outpost-agent check-config` and `fingerprint` print what an operator reads (or JSON), with
+/// secrets masked.
+#[test]
+fn agent_summaries_are_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Agent::fake(dir.path(), "day1-sum", 1883, 2048, "north");
+    std::fs::write(
+        &a.config,
+        format!(
+            "username = \"day1-sum\"\npassword = \"s3cret-pass\"\n{}",
+            std::fs::read_to_string(&a.config).unwrap()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(bin("outpost-agent"))
+            .arg("--config")
+            .arg(&a.config)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = run(&["check-config"]);
+    assert!(text.contains("node            day1-sum"), "{text}");
+    assert!(text.contains("day1-sum (password set)") && !text.contains("s3cret-pass"));
+    assert!(!text.contains("Config {"), "not a debug dump: {text}");
+    let json: serde_json::Value = serde_json::from_str(&run(&["check-config", "--json"])).unwrap();
+    assert_eq!(json["labels"], "zone=north");
+    let inv: serde_json::Value = serde_json::from_str(&run(&["fingerprint", "--json"])).unwrap();
+    assert_eq!(inv["hypervisor"], "fake");
+    assert!(inv["images"].as_str().unwrap().contains("vmlinuz"));
+    let text = run(&["fingerprint"]);
+    assert!(
+        text.contains("allocatable") && text.contains("vCPUs"),
+        "{text}"
+    );
+}
