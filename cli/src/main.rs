@@ -448,6 +448,40 @@ fn node_detail(v: &Value, instances: &[&Value]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Everything an instance was created with, where it is and why.
+fn instance_detail(v: &Value) -> anyhow::Result<()> {
+    let i: InstanceView = serde_json::from_value(v.clone())?;
+    say!("instance      {} ({})", i.name, i.id);
+    say!("phase         {}", i.phase);
+    say!(
+        "power         {} (asked), reboots asked {}",
+        i.power,
+        i.reboot_count
+    );
+    say!("node          {}", i.node.as_deref().unwrap_or("-"));
+    say!(
+        "resources     {} vCPUs, {} MiB, {} GiB, {}{}",
+        i.vcpus,
+        i.memory_mib,
+        i.disk_gib,
+        i.arch,
+        if i.require_kvm { ", KVM required" } else { "" }
+    );
+    say!("boot          {}", i.boot);
+    say!("network       {}", i.network);
+    say!("restart       {}", i.restart);
+    say!("labels        {}", i.labels.join(", "));
+    say!("selector      {}", i.selector.join(", "));
+    say!("group         {}", i.group.as_deref().unwrap_or("-"));
+    if !i.reason.is_empty() {
+        say!("reason        {}", i.reason);
+    }
+    for f in &i.failures {
+        say!("failed on     {f}");
+    }
+    Ok(())
+}
+
 fn instance_rows(v: &Value) -> anyhow::Result<()> {
     let list: Vec<InstanceView> = match v {
         Value::Array(_) => serde_json::from_value(v.clone())?,
@@ -623,7 +657,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     )
                 }
                 InstanceCmd::Show { key } => {
-                    c.send("GET", &format!("/v1/instances/{}", seg(&key)), None)?
+                    let v = c.send("GET", &format!("/v1/instances/{}", seg(&key)), None)?;
+                    if !cli.json {
+                        instance_detail(&v)?;
+                        return Ok(());
+                    }
+                    v
                 }
                 InstanceCmd::Stop { key, w } => {
                     let v = c.send("POST", &format!("/v1/instances/{}/stop", seg(&key)), None)?;

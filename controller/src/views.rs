@@ -80,8 +80,26 @@ pub struct InstanceView {
     pub group: Option<String>,
     /// Latest reason.
     pub reason: String,
-    /// Failed build attempts (`node: reason`).
+    /// Failed build attempts (`node: reason`): why it is not where it was first placed.
     pub failures: Vec<String>,
+    /// How it boots: `image NAME`, or `kernel NAME [initrd NAME] cmdline "..."`.
+    #[serde(default)]
+    pub boot: String,
+    /// Its network: `none`, `network NAME` or `bridge NAME`.
+    #[serde(default)]
+    pub network: String,
+    /// What happens when it stops by itself: `never`, `on-failure` or `always`.
+    #[serde(default)]
+    pub restart: String,
+    /// Refuses software emulation.
+    #[serde(default)]
+    pub require_kvm: bool,
+    /// Its labels.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// Labels its node must carry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub selector: Vec<String>,
 }
 
 /// Resources as shown: named fields.
@@ -187,6 +205,35 @@ impl InstanceView {
             group: None,
             reason: String::new(),
             failures: Vec::new(),
+            boot: match &s.boot {
+                Boot::Disk { image } => format!("image {image}"),
+                Boot::Kernel {
+                    kernel,
+                    initrd,
+                    cmdline,
+                } => format!(
+                    "kernel {kernel}{} cmdline {:?}",
+                    initrd
+                        .as_ref()
+                        .map(|i| format!(" initrd {i}"))
+                        .unwrap_or_default(),
+                    cmdline.as_str()
+                ),
+            },
+            network: match &s.network {
+                Network::None => "none".into(),
+                Network::Libvirt { network } => format!("network {network}"),
+                Network::Bridge { bridge } => format!("bridge {bridge}"),
+            },
+            restart: match s.restart {
+                RestartPolicy::Never => "never",
+                RestartPolicy::OnFailure => "on-failure",
+                RestartPolicy::Always => "always",
+            }
+            .into(),
+            require_kvm: s.require_kvm,
+            labels: s.labels.iter().map(ToString::to_string).collect(),
+            selector: Vec::new(),
         }
     }
 }
@@ -204,6 +251,7 @@ impl From<&InstanceRecord> for InstanceView {
                 .iter()
                 .map(|(n, r)| format!("{n}: {r}"))
                 .collect(),
+            selector: i.selector.iter().map(ToString::to_string).collect(),
             ..Self::of(i.id, &i.name, &i.spec, i.power)
         }
     }

@@ -153,6 +153,29 @@ fn wait_filters_and_the_whole_node() {
     assert_eq!(grouped[0]["name"], "w-2");
     let none = ctl.cli(&["instances", "list", "--phase", "error"]).unwrap();
     assert!(none.as_array().unwrap().is_empty());
+    // `instances show` tells everything it was created with.
+    let shown = ctl.cli(&["instances", "show", "w-2"]).unwrap();
+    assert_eq!(shown["restart"], "on-failure");
+    assert_eq!(shown["selector"][0], "zone=south");
+    assert!(
+        shown["boot"]
+            .as_str()
+            .unwrap()
+            .starts_with("kernel vmlinuz"),
+        "{shown}"
+    );
+    let out = Command::new(bin("outpost"))
+        .args(["--api", &ctl.api, "instances", "show", "w-2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "selector      zone=south",
+        "group         g",
+        "restart       on-failure",
+    ] {
+        assert!(text.contains(want), "{want:?} missing in:\n{text}");
+    }
 
     let out = Command::new(bin("outpost"))
         .args(["--api", &ctl.api, "nodes", "show", "day1-f1"])
