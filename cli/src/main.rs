@@ -85,6 +85,14 @@ enum NodeCmd {
     /// Adopt a node bound to another fleet (shown as `foreign`): its instances join this
     /// fleet as they are, and it takes this fleet's desired state from then on.
     Adopt { id: String },
+    /// Remove a node that is gone for good (refused while it holds instances; --force moves
+    /// them elsewhere first). Revoke its credentials too: outpost-provision revoke NODE.
+    Remove {
+        id: String,
+        /// Move its instances elsewhere first.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// Waiting for an operation to take effect on its node.
@@ -576,6 +584,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 NodeCmd::Uncordon { id } => {
                     c.send("POST", &format!("/v1/nodes/{}/uncordon", seg(&id)), None)?
+                }
+                NodeCmd::Remove { id, force } => {
+                    let q = if force { "?force=true" } else { "" };
+                    let v = c.send("DELETE", &format!("/v1/nodes/{}{q}", seg(&id)), None)?;
+                    if !cli.json {
+                        say!("removed {id} (moved {} instance(s))", v["moved"]);
+                        return Ok(());
+                    }
+                    v
                 }
                 NodeCmd::Adopt { id } => {
                     c.send("POST", &format!("/v1/nodes/{}/adopt", seg(&id)), None)?

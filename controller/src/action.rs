@@ -27,6 +27,8 @@ pub enum Action {
     DrainNode(String),
     /// Adopt a node bound to another fleet, with the instances it holds.
     AdoptNode(String),
+    /// Remove a node for good (`force`: move its instances elsewhere first).
+    RemoveNode(String, bool),
     /// All instances (and those held by nodes of another fleet).
     ListInstances,
     /// One instance, by name or id.
@@ -80,6 +82,13 @@ pub enum Reply {
     Instances(Vec<InstanceView>),
     /// One instance.
     Instance(Box<InstanceView>),
+    /// A node removed, and how many instances moved off it.
+    RemovedNode {
+        /// The node.
+        id: String,
+        /// Instances moved elsewhere first.
+        moved: usize,
+    },
     /// An instance deleted at once (it had no node).
     Deleted {
         /// Its id.
@@ -182,6 +191,10 @@ pub fn execute(
                 node: node_view(fleet, &n)?,
                 adopted,
             }
+        }
+        Action::RemoveNode(id, force) => {
+            let moved = fleet.remove_node(&node_id(&id)?, force)?;
+            Reply::RemovedNode { id, moved }
         }
         Action::ListInstances => Reply::Instances(
             fleet

@@ -4,7 +4,7 @@
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -45,7 +45,8 @@ fn status(e: &ActionError) -> StatusCode {
             | FleetError::Exists(_)
             | FleetError::GroupPolicy(_)
             | FleetError::Deleting(_)
-            | FleetError::NotForeign(_),
+            | FleetError::NotForeign(_)
+            | FleetError::NodeNotEmpty(..),
         ) => StatusCode::CONFLICT,
         ActionError::StoreDown(_) | ActionError::NotStored(_) | ActionError::ShuttingDown => {
             StatusCode::SERVICE_UNAVAILABLE
@@ -89,12 +90,25 @@ async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Ne
 
 type Key = Path<String>;
 
+/// `DELETE /v1/nodes/{id}?force=true`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct RemoveQuery {
+    #[serde(default)]
+    force: bool,
+}
+
 /// The API's routes, under `/v1`.
 pub fn router(calls: mpsc::Sender<Call>, token: Option<String>) -> Router {
     let api = Api { calls, token };
     Router::new()
         .route("/v1/nodes", get(|State(a): State<Api>| async move { call(&a, Action::ListNodes).await }))
-        .route("/v1/nodes/{id}", get(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::GetNode(id)).await }))
+        .route(
+            "/v1/nodes/{id}",
+            get(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::GetNode(id)).await })
+                .delete(|State(a): State<Api>, Path(id): Key, Query(q): Query<RemoveQuery>| async move {
+                    call(&a, Action::RemoveNode(id, q.force)).await
+                }),
+        )
         .route("/v1/nodes/{id}/cordon", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::CordonNode(id)).await }))
         .route("/v1/nodes/{id}/uncordon", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::UncordonNode(id)).await }))
         .route("/v1/nodes/{id}/adopt", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::AdoptNode(id)).await }))

@@ -357,6 +357,7 @@ impl Store for SqliteStore {
             && c.removed.is_empty()
             && c.groups.is_empty()
             && c.tombstones.is_empty()
+            && c.removed_nodes.is_empty()
         {
             return Ok(());
         }
@@ -376,6 +377,7 @@ impl Store for SqliteStore {
         let mut put_group =
             tx.prepare("INSERT OR REPLACE INTO groups (name, policy) VALUES (?1, ?2)")?;
         let mut put_tombstone = tx.prepare("INSERT OR IGNORE INTO tombstones (id) VALUES (?1)")?;
+        let mut remove_node = tx.prepare("DELETE FROM nodes WHERE id = ?1")?;
         for n in &c.nodes {
             put_node.execute(params![
                 n.id.as_str(),
@@ -421,7 +423,17 @@ impl Store for SqliteStore {
         for id in &c.tombstones {
             put_tombstone.execute(params![id.to_string()])?;
         }
-        drop((put_node, put_instance, remove, put_group, put_tombstone));
+        for n in &c.removed_nodes {
+            remove_node.execute(params![n.as_str()])?;
+        }
+        drop((
+            put_node,
+            put_instance,
+            remove,
+            put_group,
+            put_tombstone,
+            remove_node,
+        ));
         tx.commit()?;
         Ok(())
     }

@@ -53,6 +53,9 @@ pub enum ProvisionError {
     /// The system random source failed.
     #[error("no randomness available: {0}")]
     Random(String),
+    /// Revoke was asked for a device the registry has no broker entry for.
+    #[error("no broker entry for {0} in the password file")]
+    NoSuchDevice(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError + '_ {
@@ -205,14 +208,33 @@ impl Registry {
 
     /// Sets `user`'s entry in the password file (replacing an old one) and rewrites the ACL.
     fn set_broker_user(&self, user: &str, password: &str) -> Result<(), ProvisionError> {
+        let line = mosquitto_password_line(user, password, random::<12>()?);
+        self.rewrite_passwd(user, Some(line)).map(|_| ())
+    }
+
+    /// Revokes a device: its broker entry is removed, so it can log in nowhere any more (its
+    /// flashed config stays in the registry, useless). A running mosquitto applies it on reload
+    /// (`kill -HUP`); the embedded broker's gate at the device's next connect.
+    pub fn revoke(&self, node: &NodeId) -> Result<(), ProvisionError> {
+        if self.rewrite_passwd(node.as_str(), None)? {
+            Ok(())
+        } else {
+            Err(ProvisionError::NoSuchDevice(node.to_string()))
+        }
+    }
+
+    /// Rewrites the password file without `user`'s entry, plus `line` if given, and the ACL.
+    /// Returns whether `user` had an entry.
+    fn rewrite_passwd(&self, user: &str, line: Option<String>) -> Result<bool, ProvisionError> {
         let path = self.passwd_path();
         let old = fs::read_to_string(&path).unwrap_or_default();
+        let had = old.lines().any(|l| l.split(':').next() == Some(user));
         let mut lines: Vec<String> = old
             .lines()
             .filter(|l| l.split(':').next() != Some(user))
             .map(str::to_owned)
             .collect();
-        lines.push(mosquitto_password_line(user, password, random::<12>()?));
+        lines.extend(line);
         let mut text = lines.join("\n");
         text.push('\n');
         // Debian's mosquitto runs as the `mosquitto` user: it must read the password file, and
@@ -224,7 +246,8 @@ impl Registry {
             }
             None => write_file(&path, text.as_bytes(), 0o600)?,
         }
-        write_file(&self.acl_path(), mosquitto_acl().as_bytes(), 0o644)
+        write_file(&self.acl_path(), mosquitto_acl().as_bytes(), 0o644)?;
+        Ok(had)
     }
 
     /// Creates a device: a fresh secret, its flashed config (from `cfg`, with the node id as

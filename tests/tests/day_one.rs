@@ -239,3 +239,73 @@ fn agent_summaries_are_readable() {
         "{text}"
     );
 }
+
+/// A node gone for good is removed (its instances moved first with --force) and its
+/// credentials revoked.
+#[test]
+fn a_gone_node_is_removed_and_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    let mut a = Agent::fake(dir.path(), "day1-r1", ctl.mqtt_port, 2048, "any");
+    let mut b = Agent::fake(dir.path(), "day1-r2", ctl.mqtt_port, 2048, "any");
+    a.start();
+    ctl.wait_nodes_up(1);
+    ctl.create("r-1", &["--memory", "64"]).unwrap();
+    ctl.wait_phase("r-1", "running", T);
+    b.start();
+    ctl.wait_nodes_up(2);
+    // day1-r1 dies for good.
+    a.proc().kill();
+    let e = ctl.cli(&["nodes", "remove", "day1-r1"]).unwrap_err();
+    assert!(
+        e.contains("still holds r-1") && e.contains("--force"),
+        "{e}"
+    );
+    let v = ctl.cli(&["nodes", "remove", "day1-r1", "--force"]).unwrap();
+    assert_eq!(v["moved"], 1, "{v}");
+    let nodes = ctl.cli(&["nodes", "list"]).unwrap();
+    assert!(!nodes.to_string().contains("day1-r1"), "{nodes}");
+    ctl.wait_phase("r-1", "running", T);
+    assert_eq!(
+        ctl.cli(&["instances", "show", "r-1"]).unwrap()["node"],
+        "day1-r2"
+    );
+    // Removed from the store too: a restart does not bring it back.
+    ctl.proc().kill();
+    ctl.start();
+    let nodes = ctl.cli(&["nodes", "list"]).unwrap();
+    assert!(!nodes.to_string().contains("day1-r1"), "{nodes}");
+
+    // Revoking a device removes its broker entry.
+    let reg = dir.path().join("registry");
+    let provision = |args: &[&str]| {
+        Command::new(bin("outpost-provision"))
+            .args(args)
+            .arg("--registry")
+            .arg(&reg)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        provision(&["device", "day1-gone", "--broker", "mqtt://127.0.0.1:1883"])
+            .status
+            .success()
+    );
+    assert!(
+        provision(&["device", "day1-kept", "--broker", "mqtt://127.0.0.1:1883"])
+            .status
+            .success()
+    );
+    let out = provision(&["revoke", "day1-gone"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let passwd = std::fs::read_to_string(reg.join("mosquitto/passwd")).unwrap();
+    assert!(!passwd.contains("day1-gone:") && passwd.contains("day1-kept:"));
+    let again = provision(&["revoke", "day1-gone"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no broker entry"));
+}

@@ -215,6 +215,47 @@ impl Fleet {
         Ok((moved, stuck))
     }
 
+    /// Removes a node an operator says is gone for good: refused while it holds instances,
+    /// unless `force`, which first moves them elsewhere (and refuses if one cannot move).
+    /// Revoke its credentials too (`outpost-provision revoke`), or it comes back as new when it
+    /// reports again. Returns how many instances moved.
+    pub fn remove_node(&mut self, node: &NodeId, force: bool) -> Result<usize, FleetError> {
+        if !self.nodes.contains_key(node) {
+            return Err(FleetError::NoNode(node.to_string()));
+        }
+        let held: Vec<String> = self.on_node(node).map(|i| i.name.clone()).collect();
+        let mut moved = 0;
+        if !held.is_empty() {
+            if !force {
+                return Err(FleetError::NodeNotEmpty(node.clone(), held.join(", ")));
+            }
+            let (m, stuck) = self.drain(node)?;
+            moved = m;
+            let still: Vec<String> = self.on_node(node).map(|i| i.name.clone()).collect();
+            if !stuck.is_empty() || !still.is_empty() {
+                return Err(FleetError::NodeNotEmpty(
+                    node.clone(),
+                    if stuck.is_empty() {
+                        still.join(", ")
+                    } else {
+                        stuck.join("; ")
+                    },
+                ));
+            }
+        }
+        self.nodes.remove(node);
+        if let Some(idx) = self.table.index_of(node) {
+            // Its row stays (the table never shrinks) but takes no placements.
+            self.table
+                .set_availability(idx, crate::scheduler::Availability::Down);
+        }
+        self.journal.nodes.remove(node);
+        self.journal.publish.remove(node);
+        self.journal.removed_nodes.insert(node.clone());
+        tracing::warn!(%node, moved, "node removed by an operator");
+        Ok(moved)
+    }
+
     /// Moves an instance to a new node (excluding where it failed), or fails it for good.
     pub(super) fn relocate(
         &mut self,

@@ -24,6 +24,8 @@ pub struct Journal {
     pub publish: BTreeSet<NodeId>,
     /// Instances deleted for good.
     pub tombstones: Vec<InstanceId>,
+    /// Nodes removed by an operator.
+    pub removed_nodes: BTreeSet<NodeId>,
 }
 
 /// What changed since the last [`Fleet::take_changes`]: store it, then publish.
@@ -42,12 +44,15 @@ pub struct Changes {
     pub groups: Vec<(String, GroupPolicy)>,
     /// Desired states to publish (retained), after the above is stored.
     pub publish: Vec<(NodeId, DesiredState)>,
+    /// Nodes to remove from the store.
+    pub removed_nodes: Vec<NodeId>,
 }
 
 impl Changes {
     /// Nothing to store or publish.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+            && self.removed_nodes.is_empty()
             && self.instances.is_empty()
             && self.removed.is_empty()
             && self.groups.is_empty()
@@ -115,7 +120,11 @@ impl Fleet {
             }
         }
         let tombstones = std::mem::take(&mut self.journal.tombstones);
+        let removed_nodes = std::mem::take(&mut self.journal.removed_nodes)
+            .into_iter()
+            .collect();
         Changes {
+            removed_nodes,
             tombstones,
             nodes: std::mem::take(&mut self.journal.nodes)
                 .iter()
@@ -157,6 +166,7 @@ impl Fleet {
             .groups
             .extend(c.groups.into_iter().map(|(g, _)| g));
         self.journal.tombstones.extend(c.tombstones);
+        self.journal.removed_nodes.extend(c.removed_nodes);
         self.journal
             .publish
             .extend(c.publish.into_iter().map(|(n, _)| n));

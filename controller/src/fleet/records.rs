@@ -250,6 +250,9 @@ pub enum FleetError {
     /// The instance is being deleted.
     #[error("instance {0} is being deleted")]
     Deleting(InstanceId),
+    /// A node still holds instances: it is not removed.
+    #[error("node {0} still holds {1}: drain it first, or remove it with --force to move them")]
+    NodeNotEmpty(NodeId, String),
     /// Adopt was asked of a node that is not bound to another fleet.
     #[error("node {0} is not bound to another fleet: nothing to adopt")]
     NotForeign(NodeId),

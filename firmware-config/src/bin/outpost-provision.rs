@@ -56,6 +56,15 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Revoke a device: remove its broker entry, so it can no longer log in (reload mosquitto
+    /// afterwards; the embedded broker's gate applies it at the device's next connect).
+    Revoke {
+        /// The node id.
+        node_id: String,
+        /// The registry directory.
+        #[arg(long, default_value = "outpost-registry")]
+        registry: PathBuf,
+    },
     /// Decode a flashed config, verify its CRC, and print it with secrets masked.
     Inspect {
         /// The flashed config.
@@ -203,6 +212,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for f in done.files {
                 println!("  /{}", f.display());
             }
+            Ok(())
+        }
+        Command::Revoke { node_id, registry } => {
+            let node = outpost_protocol::NodeId::new(&node_id)
+                .with_context(|| format!("{node_id:?} is not a node id"))?;
+            Registry::new(&registry).revoke(&node)?;
+            println!("revoked {node}: it can no longer log in to the broker");
+            println!("  a running mosquitto applies it on reload: kill -HUP $(pidof mosquitto)");
             Ok(())
         }
         Command::Inspect { file } => {
