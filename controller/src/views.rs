@@ -466,6 +466,7 @@ impl CreateBody {
             return Err(CreateError::Name { name, source });
         }
         Ok(CreateRequest {
+            any_arch: self.arch.is_none(),
             id,
             name,
             spec,

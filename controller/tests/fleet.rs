@@ -72,6 +72,7 @@ fn create(f: &mut Fleet, n: u64, mem: u32) -> Result<InstanceId, FleetError> {
     f.create(
         10,
         CreateRequest {
+            any_arch: false,
             id: InstanceId::from_u64(n),
             name: format!("vm{n}"),
             spec: spec(mem),
@@ -426,6 +427,7 @@ fn liveness_and_late_last_wills() {
 fn groups_keep_their_policy() {
     let mut f = fleet();
     let req = |n: u64, p| CreateRequest {
+        any_arch: false,
         id: InstanceId::from_u64(n),
         name: format!("g{n}"),
         spec: spec(256),
@@ -708,6 +710,7 @@ proptest::proptest! {
             match s {
                 Step::Create(i, m, grouped) => {
                     let _ = f.create(now, CreateRequest {
+                        any_arch: false,
                         id: InstanceId::from_u64(i),
                         name: format!("vm{i}"),
                         spec: spec(m),
@@ -765,4 +768,45 @@ proptest::proptest! {
             let _ = f.take_changes();
         }
     }
+}
+
+#[test]
+fn without_an_architecture_any_the_fleet_has_will_do() {
+    let mut f = Fleet::new(
+        Scheduler::default(),
+        FleetConfig::default(),
+        Snapshot::default(),
+        0,
+    );
+    let arm = node("arm-1");
+    f.on_status(
+        0,
+        &arm,
+        NodeStatus {
+            presence: Presence::Online,
+            session: 1,
+        },
+    );
+    f.on_inventory(
+        0,
+        &arm,
+        Inventory {
+            arch: Arch::Aarch64,
+            ..inventory(4096)
+        },
+    );
+    let req = |n: u64, any_arch: bool| CreateRequest {
+        id: InstanceId::from_u64(n),
+        name: format!("vm{n}"),
+        spec: spec(256), // x86_64 as the first choice
+        selector: vec![],
+        group: None,
+        any_arch,
+    };
+    let e = f.create(1, req(1, false)).unwrap_err();
+    assert!(e.to_string().contains("architecture"), "{e}");
+    f.create(1, req(2, true)).unwrap();
+    let i = f.instance("vm2").unwrap();
+    assert_eq!(i.spec.arch, Arch::Aarch64);
+    assert_eq!(i.node.as_ref(), Some(&arm));
 }

@@ -66,6 +66,7 @@ fn fleet_changes_survive_a_reopen() {
     f.create(
         2,
         CreateRequest {
+            any_arch: false,
             id: InstanceId::from_u64(42),
             name: "web-1".into(),
             spec,

@@ -1,7 +1,7 @@
 //! What operators ask of the fleet: create, power, reboot, delete, cordon, drain, adopt; and
 //! the placement that serves them.
 
-use outpost_protocol::{InstanceId, InstanceSpec, Label, NodeId, PowerState};
+use outpost_protocol::{Arch, InstanceId, InstanceSpec, Label, NodeId, PowerState};
 
 use super::records::{CreateRequest, FleetError, InstanceRecord, Phase};
 use super::{Fleet, index, unindex};
@@ -48,7 +48,11 @@ impl Fleet {
     }
 
     /// Creates and places an instance, or says at once why nothing fits (nothing is stored).
-    pub fn create(&mut self, now_ms: u64, req: CreateRequest) -> Result<InstanceId, FleetError> {
+    pub fn create(
+        &mut self,
+        now_ms: u64,
+        mut req: CreateRequest,
+    ) -> Result<InstanceId, FleetError> {
         req.spec.validate()?;
         if self.instances.contains_key(&req.id) || self.by_name.contains_key(&req.name) {
             return Err(FleetError::Exists(req.name));
@@ -58,8 +62,32 @@ impl Fleet {
         {
             return Err(FleetError::GroupPolicy(g.clone()));
         }
-        let group = req.group.as_ref().map(|(g, p)| (g.as_str(), *p));
-        let node = self.choose(&req.spec, &req.selector, group, &[], None)?;
+        let group = req.group.clone();
+        let group = group.as_ref().map(|(g, p)| (g.as_str(), *p));
+        let node = match self.choose(&req.spec, &req.selector, group, &[], None) {
+            Ok(n) => n,
+            // Any architecture will do: the other ones, before the first refusal stands.
+            Err(first) if req.any_arch => {
+                let mut found = None;
+                for arch in [Arch::X86_64, Arch::Aarch64] {
+                    if arch == req.spec.arch {
+                        continue;
+                    }
+                    let spec = InstanceSpec {
+                        arch,
+                        ..req.spec.clone()
+                    };
+                    if let Ok(n) = self.choose(&spec, &req.selector, group, &[], None) {
+                        found = Some((n, spec));
+                        break;
+                    }
+                }
+                let (n, spec) = found.ok_or(first)?;
+                req.spec = spec;
+                n
+            }
+            Err(e) => return Err(e.into()),
+        };
         if let Some((g, p)) = req.group.clone()
             && self.groups.insert(g.clone(), p).is_none()
         {

@@ -224,6 +224,9 @@ pub struct CreateRequest {
     pub selector: Vec<Label>,
     /// A server group and its policy (the policy is fixed by the group's first member).
     pub group: Option<(String, GroupPolicy)>,
+    /// No architecture was asked for: `spec.arch` is only the first choice, and any other
+    /// architecture the fleet has will do.
+    pub any_arch: bool,
 }
 
 /// Why an API request was refused.
