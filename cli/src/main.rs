@@ -85,6 +85,14 @@ enum NodeCmd {
     /// Adopt a node bound to another fleet (shown as `foreign`): its instances join this
     /// fleet as they are, and it takes this fleet's desired state from then on.
     Adopt { id: String },
+    /// Set or remove a node's labels from the controller, without re-flashing it:
+    /// `outpost nodes label edge-7 tier=gold zone-`.
+    Label {
+        id: String,
+        /// `key=value` to set (over the flashed value), `key-` to remove.
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
     /// Remove a node that is gone for good (refused while it holds instances; --force moves
     /// them elsewhere first). Revoke its credentials too: outpost-provision revoke NODE.
     Remove {
@@ -422,6 +430,9 @@ fn node_detail(v: &Value, instances: &[&Value]) -> anyhow::Result<()> {
     );
     say!("claimed       {}", res(&n.claimed));
     say!("labels        {}", n.labels.join(", "));
+    if !n.label_overrides.is_empty() {
+        say!("  set here    {}", n.label_overrides.join(", "));
+    }
     say!("images        {}", n.images.join(", "));
     say!(
         "generation    {} desired, {} reported",
@@ -585,6 +596,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 NodeCmd::Uncordon { id } => {
                     c.send("POST", &format!("/v1/nodes/{}/uncordon", seg(&id)), None)?
                 }
+                NodeCmd::Label { id, changes } => c.send(
+                    "POST",
+                    &format!("/v1/nodes/{}/labels", seg(&id)),
+                    Some(serde_json::json!({ "labels": changes })),
+                )?,
                 NodeCmd::Remove { id, force } => {
                     let q = if force { "?force=true" } else { "" };
                     let v = c.send("DELETE", &format!("/v1/nodes/{}{q}", seg(&id)), None)?;

@@ -29,6 +29,8 @@ pub enum Action {
     AdoptNode(String),
     /// Remove a node for good (`force`: move its instances elsewhere first).
     RemoveNode(String, bool),
+    /// Set (`key=value`) or remove (`key-`) a node's labels on the controller.
+    LabelNode(String, Vec<String>),
     /// All instances (and those held by nodes of another fleet).
     ListInstances,
     /// One instance, by name or id.
@@ -191,6 +193,11 @@ pub fn execute(
                 node: node_view(fleet, &n)?,
                 adopted,
             }
+        }
+        Action::LabelNode(id, changes) => {
+            let n = node_id(&id)?;
+            fleet.label(&n, &changes)?;
+            Reply::Node(node_view(fleet, &n)?)
         }
         Action::RemoveNode(id, force) => {
             let moved = fleet.remove_node(&node_id(&id)?, force)?;

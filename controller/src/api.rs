@@ -37,9 +37,8 @@ fn status(e: &ActionError) -> StatusCode {
         ActionError::Fleet(FleetError::NoInstance(_) | FleetError::NoNode(_)) => {
             StatusCode::NOT_FOUND
         }
-        ActionError::Fleet(FleetError::Spec(_)) | ActionError::Invalid(_) => {
-            StatusCode::BAD_REQUEST
-        }
+        ActionError::Fleet(FleetError::Spec(_) | FleetError::BadLabel(..))
+        | ActionError::Invalid(_) => StatusCode::BAD_REQUEST,
         ActionError::Fleet(
             FleetError::NoValidHost(_)
             | FleetError::Exists(_)
@@ -90,6 +89,13 @@ async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Ne
 
 type Key = Path<String>;
 
+/// `POST /v1/nodes/{id}/labels`: `{"labels": ["key=value", "key-"]}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LabelBody {
+    labels: Vec<String>,
+}
+
 /// `DELETE /v1/nodes/{id}?force=true`.
 #[derive(Debug, Default, serde::Deserialize)]
 struct RemoveQuery {
@@ -111,6 +117,12 @@ pub fn router(calls: mpsc::Sender<Call>, token: Option<String>) -> Router {
         )
         .route("/v1/nodes/{id}/cordon", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::CordonNode(id)).await }))
         .route("/v1/nodes/{id}/uncordon", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::UncordonNode(id)).await }))
+        .route("/v1/nodes/{id}/labels", post(|State(a): State<Api>, Path(id): Key, body: Result<Json<LabelBody>, axum::extract::rejection::JsonRejection>| async move {
+            match body {
+                Ok(Json(b)) => call(&a, Action::LabelNode(id, b.labels)).await,
+                Err(e) => Err(HttpError(StatusCode::BAD_REQUEST, e.body_text())),
+            }
+        }))
         .route("/v1/nodes/{id}/adopt", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::AdoptNode(id)).await }))
         .route("/v1/nodes/{id}/drain", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::DrainNode(id)).await }))
         .route(

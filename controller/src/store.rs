@@ -18,8 +18,9 @@ pub use crate::fleet::Snapshot;
 use crate::fleet::{Changes, InstanceRecord, NodeRecord, Phase};
 use crate::scheduler::GroupPolicy;
 
-/// The schema version this build writes (2: the fleet's identity and tombstones).
-pub const SCHEMA_VERSION: i64 = 2;
+/// The schema version this build writes (2: the fleet's identity and tombstones; 3: node
+/// labels set on the controller).
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +141,7 @@ impl SqliteStore {
                 id TEXT PRIMARY KEY, inventory BLOB, session INTEGER NOT NULL,
                 cordoned INTEGER NOT NULL, draining INTEGER NOT NULL, generation INTEGER NOT NULL,
                 reported_generation INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
-                failures TEXT NOT NULL);
+                failures TEXT NOT NULL, labels TEXT NOT NULL DEFAULT '');
              CREATE TABLE IF NOT EXISTS instances (
                 id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, spec BLOB NOT NULL,
                 selector TEXT NOT NULL, grp TEXT, power INTEGER NOT NULL,
@@ -149,6 +150,10 @@ impl SqliteStore {
              CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, policy TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS tombstones (id TEXT PRIMARY KEY);",
         )?;
+        // Schema 1-2 stores: the labels column came with schema 3.
+        if conn.prepare("SELECT labels FROM nodes LIMIT 0").is_err() {
+            conn.execute_batch("ALTER TABLE nodes ADD COLUMN labels TEXT NOT NULL DEFAULT ''")?;
+        }
         let v: Option<i64> = conn
             .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
                 r.get(0)
@@ -230,7 +235,7 @@ impl Store for SqliteStore {
         };
         let mut st = self.conn.prepare(
             "SELECT id, inventory, session, cordoned, draining, generation, reported_generation,
-                    last_seen_ms, failures FROM nodes ORDER BY id",
+                    last_seen_ms, failures, labels FROM nodes ORDER BY id",
         )?;
         let rows = st.query_map([], |r| {
             Ok((
@@ -243,10 +248,22 @@ impl Store for SqliteStore {
                 r.get::<_, i64>(6)?,
                 r.get::<_, i64>(7)?,
                 r.get::<_, String>(8)?,
+                r.get::<_, String>(9)?,
             ))
         })?;
         for row in rows {
-            let (id, inv, session, cordoned, draining, generation, reported, seen, failures) = row?;
+            let (
+                id,
+                inv,
+                session,
+                cordoned,
+                draining,
+                generation,
+                reported,
+                seen,
+                failures,
+                labels,
+            ) = row?;
             let id = NodeId::new(&id).map_err(|e| corrupt("nodes", e.to_string()))?;
             snap.nodes.push(NodeRecord {
                 inventory: inv
@@ -260,6 +277,16 @@ impl Store for SqliteStore {
                 reported_generation: reported as u64,
                 last_seen_ms: seen as u64,
                 failures_ms: failures.split(',').filter_map(|t| t.parse().ok()).collect(),
+                label_overrides: labels
+                    .lines()
+                    .map(|l| match l.strip_suffix('-') {
+                        Some(k) if !l.contains('=') => {
+                            outpost_protocol::LabelKey::new(k).map(|k| (k, None))
+                        }
+                        _ => Label::parse(l).map(|l| (l.key, Some(l.value))),
+                    })
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| corrupt("nodes", e.to_string()))?,
                 ..NodeRecord::new(id)
             });
         }
@@ -365,8 +392,8 @@ impl Store for SqliteStore {
         // One prepared statement per kind of row, for the whole batch.
         let mut put_node = tx.prepare(
             "INSERT OR REPLACE INTO nodes (id, inventory, session, cordoned, draining, generation,
-                    reported_generation, last_seen_ms, failures)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    reported_generation, last_seen_ms, failures, labels)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
         let mut put_instance = tx.prepare(
             "INSERT OR REPLACE INTO instances (id, name, spec, selector, grp, power, reboot_count,
@@ -393,6 +420,10 @@ impl Store for SqliteStore {
                 n.reported_generation as i64,
                 n.last_seen_ms as i64,
                 join_lines(&n.failures_ms, |t| t.to_string()).replace('\n', ","),
+                join_lines(&n.label_overrides, |(k, v)| match v {
+                    Some(v) => format!("{k}={v}"),
+                    None => format!("{k}-"),
+                }),
             ])?;
         }
         for i in &c.instances {

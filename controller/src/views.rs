@@ -46,6 +46,9 @@ pub struct NodeView {
     /// they are, adopted once the agent hands back their specs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unaccounted: Vec<String>,
+    /// Labels set or removed on the controller over the flashed ones (`key=value`, `key-`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub label_overrides: Vec<String>,
     /// The latest notice from its agent (unreadable state, hypervisor down...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
@@ -147,9 +150,15 @@ impl NodeView {
             hypervisor: inv.map(|i| i.hypervisor.to_string()),
             allocatable: inv.map(|i| i.allocatable().into()).unwrap_or_default(),
             claimed: fleet.claimed(&n.id).into(),
-            labels: inv
-                .map(|i| i.labels.iter().map(|l| l.to_string()).collect())
-                .unwrap_or_default(),
+            labels: n.labels().iter().map(ToString::to_string).collect(),
+            label_overrides: n
+                .label_overrides
+                .iter()
+                .map(|(k, v)| match v {
+                    Some(v) => format!("{k}={v}"),
+                    None => format!("{k}-"),
+                })
+                .collect(),
             images: inv
                 .map(|i| i.images.iter().map(|l| l.to_string()).collect())
                 .unwrap_or_default(),

@@ -145,3 +145,27 @@ fn the_write_ahead_log_is_checkpointed_in_the_background() {
         .unwrap();
     assert_eq!(snap.nodes.len(), 2000);
 }
+
+#[test]
+fn a_schema_2_store_gains_node_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("outpost.db")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             INSERT INTO meta VALUES ('schema', 2), ('fleet', 9);
+             CREATE TABLE nodes (
+                id TEXT PRIMARY KEY, inventory BLOB, session INTEGER NOT NULL,
+                cordoned INTEGER NOT NULL, draining INTEGER NOT NULL, generation INTEGER NOT NULL,
+                reported_generation INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
+                failures TEXT NOT NULL);
+             INSERT INTO nodes VALUES ('edge-1', NULL, 1, 0, 0, 4, 4, 0, '');",
+        )
+        .unwrap();
+    }
+    let mut store = SqliteStore::open(dir.path(), FleetId(7)).unwrap();
+    let snap = store.load().unwrap();
+    assert_eq!(snap.fleet, FleetId(9), "the store keeps its identity");
+    assert_eq!(snap.nodes[0].generation, 4);
+    assert!(snap.nodes[0].label_overrides.is_empty());
+}

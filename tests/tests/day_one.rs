@@ -309,3 +309,37 @@ fn a_gone_node_is_removed_and_revoked() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("no broker entry"));
 }
+
+/// Labels set or removed from the controller override the flashed ones, steer placements at
+/// once, and survive a restart.
+#[test]
+fn node_labels_from_the_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    let mut a = Agent::fake(dir.path(), "day1-l1", ctl.mqtt_port, 2048, "north");
+    a.start();
+    ctl.wait_nodes_up(1);
+    let v = ctl
+        .cli(&["nodes", "label", "day1-l1", "tier=gold", "zone-"])
+        .unwrap();
+    assert_eq!(v["labels"], serde_json::json!(["tier=gold"]), "{v}");
+    assert_eq!(
+        v["label_overrides"],
+        serde_json::json!(["tier=gold", "zone-"])
+    );
+    ctl.create("gold-1", &["--memory", "64", "--selector", "tier=gold"])
+        .unwrap();
+    let e = ctl
+        .create("north-1", &["--memory", "64", "--selector", "zone=north"])
+        .unwrap_err();
+    assert!(e.contains("labels"), "{e}");
+    let e = ctl
+        .cli(&["nodes", "label", "day1-l1", "Bad Key"])
+        .unwrap_err();
+    assert!(e.contains("HTTP 400") && e.contains("key=value"), "{e}");
+    ctl.proc().kill();
+    ctl.start();
+    let v = ctl.cli(&["nodes", "show", "day1-l1"]).unwrap();
+    assert_eq!(v["labels"], serde_json::json!(["tier=gold"]), "{v}");
+}

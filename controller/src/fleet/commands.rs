@@ -243,6 +243,46 @@ impl Fleet {
         Ok((moved, stuck))
     }
 
+    /// Sets (`key=value`) or removes (`key-`) labels of a node from the controller, over the
+    /// ones flashed onto it, without re-flashing; placements see them at once.
+    pub fn label(&mut self, node: &NodeId, changes: &[String]) -> Result<(), FleetError> {
+        let mut parsed = Vec::new();
+        for c in changes {
+            let bad = |e: String| FleetError::BadLabel(c.clone(), e);
+            let change = match c.strip_suffix('-') {
+                Some(k) if !c.contains('=') => (
+                    outpost_protocol::LabelKey::new(k).map_err(|e| bad(e.to_string()))?,
+                    None,
+                ),
+                _ => {
+                    let l = Label::parse(c).map_err(|e| bad(e.to_string()))?;
+                    if !c.contains('=') {
+                        return Err(bad("no value".into()));
+                    }
+                    (l.key, Some(l.value))
+                }
+            };
+            parsed.push(change);
+        }
+        let n = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| FleetError::NoNode(node.to_string()))?;
+        for (k, v) in parsed {
+            n.label_overrides.retain(|(key, _)| *key != k);
+            n.label_overrides.push((k, v));
+        }
+        if n.labels().len() > outpost_protocol::limits::MAX_LABELS {
+            return Err(FleetError::BadLabel(
+                changes.join(" "),
+                format!("at most {} labels", outpost_protocol::limits::MAX_LABELS),
+            ));
+        }
+        self.journal.nodes.insert(node.clone());
+        self.sync_host(node, 0);
+        Ok(())
+    }
+
     /// Removes a node an operator says is gone for good: refused while it holds instances,
     /// unless `force`, which first moves them elsewhere (and refuses if one cannot move).
     /// Revoke its credentials too (`outpost-provision revoke`), or it comes back as new when it

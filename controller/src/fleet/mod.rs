@@ -117,7 +117,7 @@ impl Fleet {
             hypervisor: inv.hypervisor,
             capacity: inv.allocatable(),
             claimed,
-            labels: inv.labels.iter().cloned().collect(),
+            labels: n.labels(),
             images: inv.images.iter().cloned().collect(),
             recent_failures: self.recent_failures(n, now_ms),
         };

@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 
 use outpost_protocol::{
-    FleetId, Holding, InstanceId, InstanceSpec, Inventory, Label, NodeId, PowerState, SpecError,
-    Version,
+    FleetId, Holding, InstanceId, InstanceSpec, Inventory, Label, LabelKey, LabelValue, NodeId,
+    PowerState, SpecError, Version,
 };
 
 use crate::scheduler::{Availability, GroupPolicy, NoValidHost};
@@ -170,6 +170,9 @@ pub struct NodeRecord {
     pub published_gone: Vec<InstanceId>,
     /// The latest notice from its agent (not stored).
     pub notice: Option<String>,
+    /// Labels set (`Some`) or removed (`None`) by an operator on the controller, over the
+    /// ones flashed onto the device (stored).
+    pub label_overrides: Vec<(LabelKey, Option<LabelValue>)>,
 }
 
 impl NodeRecord {
@@ -193,7 +196,26 @@ impl NodeRecord {
             reported: BTreeSet::new(),
             published_gone: Vec::new(),
             notice: None,
+            label_overrides: Vec::new(),
         }
+    }
+
+    /// Its labels: the flashed ones with the operator's overrides applied.
+    pub fn labels(&self) -> Vec<Label> {
+        let mut out: Vec<Label> = self
+            .inventory
+            .iter()
+            .flat_map(|i| i.labels.iter().cloned())
+            .filter(|l| !self.label_overrides.iter().any(|(k, _)| *k == l.key))
+            .collect();
+        out.extend(self.label_overrides.iter().filter_map(|(key, v)| {
+            v.clone().map(|value| Label {
+                key: key.clone(),
+                value,
+            })
+        }));
+        out.sort();
+        out
     }
 
     /// Up, down, cordoned or draining (a node bound to another fleet takes no placements:
@@ -253,6 +275,9 @@ pub enum FleetError {
     /// The instance is being deleted.
     #[error("instance {0} is being deleted")]
     Deleting(InstanceId),
+    /// A label change is not `key=value` or `key-`.
+    #[error("label {0:?}: {1} (give key=value to set, key- to remove)")]
+    BadLabel(String, String),
     /// A node still holds instances: it is not removed.
     #[error("node {0} still holds {1}: drain it first, or remove it with --force to move them")]
     NodeNotEmpty(NodeId, String),
