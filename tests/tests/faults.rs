@@ -326,6 +326,7 @@ fn fault_run(on_mosquitto: bool) {
                 // An agent's state file corrupted (a flipped byte) across a kill -9.
                 let i = rng.below(w.agents.len() as u64) as usize;
                 w.agents[i].proc().kill();
+                let before = w.agents[i].proc.as_ref().map_or(0, |p| p.log_text().len());
                 let file = w.agents[i].state_dir.join("desired.bin");
                 if let Ok(mut b) = std::fs::read(&file) {
                     let at = rng.below(b.len() as u64) as usize;
@@ -333,6 +334,21 @@ fn fault_run(on_mosquitto: bool) {
                     std::fs::write(&file, b).unwrap();
                 }
                 w.agents[i].start();
+                // The round ends once the agent is bound again (it takes the controller's state
+                // when it comes). A store lost while an agent's own state is unreadable leaves
+                // that agent's instances running but unknown to both: kept, never deleted, and
+                // not adoptable (README, Safety model); that double fault is not this mix's.
+                let agent = &mut w.agents[i];
+                wait_for(
+                    CONVERGE,
+                    "the agent bound again after its corrupt state",
+                    || {
+                        let log = agent.proc().log_text();
+                        log[before.min(log.len())..]
+                            .contains("desired state accepted")
+                            .then_some(())
+                    },
+                );
                 format!("state file of agent {} corrupted", w.agents[i].node)
             }
             10 | 11 if w.real.len() < 2 => {
