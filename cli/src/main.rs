@@ -724,7 +724,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 InstanceCmd::Delete { key, w } => {
                     let mut v = c.send("DELETE", &format!("/v1/instances/{}", seg(&key)), None)?;
                     if w.wait {
+                        let id = v["id"].clone();
                         v = c.wait_for(&key, Until::Gone, w)?;
+                        v["id"] = id;
                     }
                     if !cli.json {
                         say!(
