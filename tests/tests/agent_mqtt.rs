@@ -193,9 +193,14 @@ fn agent_rides_out_a_broker_restart() {
     ctl.wait(T, "inventory after broker restart", |s| {
         s.inventory_of(&node)
     });
+    // (From the periodic report: the events of the reconnect may precede this subscriber.)
     ctl.wait(T, "report with the instance", |s| {
-        s.report_of(&node)
-            .filter(|r| r.generation == 5 && running(s, &node, 7))
+        s.report_of(&node).filter(|r| {
+            r.generation == 5
+                && r.instances
+                    .iter()
+                    .any(|x| x.id == InstanceId::from_u64(7) && x.state == InstanceState::Running)
+        })
     });
     // A clean stop publishes offline at once.
     let st = agent.proc().terminate();
