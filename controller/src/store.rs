@@ -15,6 +15,7 @@ use outpost_protocol::{
 use rusqlite::{Connection, OptionalExtension, params};
 
 pub use crate::fleet::Snapshot;
+use crate::fleet::records::{format_label_override, parse_label_override};
 use crate::fleet::{Changes, InstanceRecord, NodeRecord, Phase};
 use crate::scheduler::GroupPolicy;
 
@@ -279,14 +280,9 @@ impl Store for SqliteStore {
                 failures_ms: failures.split(',').filter_map(|t| t.parse().ok()).collect(),
                 label_overrides: labels
                     .lines()
-                    .map(|l| match l.strip_suffix('-') {
-                        Some(k) if !l.contains('=') => {
-                            outpost_protocol::LabelKey::new(k).map(|k| (k, None))
-                        }
-                        _ => Label::parse(l).map(|l| (l.key, Some(l.value))),
-                    })
+                    .map(parse_label_override)
                     .collect::<Result<_, _>>()
-                    .map_err(|e| corrupt("nodes", e.to_string()))?,
+                    .map_err(|e| corrupt("nodes", e))?,
                 ..NodeRecord::new(id)
             });
         }
@@ -420,10 +416,10 @@ impl Store for SqliteStore {
                 n.reported_generation as i64,
                 n.last_seen_ms as i64,
                 join_lines(&n.failures_ms, |t| t.to_string()).replace('\n', ","),
-                join_lines(&n.label_overrides, |(k, v)| match v {
-                    Some(v) => format!("{k}={v}"),
-                    None => format!("{k}-"),
-                }),
+                join_lines(&n.label_overrides, |(k, v)| format_label_override(
+                    k,
+                    v.as_ref()
+                )),
             ])?;
         }
         for i in &c.instances {

@@ -154,10 +154,7 @@ impl NodeView {
             label_overrides: n
                 .label_overrides
                 .iter()
-                .map(|(k, v)| match v {
-                    Some(v) => format!("{k}={v}"),
-                    None => format!("{k}-"),
-                })
+                .map(|(k, v)| crate::fleet::records::format_label_override(k, v.as_ref()))
                 .collect(),
             images: inv
                 .map(|i| i.images.iter().map(|l| l.to_string()).collect())

@@ -248,21 +248,10 @@ impl Fleet {
     pub fn label(&mut self, node: &NodeId, changes: &[String]) -> Result<(), FleetError> {
         let mut parsed = Vec::new();
         for c in changes {
-            let bad = |e: String| FleetError::BadLabel(c.clone(), e);
-            let change = match c.strip_suffix('-') {
-                Some(k) if !c.contains('=') => (
-                    outpost_protocol::LabelKey::new(k).map_err(|e| bad(e.to_string()))?,
-                    None,
-                ),
-                _ => {
-                    let l = Label::parse(c).map_err(|e| bad(e.to_string()))?;
-                    if !c.contains('=') {
-                        return Err(bad("no value".into()));
-                    }
-                    (l.key, Some(l.value))
-                }
-            };
-            parsed.push(change);
+            parsed.push(
+                super::records::parse_label_override(c)
+                    .map_err(|e| FleetError::BadLabel(c.clone(), e))?,
+            );
         }
         let n = self
             .nodes

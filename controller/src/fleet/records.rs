@@ -251,6 +251,26 @@ pub struct CreateRequest {
     pub any_arch: bool,
 }
 
+/// One label change as an operator writes it and the store keeps it: `key=value` sets the
+/// label, `key-` removes it.
+pub fn parse_label_override(s: &str) -> Result<(LabelKey, Option<LabelValue>), String> {
+    match s.strip_suffix('-') {
+        Some(k) if !s.contains('=') => Ok((LabelKey::new(k).map_err(|e| e.to_string())?, None)),
+        _ if !s.contains('=') => Err("no value".into()),
+        _ => Label::parse(s)
+            .map(|l| (l.key, Some(l.value)))
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// The written form of a label change (see [`parse_label_override`]).
+pub fn format_label_override(key: &LabelKey, value: Option<&LabelValue>) -> String {
+    match value {
+        Some(v) => format!("{key}={v}"),
+        None => format!("{key}-"),
+    }
+}
+
 /// Why an API request was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FleetError {
