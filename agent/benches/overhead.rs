@@ -142,6 +142,7 @@ fn main() {
                 name: InstanceName::new("bench").unwrap(),
                 power: PowerState::Running,
                 reboot_count: 0,
+                power_mode: PowerMode::default(),
                 spec: spec.clone(),
             }]
             .into_iter()

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use outpost_protocol::limits::MAX_IMAGES;
-use outpost_protocol::{ImageName, Inventory, Labels, Resources};
+use outpost_protocol::{AgentVersion, ImageName, Inventory, Labels, Resources};
 
 use crate::hypervisor::HostInfo;
 use crate::reconcile::HostFacts;
@@ -61,6 +61,7 @@ pub fn describe(
         reserved,
         labels: labels.clone(),
         images: images.iter().cloned().collect(),
+        agent_version: AgentVersion::new(env!("CARGO_PKG_VERSION")).unwrap_or_default(),
     };
     let facts = HostFacts {
         arch: host.arch,

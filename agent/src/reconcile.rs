@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::admission::HostFacts;
 use crate::admission::admit;
-use crate::hypervisor::{Domain, DomainState, Op};
+use crate::hypervisor::{Domain, DomainState, Note, Op};
 
 /// First delay before retrying a failed operation or restarting a crashed instance.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
@@ -158,6 +158,20 @@ fn set_state(
         t.state = Some(state);
         t.reason = reason;
         out.push(event(generation, id, state, &t.reason));
+    }
+}
+
+/// Sets a state with no reason, unless the instance is already in it: its reason (a guest
+/// that ignored the power button) stays until the state changes.
+fn enter_state(
+    out: &mut Vec<Effect>,
+    generation: u64,
+    id: InstanceId,
+    t: &mut Track,
+    state: InstanceState,
+) {
+    if t.state != Some(state) {
+        set_state(out, generation, id, t, state, "");
     }
 }
 
@@ -465,9 +479,9 @@ impl Reconciler {
                 }
                 if di.reboot_count > applied_reboot {
                     t.reboot_applied = Some(di.reboot_count);
-                    run(out, t, id, Op::Reboot);
+                    run(out, t, id, Op::Reboot(di.power_mode));
                 }
-                set_state(out, generation, id, t, InstanceState::Running, "");
+                enter_state(out, generation, id, t, InstanceState::Running);
             }
             (PowerState::Running, DomainState::Off { crashed }) => {
                 let (s, why) = if crashed {
@@ -508,24 +522,25 @@ impl Reconciler {
             (PowerState::Stopped, DomainState::Running) => {
                 if t.ready(now) {
                     t.power_applied = Some(PowerState::Stopped);
-                    run(out, t, id, Op::Stop);
+                    run(out, t, id, Op::Stop(di.power_mode));
                 }
             }
             (PowerState::Stopped, DomainState::Off { .. }) => {
                 t.power_applied = Some(PowerState::Stopped);
                 t.reboot_applied = Some(di.reboot_count);
-                set_state(out, generation, id, t, InstanceState::Stopped, "");
+                enter_state(out, generation, id, t, InstanceState::Stopped);
             }
         }
     }
 
-    /// The result of an [`Effect::Run`]. On failure, `Err` holds the error's kind and text.
+    /// The result of an [`Effect::Run`]: on success, what it leaves to say (a guest that
+    /// ignored the power button); on failure, the error's kind and text.
     pub fn completed(
         &mut self,
         now: Instant,
         id: InstanceId,
         op: &Op,
-        result: Result<(), (ErrorKind, String)>,
+        result: Result<Note, (ErrorKind, String)>,
     ) -> Vec<Effect> {
         let mut out = Vec::new();
         let generation = self.generation();
@@ -538,7 +553,7 @@ impl Reconciler {
         };
         t.busy = false;
         match (op, result) {
-            (Op::Create { start, .. }, Ok(())) => {
+            (Op::Create { start, .. }, Ok(_)) => {
                 let s = if *start {
                     InstanceState::Running
                 } else {
@@ -546,13 +561,15 @@ impl Reconciler {
                 };
                 set_state(&mut out, generation, id, t, s, "");
             }
-            (Op::Start | Op::Reboot, Ok(())) => {
-                set_state(&mut out, generation, id, t, InstanceState::Running, "");
+            (Op::Start | Op::Reboot(_), Ok(note)) => {
+                let why = note.unwrap_or_default();
+                set_state(&mut out, generation, id, t, InstanceState::Running, &why);
             }
-            (Op::Stop, Ok(())) => {
-                set_state(&mut out, generation, id, t, InstanceState::Stopped, "");
+            (Op::Stop(_), Ok(note)) => {
+                let why = note.unwrap_or_default();
+                set_state(&mut out, generation, id, t, InstanceState::Stopped, &why);
             }
-            (Op::Delete, Ok(())) => {
+            (Op::Delete, Ok(_)) => {
                 if !wanted {
                     set_state(&mut out, generation, id, t, InstanceState::Deleted, "");
                     self.tracks.remove(&id);

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::fingerprint;
-use crate::hypervisor::{Hypervisor, HypervisorError, Op, execute};
+use crate::hypervisor::{Hypervisor, HypervisorError, Note, Op, execute};
 pub use crate::link::{CONNECT_TIMEOUT, KEEP_ALIVE, MAX_PACKET, RECONNECT_BASE, RECONNECT_MAX};
 use crate::link::{LinkEvent, encode, qos, wall_ms};
 use crate::reconcile::{Effect, HostFacts, Offer, Reconciler};
@@ -53,7 +53,7 @@ pub struct Counters {
 pub const HEARD_EVERY: Duration = Duration::from_secs(60);
 
 /// A finished hypervisor operation, as the reconciler takes it back.
-type Done = (InstanceId, Op, Result<(), (ErrorKind, String)>);
+type Done = (InstanceId, Op, Result<Note, (ErrorKind, String)>);
 
 /// The running agent.
 struct Shell {

@@ -23,8 +23,8 @@ pub const DESIRED_FILE: &str = "desired.bin";
 pub const HEARD_FILE: &str = "heard";
 /// The first four bytes of the held-state file.
 pub const MAGIC: [u8; 4] = *b"OPST";
-/// The held-state file's format version.
-pub const FORMAT: u8 = 2;
+/// The held-state file's format version (3: instances carry their power mode).
+pub const FORMAT: u8 = 3;
 /// The largest held-state file: a full desired state and a full list of kept instances.
 pub const MAX_FILE_LEN: usize = 256 * 1024;
 /// The state directory's mode: private listing, traversable by QEMU's unprivileged user.
@@ -98,7 +98,7 @@ pub fn unframe(bytes: &[u8]) -> Result<Held, &'static str> {
     if data[..4] != MAGIC {
         return Err("bad magic");
     }
-    if data[4] != FORMAT {
+    if data[4] != FORMAT && data[4] != 2 {
         return Err("unknown format version");
     }
     let mut stored = [0u8; 4];
@@ -112,10 +112,85 @@ pub fn unframe(bytes: &[u8]) -> Result<Held, &'static str> {
     if u32::from_le_bytes(len) as usize != body.len() {
         return Err("length mismatch");
     }
+    if data[4] == 2 {
+        return match postcard::take_from_bytes::<v2::Held>(body) {
+            Ok((held, [])) => Ok(held.into()),
+            Ok(_) => Err("trailing bytes"),
+            Err(_) => Err("malformed body"),
+        };
+    }
     match postcard::take_from_bytes::<Held>(body) {
         Ok((held, [])) => Ok(held),
         Ok(_) => Err("trailing bytes"),
         Err(_) => Err("malformed body"),
+    }
+}
+
+/// Format 2, written by the release before power modes: read after an upgrade (never
+/// written), so an upgraded agent keeps its fleet binding and its instances.
+mod v2 {
+    use outpost_protocol::limits::MAX_INSTANCES_PER_NODE;
+    use outpost_protocol::{
+        FleetId, InstanceId, InstanceName, InstanceSpec, PowerMode, PowerState, Version,
+    };
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    #[cfg_attr(test, derive(serde::Serialize))]
+    pub struct Instance {
+        pub(super) id: InstanceId,
+        pub(super) name: InstanceName,
+        pub(super) power: PowerState,
+        pub(super) reboot_count: u32,
+        pub(super) spec: InstanceSpec,
+    }
+
+    #[derive(Deserialize)]
+    #[cfg_attr(test, derive(serde::Serialize))]
+    pub struct Desired {
+        pub(super) fleet: FleetId,
+        pub(super) generation: u64,
+        pub(super) replaces: Option<Version>,
+        pub(super) lease_secs: u32,
+        pub(super) instances: heapless::Vec<Instance, MAX_INSTANCES_PER_NODE>,
+        pub(super) gone: heapless::Vec<InstanceId, MAX_INSTANCES_PER_NODE>,
+    }
+
+    #[derive(Deserialize)]
+    #[cfg_attr(test, derive(serde::Serialize))]
+    pub struct Held {
+        pub(super) desired: Box<Desired>,
+        pub(super) kept: Vec<Instance>,
+    }
+
+    impl From<Instance> for outpost_protocol::DesiredInstance {
+        fn from(i: Instance) -> Self {
+            Self {
+                id: i.id,
+                name: i.name,
+                power: i.power,
+                reboot_count: i.reboot_count,
+                power_mode: PowerMode::default(),
+                spec: i.spec,
+            }
+        }
+    }
+
+    impl From<Held> for crate::reconcile::Held {
+        fn from(h: Held) -> Self {
+            let d = *h.desired;
+            Self {
+                desired: Box::new(outpost_protocol::DesiredState {
+                    fleet: d.fleet,
+                    generation: d.generation,
+                    replaces: d.replaces,
+                    lease_secs: d.lease_secs,
+                    instances: d.instances.into_iter().map(Into::into).collect(),
+                    gone: d.gone,
+                }),
+                kept: h.kept.into_iter().map(Into::into).collect(),
+            }
+        }
     }
 }
 
@@ -235,6 +310,72 @@ mod tests {
         store.save_heard(1_700_000_000_123).unwrap();
         assert_eq!(store.heard_ms(), Some(1_700_000_000_123));
         assert_eq!(mode(&state.join(HEARD_FILE)), 0o600);
+    }
+
+    #[test]
+    fn a_format_2_file_from_the_previous_release_loads() {
+        use outpost_protocol::*;
+        let mut h = held();
+        let spec = InstanceSpec {
+            vcpus: 1,
+            memory_mib: 64,
+            disk_gib: 0,
+            arch: Arch::X86_64,
+            require_kvm: false,
+            boot: Boot::Kernel {
+                kernel: ImageName::new("vmlinuz").unwrap(),
+                initrd: None,
+                cmdline: Cmdline::new("console=ttyS0").unwrap(),
+            },
+            network: Network::None,
+            restart: RestartPolicy::Always,
+            labels: Labels::new(),
+        };
+        h.desired
+            .instances
+            .push(DesiredInstance {
+                id: InstanceId::from_u64(0xabc),
+                name: InstanceName::new("web-1").unwrap(),
+                power: PowerState::Stopped,
+                reboot_count: 3,
+                power_mode: PowerMode::default(),
+                spec,
+            })
+            .unwrap();
+        h.desired.gone.push(InstanceId::from_u64(0xdef)).unwrap();
+        let old = v2::Held {
+            desired: Box::new(v2::Desired {
+                fleet: h.desired.fleet,
+                generation: h.desired.generation,
+                replaces: h.desired.replaces,
+                lease_secs: h.desired.lease_secs,
+                instances: h
+                    .desired
+                    .instances
+                    .iter()
+                    .map(|i| v2::Instance {
+                        id: i.id,
+                        name: i.name.clone(),
+                        power: i.power,
+                        reboot_count: i.reboot_count,
+                        spec: i.spec.clone(),
+                    })
+                    .collect(),
+                gone: h.desired.gone.clone(),
+            }),
+            kept: Vec::new(),
+        };
+        let body = postcard::to_stdvec(&old).unwrap();
+        let mut bytes = MAGIC.to_vec();
+        bytes.push(2);
+        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        let crc = CRC32.checksum(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let loaded = unframe(&bytes).unwrap();
+        assert_eq!(loaded, h, "the same state, with default power modes");
+        // Written back in the current format.
+        assert_eq!(frame(&loaded).unwrap()[4], FORMAT);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use outpost_agent::config::KindChoice;
 use outpost_agent::hypervisor::libvirt::{LibvirtConfig, LibvirtHypervisor};
-use outpost_agent::hypervisor::{DomainState, Hypervisor, HypervisorError};
+use outpost_agent::hypervisor::{DomainState, Hypervisor, HypervisorError, Outcome};
 use outpost_protocol::*;
 use virt::connect::Connect;
 
@@ -119,9 +119,22 @@ fn libvirt_backend_lifecycle_on_the_test_driver() {
     assert!(info.contains("base.qcow2"), "{info}");
     assert!(info.contains("\"virtual-size\": 2147483648"), "{info}");
 
-    hv.stop(a).unwrap();
+    // A stop and a reboot that press the power button: the test driver's guests act on it
+    // at once, so both are clean; a forced stop pulls the plug.
+    let polite = PowerMode {
+        force: false,
+        stop_timeout_secs: 5,
+    };
+    let forced = PowerMode {
+        force: true,
+        stop_timeout_secs: 0,
+    };
+    assert_eq!(hv.stop(a, polite).unwrap(), Outcome::Done);
+    hv.start(a).unwrap();
+    assert_eq!(hv.stop(a, forced).unwrap(), Outcome::Done);
     hv.start(b).unwrap();
-    hv.reboot(b).unwrap();
+    assert_eq!(hv.reboot(b, polite).unwrap(), Outcome::Done);
+    assert_eq!(hv.reboot(b, forced).unwrap(), Outcome::Done);
     let states: Vec<_> = {
         let mut l = hv.list().unwrap();
         l.sort_by_key(|d| d.id);

@@ -62,6 +62,7 @@ async fn cold_boot_offline_restores_instances_from_disk() {
                 name: InstanceName::new(&format!("vm-{id}x")).unwrap(),
                 power: PowerState::Running,
                 reboot_count: 0,
+                power_mode: PowerMode::default(),
                 spec: spec.clone(),
             })
             .collect(),

@@ -51,6 +51,7 @@ fn inst(n: u64, spec: InstanceSpec) -> DesiredInstance {
         name: InstanceName::new(&format!("vm-{n}")).unwrap(),
         power: PowerState::Running,
         reboot_count: 0,
+        power_mode: PowerMode::default(),
         spec,
     }
 }
@@ -672,6 +673,68 @@ fn power_and_reboot_are_level_triggered() {
     s.restart_agent();
     s.converge();
     assert_eq!(s.hv.calls(Call::Reboot, id(1)), 1);
+}
+
+/// The last reason the agent gave for instance `n`.
+fn last_reason(events: &[AgentEvent], n: u64) -> Option<String> {
+    events.iter().rev().find_map(|e| match e {
+        AgentEvent::Instance { id: i, reason, .. } if *i == id(n) => {
+            Some(reason.as_str().to_owned())
+        }
+        _ => None,
+    })
+}
+
+#[test]
+fn a_guest_that_ignores_the_power_button_is_forced_and_says_so() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    s.hv.ignore_power_button(true);
+    let mut i = inst(1, spec(256, RestartPolicy::Always));
+    s.deliver(desired(1, vec![i.clone()]));
+    s.converge();
+    s.take_events();
+
+    // A polite reboot the guest ignores: reset, and the reason says so, pass after pass.
+    i.reboot_count = 1;
+    i.power_mode = PowerMode {
+        force: false,
+        stop_timeout_secs: 30,
+    };
+    s.deliver(desired(2, vec![i.clone()]));
+    s.converge();
+    s.advance(Duration::from_secs(10));
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Reboot, id(1)), 1);
+    let events = s.take_events();
+    let why = last_reason(&events, 1).unwrap();
+    assert!(
+        why.contains("ignored the power button for 30 s: reset"),
+        "{why}"
+    );
+    assert_eq!(s.state(1), Some(InstanceState::Running));
+
+    // A polite stop, ignored: forced off, said so; it stays said until the state changes.
+    i.power = PowerState::Stopped;
+    s.deliver(desired(3, vec![i.clone()]));
+    s.converge();
+    s.advance(Duration::from_secs(10));
+    s.converge();
+    let events = s.take_events();
+    assert_eq!(states_of(&events, 1).last(), Some(&InstanceState::Stopped));
+    let why = last_reason(&events, 1).unwrap();
+    assert!(why.contains("forced off"), "{why}");
+
+    // Started again: the reason is gone. A forced stop says nothing more (as asked).
+    i.power = PowerState::Running;
+    s.deliver(desired(4, vec![i.clone()]));
+    s.converge();
+    assert_eq!(last_reason(&s.take_events(), 1).as_deref(), Some(""));
+    i.power = PowerState::Stopped;
+    i.power_mode.force = true;
+    s.deliver(desired(5, vec![i.clone()]));
+    s.converge();
+    assert_eq!(last_reason(&s.take_events(), 1).as_deref(), Some(""));
+    assert_eq!(s.state(1), Some(InstanceState::Stopped));
 }
 
 #[test]

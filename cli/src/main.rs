@@ -74,8 +74,13 @@ enum What {
 enum NodeCmd {
     /// List nodes.
     List,
-    /// Show one node.
-    Show { id: String },
+    /// Show one node: state, resources with allocation ratios, labels, images, instances,
+    /// generations, agent version. `--wait` waits until it is up (a device just onboarded).
+    Show {
+        id: String,
+        #[command(flatten)]
+        w: WaitArgs,
+    },
     /// Stop placing new instances on a node.
     Cordon { id: String },
     /// Place instances on a node again.
@@ -106,7 +111,8 @@ enum NodeCmd {
 /// Waiting for an operation to take effect on its node.
 #[derive(Debug, Clone, Copy, clap::Args)]
 struct WaitArgs {
-    /// Wait until it took effect (running, stopped or gone), or fail with the reason.
+    /// Wait until it took effect (running, stopped, gone; a node: up), or fail with the
+    /// reason.
     #[arg(long)]
     wait: bool,
     /// How long `--wait` waits, in seconds.
@@ -134,12 +140,19 @@ enum InstanceCmd {
         /// Only those of this server group.
         #[arg(long)]
         group: Option<String>,
+        /// Only those with these labels: `key=value` or `key` (any value), comma-separated
+        /// or repeated; all must match.
+        #[arg(long = "selector", short = 'l', value_delimiter = ',')]
+        selector: Vec<String>,
     },
     /// Show one instance (by id or name).
     Show { key: String },
-    /// Stop an instance.
+    /// Stop an instance: the power button, forced off after the stop timeout (the agent's,
+    /// 20 s by default, or --stop-timeout); --force pulls the plug at once.
     Stop {
         key: String,
+        #[command(flatten)]
+        p: PowerArgs,
         #[command(flatten)]
         w: WaitArgs,
     },
@@ -149,9 +162,12 @@ enum InstanceCmd {
         #[command(flatten)]
         w: WaitArgs,
     },
-    /// Reboot an instance.
+    /// Reboot an instance: a clean shutdown and a fresh boot, reset if the guest ignores the
+    /// power button for the stop timeout (said in its reason); --force (--hard) resets at once.
     Reboot {
         key: String,
+        #[command(flatten)]
+        p: PowerArgs,
         #[command(flatten)]
         w: WaitArgs,
     },
@@ -163,6 +179,44 @@ enum InstanceCmd {
     },
 }
 
+/// How a stop or reboot is carried out.
+#[derive(Debug, Clone, Copy, clap::Args)]
+struct PowerArgs {
+    /// At once, without asking the guest: power off (stop) or reset (reboot).
+    #[arg(long, visible_alias = "hard", conflicts_with = "stop_timeout")]
+    force: bool,
+    /// Seconds the guest has to act on the power button before it is forced.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u16).range(1..))]
+    stop_timeout: Option<u16>,
+}
+
+impl PowerArgs {
+    fn body(self) -> Option<Value> {
+        (self.force || self.stop_timeout.is_some()).then(|| {
+            serde_json::json!({
+                "force": self.force,
+                "stop_timeout_secs": self.stop_timeout.unwrap_or(0),
+            })
+        })
+    }
+}
+
+/// Whether an instance carries every label of `selector` (`key=value`, or `key` for any
+/// value).
+fn selected(i: &Value, selector: &[String]) -> bool {
+    let labels: Vec<&str> = i["labels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    selector.iter().all(|want| {
+        labels.iter().any(|l| {
+            *l == want.as_str() || (!want.contains('=') && l.split('=').next() == Some(want))
+        })
+    })
+}
+
 /// What `--wait` waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Until {
@@ -171,6 +225,29 @@ enum Until {
 }
 
 impl Client {
+    /// Polls node `id` until it is up, or the timeout.
+    fn wait_up(&self, id: &str, w: WaitArgs) -> anyhow::Result<Value> {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(w.timeout);
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let mut last = String::new();
+        loop {
+            let state = match self.send("GET", &format!("/v1/nodes/{}", seg(id)), None) {
+                Ok(v) if v["state"] == "up" => return Ok(v),
+                Ok(v) => v["state"].as_str().unwrap_or_default().to_owned(),
+                Err(e) if e.to_string().contains("HTTP 404") => "not registered yet".to_owned(),
+                Err(e) => return Err(e),
+            };
+            if tty && state != last {
+                eprintln!("{id}: {state}...");
+            }
+            last = state;
+            if std::time::Instant::now() >= end {
+                bail!("{id}: still {last} after {} s", w.timeout);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+
     /// Polls instance `key` until `until`, an error phase, or the timeout.
     fn wait_for(&self, key: &str, until: Until, w: WaitArgs) -> anyhow::Result<Value> {
         let end = std::time::Instant::now() + std::time::Duration::from_secs(w.timeout);
@@ -420,15 +497,32 @@ fn node_detail(v: &Value, instances: &[&Value]) -> anyhow::Result<()> {
         )
     };
     say!("node          {}", n.id);
-    say!("state         {}", n.state);
+    if n.connected_since_ms > 0 && n.state != "down" {
+        let since = now_ms.saturating_sub(n.connected_since_ms) / 1000;
+        say!("state         {} (connected {since} s ago)", n.state);
+    } else {
+        say!("state         {}", n.state);
+    }
     say!("last seen     {ago} s ago");
+    say!(
+        "agent         {}",
+        n.agent_version.as_deref().unwrap_or("-")
+    );
     say!("arch          {}", n.arch.as_deref().unwrap_or("-"));
     say!("hypervisor    {}", n.hypervisor.as_deref().unwrap_or("-"));
     say!(
-        "allocatable   {} (before allocation ratios)",
+        "allocatable   {} (total minus reservations)",
         res(&n.allocatable)
     );
+    say!(
+        "ratios        cpu {}, memory {}, disk {} (virtual per physical)",
+        n.ratios.cpu,
+        n.ratios.memory,
+        n.ratios.disk
+    );
+    say!("capacity      {} (after ratios)", res(&n.capacity));
     say!("claimed       {}", res(&n.claimed));
+    say!("used          {} (as last reported)", res(&n.used));
     say!("labels        {}", n.labels.join(", "));
     if !n.label_overrides.is_empty() {
         say!("  set here    {}", n.label_overrides.join(", "));
@@ -473,11 +567,18 @@ fn instance_detail(v: &Value) -> anyhow::Result<()> {
     say!("instance      {} ({})", i.name, i.id);
     say!("phase         {}", i.phase);
     say!(
-        "power         {} (asked), reboots asked {}",
+        "power         {} (asked{}), reboots asked {}",
         i.power,
+        i.power_mode
+            .as_deref()
+            .map(|m| format!(", {m}"))
+            .unwrap_or_default(),
         i.reboot_count
     );
     say!("node          {}", i.node.as_deref().unwrap_or("-"));
+    if !i.placement.is_empty() {
+        say!("placed        {}", i.placement);
+    }
     say!(
         "resources     {} vCPUs, {} MiB, {} GiB, {}{}",
         i.vcpus,
@@ -575,8 +676,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         What::Nodes(cmd) => {
             let v = match cmd {
                 NodeCmd::List => c.send("GET", "/v1/nodes", None)?,
-                NodeCmd::Show { id } => {
-                    let v = c.send("GET", &format!("/v1/nodes/{}", seg(&id)), None)?;
+                NodeCmd::Show { id, w } => {
+                    let v = if w.wait {
+                        c.wait_up(&id, w)?
+                    } else {
+                        c.send("GET", &format!("/v1/nodes/{}", seg(&id)), None)?
+                    };
                     if !cli.json {
                         let all = c.send("GET", "/v1/instances", None)?;
                         let on: Vec<&Value> = all
@@ -673,12 +778,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         v
                     }
                 }
-                InstanceCmd::List { node, phase, group } => {
+                InstanceCmd::List {
+                    node,
+                    phase,
+                    group,
+                    selector,
+                } => {
                     let v = c.send("GET", "/v1/instances", None)?;
                     let keep = |i: &Value| {
                         node.as_ref().is_none_or(|n| i["node"] == n.as_str())
                             && phase.as_ref().is_none_or(|p| i["phase"] == p.as_str())
                             && group.as_ref().is_none_or(|g| i["group"] == g.as_str())
+                            && selected(i, &selector)
                     };
                     Value::Array(
                         v.as_array()
@@ -697,8 +808,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     v
                 }
-                InstanceCmd::Stop { key, w } => {
-                    let v = c.send("POST", &format!("/v1/instances/{}/stop", seg(&key)), None)?;
+                InstanceCmd::Stop { key, p, w } => {
+                    let v = c.send(
+                        "POST",
+                        &format!("/v1/instances/{}/stop", seg(&key)),
+                        p.body(),
+                    )?;
                     if w.wait {
                         c.wait_for(&key, Until::Phase("stopped"), w)?
                     } else {
@@ -713,8 +828,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         v
                     }
                 }
-                InstanceCmd::Reboot { key, w } => {
-                    let v = c.send("POST", &format!("/v1/instances/{}/reboot", seg(&key)), None)?;
+                InstanceCmd::Reboot { key, p, w } => {
+                    let v = c.send(
+                        "POST",
+                        &format!("/v1/instances/{}/reboot", seg(&key)),
+                        p.body(),
+                    )?;
                     if w.wait {
                         c.wait_for(&key, Until::Phase("running"), w)?
                     } else {

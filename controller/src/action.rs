@@ -5,7 +5,7 @@
 //! source (the loop passes the time and the id of a new instance in), so executing an action is
 //! deterministic.
 
-use outpost_protocol::{InstanceId, NodeId, PowerState};
+use outpost_protocol::{InstanceId, NodeId, PowerMode, PowerState};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
@@ -37,12 +37,12 @@ pub enum Action {
     GetInstance(String),
     /// Create an instance.
     CreateInstance(Box<CreateBody>),
-    /// Stop an instance.
-    StopInstance(String),
+    /// Stop an instance (forced, or with the guest's grace).
+    StopInstance(String, PowerMode),
     /// Start an instance.
     StartInstance(String),
-    /// Reboot an instance.
-    RebootInstance(String),
+    /// Reboot an instance (a reset when forced).
+    RebootInstance(String, PowerMode),
     /// Delete an instance.
     DeleteInstance(String),
 }
@@ -222,16 +222,16 @@ pub fn execute(
             let id = fleet.create(now, req)?;
             instance_reply(fleet, id)
         }
-        Action::StopInstance(key) => {
-            let id = fleet.set_power(&key, PowerState::Stopped)?;
+        Action::StopInstance(key, mode) => {
+            let id = fleet.set_power(&key, PowerState::Stopped, mode)?;
             instance_reply(fleet, id)
         }
         Action::StartInstance(key) => {
-            let id = fleet.set_power(&key, PowerState::Running)?;
+            let id = fleet.set_power(&key, PowerState::Running, PowerMode::default())?;
             instance_reply(fleet, id)
         }
-        Action::RebootInstance(key) => {
-            let id = fleet.reboot(&key)?;
+        Action::RebootInstance(key, mode) => {
+            let id = fleet.reboot(&key, mode)?;
             instance_reply(fleet, id)
         }
         Action::DeleteInstance(key) => {

@@ -4,11 +4,13 @@
 
 use axum::Json;
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use outpost_protocol::PowerMode;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
@@ -103,6 +105,36 @@ struct RemoveQuery {
     force: bool,
 }
 
+/// `POST /v1/instances/{key}/stop|reboot`, body optional: `{"force": true}` pulls the plug
+/// (a reset for a reboot); `{"stop_timeout_secs": 30}` gives the guest that long to act on the power
+/// button before it is forced (0 or absent: the agent's configured default).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PowerBody {
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    stop_timeout_secs: u16,
+}
+
+/// Reads an optional [`PowerBody`].
+fn power_mode(body: &[u8]) -> Result<PowerMode, HttpError> {
+    let b: PowerBody = if body.iter().all(u8::is_ascii_whitespace) {
+        PowerBody::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| {
+            HttpError(
+                StatusCode::BAD_REQUEST,
+                format!("bad power request: {e} (expected {{\"force\": bool, \"stop_timeout_secs\": 0..65535}})"),
+            )
+        })?
+    };
+    Ok(PowerMode {
+        force: b.force,
+        stop_timeout_secs: b.stop_timeout_secs,
+    })
+}
+
 /// The API's routes, under `/v1`.
 pub fn router(calls: mpsc::Sender<Call>, token: Option<String>) -> Router {
     let api = Api { calls, token };
@@ -140,9 +172,9 @@ pub fn router(calls: mpsc::Sender<Call>, token: Option<String>) -> Router {
             get(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::GetInstance(k)).await })
                 .delete(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::DeleteInstance(k)).await }),
         )
-        .route("/v1/instances/{key}/stop", post(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::StopInstance(k)).await }))
+        .route("/v1/instances/{key}/stop", post(|State(a): State<Api>, Path(k): Key, body: Bytes| async move { call(&a, Action::StopInstance(k, power_mode(&body)?)).await }))
         .route("/v1/instances/{key}/start", post(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::StartInstance(k)).await }))
-        .route("/v1/instances/{key}/reboot", post(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::RebootInstance(k)).await }))
+        .route("/v1/instances/{key}/reboot", post(|State(a): State<Api>, Path(k): Key, body: Bytes| async move { call(&a, Action::RebootInstance(k, power_mode(&body)?)).await }))
         .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such endpoint (see README: HTTP API)".into()) })
         .layer(middleware::from_fn_with_state(api.clone(), auth))
         .with_state(api)

@@ -10,7 +10,7 @@ use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt 
 use std::path::{Path, PathBuf};
 
 use outpost_protocol::{
-    FleetId, InstanceId, InstanceSpec, Inventory, Label, Message, NodeId, PowerState,
+    FleetId, InstanceId, InstanceSpec, Inventory, Label, Message, NodeId, PowerMode, PowerState,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -21,7 +21,7 @@ use crate::scheduler::GroupPolicy;
 
 /// The schema version this build writes (2: the fleet's identity and tombstones; 3: node
 /// labels set on the controller).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -147,13 +147,26 @@ impl SqliteStore {
                 id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, spec BLOB NOT NULL,
                 selector TEXT NOT NULL, grp TEXT, power INTEGER NOT NULL,
                 reboot_count INTEGER NOT NULL, phase TEXT NOT NULL, node TEXT,
-                failures TEXT NOT NULL, reason TEXT NOT NULL, created_ms INTEGER NOT NULL);
+                failures TEXT NOT NULL, reason TEXT NOT NULL, created_ms INTEGER NOT NULL,
+                power_force INTEGER NOT NULL DEFAULT 0, power_grace INTEGER NOT NULL DEFAULT 0,
+                placement TEXT NOT NULL DEFAULT '');
              CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, policy TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS tombstones (id TEXT PRIMARY KEY);",
         )?;
         // Schema 1-2 stores: the labels column came with schema 3.
         if conn.prepare("SELECT labels FROM nodes LIMIT 0").is_err() {
             conn.execute_batch("ALTER TABLE nodes ADD COLUMN labels TEXT NOT NULL DEFAULT ''")?;
+        }
+        // Schema 1-3 stores: how a power change is carried out came with schema 4.
+        if conn
+            .prepare("SELECT power_force FROM instances LIMIT 0")
+            .is_err()
+        {
+            conn.execute_batch(
+                "ALTER TABLE instances ADD COLUMN power_force INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE instances ADD COLUMN power_grace INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE instances ADD COLUMN placement TEXT NOT NULL DEFAULT '';",
+            )?;
         }
         let v: Option<i64> = conn
             .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
@@ -203,6 +216,10 @@ fn checkpointer(conn: Connection) -> Result<std::sync::mpsc::Sender<()>, StoreEr
     Ok(tx)
 }
 
+/// The wire versions whose `InstanceSpec` layout is this build's: a store written by an
+/// older controller still loads after an upgrade.
+const SPEC_LAYOUTS: [u8; 2] = [2, 3];
+
 fn encode_spec(spec: &InstanceSpec) -> Result<Vec<u8>, StoreError> {
     // A version byte, as on the wire, then postcard. Never an empty blob in its place.
     postcard::to_extend(spec, vec![outpost_protocol::WIRE_VERSION])
@@ -211,10 +228,43 @@ fn encode_spec(spec: &InstanceSpec) -> Result<Vec<u8>, StoreError> {
 
 fn decode_spec(b: &[u8]) -> Result<InstanceSpec, StoreError> {
     match b.split_first() {
-        Some((&outpost_protocol::WIRE_VERSION, body)) => {
+        Some((v, body)) if SPEC_LAYOUTS.contains(v) => {
             postcard::from_bytes(body).map_err(|e| corrupt("instances", e.to_string()))
         }
-        _ => Err(corrupt("instances", "unknown spec encoding")),
+        Some((v, _)) => Err(corrupt("instances", format!("unknown spec encoding {v}"))),
+        None => Err(corrupt("instances", "empty spec")),
+    }
+}
+
+/// An inventory as wire version 2 had it (before agent versions).
+#[derive(serde::Deserialize)]
+struct InventoryV2 {
+    arch: outpost_protocol::Arch,
+    hypervisor: outpost_protocol::HypervisorKind,
+    total: outpost_protocol::Resources,
+    reserved: outpost_protocol::Resources,
+    labels: outpost_protocol::Labels,
+    images: heapless::Vec<outpost_protocol::ImageName, { outpost_protocol::limits::MAX_IMAGES }>,
+}
+
+/// A stored inventory, of this wire version or the one before (a store written before an
+/// upgrade: its agent's version is unknown until the agent reports again).
+fn decode_inventory(b: &[u8]) -> Result<Inventory, StoreError> {
+    match b.split_first() {
+        Some((2, body)) => {
+            let v: InventoryV2 =
+                postcard::from_bytes(body).map_err(|e| corrupt("nodes", e.to_string()))?;
+            Ok(Inventory {
+                arch: v.arch,
+                hypervisor: v.hypervisor,
+                total: v.total,
+                reserved: v.reserved,
+                labels: v.labels,
+                images: v.images,
+                agent_version: Default::default(),
+            })
+        }
+        _ => Inventory::decode(b).map_err(|e| corrupt("nodes", e.to_string())),
     }
 }
 
@@ -267,10 +317,7 @@ impl Store for SqliteStore {
             ) = row?;
             let id = NodeId::new(&id).map_err(|e| corrupt("nodes", e.to_string()))?;
             snap.nodes.push(NodeRecord {
-                inventory: inv
-                    .map(|b| Inventory::decode(&b))
-                    .transpose()
-                    .map_err(|e| corrupt("nodes", e.to_string()))?,
+                inventory: inv.map(|b| decode_inventory(&b)).transpose()?,
                 session: session as u64,
                 cordoned,
                 draining,
@@ -288,7 +335,8 @@ impl Store for SqliteStore {
         }
         let mut st = self.conn.prepare(
             "SELECT id, name, spec, selector, grp, power, reboot_count, phase, node, failures,
-                    reason, created_ms FROM instances ORDER BY id",
+                    reason, created_ms, power_force, power_grace, placement
+               FROM instances ORDER BY id",
         )?;
         let rows = st.query_map([], |r| {
             Ok((
@@ -304,6 +352,9 @@ impl Store for SqliteStore {
                 r.get::<_, String>(9)?,
                 r.get::<_, String>(10)?,
                 r.get::<_, i64>(11)?,
+                r.get::<_, bool>(12)?,
+                r.get::<_, i64>(13)?,
+                r.get::<_, String>(14)?,
             ))
         })?;
         for row in rows {
@@ -320,6 +371,9 @@ impl Store for SqliteStore {
                 failures,
                 reason,
                 created,
+                force,
+                grace,
+                placement,
             ) = row?;
             let bad = |what: String| corrupt("instances", what);
             snap.instances.push(InstanceRecord {
@@ -338,6 +392,11 @@ impl Store for SqliteStore {
                     PowerState::Running
                 },
                 reboot_count: reboots as u32,
+                power_mode: PowerMode {
+                    force,
+                    stop_timeout_secs: u16::try_from(grace).unwrap_or(u16::MAX),
+                },
+                placement,
                 phase: Phase::parse(&phase).ok_or_else(|| bad(format!("phase {phase}")))?,
                 node: node
                     .map(|n| NodeId::new(&n))
@@ -393,8 +452,8 @@ impl Store for SqliteStore {
         )?;
         let mut put_instance = tx.prepare(
             "INSERT OR REPLACE INTO instances (id, name, spec, selector, grp, power, reboot_count,
-                phase, node, failures, reason, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                phase, node, failures, reason, created_ms, power_force, power_grace, placement)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )?;
         let mut remove = tx.prepare("DELETE FROM instances WHERE id = ?1")?;
         let mut put_group =
@@ -439,6 +498,9 @@ impl Store for SqliteStore {
                 )),
                 i.reason,
                 i.created_ms as i64,
+                i.power_mode.force,
+                i64::from(i.power_mode.stop_timeout_secs),
+                i.placement,
             ])?;
         }
         for id in &c.removed {

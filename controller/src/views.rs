@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use outpost_protocol::limits::MAX_LABELS;
 use outpost_protocol::{
     Arch, Boot, Cmdline, DesiredInstance, IdError, ImageName, InstanceId, InstanceName,
-    InstanceSpec, Label, Labels, NetName, Network, NodeId, PowerState, RestartPolicy,
+    InstanceSpec, Label, Labels, NetName, Network, NodeId, PowerMode, PowerState, RestartPolicy,
 };
 use serde::{Deserialize, Serialize};
 
@@ -26,8 +26,17 @@ pub struct NodeView {
     pub hypervisor: Option<String>,
     /// Allocatable (total minus reservations), before allocation ratios.
     pub allocatable: ResourcesView,
+    /// What can be claimed: allocatable times the allocation ratios.
+    #[serde(default)]
+    pub capacity: ResourcesView,
+    /// The allocation ratios (virtual per physical).
+    #[serde(default)]
+    pub ratios: RatiosView,
     /// Claimed by its instances.
     pub claimed: ResourcesView,
+    /// Used by its instances, as its last report said.
+    #[serde(default)]
+    pub used: ResourcesView,
     /// Labels.
     pub labels: Vec<String>,
     /// Images present.
@@ -38,6 +47,12 @@ pub struct NodeView {
     pub generation: GenerationView,
     /// Last heard from (ms since the epoch).
     pub last_seen_ms: u64,
+    /// When its agent's current connection began (ms since the epoch; 0: never connected).
+    #[serde(default)]
+    pub connected_since_ms: u64,
+    /// The version of its agent.
+    #[serde(default)]
+    pub agent_version: Option<String>,
     /// The fleet its agent is bound to when that is another fleet (state `foreign`): it takes
     /// no placements and keeps its instances until `outpost nodes adopt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,6 +118,14 @@ pub struct InstanceView {
     /// Labels its node must carry.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub selector: Vec<String>,
+    /// How its last stop or reboot was asked: `forced`, or `stop timeout N s` (absent: the power
+    /// button with the agent's default grace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_mode: Option<String>,
+    /// Why it is on its node: the attempt, the scheduler's score and how many hosts it
+    /// weighed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub placement: String,
 }
 
 /// Resources as shown: named fields.
@@ -124,6 +147,17 @@ impl From<outpost_protocol::Resources> for ResourcesView {
             disk_gib: u64::from(r.disk_gib),
         }
     }
+}
+
+/// Allocation ratios as shown.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct RatiosView {
+    /// Virtual CPUs per physical one.
+    pub cpu: f64,
+    /// Memory.
+    pub memory: f64,
+    /// Disk.
+    pub disk: f64,
 }
 
 /// A node's desired-state generations.
@@ -149,7 +183,17 @@ impl NodeView {
             arch: inv.map(|i| i.arch.to_string()),
             hypervisor: inv.map(|i| i.hypervisor.to_string()),
             allocatable: inv.map(|i| i.allocatable().into()).unwrap_or_default(),
+            capacity: fleet.capacity(&n.id).into(),
+            ratios: {
+                let r = fleet.ratios();
+                RatiosView {
+                    cpu: r.cpu,
+                    memory: r.memory,
+                    disk: r.disk,
+                }
+            },
             claimed: fleet.claimed(&n.id).into(),
+            used: n.used.into(),
             labels: n.labels().iter().map(ToString::to_string).collect(),
             label_overrides: n
                 .label_overrides
@@ -165,6 +209,11 @@ impl NodeView {
                 reported: n.reported_generation,
             },
             last_seen_ms: n.last_seen_ms,
+            connected_since_ms: n.session,
+            agent_version: inv
+                .map(|i| i.agent_version.as_str())
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned),
             bound_to: n
                 .foreign
                 .as_ref()
@@ -240,6 +289,8 @@ impl InstanceView {
             require_kvm: s.require_kvm,
             labels: s.labels.iter().map(ToString::to_string).collect(),
             selector: Vec::new(),
+            power_mode: None,
+            placement: String::new(),
         }
     }
 }
@@ -258,6 +309,17 @@ impl From<&InstanceRecord> for InstanceView {
                 .map(|(n, r)| format!("{n}: {r}"))
                 .collect(),
             selector: i.selector.iter().map(ToString::to_string).collect(),
+            power_mode: match i.power_mode {
+                PowerMode { force: true, .. } => Some("forced".into()),
+                PowerMode {
+                    stop_timeout_secs: 0,
+                    force: false,
+                } => None,
+                PowerMode {
+                    stop_timeout_secs, ..
+                } => Some(format!("stop timeout {stop_timeout_secs} s")),
+            },
+            placement: i.placement.clone(),
             ..Self::of(i.id, &i.name, &i.spec, i.power)
         }
     }

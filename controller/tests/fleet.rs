@@ -24,6 +24,7 @@ fn inventory(memory_mib: u32) -> Inventory {
         images: [ImageName::new("base.qcow2").unwrap()]
             .into_iter()
             .collect(),
+        agent_version: AgentVersion::new("0.1.0").unwrap(),
     }
 }
 
@@ -274,7 +275,7 @@ fn stale_ack_replaces_the_held_state_by_name() {
             result: AckResult::Accepted,
         },
     );
-    f.reboot("vm1").unwrap();
+    f.reboot("vm1", PowerMode::default()).unwrap();
     assert_eq!(f.take_changes().publish[0].1.replaces, None);
 }
 
@@ -288,6 +289,7 @@ fn holding(fleet: FleetId, generation: u64, ids: &[(u64, &str)]) -> Holding {
                 name: InstanceName::new(name).unwrap(),
                 power: PowerState::Running,
                 reboot_count: 0,
+                power_mode: PowerMode::default(),
                 spec: spec(256),
             })
             .collect(),
@@ -719,8 +721,8 @@ proptest::proptest! {
                     });
                 }
                 Step::Delete(i) => { let _ = f.delete(&format!("vm{i}")); }
-                Step::Stop(i) => { let _ = f.set_power(&format!("vm{i}"), PowerState::Stopped); }
-                Step::Reboot(i) => { let _ = f.reboot(&format!("vm{i}")); }
+                Step::Stop(i) => { let _ = f.set_power(&format!("vm{i}"), PowerState::Stopped, PowerMode::default()); }
+                Step::Reboot(i) => { let _ = f.reboot(&format!("vm{i}"), PowerMode::default()); }
                 Step::Drain(n) => { let _ = f.drain(&node(names[n])); }
                 Step::Uncordon(n) => { let _ = f.cordon(&node(names[n]), false); }
                 Step::Adopt(n) => { let _ = f.adopt(now, &node(names[n])); }

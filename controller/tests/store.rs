@@ -46,6 +46,7 @@ fn fleet_changes_survive_a_reopen() {
             reserved: Resources::default(),
             labels: [Label::parse("zone=north").unwrap()].into_iter().collect(),
             images: [ImageName::new("vmlinuz").unwrap()].into_iter().collect(),
+            agent_version: Default::default(),
         },
     );
     let spec = InstanceSpec {
@@ -75,7 +76,14 @@ fn fleet_changes_survive_a_reopen() {
         },
     )
     .unwrap();
-    f.reboot("web-1").unwrap();
+    f.reboot(
+        "web-1",
+        PowerMode {
+            force: true,
+            stop_timeout_secs: 45,
+        },
+    )
+    .unwrap();
     store.apply(&f.take_changes()).unwrap();
     drop(store);
 
@@ -168,4 +176,86 @@ fn a_schema_2_store_gains_node_labels() {
     assert_eq!(snap.fleet, FleetId(9), "the store keeps its identity");
     assert_eq!(snap.nodes[0].generation, 4);
     assert!(snap.nodes[0].label_overrides.is_empty());
+}
+
+/// A store written by the previous release (schema 3, wire version 2 blobs) loads after an
+/// upgrade: its specs and inventories read, its instances gain the default power mode.
+#[test]
+fn a_schema_3_store_from_wire_version_2_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = InstanceSpec {
+        vcpus: 1,
+        memory_mib: 64,
+        disk_gib: 0,
+        arch: Arch::X86_64,
+        require_kvm: false,
+        boot: Boot::Kernel {
+            kernel: ImageName::new("vmlinuz").unwrap(),
+            initrd: None,
+            cmdline: Cmdline::new("console=ttyS0").unwrap(),
+        },
+        network: Network::None,
+        restart: RestartPolicy::OnFailure,
+        labels: Labels::new(),
+    };
+    let mut spec_v2 = vec![2u8];
+    spec_v2.extend(postcard::to_allocvec(&spec).unwrap());
+    let inv = Inventory {
+        arch: Arch::X86_64,
+        hypervisor: HypervisorKind::Kvm,
+        total: Resources {
+            vcpus: 4,
+            memory_mib: 4096,
+            disk_gib: 40,
+        },
+        reserved: Resources::default(),
+        labels: [Label::parse("zone=north").unwrap()].into_iter().collect(),
+        images: [ImageName::new("vmlinuz").unwrap()].into_iter().collect(),
+        agent_version: AgentVersion::default(),
+    };
+    // Version 2 had no agent version: the same bytes without the last field (an empty
+    // string, one zero byte).
+    let mut inv_v2 = vec![2u8];
+    inv_v2.extend(postcard::to_allocvec(&inv).unwrap());
+    assert_eq!(inv_v2.pop(), Some(0));
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("outpost.db")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             INSERT INTO meta VALUES ('schema', 3), ('fleet', 9);
+             CREATE TABLE nodes (
+                id TEXT PRIMARY KEY, inventory BLOB, session INTEGER NOT NULL,
+                cordoned INTEGER NOT NULL, draining INTEGER NOT NULL, generation INTEGER NOT NULL,
+                reported_generation INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
+                failures TEXT NOT NULL, labels TEXT NOT NULL DEFAULT '');
+             CREATE TABLE instances (
+                id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, spec BLOB NOT NULL,
+                selector TEXT NOT NULL, grp TEXT, power INTEGER NOT NULL,
+                reboot_count INTEGER NOT NULL, phase TEXT NOT NULL, node TEXT,
+                failures TEXT NOT NULL, reason TEXT NOT NULL, created_ms INTEGER NOT NULL);",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO nodes VALUES ('edge-1', ?1, 1, 0, 0, 4, 4, 0, '', '')",
+            rusqlite::params![inv_v2],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO instances VALUES ('00000000000000aa', 'web-1', ?1, '', NULL, 0, 2,
+                 'running', 'edge-1', '', '', 0)",
+            rusqlite::params![spec_v2],
+        )
+        .unwrap();
+    }
+    let mut store = SqliteStore::open(dir.path(), FleetId(7)).unwrap();
+    let snap = store.load().unwrap();
+    assert_eq!(snap.fleet, FleetId(9));
+    let n = &snap.nodes[0];
+    assert_eq!(n.inventory.as_ref().unwrap().labels, inv.labels);
+    assert_eq!(n.inventory.as_ref().unwrap().total.memory_mib, 4096);
+    let i = &snap.instances[0];
+    assert_eq!(i.spec, spec);
+    assert_eq!(i.reboot_count, 2);
+    assert_eq!(i.power_mode, PowerMode::default());
+    assert_eq!(i.placement, "");
 }

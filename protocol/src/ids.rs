@@ -9,8 +9,9 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::limits::{
-    MAX_CMDLINE_LEN, MAX_IMAGE_NAME_LEN, MAX_INSTANCE_NAME_LEN, MAX_LABEL_KEY_LEN,
-    MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_NET_NAME_LEN, MAX_NODE_ID_LEN, MAX_REASON_LEN,
+    MAX_AGENT_VERSION_LEN, MAX_CMDLINE_LEN, MAX_IMAGE_NAME_LEN, MAX_INSTANCE_NAME_LEN,
+    MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS, MAX_NET_NAME_LEN, MAX_NODE_ID_LEN,
+    MAX_REASON_LEN,
 };
 
 /// Why a string is not a valid identifier or bounded string.
@@ -228,6 +229,19 @@ bounded_str!(
         alnum_start: false,
         dns_label: false,
         allowed: |c| c.is_ascii_graphic() || c == ' ',
+    }
+);
+
+bounded_str!(
+    /// An agent's version (`0.1.0`, `0.2.0-rc.1+g1a2b3c`): printable ASCII, at most 32 bytes.
+    AgentVersion,
+    MAX_AGENT_VERSION_LEN,
+    Rule {
+        what: "agent version",
+        allow_empty: true,
+        alnum_start: false,
+        dns_label: false,
+        allowed: |c| c.is_ascii_graphic(),
     }
 );
 

@@ -30,8 +30,8 @@ pub use topics::TopicError;
 pub use backoff::Backoff;
 pub use codec::{DecodeError, EncodeError, Message, WIRE_VERSION};
 pub use ids::{
-    Cmdline, FleetId, IdError, ImageName, InstanceId, InstanceName, Label, LabelKey, LabelValue,
-    Labels, NetName, NodeId, Reason,
+    AgentVersion, Cmdline, FleetId, IdError, ImageName, InstanceId, InstanceName, Label, LabelKey,
+    LabelValue, Labels, NetName, NodeId, Reason,
 };
 pub use messages::{
     AckResult, AgentEvent, DesiredInstance, DesiredState, Holding, InstanceReport, NodeReport,
@@ -39,5 +39,6 @@ pub use messages::{
 };
 pub use node::{Arch, HypervisorKind, Inventory, Resources, Usage};
 pub use spec::{
-    Boot, ErrorKind, InstanceSpec, InstanceState, Network, PowerState, RestartPolicy, SpecError,
+    Boot, ErrorKind, InstanceSpec, InstanceState, Network, PowerMode, PowerState, RestartPolicy,
+    SpecError,
 };

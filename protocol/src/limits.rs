@@ -17,6 +17,8 @@ pub const MAX_LABELS: usize = 8;
 pub const MAX_IMAGES: usize = 32;
 /// Longest kernel command line for direct kernel boot.
 pub const MAX_CMDLINE_LEN: usize = 256;
+/// Longest agent version string.
+pub const MAX_AGENT_VERSION_LEN: usize = 32;
 /// Longest libvirt network or host bridge name (Linux caps interface names at 15).
 pub const MAX_NET_NAME_LEN: usize = 15;
 /// Longest human-readable reason carried by an event.

@@ -6,7 +6,7 @@ use crate::codec::Message;
 use crate::ids::{FleetId, InstanceId, InstanceName, Reason};
 use crate::limits::MAX_INSTANCES_PER_NODE;
 use crate::node::{Inventory, Usage};
-use crate::spec::{InstanceSpec, InstanceState, PowerState};
+use crate::spec::{InstanceSpec, InstanceState, PowerMode, PowerState};
 
 /// Whether a node's agent is connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +51,8 @@ pub struct DesiredInstance {
     /// Level-triggered (re)boot: whenever this grows past the value the agent last applied,
     /// the agent reboots the instance once if it runs, or starts it if it stopped by itself.
     pub reboot_count: u32,
+    /// How the current power state or the last reboot asked is carried out.
+    pub power_mode: PowerMode,
     /// What to build.
     pub spec: InstanceSpec,
 }

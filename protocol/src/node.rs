@@ -4,7 +4,7 @@ use core::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ImageName, Labels};
+use crate::ids::{AgentVersion, ImageName, Labels};
 use crate::limits::MAX_IMAGES;
 
 /// A CPU architecture, of a host or of the guest an instance needs.
@@ -133,6 +133,8 @@ pub struct Inventory {
     pub labels: Labels,
     /// Images present in the agent's image directory.
     pub images: heapless::Vec<ImageName, MAX_IMAGES>,
+    /// The agent's version.
+    pub agent_version: AgentVersion,
 }
 
 impl Inventory {

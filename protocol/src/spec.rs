@@ -98,6 +98,17 @@ impl PowerState {
     }
 }
 
+/// How an agent carries out a stop, or the reboot an operator asked: politely (the ACPI power
+/// button, then force after a grace) or at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PowerMode {
+    /// Power off (or reset) at once, without asking the guest.
+    pub force: bool,
+    /// Seconds the guest has to act on the power button before it is forced off (stop) or reset
+    /// (reboot); 0: the agent's configured default.
+    pub stop_timeout_secs: u16,
+}
+
 /// Everything an agent needs to build an instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceSpec {

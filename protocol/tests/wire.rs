@@ -22,14 +22,14 @@ fn golden<M: Message + PartialEq + std::fmt::Debug>(msg: &M, pinned: &str) {
 
 #[test]
 fn golden_status() {
-    golden(&status(), "020180d0dfb4ab33");
+    golden(&status(), "030180d0dfb4ab33");
 }
 
 #[test]
 fn golden_inventory() {
     golden(
         &inventory(),
-        "02010008808001c8010180080a02047a6f6e65056e6f7274680473697465076465706f742d34020f64656269616e2d31322e71636f773207766d6c696e757a",
+        "03010008808001c8010180080a02047a6f6e65056e6f7274680473697465076465706f742d34020f64656269616e2d31322e71636f773207766d6c696e757a05302e312e30",
     );
 }
 
@@ -37,7 +37,7 @@ fn golden_inventory() {
 fn golden_desired() {
     golden(
         &desired(),
-        "029dcefb780700ac02021111222233334444057765622d310000028004040100000f64656269616e2d31322e71636f7732010764656661756c740101036170700363616daaaabbbbccccdddd0466772d3101020180010000000107766d6c696e757a010a696e697472642e696d670d636f6e736f6c653d7474795330000000015555666677778888",
+        "039dcefb780700ac02021111222233334444057765622d3100000000028004040100000f64656269616e2d31322e71636f7732010764656661756c740101036170700363616daaaabbbbccccdddd0466772d310102011e0180010000000107766d6c696e757a010a696e697472642e696d670d636f6e736f6c653d7474795330000000015555666677778888",
     );
 }
 
@@ -45,7 +45,7 @@ fn golden_desired() {
 fn golden_report() {
     golden(
         &report(4),
-        "022a0880201004049e3779b97f4a7c15013c6ef372fe94f82a01daa66d2c7ddf743f0178dde6e5fd29f0540400",
+        "032a0880201004049e3779b97f4a7c15013c6ef372fe94f82a01daa66d2c7ddf743f0178dde6e5fd29f0540400",
     );
 }
 
@@ -61,14 +61,14 @@ fn golden_other_fleet_ack_and_notice() {
                 },
             },
         },
-        "0200010205 09".replace(' ', "").as_str(),
+        "0300010205 09".replace(' ', "").as_str(),
     );
     golden(
         &AgentEvent::Notice {
             kind: NoticeKind::StateUnreadable,
             reason: Reason::lossy("crc"),
         },
-        "020200 03637263".replace(' ', "").as_str(),
+        "030200 03637263".replace(' ', "").as_str(),
     );
 }
 
@@ -80,20 +80,20 @@ fn golden_holding() {
             held: Some(d.version()),
             instances: d.instances.into_iter().take(1).collect(),
         },
-        "0201 9dcefb78 07 01 1111222233334444 057765622d31 000002800404 0100000f64656269616e2d31322e71636f7732010764656661756c740101036170700363616d".replace(' ', "").as_str(),
+        "0301 9dcefb78 07 01 1111222233334444 057765622d31 00 00 0000 02800404 0100000f64656269616e2d31322e71636f7732010764656661756c740101036170700363616d".replace(' ', "").as_str(),
     );
 }
 
 #[test]
 fn golden_ack() {
-    golden(&ack(), "0200070109");
+    golden(&ack(), "0300070109");
 }
 
 #[test]
 fn golden_instance_event() {
     golden(
         &instance_event(),
-        "020111112222333344440704013373706563207265717569726573204b564d3b206e6f646520686173206f6e6c7920736f66747761726520656d756c6174696f6e",
+        "030111112222333344440704013373706563207265717569726573204b564d3b206e6f646520686173206f6e6c7920736f66747761726520656d756c6174696f6e",
     );
 }
 
@@ -143,8 +143,9 @@ fn oversize_payload_is_refused_before_decoding() {
 #[test]
 fn unknown_version_is_refused() {
     let mut bytes = report(1).to_vec().unwrap();
-    // A version-1 message (before fleets and holdings) and a future one are both refused.
-    for v in [1, 3] {
+    // A version-1 message (before fleets and holdings), a version-2 one (before power modes
+    // and agent versions) and a future one are all refused.
+    for v in [1, 2, 4] {
         bytes[0] = v;
         assert_eq!(
             NodeReport::decode(&bytes),

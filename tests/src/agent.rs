@@ -126,6 +126,7 @@ pub fn instance(id: u64, boot: Boot, memory_mib: u32) -> DesiredInstance {
         name: InstanceName::new(&format!("vm-{id}")).unwrap(),
         power: PowerState::Running,
         reboot_count: 0,
+        power_mode: PowerMode::default(),
         spec: InstanceSpec {
             vcpus: 1,
             memory_mib,

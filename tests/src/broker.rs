@@ -151,6 +151,20 @@ impl Seen {
             .collect()
     }
 
+    /// The reasons `node` gave for `id`, in order.
+    pub fn reasons(&self, node: &NodeId, id: InstanceId) -> Vec<String> {
+        self.events
+            .iter()
+            .filter(|(n, _)| n == node)
+            .filter_map(|(_, e)| match e {
+                AgentEvent::Instance { id: i, reason, .. } if *i == id => {
+                    Some(reason.as_str().to_owned())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The acks `node` sent.
     pub fn acks(&self, node: &NodeId) -> Vec<(u64, AckResult)> {
         self.events

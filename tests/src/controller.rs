@@ -84,6 +84,29 @@ impl Controller {
         }
     }
 
+    /// A raw HTTP request to the API (no token): its status and body.
+    pub fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        use std::io::{Read as _, Write as _};
+        let host = self.api.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(host).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        (status, body.to_owned())
+    }
+
     /// Creates a direct-kernel-boot instance of the tiny guest (256 MiB unless `extra` says
     /// `--memory`), with `extra` arguments.
     pub fn create(&self, name: &str, extra: &[&str]) -> Result<serde_json::Value, String> {

@@ -134,15 +134,55 @@ fn wait_filters_and_the_whole_node() {
         "64",
         "--selector",
         "zone=north",
+        "--label",
+        "app=web",
     ]);
     assert_eq!(v["phase"], "running", "{v}");
     ctl.create(
         "w-2",
-        &["--memory", "64", "--selector", "zone=south", "--group", "g"],
+        &[
+            "--memory",
+            "64",
+            "--selector",
+            "zone=south",
+            "--group",
+            "g",
+            "--label",
+            "app=db",
+        ],
     )
     .unwrap();
     assert_eq!(wait(&["instances", "stop", "w-1"])["phase"], "stopped");
     assert_eq!(wait(&["instances", "start", "w-1"])["phase"], "running");
+    // Forced and timed power operations are carried to the node and shown.
+    let forced = wait(&["instances", "stop", "w-1", "--force"]);
+    assert_eq!(forced["phase"], "stopped");
+    assert_eq!(forced["power_mode"], "forced", "{forced}");
+    assert_eq!(wait(&["instances", "start", "w-1"])["phase"], "running");
+    let v = wait(&["instances", "reboot", "w-1", "--stop-timeout", "7"]);
+    assert_eq!(v["power_mode"], "stop timeout 7 s", "{v}");
+    assert_eq!(v["reboot_count"], 1, "{v}");
+    let e = ctl
+        .cli(&["instances", "stop", "w-1", "--force", "--stop-timeout", "5"])
+        .unwrap_err();
+    assert!(e.contains("cannot be used with"), "{e}");
+    // The API refuses a malformed power request with the expected shape.
+    let (status, body) = ctl.http("POST", "/v1/instances/w-1/stop", "{\"force\": \"yes\"}");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("stop_timeout_secs"), "{body}");
+    assert_eq!(ctl.phase("w-1").as_deref(), Some("running"));
+    // Label selectors on the list.
+    let web = ctl
+        .cli(&["instances", "list", "--selector", "app=web"])
+        .unwrap();
+    assert_eq!(web.as_array().unwrap().len(), 1, "{web}");
+    assert_eq!(web[0]["name"], "w-1");
+    let any_app = ctl.cli(&["instances", "list", "-l", "app"]).unwrap();
+    assert_eq!(any_app.as_array().unwrap().len(), 2, "{any_app}");
+    let both = ctl
+        .cli(&["instances", "list", "--selector", "app=web,app=db"])
+        .unwrap();
+    assert!(both.as_array().unwrap().is_empty(), "{both}");
     let on_f1 = ctl
         .cli(&["instances", "list", "--node", "day1-f1"])
         .unwrap();
@@ -173,6 +213,8 @@ fn wait_filters_and_the_whole_node() {
         "selector      zone=south",
         "group         g",
         "restart       on-failure",
+        "placed        attempt 1: score ",
+        "the best of 1 hosts that passed the filters (2 hosts)",
     ] {
         assert!(text.contains(want), "{want:?} missing in:\n{text}");
     }
@@ -183,15 +225,22 @@ fn wait_filters_and_the_whole_node() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     for want in [
-        "state         up",
-        "allocatable",
-        "claimed",
+        "state         up (connected ",
+        &format!("agent         {}", env!("CARGO_PKG_VERSION")),
+        "allocatable   8 vCPUs, ",
+        "ratios        cpu 4, memory 1, disk 1",
+        "capacity      32 vCPUs, ",
+        "claimed       1 vCPUs, 64 MiB",
+        "used          1 vCPUs, 64 MiB",
         "zone=north",
         "generation",
         "w-1",
     ] {
         assert!(text.contains(want), "{want:?} missing in:\n{text}");
     }
+    let v = ctl.cli(&["nodes", "show", "day1-f1"]).unwrap();
+    assert_eq!(v["agent_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["capacity"]["vcpus"], 32, "{v}");
     assert_eq!(wait(&["instances", "delete", "w-1"])["phase"], "deleted");
     assert!(ctl.phase("w-1").is_none());
 }

@@ -78,18 +78,61 @@ fn agent_boots_stops_and_deletes_a_real_guest() {
             .filter(|t| t.contains(GUEST_MARKER))
     });
 
-    // Stop (forced after 2 s: busybox has no ACPI handler).
-    inst.power = PowerState::Stopped;
+    // A clean reboot: busybox has no ACPI handler, so after the 2 s stop timeout the agent
+    // resets it, and says so in the instance's reason; the guest boots again.
+    let booted = |t: &str| t.matches(GUEST_MARKER).count();
+    let before = booted(&std::fs::read_to_string(&console).unwrap());
+    inst.reboot_count = 1;
     ctl.publish_desired(&node, &desired(2, vec![inst.clone()]));
+    let why = ctl.wait(BOOT, "the ignored reboot's reason", |s| {
+        s.reasons(&node, id)
+            .into_iter()
+            .find(|r| r.contains("ignored the power button"))
+    });
+    assert!(why.contains("for 2 s: reset"), "{why}");
+    wait_for(BOOT, "the guest booting again", || {
+        std::fs::read_to_string(&console)
+            .ok()
+            .filter(|t| booted(t) > before)
+    });
+
+    // Stop: forced off after 2 s, said so.
+    inst.power = PowerState::Stopped;
+    ctl.publish_desired(&node, &desired(3, vec![inst.clone()]));
     ctl.wait(BOOT, "the instance stopped", |s| {
         s.states(&node, id)
             .contains(&InstanceState::Stopped)
             .then_some(())
     });
     assert!(virsh(&["domstate", &domain]).contains("shut off"));
+    assert!(
+        ctl.seen()
+            .reasons(&node, id)
+            .iter()
+            .any(|r| r.contains("for 2 s: forced off")),
+        "{:?}",
+        ctl.seen().reasons(&node, id)
+    );
+
+    // A forced start-and-stop: off at once, nothing to say.
+    inst.power = PowerState::Running;
+    ctl.publish_desired(&node, &desired(4, vec![inst.clone()]));
+    ctl.wait(BOOT, "running again", |s| {
+        (s.states(&node, id).last() == Some(&InstanceState::Running)).then_some(())
+    });
+    inst.power = PowerState::Stopped;
+    inst.power_mode.force = true;
+    ctl.publish_desired(&node, &desired(5, vec![inst.clone()]));
+    ctl.wait(BOOT, "force-stopped", |s| {
+        (s.states(&node, id).last() == Some(&InstanceState::Stopped)).then_some(())
+    });
+    assert_eq!(
+        ctl.seen().reasons(&node, id).last().map(String::as_str),
+        Some("")
+    );
 
     // Delete: nothing of it is left in libvirt or on disk.
-    ctl.publish_desired(&node, &desired_gone(3, vec![], &[inst.id.as_u64()]));
+    ctl.publish_desired(&node, &desired_gone(6, vec![], &[inst.id.as_u64()]));
     ctl.wait(BOOT, "the instance deleted", |s| {
         s.states(&node, id)
             .contains(&InstanceState::Deleted)

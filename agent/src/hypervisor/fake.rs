@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use outpost_protocol::{Arch, HypervisorKind, InstanceId, InstanceSpec};
+use outpost_protocol::{Arch, HypervisorKind, InstanceId, InstanceSpec, PowerMode};
 
-use super::{Domain, DomainState, HostInfo, Hypervisor, HypervisorError};
+use super::{Domain, DomainState, HostInfo, Hypervisor, HypervisorError, Outcome};
 
 /// Which call a failure is injected into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -30,6 +30,7 @@ struct State {
     domains: BTreeMap<InstanceId, DomainState>,
     fail_next: BTreeMap<Call, u32>,
     calls: BTreeMap<(Call, InstanceId), u32>,
+    deaf: bool,
 }
 
 /// An in-memory hypervisor.
@@ -60,6 +61,12 @@ impl FakeHypervisor {
     /// Makes the next `times` calls of `call` fail.
     pub fn fail_next(&self, call: Call, times: u32) {
         self.lock().fail_next.insert(call, times);
+    }
+
+    /// Makes every guest ignore the power button (as a guest without ACPI support does): stops
+    /// and reboots that are not forced report [`Outcome::Ignored`].
+    pub fn ignore_power_button(&self, deaf: bool) {
+        self.lock().deaf = deaf;
     }
 
     /// Crashes a running domain (as if QEMU died).
@@ -108,6 +115,16 @@ impl FakeHypervisor {
         Ok(st)
     }
 
+    fn outcome(&self, mode: PowerMode) -> Outcome {
+        if self.lock().deaf && !mode.force {
+            Outcome::Ignored(std::time::Duration::from_secs(u64::from(
+                mode.stop_timeout_secs,
+            )))
+        } else {
+            Outcome::Done
+        }
+    }
+
     fn set(&self, call: Call, id: InstanceId, to: DomainState) -> Result<(), HypervisorError> {
         let mut st = self.enter(call, id)?;
         let s = st
@@ -153,12 +170,14 @@ impl Hypervisor for FakeHypervisor {
         self.set(Call::Start, id, DomainState::Running)
     }
 
-    fn stop(&self, id: InstanceId) -> Result<(), HypervisorError> {
-        self.set(Call::Stop, id, DomainState::Off { crashed: false })
+    fn stop(&self, id: InstanceId, mode: PowerMode) -> Result<Outcome, HypervisorError> {
+        self.set(Call::Stop, id, DomainState::Off { crashed: false })?;
+        Ok(self.outcome(mode))
     }
 
-    fn reboot(&self, id: InstanceId) -> Result<(), HypervisorError> {
-        self.set(Call::Reboot, id, DomainState::Running)
+    fn reboot(&self, id: InstanceId, mode: PowerMode) -> Result<Outcome, HypervisorError> {
+        self.set(Call::Reboot, id, DomainState::Running)?;
+        Ok(self.outcome(mode))
     }
 
     fn delete(&self, id: InstanceId) -> Result<(), HypervisorError> {

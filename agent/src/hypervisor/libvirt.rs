@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use outpost_protocol::{Arch, Boot, HypervisorKind, InstanceId, InstanceSpec, NodeId};
+use outpost_protocol::{Arch, Boot, HypervisorKind, InstanceId, InstanceSpec, NodeId, PowerMode};
 use virt::connect::Connect;
 use virt::domain::{Domain as VirDomain, DomainShutoffReason, DomainState as VirState};
 use virt::enumutil::Enum;
 
 use super::xml::{BootDef, DomainDef, METADATA_NS, domain_xml, metadata_node};
-use super::{DOMAIN_PREFIX, Domain, DomainState, HostInfo, Hypervisor, HypervisorError};
+use super::{DOMAIN_PREFIX, Domain, DomainState, HostInfo, Hypervisor, HypervisorError, Outcome};
 use crate::config::KindChoice;
 
 /// How long the KVM probe guest must stay up to count KVM as usable.
@@ -64,6 +64,17 @@ pub struct LibvirtHypervisor {
     cfg: LibvirtConfig,
     arch: Arch,
     kind: HypervisorKind,
+}
+
+/// What pressing the power button did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Button {
+    /// Not pressed: forced, or no grace.
+    NotPressed,
+    /// The domain went off within the grace.
+    Off,
+    /// The domain was still running after this grace.
+    Ignored(Duration),
 }
 
 fn lv(e: virt::error::Error) -> HypervisorError {
@@ -158,6 +169,30 @@ impl LibvirtHypervisor {
 
     fn get(&self, id: InstanceId) -> Result<VirDomain, HypervisorError> {
         self.lookup(id)?.ok_or(HypervisorError::NotFound(id))
+    }
+
+    /// How long the guest has to act on the power button.
+    fn grace(&self, mode: PowerMode) -> Duration {
+        match mode.stop_timeout_secs {
+            0 => self.cfg.stop_timeout,
+            s => Duration::from_secs(u64::from(s)),
+        }
+    }
+
+    /// Presses the power button (unless forced) and waits the grace for the domain to go off.
+    fn shut_down(&self, dom: &VirDomain, mode: PowerMode) -> Result<Button, HypervisorError> {
+        let grace = self.grace(mode);
+        if mode.force || grace.is_zero() || dom.shutdown().is_err() {
+            return Ok(Button::NotPressed);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if !dom.is_active().map_err(lv)? {
+                return Ok(Button::Off);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(Button::Ignored(grace))
     }
 
     fn instance_dir(&self, id: InstanceId) -> PathBuf {
@@ -415,32 +450,48 @@ impl Hypervisor for LibvirtHypervisor {
         Ok(())
     }
 
-    fn stop(&self, id: InstanceId) -> Result<(), HypervisorError> {
+    fn stop(&self, id: InstanceId, mode: PowerMode) -> Result<Outcome, HypervisorError> {
         let dom = self.get(id)?;
         if !dom.is_active().map_err(lv)? {
-            return Ok(());
+            return Ok(Outcome::Done);
         }
-        if !self.cfg.stop_timeout.is_zero() && dom.shutdown().is_ok() {
-            let deadline = Instant::now() + self.cfg.stop_timeout;
-            while Instant::now() < deadline {
-                if !dom.is_active().map_err(lv)? {
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_millis(200));
+        let outcome = match self.shut_down(&dom, mode)? {
+            Button::Off => return Ok(Outcome::Done),
+            Button::NotPressed => Outcome::Done,
+            Button::Ignored(grace) => {
+                tracing::info!(%id, "guest ignored the power button: forcing it off");
+                Outcome::Ignored(grace)
             }
-            tracing::info!(%id, "guest ignored the power-off request: forcing it off");
-        }
+        };
         match dom.destroy() {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(outcome),
             // It may have stopped between the check and the destroy.
-            Err(_) if !dom.is_active().map_err(lv)? => Ok(()),
+            Err(_) if !dom.is_active().map_err(lv)? => Ok(Outcome::Done),
             Err(e) => Err(lv(e)),
         }
     }
 
-    fn reboot(&self, id: InstanceId) -> Result<(), HypervisorError> {
+    fn reboot(&self, id: InstanceId, mode: PowerMode) -> Result<Outcome, HypervisorError> {
+        let dom = self.get(id)?;
+        if !dom.is_active().map_err(lv)? {
+            dom.create().map_err(lv)?;
+            return Ok(Outcome::Done);
+        }
+        let button = self.shut_down(&dom, mode)?;
+        if button == Button::Off {
+            // Off cleanly: boot it again.
+            dom.create().map_err(lv)?;
+            return Ok(Outcome::Done);
+        }
         // A hard reset: deterministic whether or not the guest listens to ACPI.
-        self.get(id)?.reset().map_err(lv)
+        dom.reset().map_err(lv)?;
+        Ok(match button {
+            Button::Ignored(grace) => {
+                tracing::info!(%id, "guest ignored the power button: reset it");
+                Outcome::Ignored(grace)
+            }
+            _ => Outcome::Done,
+        })
     }
 
     fn delete(&self, id: InstanceId) -> Result<(), HypervisorError> {

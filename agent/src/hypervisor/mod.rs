@@ -3,7 +3,9 @@
 //!
 //! Calls are blocking; the shell runs them on blocking threads, never on the async runtime.
 
-use outpost_protocol::{Arch, HypervisorKind, InstanceId, InstanceSpec};
+use std::time::Duration;
+
+use outpost_protocol::{Arch, HypervisorKind, InstanceId, InstanceSpec, PowerMode};
 
 pub mod fake;
 #[cfg(feature = "libvirt")]
@@ -31,10 +33,11 @@ pub enum Op {
     },
     /// Start it.
     Start,
-    /// Stop it.
-    Stop,
-    /// Reboot it.
-    Reboot,
+    /// Stop it, asking the guest first unless forced.
+    Stop(PowerMode),
+    /// Reboot it: a clean shutdown and a fresh start, or a reset when forced (or when the
+    /// guest ignores the power button).
+    Reboot(PowerMode),
     /// Remove it and its files.
     Delete,
 }
@@ -45,11 +48,20 @@ impl Op {
         match self {
             Self::Create { .. } => "create",
             Self::Start => "start",
-            Self::Stop => "stop",
-            Self::Reboot => "reboot",
+            Self::Stop(_) => "stop",
+            Self::Reboot(_) => "reboot",
             Self::Delete => "delete",
         }
     }
+}
+
+/// How a stop or a reboot went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// As asked: the guest acted on the power button, or the operator forced it.
+    Done,
+    /// The guest ignored the power button for this long, so it was forced off (or reset).
+    Ignored(Duration),
 }
 
 /// What the host offers, as the hypervisor sees it.
@@ -138,11 +150,13 @@ pub trait Hypervisor: Send + Sync {
     /// Starts a defined, stopped domain.
     fn start(&self, id: InstanceId) -> Result<(), HypervisorError>;
 
-    /// Stops a running domain: a clean power-off, forced after the configured timeout.
-    fn stop(&self, id: InstanceId) -> Result<(), HypervisorError>;
+    /// Stops a running domain: the power button, forced off after the grace (`mode.stop_timeout_secs`,
+    /// else the configured one); at once when `mode.force`.
+    fn stop(&self, id: InstanceId, mode: PowerMode) -> Result<Outcome, HypervisorError>;
 
-    /// Reboots a running domain.
-    fn reboot(&self, id: InstanceId) -> Result<(), HypervisorError>;
+    /// Reboots a running domain: a clean shutdown then a start (as Nova's soft reboot), reset
+    /// when the guest ignores the power button for the grace; a reset at once when `mode.force`.
+    fn reboot(&self, id: InstanceId, mode: PowerMode) -> Result<Outcome, HypervisorError>;
 
     /// Removes the domain and its files. Idempotent: an absent domain is not an error.
     fn delete(&self, id: InstanceId) -> Result<(), HypervisorError>;
@@ -158,19 +172,30 @@ impl HypervisorError {
     }
 }
 
-/// Runs one reconciler operation on a backend (blocking), in the form
-/// the reconciler takes back.
+/// What a completed operation leaves to say: nothing, or why it did not go as asked (the
+/// instance's reason until its next change).
+pub type Note = Option<String>;
+
+/// Runs one reconciler operation on a backend (blocking), in the form the reconciler takes
+/// back.
 pub fn execute(
     hv: &dyn Hypervisor,
     id: InstanceId,
     op: &Op,
-) -> Result<(), (outpost_protocol::ErrorKind, String)> {
+) -> Result<Note, (outpost_protocol::ErrorKind, String)> {
+    let ignored = |what: &str, o: Outcome| match o {
+        Outcome::Done => None,
+        Outcome::Ignored(d) => Some(format!(
+            "the guest ignored the power button for {} s: {what}",
+            d.as_secs()
+        )),
+    };
     let r = match op {
-        Op::Create { spec, start } => hv.create(id, spec, *start),
-        Op::Start => hv.start(id),
-        Op::Stop => hv.stop(id),
-        Op::Reboot => hv.reboot(id),
-        Op::Delete => hv.delete(id),
+        Op::Create { spec, start } => hv.create(id, spec, *start).map(|()| None),
+        Op::Start => hv.start(id).map(|()| None),
+        Op::Stop(mode) => hv.stop(id, *mode).map(|o| ignored("forced off", o)),
+        Op::Reboot(mode) => hv.reboot(id, *mode).map(|o| ignored("reset", o)),
+        Op::Delete => hv.delete(id).map(|()| None),
     };
     r.map_err(|e| (e.kind(), e.to_string()))
 }

@@ -1,7 +1,7 @@
 //! What operators ask of the fleet: create, power, reboot, delete, cordon, drain, adopt; and
 //! the placement that serves them.
 
-use outpost_protocol::{Arch, InstanceId, InstanceSpec, Label, NodeId, PowerState};
+use outpost_protocol::{Arch, InstanceId, InstanceSpec, Label, NodeId, PowerMode, PowerState};
 
 use super::records::{CreateRequest, FleetError, InstanceRecord, Phase};
 use super::{Fleet, index, unindex};
@@ -16,7 +16,7 @@ impl Fleet {
         group: Option<(&str, GroupPolicy)>,
         exclude: &[NodeId],
         except: Option<InstanceId>,
-    ) -> Result<NodeId, NoValidHost> {
+    ) -> Result<(NodeId, String), NoValidHost> {
         let excluded: Vec<usize> = exclude
             .iter()
             .filter_map(|n| self.table.index_of(n))
@@ -42,9 +42,15 @@ impl Fleet {
             }),
             exclude: &excluded,
         };
-        self.scheduler
-            .place(&self.table, &req)
-            .map(|p| self.table.id(p.host).clone())
+        self.scheduler.place(&self.table, &req).map(|p| {
+            let why = format!(
+                "score {:.3}, the best of {} hosts that passed the filters ({} hosts)",
+                p.score,
+                p.candidates,
+                self.table.len()
+            );
+            (self.table.id(p.host).clone(), why)
+        })
     }
 
     /// Creates and places an instance, or says at once why nothing fits (nothing is stored).
@@ -64,7 +70,7 @@ impl Fleet {
         }
         let group = req.group.clone();
         let group = group.as_ref().map(|(g, p)| (g.as_str(), *p));
-        let node = match self.choose(&req.spec, &req.selector, group, &[], None) {
+        let (node, placement) = match self.choose(&req.spec, &req.selector, group, &[], None) {
             Ok(n) => n,
             // Any architecture will do: the other ones, before the first refusal stands.
             Err(first) if req.any_arch => {
@@ -109,6 +115,8 @@ impl Fleet {
                 group: req.group.map(|(g, _)| g),
                 power: PowerState::Running,
                 reboot_count: 0,
+                power_mode: PowerMode::default(),
+                placement: format!("attempt 1: {placement}"),
                 phase: Phase::Scheduled,
                 node: Some(node.clone()),
                 failures: Vec::new(),
@@ -153,21 +161,30 @@ impl Fleet {
     /// Asks for an instance to run or stop. Start means running: an instance already asked to
     /// run that stopped or crashed by itself gets a boot request (level-triggered, like a
     /// reboot), so its node starts it whatever its restart policy.
-    pub fn set_power(&mut self, key: &str, power: PowerState) -> Result<InstanceId, FleetError> {
+    /// `mode` says how a stop is carried out (forced, or the guest's grace).
+    pub fn set_power(
+        &mut self,
+        key: &str,
+        power: PowerState,
+        mode: PowerMode,
+    ) -> Result<InstanceId, FleetError> {
         self.update(key, |i| {
             let down = matches!(i.phase, Phase::Stopped | Phase::Crashed);
             if power == PowerState::Running && i.power == PowerState::Running && down {
                 i.reboot_count = i.reboot_count.saturating_add(1);
             }
             i.power = power;
+            i.power_mode = mode;
         })
     }
 
-    /// Asks for one reboot.
-    pub fn reboot(&mut self, key: &str) -> Result<InstanceId, FleetError> {
+    /// Asks for one reboot: a clean one (the power button, then a reset past the grace), or
+    /// a reset at once when `mode.force`.
+    pub fn reboot(&mut self, key: &str, mode: PowerMode) -> Result<InstanceId, FleetError> {
         self.update(key, |i| {
-            i.reboot_count += 1;
+            i.reboot_count = i.reboot_count.saturating_add(1);
             i.power = PowerState::Running;
+            i.power_mode = mode;
         })
     }
 
@@ -345,9 +362,10 @@ impl Fleet {
         }
         let r = i.spec.resources();
         let result = match choice {
-            Some(Ok(node)) => {
+            Some(Ok((node, why))) => {
                 i.node = Some(node.clone());
                 i.phase = Phase::Scheduled;
+                i.placement = format!("attempt {}: {why}", attempts + 1);
                 self.move_instance(id, r, old.as_ref(), Some(&node));
                 self.bump(&node);
                 Ok(())

@@ -77,6 +77,7 @@ impl Fleet {
                     name: InstanceName::new(&i.name).unwrap_or_else(|_| fallback_name(i.id)),
                     power: i.power,
                     reboot_count: i.reboot_count,
+                    power_mode: i.power_mode,
                     spec: i.spec.clone(),
                 })
                 .collect(),

@@ -201,6 +201,18 @@ impl Fleet {
             .map_or_else(Resources::default, |idx| self.table.claimed(idx))
     }
 
+    /// What can be claimed on one node: allocatable times the allocation ratios.
+    pub fn capacity(&self, node: &NodeId) -> Resources {
+        self.table
+            .index_of(node)
+            .map_or_else(Resources::default, |idx| self.table.effective(idx))
+    }
+
+    /// The scheduler's allocation ratios.
+    pub fn ratios(&self) -> crate::scheduler::Ratios {
+        self.scheduler.ratios()
+    }
+
     /// The instances a node holds (including those it is deleting), by id.
     fn on_node<'a>(&'a self, node: &NodeId) -> impl Iterator<Item = &'a InstanceRecord> + 'a {
         self.by_node

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use outpost_protocol::{
     FleetId, Holding, InstanceId, InstanceSpec, Inventory, Label, LabelKey, LabelValue, NodeId,
-    PowerState, SpecError, Version,
+    PowerMode, PowerState, Resources, SpecError, Version,
 };
 
 use crate::scheduler::{Availability, GroupPolicy, NoValidHost};
@@ -105,6 +105,10 @@ pub struct InstanceRecord {
     pub power: PowerState,
     /// Reboots asked so far.
     pub reboot_count: u32,
+    /// How the last stop or reboot asked is carried out (forced, grace).
+    pub power_mode: PowerMode,
+    /// Why it is on its node: the scheduler's score and how many hosts it weighed.
+    pub placement: String,
     /// Its phase.
     pub phase: Phase,
     /// Its node, once placed.
@@ -173,6 +177,8 @@ pub struct NodeRecord {
     /// Labels set (`Some`) or removed (`None`) by an operator on the controller, over the
     /// ones flashed onto the device (stored).
     pub label_overrides: Vec<(LabelKey, Option<LabelValue>)>,
+    /// What its instances use, as its last report said (not stored).
+    pub used: Resources,
 }
 
 impl NodeRecord {
@@ -197,6 +203,7 @@ impl NodeRecord {
             published_gone: Vec::new(),
             notice: None,
             label_overrides: Vec::new(),
+            used: Resources::default(),
         }
     }
 

@@ -57,6 +57,7 @@ impl Fleet {
         n.last_seen_ms = now_ms;
         n.reported_generation = r.generation;
         n.reported = r.instances.iter().map(|i| i.id).collect();
+        n.used = r.usage.used;
         let behind = r.generation < n.generation;
         let came_back = !n.online && n.session > 0;
         let foreign = n.foreign.is_some();
@@ -184,6 +185,8 @@ impl Fleet {
                     group: None,
                     power: di.power,
                     reboot_count: di.reboot_count,
+                    power_mode: di.power_mode,
+                    placement: format!("adopted from {node}"),
                     phase: Phase::Scheduled,
                     node: Some(node.clone()),
                     failures: Vec::new(),

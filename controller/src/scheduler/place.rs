@@ -200,13 +200,17 @@ impl fmt::Display for NoValidHost {
     }
 }
 
-/// The chosen host and the next best ones, best first.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The chosen host and the next best ones, best first, and why it won.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Placement {
     /// Where to build.
     pub host: HostIdx,
     /// Where to retry if the build fails, best first.
     pub alternates: Vec<HostIdx>,
+    /// Its weighed score (the highest).
+    pub score: f64,
+    /// How many hosts passed every filter and were weighed.
+    pub candidates: usize,
 }
 
 /// Whether host `i` is in every set (`None`: a value no host has).
@@ -375,6 +379,7 @@ impl Scheduler {
         req: &Request<'_>,
     ) -> Result<Placement, NoValidHost> {
         let mut best = Best::new(1 + self.config.alternates);
+        let mut candidates = 0;
         for w in 0..t.len().div_ceil(64) {
             let mut m = t.up.word(w) & arch.word(w) & !p.exclude.word(w);
             if p.kvm {
@@ -394,13 +399,14 @@ impl Scheduler {
                 if capacity_filter(&t.headroom[i], &p.want).is_some() {
                     continue;
                 }
+                candidates += 1;
                 let score = self.weigh(t, i, p);
                 if score >= best.floor {
                     best.offer(t, score, i);
                 }
             }
         }
-        best.into_placement().map_or_else(
+        best.into_placement(candidates).map_or_else(
             || {
                 let refused = self.place_by_scan(t, req);
                 debug_assert!(refused.is_err(), "the fast path missed a host");
@@ -421,14 +427,16 @@ impl Scheduler {
         let p = self.prepare(t, req);
         let mut removed = [0usize; Filter::ALL.len()];
         let mut best = Best::new(1 + self.config.alternates);
+        let mut candidates = 0;
         for i in 0..t.len() {
             if let Some(f) = self.reject_prepared(t, i, &p) {
                 removed[f as usize] += 1;
                 continue;
             }
+            candidates += 1;
             best.offer(t, self.weigh(t, i, &p), i);
         }
-        best.into_placement().ok_or_else(|| NoValidHost {
+        best.into_placement(candidates).ok_or_else(|| NoValidHost {
             hosts: t.len(),
             removed: Filter::ALL
                 .into_iter()
@@ -482,11 +490,13 @@ impl Best {
         }
     }
 
-    fn into_placement(self) -> Option<Placement> {
-        let mut ranked = self.ranked.into_iter().map(|(_, i)| i);
-        ranked.next().map(|host| Placement {
+    fn into_placement(self, candidates: usize) -> Option<Placement> {
+        let mut ranked = self.ranked.into_iter();
+        ranked.next().map(|(score, host)| Placement {
             host,
-            alternates: ranked.collect(),
+            alternates: ranked.map(|(_, i)| i).collect(),
+            score,
+            candidates,
         })
     }
 }

@@ -43,6 +43,7 @@ pub fn inventory() -> Inventory {
         images: [image("debian-12.qcow2"), image("vmlinuz")]
             .into_iter()
             .collect(),
+        agent_version: AgentVersion::new("0.1.0").unwrap(),
     }
 }
 
@@ -97,6 +98,7 @@ pub fn desired() -> DesiredState {
                 name: InstanceName::new("web-1").unwrap(),
                 power: PowerState::Running,
                 reboot_count: 0,
+                power_mode: PowerMode::default(),
                 spec: spec(),
             },
             DesiredInstance {
@@ -104,6 +106,10 @@ pub fn desired() -> DesiredState {
                 name: InstanceName::new("fw-1").unwrap(),
                 power: PowerState::Stopped,
                 reboot_count: 2,
+                power_mode: PowerMode {
+                    force: true,
+                    stop_timeout_secs: 30,
+                },
                 spec: kernel_spec(),
             },
         ]
@@ -190,6 +196,7 @@ pub fn max_inventory() -> Inventory {
         reserved: max_resources(),
         labels: max_labels(),
         images: (0..MAX_IMAGES).map(|_| max_image()).collect(),
+        agent_version: AgentVersion::new(&"9".repeat(MAX_AGENT_VERSION_LEN)).unwrap(),
     }
 }
 
@@ -235,6 +242,10 @@ pub fn max_desired() -> DesiredState {
                 name: max_name(),
                 power: PowerState::Stopped,
                 reboot_count: u32::MAX,
+                power_mode: PowerMode {
+                    force: true,
+                    stop_timeout_secs: u16::MAX,
+                },
                 spec: max_spec(),
             })
             .collect(),
@@ -366,6 +377,7 @@ pub fn arb_inventory() -> impl Strategy<Value = Inventory> {
                 reserved,
                 labels,
                 images: images.into_iter().collect(),
+                agent_version: AgentVersion::new("0.1.0").unwrap(),
             },
         )
 }
@@ -432,18 +444,26 @@ pub fn arb_desired() -> impl Strategy<Value = DesiredState> {
         any::<u32>(),
         arb_spec(),
         "[a-z][a-z0-9-]{0,20}[a-z]",
+        any::<bool>(),
+        any::<u16>(),
     )
-        .prop_map(|(id, stopped, reboot_count, spec, name)| DesiredInstance {
-            id: InstanceId::from_u64(id),
-            name: InstanceName::new(&name).unwrap(),
-            power: if stopped {
-                PowerState::Stopped
-            } else {
-                PowerState::Running
+        .prop_map(
+            |(id, stopped, reboot_count, spec, name, force, stop_timeout_secs)| DesiredInstance {
+                id: InstanceId::from_u64(id),
+                name: InstanceName::new(&name).unwrap(),
+                power: if stopped {
+                    PowerState::Stopped
+                } else {
+                    PowerState::Running
+                },
+                reboot_count,
+                power_mode: PowerMode {
+                    force,
+                    stop_timeout_secs,
+                },
+                spec,
             },
-            reboot_count,
-            spec,
-        });
+        );
     (
         any::<u64>(),
         any::<u64>(),
