@@ -37,7 +37,7 @@ struct ServeArgs {
     )]
     data_dir: PathBuf,
     /// Address of the embedded MQTT broker (loopback unless --mqtt-passwd is given).
-    #[arg(long, default_value = "127.0.0.1:1883")]
+    #[arg(long, env = "OUTPOST_MQTT_LISTEN", default_value = "127.0.0.1:1883")]
     mqtt_listen: SocketAddr,
     /// Password file (mosquitto format, from outpost-provision): the embedded broker then
     /// authenticates every device and confines it to its own topics, and may listen beyond
@@ -72,7 +72,7 @@ struct ServeArgs {
     )]
     broker_password_file: Option<PathBuf>,
     /// Address of the HTTP API.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "OUTPOST_API_LISTEN", default_value = "127.0.0.1:8080")]
     api_listen: SocketAddr,
     /// Bearer token the API requires (mandatory when it listens beyond loopback). Prefer
     /// --api-token-file or the environment: an argument shows in `ps` to every user.

@@ -198,13 +198,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     root.display()
                 );
             }
+            // Progress on a terminal; one line in a log.
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let mut last = 0;
             let done = provision::install(&root, &device, &agent_bin, UNIT, force, |n, total| {
                 let pct = (n * 100).checked_div(total).unwrap_or(100);
-                if pct >= last + 10 || n == total {
+                if tty && (pct >= last + 10 || n == total) {
                     last = pct;
                     eprint!("\rcopying the agent: {pct:>3}% ({n} of {total} bytes)");
                     let _ = std::io::stderr().flush();
+                } else if !tty && n == total {
+                    eprint!("copied the agent ({total} bytes)");
                 }
             })?;
             eprintln!();
