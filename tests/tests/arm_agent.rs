@@ -35,13 +35,26 @@ fn aarch64_agent_registers_and_launches_instances() {
     let node = ctl.cli(&["nodes", "show", "edge-arm"]).unwrap();
     assert_eq!(node["arch"], "aarch64", "{node}");
 
+    // An x86_64 instance has nowhere to go, and the refusal says the architecture is why.
+    let e = ctl
+        .cli(&[
+            "instances",
+            "create",
+            "x86-1",
+            "--arch",
+            "x86_64",
+            "--kernel",
+            "vmlinuz",
+        ])
+        .unwrap_err();
+    assert!(e.contains("architecture removed 1"), "{e}");
+    // Without --arch, an instance goes to any architecture the fleet has (here only aarch64,
+    // though the controller itself is x86_64).
     let v = ctl
         .cli(&[
             "instances",
             "create",
             "arm-1",
-            "--arch",
-            "aarch64",
             "--kernel",
             "vmlinuz",
             "--initrd",
@@ -51,6 +64,7 @@ fn aarch64_agent_registers_and_launches_instances() {
         ])
         .unwrap();
     assert_eq!(v["node"], "edge-arm");
+    assert_eq!(v["arch"], "aarch64");
     ctl.wait_phase("arm-1", "running", T);
 
     // ARM agent 2: the real libvirtd (x86_64, QEMU) over its socket, booting a real guest.
