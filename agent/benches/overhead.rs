@@ -82,6 +82,7 @@ fn main() {
                 disk_gib: 100,
             },
             images: [ImageName::new("vmlinuz").unwrap()].into_iter().collect(),
+            cached: Default::default(),
         },
         None,
     );
@@ -92,7 +93,7 @@ fn main() {
         arch: host.arch,
         require_kvm: false,
         boot: Boot::Kernel {
-            kernel: ImageName::new("vmlinuz").unwrap(),
+            kernel: ImageName::new("vmlinuz").unwrap().into(),
             initrd: None,
             cmdline: Cmdline::new("console=ttyS0 panic=-1").unwrap(),
         },

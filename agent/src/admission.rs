@@ -4,7 +4,9 @@
 
 use std::collections::BTreeSet;
 
-use outpost_protocol::{Arch, ErrorKind, HypervisorKind, ImageName, InstanceSpec, Resources};
+use outpost_protocol::{
+    Arch, Digest, ErrorKind, HypervisorKind, ImageName, InstanceSpec, Resources,
+};
 
 /// What the host offers, as the reconciler needs it for admission.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +19,8 @@ pub struct HostFacts {
     pub allocatable: Resources,
     /// Files in the image directory.
     pub images: BTreeSet<ImageName>,
+    /// Blobs in the image cache.
+    pub cached: BTreeSet<Digest>,
 }
 
 /// Checks an instance that does not exist yet against the host. `used` is what the instances
@@ -40,7 +44,7 @@ pub(crate) fn admit(
             format!("instance requires KVM, host has {}", host.kind),
         ));
     }
-    if let Some(missing) = spec.boot.images().find(|i| !host.images.contains(*i)) {
+    if let Some(missing) = spec.boot.files().find(|i| !host.images.contains(*i)) {
         return Err((
             ErrorKind::UnknownImage,
             format!("image {missing} is not in the image directory"),

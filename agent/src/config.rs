@@ -136,6 +136,35 @@ pub struct Config {
     pub reconcile_interval: Duration,
     /// Clean shutdown allowance before a forced stop.
     pub stop_timeout: Duration,
+    /// How images are downloaded and cached.
+    pub downloads: Downloads,
+}
+
+/// How images are downloaded and cached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Downloads {
+    /// At most this many downloads at once.
+    pub concurrent: usize,
+    /// At most this many bytes per second in all (0: no limit).
+    pub rate: u64,
+    /// Bytes kept free on the image directory's file system.
+    pub reserve: u64,
+    /// No byte for this long: the transfer is resumed on a new connection.
+    pub stall: Duration,
+    /// Cached images no instance uses are removed after this long unused.
+    pub ttl: Duration,
+}
+
+impl Default for Downloads {
+    fn default() -> Self {
+        Self {
+            concurrent: 2,
+            rate: 0,
+            reserve: 256 << 20,
+            stall: Duration::from_secs(30),
+            ttl: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 fn seconds(v: Option<u16>, default: u16, what: &'static str) -> Result<Duration, ConfigError> {
@@ -235,6 +264,7 @@ impl Config {
             stop_timeout: Duration::from_secs(u64::from(
                 hv.stop_timeout_secs.unwrap_or(DEFAULT_STOP_TIMEOUT_SECS),
             )),
+            downloads: Downloads::default(),
         })
     }
 

@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use outpost_protocol::limits::MAX_IMAGES;
-use outpost_protocol::{AgentVersion, ImageName, Inventory, Labels, Resources};
+use outpost_protocol::limits::{MAX_CACHED, MAX_IMAGES};
+use outpost_protocol::{AgentVersion, Digest, ImageName, Inventory, Labels, Resources};
 
 use crate::hypervisor::HostInfo;
 use crate::reconcile::HostFacts;
@@ -48,6 +48,7 @@ pub fn describe(
     reserved: Resources,
     labels: &Labels,
     images: BTreeSet<ImageName>,
+    cached: heapless::Vec<Digest, MAX_CACHED>,
 ) -> (Inventory, HostFacts) {
     let total = Resources {
         vcpus: host.vcpus,
@@ -62,12 +63,14 @@ pub fn describe(
         labels: labels.clone(),
         images: images.iter().cloned().collect(),
         agent_version: AgentVersion::new(env!("CARGO_PKG_VERSION")).unwrap_or_default(),
+        cached: cached.clone(),
     };
     let facts = HostFacts {
         arch: host.arch,
         kind: host.kind,
         allocatable: inventory.allocatable(),
         images,
+        cached: cached.into_iter().collect(),
     };
     (inventory, facts)
 }

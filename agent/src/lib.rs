@@ -12,6 +12,7 @@ pub mod admission;
 pub mod config;
 pub mod fingerprint;
 pub mod hypervisor;
+pub mod images;
 pub mod link;
 pub mod reconcile;
 pub mod shell;

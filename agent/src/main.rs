@@ -332,8 +332,15 @@ fn main() -> anyhow::Result<()> {
             let host = hv.host()?;
             let images = outpost_agent::fingerprint::scan_images(&cfg.image_dir);
             let disk = outpost_agent::fingerprint::disk_free_gib(&cfg.state_dir);
-            let (inv, _) =
-                outpost_agent::fingerprint::describe(host, disk, cfg.reserved, &cfg.labels, images);
+            let cached = outpost_agent::images::Cache::new(&cfg.image_dir).reported();
+            let (inv, _) = outpost_agent::fingerprint::describe(
+                host,
+                disk,
+                cfg.reserved,
+                &cfg.labels,
+                images,
+                cached,
+            );
             print_fields(&inventory_fields(&inv), json);
             Ok(())
         }

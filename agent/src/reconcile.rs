@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use outpost_protocol::limits::MAX_INSTANCES_PER_NODE;
 use outpost_protocol::{
-    AckResult, AgentEvent, Backoff, DesiredInstance, DesiredState, ErrorKind, Holding, InstanceId,
-    InstanceReport, InstanceState, NodeReport, PowerState, Reason, Resources, RestartPolicy, Usage,
+    AckResult, AgentEvent, Backoff, BlobRef, DesiredInstance, DesiredState, Digest, ErrorKind,
+    FetchFrom, Holding, InstanceId, InstanceReport, InstanceState, NodeReport, PowerState, Reason,
+    Resources, RestartPolicy, Usage,
 };
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +55,48 @@ pub enum Effect {
     Publish(AgentEvent),
     /// Run this operation on the hypervisor, then call [`Reconciler::completed`].
     Run(InstanceId, Op),
+    /// Fetch this blob into the cache (from where the desired state says, if it says), then
+    /// call [`Reconciler::fetched`].
+    Fetch(BlobRef, Option<FetchFrom>),
+}
+
+/// What a pass knows when it converges an instance that has no domain yet.
+struct Absent<'a> {
+    now: Instant,
+    generation: u64,
+    host: &'a HostFacts,
+    from: Option<&'a FetchFrom>,
+}
+
+/// Blobs being fetched, and those that could not be (until the next desired state).
+#[derive(Debug, Default)]
+struct Fetches {
+    running: BTreeSet<Digest>,
+    failed: BTreeMap<Digest, String>,
+}
+
+impl Fetches {
+    /// Asks for every blob of `blobs` not cached, not under way and not failed; returns the
+    /// failure of one that failed, if any.
+    fn want<'a>(
+        &mut self,
+        out: &mut Vec<Effect>,
+        blobs: impl Iterator<Item = &'a BlobRef>,
+        host: &HostFacts,
+        from: Option<&FetchFrom>,
+    ) -> Result<bool, String> {
+        let mut missing = false;
+        for b in blobs.filter(|b| !host.cached.contains(&b.digest)) {
+            if let Some(why) = self.failed.get(&b.digest) {
+                return Err(why.clone());
+            }
+            missing = true;
+            if self.running.insert(b.digest) {
+                out.push(Effect::Fetch(*b, from.cloned()));
+            }
+        }
+        Ok(missing)
+    }
 }
 
 /// How a received desired state compares with the one held.
@@ -65,7 +108,7 @@ pub enum Offer {
     Same,
     /// Older than the one held, or from another fleet: ignored, answered with this ack and
     /// with what the agent holds ([`Reconciler::holding`]).
-    Refused(AgentEvent),
+    Refused(Box<AgentEvent>),
 }
 
 /// What the reconciler remembers about one instance between passes.
@@ -118,6 +161,7 @@ pub struct Reconciler {
     host: HostFacts,
     /// When the agent last heard from its controller (a desired state, or a live link).
     heard: Option<Instant>,
+    fetches: Fetches,
 }
 
 /// The instance state a domain's state reads as, for an instance the agent does not converge.
@@ -185,7 +229,38 @@ impl Reconciler {
             tracks: BTreeMap::new(),
             host,
             heard: None,
+            fetches: Fetches::default(),
         }
+    }
+
+    /// The result of an [`Effect::Fetch`]: the blob is cached, or why it could not be (the
+    /// instances that need it fail with that reason until the next desired state).
+    pub fn fetched(&mut self, digest: Digest, result: Result<(), String>) {
+        self.fetches.running.remove(&digest);
+        match result {
+            Ok(()) => {
+                self.host.cached.insert(digest);
+            }
+            Err(why) => {
+                self.fetches.failed.insert(digest, why);
+            }
+        }
+    }
+
+    /// The blobs the held state needs (its instances, kept ones, and prefetches): never
+    /// evicted from the cache.
+    pub fn blobs_in_use(&self) -> BTreeSet<Digest> {
+        self.held
+            .iter()
+            .flat_map(|h| {
+                h.desired
+                    .instances
+                    .iter()
+                    .chain(&h.kept)
+                    .flat_map(|i| i.spec.boot.blobs().map(|b| b.digest))
+                    .chain(h.desired.prefetch.iter().map(|b| b.digest))
+            })
+            .collect()
     }
 
     /// The generation held (0 when none).
@@ -249,7 +324,9 @@ impl Reconciler {
     }
 
     /// Updates what the host offers (after a new fingerprint).
-    pub fn set_host(&mut self, host: HostFacts) {
+    pub fn set_host(&mut self, mut host: HostFacts) {
+        // Blobs fetched since the fingerprint's scan are cached too.
+        host.cached.extend(self.host.cached.iter().copied());
         self.host = host;
     }
 
@@ -269,10 +346,10 @@ impl Reconciler {
             return Offer::Newer;
         }
         let refuse = |result| {
-            Offer::Refused(AgentEvent::Ack {
+            Offer::Refused(Box::new(AgentEvent::Ack {
                 generation: d.generation,
                 result,
-            })
+            }))
         };
         if d.fleet != cur.fleet {
             return refuse(AckResult::OtherFleet { held: cur });
@@ -317,10 +394,12 @@ impl Reconciler {
     /// shell. The next [`observe`](Self::observe) converges to it.
     pub fn accept(&mut self, held: Held) -> Vec<Effect> {
         self.held = Some(Box::new(held));
-        // A new generation means the controller looked again: failed builds get another try.
+        // A new generation means the controller looked again: failed builds and fetches get
+        // another try.
         for t in self.tracks.values_mut() {
             t.create_failed = false;
         }
+        self.fetches.failed.clear();
         vec![Effect::Publish(self.ack_current())]
     }
 
@@ -334,7 +413,11 @@ impl Reconciler {
         let mut out = Vec::new();
         let may_start = self.may_start(now);
         let Self {
-            held, tracks, host, ..
+            held,
+            tracks,
+            host,
+            fetches,
+            ..
         } = self;
         let Some(held) = held else {
             // Desired state unknown: report what is there, change nothing.
@@ -359,7 +442,13 @@ impl Reconciler {
             let t = tracks.entry(di.id).or_default();
             match observed.get(&di.id) {
                 None if may_start => {
-                    Self::converge_absent(&mut out, now, generation, di, t, &mut used, host);
+                    let ctx = Absent {
+                        now,
+                        generation,
+                        host,
+                        from: desired.fetch.as_ref(),
+                    };
+                    Self::converge_absent(&mut out, &ctx, di, t, &mut used, fetches);
                 }
                 None => set_state(
                     &mut out,
@@ -376,6 +465,13 @@ impl Reconciler {
                 }
             }
         }
+        // Blobs to cache ahead of any instance.
+        let _ = fetches.want(
+            &mut out,
+            desired.prefetch.iter(),
+            host,
+            desired.fetch.as_ref(),
+        );
         let wanted: BTreeSet<InstanceId> = desired.instances.iter().map(|d| d.id).collect();
         for (&id, &state) in observed.iter().filter(|(id, _)| !wanted.contains(id)) {
             let t = tracks.entry(id).or_default();
@@ -415,13 +511,18 @@ impl Reconciler {
 
     fn converge_absent(
         out: &mut Vec<Effect>,
-        now: Instant,
-        generation: u64,
+        ctx: &Absent<'_>,
         di: &DesiredInstance,
         t: &mut Track,
         used: &mut Resources,
-        host: &HostFacts,
+        fetches: &mut Fetches,
     ) {
+        let Absent {
+            now,
+            generation,
+            host,
+            from,
+        } = *ctx;
         if t.busy || t.create_failed {
             return;
         }
@@ -437,6 +538,20 @@ impl Reconciler {
             return;
         }
         *used = used.saturating_add(di.spec.resources());
+        // Its images first: fetched and verified into the cache.
+        match fetches.want(out, di.spec.boot.blobs(), host, from) {
+            Err(why) => {
+                let reason = format!("fetching its image failed: {why}");
+                let kind = InstanceState::Error(ErrorKind::Fetch);
+                set_state(out, generation, di.id, t, kind, &reason);
+                return;
+            }
+            Ok(true) => {
+                set_state(out, generation, di.id, t, InstanceState::Downloading, "");
+                return;
+            }
+            Ok(false) => {}
+        }
         if !t.ready(now) {
             return;
         }

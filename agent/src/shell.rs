@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use outpost_protocol::topics::{self, Channel};
 use outpost_protocol::{
-    AgentEvent, Backoff, DesiredState, ErrorKind, InstanceId, Inventory, Message, NodeStatus,
-    NoticeKind, Presence, Reason,
+    AgentEvent, Backoff, BlobRef, DesiredState, ErrorKind, FetchFrom, FetchState, InstanceId,
+    Inventory, Message, NodeStatus, NoticeKind, Presence, Reason,
 };
 use rumqttc::{AsyncClient, ConnectionError, QoS};
 use tokio::sync::mpsc;
@@ -75,6 +75,21 @@ struct Shell {
     synced: bool,
     /// The hypervisor stopped answering (libvirtd restarting): nothing is changed meanwhile.
     hv_down: bool,
+    /// Downloads: their progress and results come back here.
+    fetch_tx: mpsc::UnboundedSender<FetchMsg>,
+    /// At most this many downloads at once.
+    fetch_slots: Arc<tokio::sync::Semaphore>,
+    /// The HTTP(S) client for downloads.
+    http: crate::images::fetch::Client,
+}
+
+/// What a download tells the agent's loop.
+#[derive(Debug)]
+enum FetchMsg {
+    /// Publish this progress event.
+    Progress(AgentEvent),
+    /// It ended.
+    Done(BlobRef, Result<(), String>),
 }
 
 impl Shell {
@@ -99,6 +114,7 @@ impl Shell {
         for e in effects {
             match e {
                 Effect::Publish(ev) => self.publish_event(&ev),
+                Effect::Fetch(blob, from) => self.fetch(blob, from),
                 Effect::Run(id, op) => {
                     tracing::info!(%id, op = op.name(), "hypervisor");
                     let hv = Arc::clone(&self.hv);
@@ -113,6 +129,77 @@ impl Shell {
                 }
             }
         }
+    }
+
+    /// Starts a download (it waits for a free slot); its progress and result come back
+    /// through `fetch_tx`.
+    fn fetch(&mut self, blob: BlobRef, from: Option<FetchFrom>) {
+        let tx = self.fetch_tx.clone();
+        let Some(from) = from else {
+            let why = crate::images::fetch::FetchError::NoSource.to_string();
+            let _ = tx.send(FetchMsg::Done(blob, Err(why)));
+            return;
+        };
+        let cache = crate::images::Cache::new(&self.cfg.image_dir);
+        let d = &self.cfg.downloads;
+        let lim = crate::images::fetch::Limits {
+            stall: d.stall,
+            rate: d.rate,
+            reserve: d.reserve,
+            ..Default::default()
+        };
+        let (slots, http, node) = (
+            Arc::clone(&self.fetch_slots),
+            self.http.clone(),
+            self.cfg.node_id.clone(),
+        );
+        let keep = self.rec.blobs_in_use();
+        tracing::info!(blob = %blob.digest.short(), size = blob.size, "downloading an image");
+        tokio::spawn(async move {
+            let _slot = slots.acquire().await;
+            let progress = |state: FetchState, done: u64, rate: u32, reason: &str| {
+                let _ = tx.send(FetchMsg::Progress(AgentEvent::Fetch {
+                    digest: blob.digest,
+                    done,
+                    total: blob.size,
+                    rate,
+                    state,
+                    reason: Reason::lossy(reason),
+                }));
+            };
+            let on = |p: crate::images::fetch::Progress| {
+                progress(FetchState::Running, p.done, p.rate, "");
+            };
+            let started = std::time::Instant::now();
+            let mut r =
+                crate::images::fetch::fetch(&http, &cache, &node, &from, blob, &lim, on).await;
+            if let Err(crate::images::fetch::FetchError::NoSpace { need, .. }) = &r {
+                // Room first: unused cached images go, the least recently used first.
+                let (c, need) = (cache.clone(), need + lim.reserve);
+                let freed = tokio::task::spawn_blocking(move || {
+                    c.evict(&keep, std::time::SystemTime::UNIX_EPOCH, need)
+                })
+                .await
+                .unwrap_or_default();
+                if !freed.is_empty() {
+                    tracing::info!(evicted = freed.len(), "made room in the image cache");
+                    r = crate::images::fetch::fetch(&http, &cache, &node, &from, blob, &lim, on)
+                        .await;
+                }
+            }
+            match &r {
+                Ok(()) => {
+                    let secs = started.elapsed().as_secs_f64().max(0.001);
+                    tracing::info!(blob = %blob.digest.short(), mib_per_s = format!("{:.1}", blob.size as f64 / secs / 1048576.0), "image cached");
+                    progress(FetchState::Cached, blob.size, 0, "");
+                }
+                Err(e) => {
+                    tracing::warn!(blob = %blob.digest.short(), error = %e, "image download failed");
+                    progress(FetchState::Failed, 0, 0, &e.to_string());
+                }
+            }
+            let _ = tx.send(FetchMsg::Done(blob, r.map_err(|e| e.to_string())));
+        });
     }
 
     /// A notice about the node: logged, published now if connected, and again after every
@@ -287,6 +374,17 @@ impl Shell {
     /// Re-reads the host (images, disk, CPUs, memory); republishes the inventory if it changed.
     /// A hypervisor that does not answer is reported, never fatal.
     async fn refresh_host(&mut self) -> Result<(), AgentError> {
+        // Cached images nothing has used for the TTL go (never one the held state names).
+        let cache = crate::images::Cache::new(&self.cfg.image_dir);
+        let keep = self.rec.blobs_in_use();
+        if let Some(before) = std::time::SystemTime::now().checked_sub(self.cfg.downloads.ttl) {
+            let gone = tokio::task::spawn_blocking(move || cache.evict(&keep, before, 0))
+                .await
+                .unwrap_or_default();
+            for d in gone {
+                tracing::info!(blob = %d.short(), "unused cached image removed");
+            }
+        }
         let (inventory, facts) = match describe(&self.cfg, Arc::clone(&self.hv)).await {
             Ok(d) => d,
             Err(AgentError::Host(e)) => {
@@ -314,11 +412,12 @@ async fn describe(
 ) -> Result<(Inventory, HostFacts), AgentError> {
     let image_dir = cfg.image_dir.clone();
     let state_dir = cfg.state_dir.clone();
-    let (host, images, disk) = tokio::task::spawn_blocking(move || {
+    let (host, images, disk, cached) = tokio::task::spawn_blocking(move || {
         (
             hv.host(),
             fingerprint::scan_images(&image_dir),
             fingerprint::disk_free_gib(&state_dir),
+            crate::images::Cache::new(&image_dir).reported(),
         )
     })
     .await?;
@@ -328,6 +427,7 @@ async fn describe(
         cfg.reserved,
         &cfg.labels,
         images,
+        cached,
     ))
 }
 
@@ -399,6 +499,9 @@ async fn run_loop(
     let (client, mut link_rx, link, mut session) = crate::link::start(&cfg);
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel();
+    let http = crate::images::fetch::Client::new(cfg.tls.as_ref().map(|t| t.ca_pem.as_slice()));
+    let fetch_slots = Arc::new(tokio::sync::Semaphore::new(cfg.downloads.concurrent.max(1)));
     let desired_topic = topics::topic(&cfg.node_id, Channel::Desired);
     let mut reconcile_tick = tokio::time::interval(cfg.reconcile_interval);
     let mut report_tick = tokio::time::interval(cfg.report_interval);
@@ -434,6 +537,9 @@ async fn run_loop(
         heard_saved: None,
         synced: false,
         hv_down: false,
+        fetch_tx,
+        fetch_slots,
+        http,
     };
     let mut pass_due = true;
     tokio::pin!(shutdown);
@@ -482,6 +588,22 @@ async fn run_loop(
                     sh.connected = false;
                 }
                 LinkEvent::Closed => {}
+            },
+            Some(msg) = fetch_rx.recv() => match msg {
+                FetchMsg::Progress(ev) => {
+                    if sh.connected {
+                        sh.publish_event(&ev);
+                    }
+                }
+                FetchMsg::Done(blob, result) => {
+                    let ok = result.is_ok();
+                    sh.rec.fetched(blob.digest, result);
+                    if ok {
+                        // The cache changed: the controller learns it with the inventory.
+                        sh.refresh_host().await?;
+                    }
+                    pass_due = true;
+                }
             },
             Some((id, op, result)) = done_rx.recv() => {
                 let effects = sh.rec.completed(Instant::now(), id, &op, result);

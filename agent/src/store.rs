@@ -15,6 +15,8 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
+use outpost_protocol::legacy;
+
 use crate::reconcile::Held;
 
 /// The file name of what the agent holds, inside the state directory.
@@ -23,7 +25,7 @@ pub const DESIRED_FILE: &str = "desired.bin";
 pub const HEARD_FILE: &str = "heard";
 /// The first four bytes of the held-state file.
 pub const MAGIC: [u8; 4] = *b"OPST";
-/// The held-state file's format version (3: instances carry their power mode).
+/// The held-state file's format version (3: power modes, images by digest, fetch sources).
 pub const FORMAT: u8 = 3;
 /// The largest held-state file: a full desired state and a full list of kept instances.
 pub const MAX_FILE_LEN: usize = 256 * 1024;
@@ -113,7 +115,7 @@ pub fn unframe(bytes: &[u8]) -> Result<Held, &'static str> {
         return Err("length mismatch");
     }
     if data[4] == 2 {
-        return match postcard::take_from_bytes::<v2::Held>(body) {
+        return match postcard::take_from_bytes::<HeldV2>(body) {
             Ok((held, [])) => Ok(held.into()),
             Ok(_) => Err("trailing bytes"),
             Err(_) => Err("malformed body"),
@@ -126,70 +128,20 @@ pub fn unframe(bytes: &[u8]) -> Result<Held, &'static str> {
     }
 }
 
-/// Format 2, written by the release before power modes: read after an upgrade (never
-/// written), so an upgraded agent keeps its fleet binding and its instances.
-mod v2 {
-    use outpost_protocol::limits::MAX_INSTANCES_PER_NODE;
-    use outpost_protocol::{
-        FleetId, InstanceId, InstanceName, InstanceSpec, PowerMode, PowerState, Version,
-    };
-    use serde::Deserialize;
+/// Format 2, written by the release before power modes and images by digest: read after an
+/// upgrade (converted, written back as the current format), so an upgraded agent keeps its
+/// fleet binding and its instances.
+#[derive(serde::Deserialize, serde::Serialize)]
+struct HeldV2 {
+    desired: Box<legacy::DesiredStateV2>,
+    kept: Vec<legacy::DesiredInstanceV2>,
+}
 
-    #[derive(Deserialize)]
-    #[cfg_attr(test, derive(serde::Serialize))]
-    pub struct Instance {
-        pub(super) id: InstanceId,
-        pub(super) name: InstanceName,
-        pub(super) power: PowerState,
-        pub(super) reboot_count: u32,
-        pub(super) spec: InstanceSpec,
-    }
-
-    #[derive(Deserialize)]
-    #[cfg_attr(test, derive(serde::Serialize))]
-    pub struct Desired {
-        pub(super) fleet: FleetId,
-        pub(super) generation: u64,
-        pub(super) replaces: Option<Version>,
-        pub(super) lease_secs: u32,
-        pub(super) instances: heapless::Vec<Instance, MAX_INSTANCES_PER_NODE>,
-        pub(super) gone: heapless::Vec<InstanceId, MAX_INSTANCES_PER_NODE>,
-    }
-
-    #[derive(Deserialize)]
-    #[cfg_attr(test, derive(serde::Serialize))]
-    pub struct Held {
-        pub(super) desired: Box<Desired>,
-        pub(super) kept: Vec<Instance>,
-    }
-
-    impl From<Instance> for outpost_protocol::DesiredInstance {
-        fn from(i: Instance) -> Self {
-            Self {
-                id: i.id,
-                name: i.name,
-                power: i.power,
-                reboot_count: i.reboot_count,
-                power_mode: PowerMode::default(),
-                spec: i.spec,
-            }
-        }
-    }
-
-    impl From<Held> for crate::reconcile::Held {
-        fn from(h: Held) -> Self {
-            let d = *h.desired;
-            Self {
-                desired: Box::new(outpost_protocol::DesiredState {
-                    fleet: d.fleet,
-                    generation: d.generation,
-                    replaces: d.replaces,
-                    lease_secs: d.lease_secs,
-                    instances: d.instances.into_iter().map(Into::into).collect(),
-                    gone: d.gone,
-                }),
-                kept: h.kept.into_iter().map(Into::into).collect(),
-            }
+impl From<HeldV2> for Held {
+    fn from(h: HeldV2) -> Self {
+        Self {
+            desired: Box::new((*h.desired).into()),
+            kept: h.kept.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -314,15 +266,15 @@ mod tests {
 
     #[test]
     fn a_format_2_file_from_the_previous_release_loads() {
+        use outpost_protocol::legacy::*;
         use outpost_protocol::*;
-        let mut h = held();
-        let spec = InstanceSpec {
+        let old_spec = SpecV2 {
             vcpus: 1,
             memory_mib: 64,
             disk_gib: 0,
             arch: Arch::X86_64,
             require_kvm: false,
-            boot: Boot::Kernel {
+            boot: BootV2::Kernel {
                 kernel: ImageName::new("vmlinuz").unwrap(),
                 initrd: None,
                 cmdline: Cmdline::new("console=ttyS0").unwrap(),
@@ -331,37 +283,22 @@ mod tests {
             restart: RestartPolicy::Always,
             labels: Labels::new(),
         };
-        h.desired
-            .instances
-            .push(DesiredInstance {
-                id: InstanceId::from_u64(0xabc),
-                name: InstanceName::new("web-1").unwrap(),
-                power: PowerState::Stopped,
-                reboot_count: 3,
-                power_mode: PowerMode::default(),
-                spec,
-            })
-            .unwrap();
-        h.desired.gone.push(InstanceId::from_u64(0xdef)).unwrap();
-        let old = v2::Held {
-            desired: Box::new(v2::Desired {
-                fleet: h.desired.fleet,
-                generation: h.desired.generation,
-                replaces: h.desired.replaces,
-                lease_secs: h.desired.lease_secs,
-                instances: h
-                    .desired
-                    .instances
-                    .iter()
-                    .map(|i| v2::Instance {
-                        id: i.id,
-                        name: i.name.clone(),
-                        power: i.power,
-                        reboot_count: i.reboot_count,
-                        spec: i.spec.clone(),
-                    })
-                    .collect(),
-                gone: h.desired.gone.clone(),
+        let old = HeldV2 {
+            desired: Box::new(DesiredStateV2 {
+                fleet: FleetId(7),
+                generation: 3,
+                replaces: None,
+                lease_secs: 300,
+                instances: [DesiredInstanceV2 {
+                    id: InstanceId::from_u64(0xabc),
+                    name: InstanceName::new("web-1").unwrap(),
+                    power: PowerState::Stopped,
+                    reboot_count: 3,
+                    spec: old_spec,
+                }]
+                .into_iter()
+                .collect(),
+                gone: [InstanceId::from_u64(0xdef)].into_iter().collect(),
             }),
             kept: Vec::new(),
         };
@@ -373,7 +310,19 @@ mod tests {
         let crc = CRC32.checksum(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
         let loaded = unframe(&bytes).unwrap();
-        assert_eq!(loaded, h, "the same state, with default power modes");
+        let d = &loaded.desired;
+        assert_eq!((d.fleet, d.generation, d.lease_secs), (FleetId(7), 3, 300));
+        assert_eq!(d.gone.as_slice(), &[InstanceId::from_u64(0xdef)]);
+        let i = &d.instances[0];
+        assert_eq!(
+            (i.id, i.power, i.reboot_count),
+            (InstanceId::from_u64(0xabc), PowerState::Stopped, 3)
+        );
+        assert_eq!(i.power_mode, PowerMode::default());
+        assert_eq!(
+            i.spec.boot.files().map(|f| f.as_str()).collect::<Vec<_>>(),
+            ["vmlinuz"]
+        );
         // Written back in the current format.
         assert_eq!(frame(&loaded).unwrap()[4], FORMAT);
     }

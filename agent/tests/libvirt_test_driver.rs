@@ -29,8 +29,8 @@ fn spec(boot: Boot, disk_gib: u32) -> InstanceSpec {
 
 fn kernel_boot() -> Boot {
     Boot::Kernel {
-        kernel: ImageName::new("vmlinuz").unwrap(),
-        initrd: Some(ImageName::new("initrd.img").unwrap()),
+        kernel: ImageName::new("vmlinuz").unwrap().into(),
+        initrd: Some(ImageName::new("initrd.img").unwrap().into()),
         cmdline: Cmdline::new("console=ttyS0").unwrap(),
     }
 }
@@ -85,7 +85,7 @@ fn libvirt_backend_lifecycle_on_the_test_driver() {
         b,
         &spec(
             Boot::Disk {
-                image: ImageName::new("base.qcow2").unwrap(),
+                image: ImageName::new("base.qcow2").unwrap().into(),
             },
             2,
         ),
@@ -148,7 +148,7 @@ fn libvirt_backend_lifecycle_on_the_test_driver() {
     // A missing image is a clear, typed error.
     let missing = spec(
         Boot::Disk {
-            image: ImageName::new("nope.qcow2").unwrap(),
+            image: ImageName::new("nope.qcow2").unwrap().into(),
         },
         1,
     );

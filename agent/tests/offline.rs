@@ -43,7 +43,7 @@ async fn cold_boot_offline_restores_instances_from_disk() {
         arch: Arch::native().unwrap(),
         require_kvm: false,
         boot: Boot::Kernel {
-            kernel: ImageName::new("vmlinuz").unwrap(),
+            kernel: ImageName::new("vmlinuz").unwrap().into(),
             initrd: None,
             cmdline: Cmdline::default(),
         },

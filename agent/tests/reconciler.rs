@@ -26,6 +26,7 @@ fn facts(kind: HypervisorKind) -> HostFacts {
             disk_gib: 100,
         },
         images: BTreeSet::from([ImageName::new("base.qcow2").unwrap()]),
+        cached: BTreeSet::new(),
     }
 }
 
@@ -37,7 +38,7 @@ fn spec(memory_mib: u32, restart: RestartPolicy) -> InstanceSpec {
         arch: Arch::X86_64,
         require_kvm: false,
         boot: Boot::Disk {
-            image: ImageName::new("base.qcow2").unwrap(),
+            image: ImageName::new("base.qcow2").unwrap().into(),
         },
         network: Network::None,
         restart,
@@ -82,6 +83,8 @@ struct Sim {
     store: DesiredStore,
     now: Instant,
     events: Vec<AgentEvent>,
+    /// Downloads asked of the shell, in order.
+    fetches: Vec<(BlobRef, Option<FetchFrom>)>,
     _dir: tempfile::TempDir,
 }
 
@@ -95,6 +98,7 @@ impl Sim {
             store,
             now: Instant::now(),
             events: Vec::new(),
+            fetches: Vec::new(),
             _dir: dir,
         }
     }
@@ -114,7 +118,7 @@ impl Sim {
                 self.apply(effects);
             }
             Offer::Same => self.events.push(self.rec.ack_current()),
-            Offer::Refused(ack) => self.events.push(ack),
+            Offer::Refused(ack) => self.events.push(*ack),
         }
     }
 
@@ -122,6 +126,7 @@ impl Sim {
         for e in effects {
             match e {
                 Effect::Publish(ev) => self.events.push(ev),
+                Effect::Fetch(b, from) => self.fetches.push((b, from)),
                 Effect::Run(id, op) => {
                     let r = execute(&self.hv, id, &op);
                     let more = self.rec.completed(self.now, id, &op, r);
@@ -550,7 +555,7 @@ fn impossible_instances_end_in_error_with_a_reason() {
     kvm.require_kvm = true;
     let mut unknown = spec(256, RestartPolicy::OnFailure);
     unknown.boot = Boot::Disk {
-        image: ImageName::new("missing.qcow2").unwrap(),
+        image: ImageName::new("missing.qcow2").unwrap().into(),
     };
     let mut arm = spec(256, RestartPolicy::OnFailure);
     arm.arch = Arch::Aarch64;
@@ -673,6 +678,81 @@ fn power_and_reboot_are_level_triggered() {
     s.restart_agent();
     s.converge();
     assert_eq!(s.hv.calls(Call::Reboot, id(1)), 1);
+}
+
+#[test]
+fn images_are_fetched_once_then_built_and_failures_wait_for_the_next_state() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    let blob = BlobRef {
+        digest: Digest([7; 32]),
+        size: 1 << 20,
+    };
+    let from = FetchFrom {
+        url: BaseUrl::new("http://ctl:8080").unwrap(),
+        token: [1; 32],
+    };
+    let mut i = inst(1, spec(256, RestartPolicy::Always));
+    i.spec.boot = Boot::Disk {
+        image: Image::Blob(blob),
+    };
+    let mut d = desired(1, vec![i.clone()]);
+    d.fetch = Some(from.clone());
+    s.deliver(d.clone());
+    s.converge();
+    s.advance(Duration::from_secs(5));
+    s.converge();
+    // One download asked, however many passes; the instance says it is downloading.
+    assert_eq!(s.fetches, vec![(blob, Some(from.clone()))]);
+    assert_eq!(s.state(1), Some(InstanceState::Downloading));
+    assert_eq!(s.hv.calls(Call::Create, id(1)), 0);
+    assert!(s.rec.blobs_in_use().contains(&blob.digest));
+    // Cached: built.
+    s.rec.fetched(blob.digest, Ok(()));
+    s.converge();
+    assert_eq!(s.hv.calls(Call::Create, id(1)), 1);
+    assert_eq!(s.state(1), Some(InstanceState::Running));
+
+    // Another instance whose image cannot be fetched: an error with the reason, no retry
+    // until the controller sends a new state.
+    let other = BlobRef {
+        digest: Digest([8; 32]),
+        size: 10,
+    };
+    let mut j = inst(2, spec(256, RestartPolicy::Always));
+    j.spec.boot = Boot::Disk {
+        image: Image::Blob(other),
+    };
+    let mut d2 = desired(2, vec![i.clone(), j.clone()]);
+    d2.fetch = Some(from.clone());
+    s.deliver(d2.clone());
+    s.converge();
+    s.rec
+        .fetched(other.digest, Err("the image did not verify 3 times".into()));
+    s.converge();
+    s.advance(Duration::from_secs(60));
+    s.converge();
+    assert_eq!(s.state(2), Some(InstanceState::Error(ErrorKind::Fetch)));
+    assert!(
+        last_reason(&s.take_events(), 2)
+            .unwrap()
+            .contains("did not verify")
+    );
+    assert_eq!(s.fetches.len(), 2);
+    d2.generation = 3;
+    s.deliver(d2);
+    s.converge();
+    assert_eq!(s.fetches.len(), 3, "a new state tries again");
+
+    // Prefetch: cached ahead of any instance; no source: the failure says how to fix it.
+    let ahead = BlobRef {
+        digest: Digest([9; 32]),
+        size: 10,
+    };
+    let mut d4 = desired(4, vec![i]);
+    d4.prefetch.push(ahead).unwrap();
+    s.deliver(d4);
+    s.converge();
+    assert_eq!(s.fetches.last(), Some(&(ahead, None)));
 }
 
 /// The last reason the agent gave for instance `n`.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use outpost_controller::views::{
-    CreateBody, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, InstanceView, NodeView,
+    CreateBody, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, ImageView, InstanceView, NodeView,
 };
 use serde_json::Value;
 
@@ -68,6 +68,92 @@ enum What {
     /// Instances: create, list, show, stop, start, reboot, delete.
     #[command(subcommand, visible_alias = "instance")]
     Instances(InstanceCmd),
+    /// The image catalogue: upload, add, list, show, delete.
+    #[command(subcommand, visible_alias = "image")]
+    Images(ImageCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Upload an image into the controller's catalogue (streamed; progress on a terminal):
+    /// `outpost images upload debian-12.qcow2 --name debian-12 --version 2026.11`.
+    Upload {
+        /// The file.
+        file: std::path::PathBuf,
+        /// Its name in the catalogue (instances use NAME or NAME:VERSION).
+        #[arg(long)]
+        name: String,
+        /// Its version (default: the next number for the name).
+        #[arg(long)]
+        version: Option<String>,
+        /// The architecture it runs on (a kernel's is read from the file).
+        #[arg(long)]
+        arch: Option<String>,
+        /// qcow2, raw, kernel or initrd (default: read from the file; raw must be said).
+        #[arg(long)]
+        format: Option<String>,
+    },
+    /// Add an image served elsewhere (an HTTP(S) server, an object store, a CDN): nodes are
+    /// sent there, and check the digest.
+    Add {
+        /// Its name in the catalogue.
+        #[arg(long)]
+        name: String,
+        /// Its version (default: the next number for the name).
+        #[arg(long)]
+        version: Option<String>,
+        /// Where it is.
+        #[arg(long)]
+        url: String,
+        /// Its SHA-256 (hex).
+        #[arg(long)]
+        sha256: String,
+        /// Its size in bytes.
+        #[arg(long)]
+        size: u64,
+        /// qcow2, raw, kernel or initrd.
+        #[arg(long)]
+        format: String,
+        /// The architecture it runs on.
+        #[arg(long)]
+        arch: Option<String>,
+    },
+    /// List the catalogue.
+    List,
+    /// Show one image (NAME or NAME:VERSION), with the instances using it and the nodes
+    /// holding it.
+    Show { key: String },
+    /// Delete an image (refused while instances use it).
+    Delete { key: String },
+}
+
+/// A reader that shows how far it got on a terminal.
+struct Progress<R> {
+    inner: R,
+    done: u64,
+    total: u64,
+    shown: u64,
+    tty: bool,
+}
+
+impl<R: std::io::Read> std::io::Read for Progress<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        let pct = (self.done * 100).checked_div(self.total).unwrap_or(100);
+        if self.tty && (pct > self.shown || n == 0) {
+            self.shown = pct;
+            eprint!(
+                "\ruploading {pct:>3}% ({} of {} MiB)",
+                self.done >> 20,
+                self.total >> 20
+            );
+            if n == 0 {
+                eprintln!();
+            }
+        }
+        Ok(n)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -351,6 +437,60 @@ struct Client {
 }
 
 impl Client {
+    /// Streams a file as the body of a POST.
+    fn upload(&self, path: &str, file: &std::path::Path) -> anyhow::Result<Value> {
+        let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        let total = f.metadata().map(|m| m.len()).unwrap_or(0);
+        // Refuse a file that is plainly not an image before sending gigabytes.
+        let mut head = vec![0u8; outpost_controller::blobs::HEAD_LEN];
+        let n = std::io::Read::read(&mut &f, &mut head)?;
+        head.truncate(n);
+        if let Some(q) = path.split_once('?').map(|(_, q)| q)
+            && !q.contains("format=")
+            && outpost_controller::fleet::images::sniff(&head).is_none()
+        {
+            bail!(
+                "{} is not an image Outpost recognises (qcow2, a Linux kernel, an initrd): a raw disk needs --format raw",
+                file.display()
+            );
+        }
+        let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        let mut reader = Progress {
+            inner: std::io::BufReader::with_capacity(1 << 20, f),
+            done: 0,
+            total,
+            shown: 0,
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        };
+        let url = format!("{}{path}", self.base.trim_end_matches('/'));
+        let mut r = self
+            .agent
+            .post(&url)
+            .header("Content-Type", "application/octet-stream");
+        if let Some(t) = &self.token {
+            r = r.header("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = r.send(ureq::SendBody::from_reader(&mut reader));
+        Self::answer(&self.base, resp)
+    }
+
+    fn answer(
+        base: &str,
+        resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> anyhow::Result<Value> {
+        let mut resp = resp.with_context(|| format!("cannot reach the controller at {base}"))?;
+        let status = resp.status();
+        let v: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
+        if !status.is_success() {
+            let msg = v
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("request failed");
+            bail!("{msg} (HTTP {})", status.as_u16());
+        }
+        Ok(v)
+    }
+
     fn send(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base.trim_end_matches('/'));
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
@@ -380,19 +520,58 @@ impl Client {
                 }
             }
         };
-        let mut resp =
-            resp.with_context(|| format!("cannot reach the controller at {}", self.base))?;
-        let status = resp.status();
-        let v: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
-        if !status.is_success() {
-            let msg = v
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("request failed");
-            bail!("{msg} (HTTP {})", status.as_u16());
-        }
-        Ok(v)
+        Self::answer(&self.base, resp)
     }
+}
+
+/// Bytes in a short human form.
+fn size(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30)),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20)),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+fn image_rows(v: &Value) -> anyhow::Result<()> {
+    let list: Vec<ImageView> = match v {
+        Value::Array(_) => serde_json::from_value(v.clone())?,
+        other => vec![serde_json::from_value(other.clone())?],
+    };
+    table(
+        &[
+            "NAME", "VERSION", "FORMAT", "ARCH", "SIZE", "SHA256", "SOURCE", "USED BY",
+        ],
+        list.into_iter()
+            .map(|i| {
+                vec![
+                    i.name,
+                    i.version,
+                    i.format,
+                    i.arch.unwrap_or_else(|| "any".into()),
+                    size(i.size),
+                    i.sha256[..12].to_owned(),
+                    i.source,
+                    i.used_by.len().to_string(),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+fn image_detail(v: &Value) -> anyhow::Result<()> {
+    let i: ImageView = serde_json::from_value(v.clone())?;
+    say!("image         {}:{}", i.name, i.version);
+    say!("format        {}", i.format);
+    say!("arch          {}", i.arch.as_deref().unwrap_or("any"));
+    say!("size          {} ({} bytes)", size(i.size), i.size);
+    say!("sha256        {}", i.sha256);
+    say!("source        {}", i.source);
+    say!("used by       {}", i.used_by.join(", "));
+    say!("cached on     {}", i.cached_on.join(", "));
+    Ok(())
 }
 
 /// Percent-encodes one path segment: a name or id typed by a user never changes the path
@@ -596,6 +775,25 @@ fn instance_detail(v: &Value) -> anyhow::Result<()> {
     if !i.reason.is_empty() {
         say!("reason        {}", i.reason);
     }
+    for d in &i.downloads {
+        let eta = match (d.rate, d.total.saturating_sub(d.done)) {
+            (0, _) => String::new(),
+            (r, left) => format!(", ETA {} s", left / u64::from(r)),
+        };
+        say!(
+            "download      {}: {} of {} ({}/s{eta}) {}{}",
+            d.blob,
+            size(d.done),
+            size(d.total),
+            size(u64::from(d.rate)),
+            d.state,
+            if d.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", d.reason)
+            }
+        );
+    }
     for f in &i.failures {
         say!("failed on     {f}");
     }
@@ -672,7 +870,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         base: cli.api.clone(),
         token,
     };
-    let (v, nodes) = match cli.what {
+    let (v, kind) = match cli.what {
         What::Nodes(cmd) => {
             let v = match cmd {
                 NodeCmd::List => c.send("GET", "/v1/nodes", None)?,
@@ -745,7 +943,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     return Ok(());
                 }
             };
-            (v, true)
+            (v, Kind::Nodes)
         }
         What::Instances(cmd) => {
             let v = match cmd {
@@ -858,15 +1056,75 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     v
                 }
             };
-            (v, false)
+            (v, Kind::Instances)
+        }
+        What::Images(cmd) => {
+            let v = match cmd {
+                ImageCmd::Upload {
+                    file,
+                    name,
+                    version,
+                    arch,
+                    format,
+                } => {
+                    let mut q = format!("name={}", seg(&name));
+                    for (k, v) in [("version", version), ("arch", arch), ("format", format)] {
+                        if let Some(v) = v {
+                            q.push_str(&format!("&{k}={}", seg(&v)));
+                        }
+                    }
+                    c.upload(&format!("/v1/images?{q}"), &file)?
+                }
+                ImageCmd::Add {
+                    name,
+                    version,
+                    url,
+                    sha256,
+                    size,
+                    format,
+                    arch,
+                } => c.send(
+                    "POST",
+                    "/v1/images",
+                    Some(serde_json::json!({
+                        "name": name, "version": version, "url": url, "sha256": sha256,
+                        "size": size, "format": format, "arch": arch,
+                    })),
+                )?,
+                ImageCmd::List => c.send("GET", "/v1/images", None)?,
+                ImageCmd::Show { key } => {
+                    let v = c.send("GET", &format!("/v1/images/{}", seg(&key)), None)?;
+                    if !cli.json {
+                        image_detail(&v)?;
+                        return Ok(());
+                    }
+                    v
+                }
+                ImageCmd::Delete { key } => {
+                    let v = c.send("DELETE", &format!("/v1/images/{}", seg(&key)), None)?;
+                    if !cli.json {
+                        say!("deleted {}", v["image"].as_str().unwrap_or_default());
+                        return Ok(());
+                    }
+                    v
+                }
+            };
+            (v, Kind::Images)
         }
     };
-    if cli.json {
-        say!("{}", serde_json::to_string_pretty(&v)?);
-    } else if nodes {
-        node_rows(&v)?;
-    } else {
-        instance_rows(&v)?;
+    match (cli.json, kind) {
+        (true, _) => say!("{}", serde_json::to_string_pretty(&v)?),
+        (false, Kind::Nodes) => node_rows(&v)?,
+        (false, Kind::Instances) => instance_rows(&v)?,
+        (false, Kind::Images) => image_rows(&v)?,
     }
     Ok(())
+}
+
+/// What a command's answer lists.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Nodes,
+    Instances,
+    Images,
 }

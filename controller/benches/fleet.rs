@@ -61,6 +61,7 @@ async fn sim_agent(i: usize, port: u16, seen: Seen) {
         labels: Labels::new(),
         images: [ImageName::new("vmlinuz").unwrap()].into_iter().collect(),
         agent_version: Default::default(),
+        cached: Default::default(),
     };
     // Reports from their own task: `EventLoop::poll` must not race a timer in a `select!`
     // (it is not cancel-safe while connecting).

@@ -55,6 +55,7 @@ fn fleet(n: usize) -> Vec<HostState> {
             },
             labels: vec![zones[i % 10].clone(), Label::parse("site=depot").unwrap()],
             images: images.clone(),
+            cached: vec![],
             recent_failures: u32::from(i.is_multiple_of(97)),
         })
         .collect()
@@ -68,7 +69,7 @@ fn spec(k: usize) -> InstanceSpec {
         arch: Arch::X86_64,
         require_kvm: k.is_multiple_of(3),
         boot: Boot::Disk {
-            image: ImageName::new("debian-12.qcow2").unwrap(),
+            image: ImageName::new("debian-12.qcow2").unwrap().into(),
         },
         network: Network::None,
         restart: RestartPolicy::OnFailure,

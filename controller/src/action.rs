@@ -5,12 +5,13 @@
 //! source (the loop passes the time and the id of a new instance in), so executing an action is
 //! deterministic.
 
-use outpost_protocol::{InstanceId, NodeId, PowerMode, PowerState};
+use outpost_protocol::{Arch, BlobRef, Digest, InstanceId, NodeId, PowerMode, PowerState};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use crate::fleet::images::{BlobSource, ImageFormat, ImageRecord};
 use crate::fleet::{Fleet, FleetError};
-use crate::views::{CreateBody, CreateError, InstanceView, NodeView};
+use crate::views::{CreateBody, CreateError, ImageView, InstanceView, NodeView};
 
 /// What an API caller asks of the fleet. Names and ids are as the caller typed them.
 #[derive(Debug)]
@@ -45,6 +46,40 @@ pub enum Action {
     RebootInstance(String, PowerMode),
     /// Delete an instance.
     DeleteInstance(String),
+    /// The image catalogue.
+    ListImages,
+    /// One image, by `name[:version]`.
+    GetImage(String),
+    /// Add an image (its version `None`: the next number for its name).
+    AddImage(Box<NewImage>),
+    /// Delete an image (refused while instances use it).
+    DeleteImage(String),
+    /// May `node`, showing `token`, fetch this blob, and from where?
+    BlobAccess {
+        /// The node.
+        node: String,
+        /// Its bearer token.
+        token: Vec<u8>,
+        /// The blob.
+        digest: Digest,
+    },
+}
+
+/// An image to add to the catalogue: its content is already in the blob store (or at `url`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewImage {
+    /// Its name.
+    pub name: String,
+    /// Its version (`None`: the next number).
+    pub version: Option<String>,
+    /// Its content.
+    pub blob: BlobRef,
+    /// Its architecture, when known.
+    pub arch: Option<Arch>,
+    /// What it is.
+    pub format: ImageFormat,
+    /// Where nodes fetch it, if not from the controller.
+    pub url: Option<String>,
 }
 
 impl Action {
@@ -52,7 +87,13 @@ impl Action {
     pub fn mutates(&self) -> bool {
         !matches!(
             self,
-            Self::ListNodes | Self::GetNode(_) | Self::ListInstances | Self::GetInstance(_)
+            Self::ListNodes
+                | Self::GetNode(_)
+                | Self::ListInstances
+                | Self::GetInstance(_)
+                | Self::ListImages
+                | Self::GetImage(_)
+                | Self::BlobAccess { .. }
         )
     }
 }
@@ -98,6 +139,21 @@ pub enum Reply {
         /// Always `deleted`.
         phase: &'static str,
     },
+    /// Images.
+    Images(Vec<ImageView>),
+    /// One image.
+    Image(Box<ImageView>),
+    /// An image removed from the catalogue.
+    ImageDeleted {
+        /// `name:version`.
+        image: String,
+        /// Its content, when no other image refers to it any more (the shell deletes it).
+        #[serde(skip)]
+        unreferenced: Option<Digest>,
+    },
+    /// Where a node fetches a blob.
+    #[serde(skip)]
+    Blob(BlobSource),
 }
 
 /// Why an action was refused.
@@ -144,7 +200,7 @@ fn node_view(fleet: &Fleet, id: &NodeId) -> Result<Box<NodeView>, FleetError> {
 
 fn instance_reply(fleet: &Fleet, id: InstanceId) -> Reply {
     match fleet.get(id) {
-        Some(i) => Reply::Instance(Box::new(InstanceView::from(i))),
+        Some(i) => Reply::Instance(Box::new(InstanceView::of(i, fleet))),
         None => Reply::Deleted {
             id: id.to_string(),
             phase: "deleted",
@@ -206,7 +262,7 @@ pub fn execute(
         Action::ListInstances => Reply::Instances(
             fleet
                 .instances()
-                .map(InstanceView::from)
+                .map(|i| InstanceView::of(i, fleet))
                 .chain(
                     fleet
                         .held_elsewhere()
@@ -214,11 +270,12 @@ pub fn execute(
                 )
                 .collect(),
         ),
-        Action::GetInstance(key) => Reply::Instance(Box::new(InstanceView::from(
+        Action::GetInstance(key) => Reply::Instance(Box::new(InstanceView::of(
             fleet.instance(&key).ok_or(FleetError::NoInstance(key))?,
+            fleet,
         ))),
         Action::CreateInstance(body) => {
-            let req = (*body).into_request(new_id)?;
+            let req = (*body).into_request(new_id, &|name| fleet.resolve_image(name))?;
             let id = fleet.create(now, req)?;
             instance_reply(fleet, id)
         }
@@ -238,5 +295,42 @@ pub fn execute(
             let id = fleet.delete(&key)?;
             instance_reply(fleet, id)
         }
+        Action::ListImages => {
+            Reply::Images(fleet.images().map(|i| ImageView::of(i, fleet)).collect())
+        }
+        Action::GetImage(key) => Reply::Image(Box::new(ImageView::of(
+            fleet.image(&key).ok_or(FleetError::NoImage(key))?,
+            fleet,
+        ))),
+        Action::AddImage(n) => {
+            let version = n.version.unwrap_or_else(|| fleet.next_version(&n.name));
+            let rec = ImageRecord {
+                name: n.name,
+                version,
+                blob: n.blob,
+                arch: n.arch,
+                format: n.format,
+                url: n.url,
+                created_ms: now,
+            };
+            let key = rec.key();
+            fleet.add_image(rec)?;
+            Reply::Image(Box::new(ImageView::of(
+                fleet.image(&key).ok_or(FleetError::NoImage(key))?,
+                fleet,
+            )))
+        }
+        Action::DeleteImage(key) => {
+            let (rec, unreferenced) = fleet.delete_image(&key)?;
+            Reply::ImageDeleted {
+                image: rec.key(),
+                unreferenced: (unreferenced && rec.url.is_none()).then_some(rec.blob.digest),
+            }
+        }
+        Action::BlobAccess {
+            node,
+            token,
+            digest,
+        } => Reply::Blob(fleet.blob_access(&node_id(&node)?, &token, &digest)?),
     })
 }

@@ -10,18 +10,21 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use outpost_protocol::PowerMode;
+use outpost_protocol::{Arch, BlobRef, Digest, PowerMode};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::action::{Action, ActionError, Call, Reply};
+use crate::action::{Action, ActionError, Call, NewImage, Reply};
+use crate::blobs::{BlobError, BlobStore, BlobWriter};
 use crate::fleet::FleetError;
+use crate::fleet::images::{BlobSource, ImageFormat, sniff};
 use crate::views::CreateBody;
 
 #[derive(Clone)]
 struct Api {
     calls: mpsc::Sender<Call>,
     token: Option<String>,
+    blobs: BlobStore,
 }
 
 /// An HTTP error: a status and the `{"error": ...}` body.
@@ -36,10 +39,16 @@ impl IntoResponse for HttpError {
 /// The status code of each refusal.
 fn status(e: &ActionError) -> StatusCode {
     match e {
-        ActionError::Fleet(FleetError::NoInstance(_) | FleetError::NoNode(_)) => {
-            StatusCode::NOT_FOUND
-        }
-        ActionError::Fleet(FleetError::Spec(_) | FleetError::BadLabel(..))
+        ActionError::Fleet(
+            FleetError::NoInstance(_) | FleetError::NoNode(_) | FleetError::NoImage(_),
+        ) => StatusCode::NOT_FOUND,
+        ActionError::Fleet(FleetError::BlobDenied) => StatusCode::FORBIDDEN,
+        ActionError::Fleet(
+            FleetError::Spec(_)
+            | FleetError::BadLabel(..)
+            | FleetError::BadImageName(_)
+            | FleetError::ImageArch(..),
+        )
         | ActionError::Invalid(_) => StatusCode::BAD_REQUEST,
         ActionError::Fleet(
             FleetError::NoValidHost(_)
@@ -47,7 +56,9 @@ fn status(e: &ActionError) -> StatusCode {
             | FleetError::GroupPolicy(_)
             | FleetError::Deleting(_)
             | FleetError::NotForeign(_)
-            | FleetError::NodeNotEmpty(..),
+            | FleetError::NodeNotEmpty(..)
+            | FleetError::ImageExists(_)
+            | FleetError::ImageInUse { .. },
         ) => StatusCode::CONFLICT,
         ActionError::StoreDown(_) | ActionError::NotStored(_) | ActionError::ShuttingDown => {
             StatusCode::SERVICE_UNAVAILABLE
@@ -62,13 +73,273 @@ impl From<ActionError> for HttpError {
 }
 
 async fn call(api: &Api, action: Action) -> Result<Json<Reply>, HttpError> {
+    Ok(Json(ask(api, action).await?))
+}
+
+async fn ask(api: &Api, action: Action) -> Result<Reply, HttpError> {
     let (tx, rx) = oneshot::channel();
     api.calls
         .send((action, tx))
         .await
         .map_err(|_| ActionError::ShuttingDown)?;
-    let reply = rx.await.map_err(|_| ActionError::ShuttingDown)??;
+    Ok(rx.await.map_err(|_| ActionError::ShuttingDown)??)
+}
+
+fn bad(msg: impl Into<String>) -> HttpError {
+    HttpError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+/// `POST /v1/images?name=N[&version=V][&arch=A][&format=F]`: the query of an upload.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadQuery {
+    name: String,
+    version: Option<String>,
+    arch: Option<String>,
+    format: Option<String>,
+}
+
+/// `POST /v1/images` with JSON: an image served elsewhere (a web server, an object store).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UrlImage {
+    name: String,
+    version: Option<String>,
+    url: String,
+    sha256: String,
+    size: u64,
+    arch: Option<String>,
+    format: String,
+}
+
+fn parse_arch(a: Option<&str>) -> Result<Option<Arch>, HttpError> {
+    a.map(|a| Arch::parse(a).ok_or_else(|| bad(format!("unknown arch {a:?} (x86_64 or aarch64)"))))
+        .transpose()
+}
+
+fn parse_format(f: &str) -> Result<ImageFormat, HttpError> {
+    ImageFormat::parse(f)
+        .ok_or_else(|| bad(format!("unknown format {f:?} (qcow2, raw, kernel, initrd)")))
+}
+
+/// What an upload is, from its first bytes and what the uploader said: refused when they
+/// disagree, or when nothing says what it is.
+fn check_upload(
+    head: &[u8],
+    size: u64,
+    format: Option<ImageFormat>,
+    arch: Option<Arch>,
+) -> Result<(ImageFormat, Option<Arch>), HttpError> {
+    let seen = sniff(head);
+    let (format, seen_arch) = match (format, seen) {
+        (None, None) => {
+            return Err(bad(
+                "not an image Outpost recognises (qcow2, a Linux kernel, an initrd): a raw disk needs --format raw",
+            ));
+        }
+        (None, Some(s)) => s,
+        (Some(ImageFormat::Raw), None) => (ImageFormat::Raw, None),
+        (Some(f), Some((s, a))) if f == s => (f, a),
+        (Some(f), Some((s, _))) => {
+            return Err(bad(format!(
+                "the file is a {} image, not {}",
+                s.as_str(),
+                f.as_str()
+            )));
+        }
+        (Some(f), None) => {
+            return Err(bad(format!(
+                "the file is not a {} image (its first bytes do not say so)",
+                f.as_str()
+            )));
+        }
+    };
+    if format == ImageFormat::Raw && (size == 0 || !size.is_multiple_of(512)) {
+        return Err(bad(format!(
+            "a raw disk image is a non-empty multiple of 512 bytes; this one is {size}"
+        )));
+    }
+    match (arch, seen_arch) {
+        (Some(a), Some(s)) if a != s => Err(bad(format!("the kernel is {s}, not {a}"))),
+        (a, s) => Ok((format, a.or(s))),
+    }
+}
+
+/// An upload: streamed into the blob store (hashed and synced, never whole in memory), checked,
+/// then added to the catalogue.
+async fn upload(
+    api: &Api,
+    q: UploadQuery,
+    body: axum::body::Body,
+) -> Result<Json<Reply>, HttpError> {
+    use futures_util::StreamExt as _;
+    let format = q.format.as_deref().map(parse_format).transpose()?;
+    let arch = parse_arch(q.arch.as_deref())?;
+    crate::fleet::images::check_part("name", &q.name, true).map_err(|e| bad(e.to_string()))?;
+    if let Some(v) = &q.version {
+        crate::fleet::images::check_part("version", v, false).map_err(|e| bad(e.to_string()))?;
+    }
+    let store_err = |e: BlobError| {
+        HttpError(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!("the controller could not store the image: {e}"),
+        )
+    };
+    let mut w = api.blobs.writer().map_err(store_err)?;
+    // Writes and hashing on a blocking thread, fed in order through a short queue.
+    let (tx, mut rx) = mpsc::channel::<Bytes>(16);
+    let writer = tokio::task::spawn_blocking(move || -> Result<BlobWriter, BlobError> {
+        while let Some(chunk) = rx.blocking_recv() {
+            w.write(&chunk)?;
+        }
+        Ok(w)
+    });
+    let mut stream = body.into_data_stream();
+    let mut cut = None;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => {
+                if tx.send(c).await.is_err() {
+                    break; // the writer failed: its error is below
+                }
+            }
+            Err(e) => {
+                cut = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let w = writer
+        .await
+        .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(store_err)?;
+    if let Some(e) = cut {
+        return Err(bad(format!(
+            "the upload was cut after {} bytes: {e}",
+            w.size()
+        )));
+    }
+    let (format, arch) = check_upload(w.head(), w.size(), format, arch)?;
+    let (digest, size) = tokio::task::spawn_blocking(move || w.finish())
+        .await
+        .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(store_err)?;
+    let reply = ask(
+        api,
+        Action::AddImage(Box::new(NewImage {
+            name: q.name,
+            version: q.version,
+            blob: BlobRef { digest, size },
+            arch,
+            format,
+            url: None,
+        })),
+    )
+    .await?;
     Ok(Json(reply))
+}
+
+/// An image served elsewhere.
+async fn add_url(api: &Api, b: UrlImage) -> Result<Json<Reply>, HttpError> {
+    if !(b.url.starts_with("http://") || b.url.starts_with("https://"))
+        || b.url.contains(char::is_whitespace)
+    {
+        return Err(bad(format!("url {:?}: an http:// or https:// URL", b.url)));
+    }
+    let digest = Digest::parse(&b.sha256).ok_or_else(|| bad("sha256: 64 hex digits"))?;
+    if b.size == 0 {
+        return Err(bad("size: the image's size in bytes (more than 0)"));
+    }
+    let reply = ask(
+        api,
+        Action::AddImage(Box::new(NewImage {
+            name: b.name,
+            version: b.version,
+            blob: BlobRef {
+                digest,
+                size: b.size,
+            },
+            arch: parse_arch(b.arch.as_deref())?,
+            format: parse_format(&b.format)?,
+            url: Some(b.url),
+        })),
+    )
+    .await?;
+    Ok(Json(reply))
+}
+
+/// Deletes an image, and its bytes once no image refers to them.
+async fn delete_image(api: &Api, key: String) -> Result<Json<Reply>, HttpError> {
+    let reply = ask(api, Action::DeleteImage(key)).await?;
+    if let Reply::ImageDeleted {
+        unreferenced: Some(d),
+        ..
+    } = &reply
+    {
+        let (blobs, d) = (api.blobs.clone(), *d);
+        let r = tokio::task::spawn_blocking(move || blobs.remove(&d)).await;
+        if let Ok(Err(e)) = r {
+            tracing::warn!(error = %e, "an unreferenced blob could not be removed");
+        }
+    }
+    Ok(Json(reply))
+}
+
+/// `GET /v1/nodes/{node}/blobs/{sha256}`: a node fetching a blob its instances need, with its
+/// token; served with Range (resumable), or redirected to where the image lives.
+async fn blob(api: &Api, node: String, sha: String, req: Request) -> Response {
+    let token = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(hex32);
+    let (Some(token), Some(digest)) = (token, Digest::parse(&sha)) else {
+        return HttpError(
+            StatusCode::FORBIDDEN,
+            "not a blob this node may fetch".into(),
+        )
+        .into_response();
+    };
+    match ask(
+        api,
+        Action::BlobAccess {
+            node,
+            token: token.to_vec(),
+            digest,
+        },
+    )
+    .await
+    {
+        Ok(Reply::Blob(BlobSource::Local(d))) => {
+            match tower::ServiceExt::oneshot(
+                tower_http::services::ServeFile::new(api.blobs.path(&d)),
+                req,
+            )
+            .await
+            {
+                Ok(r) => r.into_response(),
+                Err(e) => {
+                    HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+                }
+            }
+        }
+        Ok(Reply::Blob(BlobSource::Url(u))) => (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(axum::http::header::LOCATION, u)],
+        )
+            .into_response(),
+        Ok(_) => {
+            HttpError(StatusCode::INTERNAL_SERVER_ERROR, "unexpected reply".into()).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// 64 hex digits as 32 bytes.
+fn hex32(s: &str) -> Option<[u8; 32]> {
+    Digest::parse(s).map(|d| d.0)
 }
 
 async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Next) -> Response {
@@ -135,9 +406,18 @@ fn power_mode(body: &[u8]) -> Result<PowerMode, HttpError> {
     })
 }
 
-/// The API's routes, under `/v1`.
-pub fn router(calls: mpsc::Sender<Call>, token: Option<String>) -> Router {
-    let api = Api { calls, token };
+/// The API's routes, under `/v1`; image content lives in `blobs`.
+pub fn router(calls: mpsc::Sender<Call>, token: Option<String>, blobs: BlobStore) -> Router {
+    let api = Api {
+        calls,
+        token,
+        blobs,
+    };
+    // Nodes fetch blobs with their own tokens, not the API's.
+    let nodes = Router::new().route(
+        "/v1/nodes/{node}/blobs/{sha256}",
+        get(|State(a): State<Api>, Path((node, sha)): Path<(String, String)>, req: Request| async move { blob(&a, node, sha, req).await }),
+    );
     Router::new()
         .route("/v1/nodes", get(|State(a): State<Api>| async move { call(&a, Action::ListNodes).await }))
         .route(
@@ -175,7 +455,38 @@ pub fn router(calls: mpsc::Sender<Call>, token: Option<String>) -> Router {
         .route("/v1/instances/{key}/stop", post(|State(a): State<Api>, Path(k): Key, body: Bytes| async move { call(&a, Action::StopInstance(k, power_mode(&body)?)).await }))
         .route("/v1/instances/{key}/start", post(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::StartInstance(k)).await }))
         .route("/v1/instances/{key}/reboot", post(|State(a): State<Api>, Path(k): Key, body: Bytes| async move { call(&a, Action::RebootInstance(k, power_mode(&body)?)).await }))
-        .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such endpoint (see README: HTTP API)".into()) })
+        .route(
+            "/v1/images",
+            get(|State(a): State<Api>| async move { call(&a, Action::ListImages).await })
+                .post(|State(a): State<Api>, headers: HeaderMap, uri: axum::http::Uri, body: axum::body::Body| async move {
+                    let json = headers
+                        .get(axum::http::header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|t| t.starts_with("application/json"));
+                    let q = match uri.query() {
+                        None => None,
+                        Some(_) => Some(Query::<UploadQuery>::try_from_uri(&uri).map_err(|e| bad(e.body_text()))?),
+                    };
+                    let r = match (json, q) {
+                        (true, _) => {
+                            let bytes = axum::body::to_bytes(body, 64 * 1024).await.map_err(|e| bad(e.to_string()))?;
+                            let b: UrlImage = serde_json::from_slice(&bytes).map_err(|e| bad(format!("bad image: {e}")))?;
+                            add_url(&a, b).await
+                        }
+                        (false, Some(Query(q))) => upload(&a, q, body).await,
+                        (false, None) => Err(bad("an upload needs ?name=NAME (and optionally version, arch, format)")),
+                    };
+                    r.map(|v| (StatusCode::CREATED, v))
+                })
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/images/{key}",
+            get(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::GetImage(k)).await })
+                .delete(|State(a): State<Api>, Path(k): Key| async move { delete_image(&a, k).await }),
+        )
         .layer(middleware::from_fn_with_state(api.clone(), auth))
+        .merge(nodes)
+        .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such endpoint (see README: HTTP API)".into()) })
         .with_state(api)
 }

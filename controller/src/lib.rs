@@ -7,6 +7,7 @@
 
 pub mod action;
 pub mod api;
+pub mod blobs;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod fleet;

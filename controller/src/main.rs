@@ -74,6 +74,10 @@ struct ServeArgs {
     /// Address of the HTTP API.
     #[arg(long, env = "OUTPOST_API_LISTEN", default_value = "127.0.0.1:8080")]
     api_listen: SocketAddr,
+    /// The URL nodes fetch images from: this controller's API as the nodes reach it
+    /// (default: http://API-LISTEN, unless that is 0.0.0.0 or [::]).
+    #[arg(long, env = "OUTPOST_IMAGE_URL")]
+    image_url: Option<String>,
     /// Bearer token the API requires (mandatory when it listens beyond loopback). Prefer
     /// --api-token-file or the environment: an argument shows in `ps` to every user.
     #[arg(long, env = "OUTPOST_API_TOKEN", hide_env_values = true)]
@@ -224,6 +228,19 @@ fn main() -> anyhow::Result<()> {
     };
     scheduler.weights.memory = a.memory_weight;
     scheduler.weights.cpu = a.cpu_weight;
+    let image_url = match &a.image_url {
+        Some(u) => Some(
+            outpost_protocol::BaseUrl::new(u).map_err(|e| anyhow::anyhow!("--image-url: {e}"))?,
+        ),
+        None if a.api_listen.ip().is_unspecified() => {
+            tracing::warn!(
+                "the API listens on {}: nodes cannot fetch images until --image-url says how they reach it",
+                a.api_listen
+            );
+            None
+        }
+        None => outpost_protocol::BaseUrl::new(&format!("http://{}", a.api_listen)).ok(),
+    };
     let cfg = ServeConfig {
         data_dir: a.data_dir,
         broker,
@@ -234,6 +251,7 @@ fn main() -> anyhow::Result<()> {
             liveness_timeout_ms: a.liveness_timeout * 1000,
             max_attempts: a.max_attempts,
             lost_after_ms: a.lost_after * 1000,
+            image_url,
             ..FleetConfig::default()
         },
         scheduler,

@@ -315,7 +315,11 @@ pub async fn serve(
             source,
         })?;
     tracing::info!(listen = %cfg.api_listen, "HTTP API listening");
-    let app = crate::api::router(call_tx, cfg.api_token.clone());
+    let app = crate::api::router(
+        call_tx,
+        cfg.api_token.clone(),
+        crate::blobs::BlobStore::new(&cfg.data_dir),
+    );
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "HTTP API stopped");

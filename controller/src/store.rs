@@ -9,6 +9,10 @@
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
+use outpost_protocol::legacy;
+use outpost_protocol::{Arch, BlobRef, Digest};
+
+use crate::fleet::images::{ImageFormat, ImageRecord};
 use outpost_protocol::{
     FleetId, InstanceId, InstanceSpec, Inventory, Label, Message, NodeId, PowerMode, PowerState,
 };
@@ -151,7 +155,12 @@ impl SqliteStore {
                 power_force INTEGER NOT NULL DEFAULT 0, power_grace INTEGER NOT NULL DEFAULT 0,
                 placement TEXT NOT NULL DEFAULT '');
              CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, policy TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS tombstones (id TEXT PRIMARY KEY);",
+             CREATE TABLE IF NOT EXISTS tombstones (id TEXT PRIMARY KEY);
+             CREATE TABLE IF NOT EXISTS images (
+                name TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL,
+                size INTEGER NOT NULL, arch TEXT, format TEXT NOT NULL, url TEXT,
+                created_ms INTEGER NOT NULL, PRIMARY KEY (name, version));
+             CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);",
         )?;
         // Schema 1-2 stores: the labels column came with schema 3.
         if conn.prepare("SELECT labels FROM nodes LIMIT 0").is_err() {
@@ -188,6 +197,13 @@ impl SqliteStore {
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('fleet', ?1)",
             params![new_fleet.0 as i64],
         )?;
+        // The key node blob tokens derive from, made once with the store.
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(|e| corrupt("secrets", format!("no randomness: {e}")))?;
+        conn.execute(
+            "INSERT OR IGNORE INTO secrets (name, value) VALUES ('blob_key', ?1)",
+            params![key.to_vec()],
+        )?;
         Ok(Self {
             conn,
             _checkpointer: None,
@@ -216,56 +232,40 @@ fn checkpointer(conn: Connection) -> Result<std::sync::mpsc::Sender<()>, StoreEr
     Ok(tx)
 }
 
-/// The wire versions whose `InstanceSpec` layout is this build's: a store written by an
-/// older controller still loads after an upgrade.
-const SPEC_LAYOUTS: [u8; 2] = [2, 3];
-
 fn encode_spec(spec: &InstanceSpec) -> Result<Vec<u8>, StoreError> {
     // A version byte, as on the wire, then postcard. Never an empty blob in its place.
     postcard::to_extend(spec, vec![outpost_protocol::WIRE_VERSION])
         .map_err(|e| corrupt("instances", format!("spec does not encode: {e}")))
 }
 
+/// A stored spec, of this wire version or of versions 2 and 3 (the same spec layout, read
+/// after an upgrade and converted).
 fn decode_spec(b: &[u8]) -> Result<InstanceSpec, StoreError> {
+    let bad = |e: postcard::Error| corrupt("instances", e.to_string());
     match b.split_first() {
-        Some((v, body)) if SPEC_LAYOUTS.contains(v) => {
-            postcard::from_bytes(body).map_err(|e| corrupt("instances", e.to_string()))
-        }
+        Some((&outpost_protocol::WIRE_VERSION, body)) => postcard::from_bytes(body).map_err(bad),
+        Some((2 | 3, body)) => postcard::from_bytes::<legacy::SpecV2>(body)
+            .map(Into::into)
+            .map_err(bad),
         Some((v, _)) => Err(corrupt("instances", format!("unknown spec encoding {v}"))),
         None => Err(corrupt("instances", "empty spec")),
     }
 }
 
-/// An inventory as wire version 2 had it (before agent versions).
-#[derive(serde::Deserialize)]
-struct InventoryV2 {
-    arch: outpost_protocol::Arch,
-    hypervisor: outpost_protocol::HypervisorKind,
-    total: outpost_protocol::Resources,
-    reserved: outpost_protocol::Resources,
-    labels: outpost_protocol::Labels,
-    images: heapless::Vec<outpost_protocol::ImageName, { outpost_protocol::limits::MAX_IMAGES }>,
-}
-
-/// A stored inventory, of this wire version or the one before (a store written before an
-/// upgrade: its agent's version is unknown until the agent reports again).
-fn decode_inventory(b: &[u8]) -> Result<Inventory, StoreError> {
-    match b.split_first() {
-        Some((2, body)) => {
-            let v: InventoryV2 =
-                postcard::from_bytes(body).map_err(|e| corrupt("nodes", e.to_string()))?;
-            Ok(Inventory {
-                arch: v.arch,
-                hypervisor: v.hypervisor,
-                total: v.total,
-                reserved: v.reserved,
-                labels: v.labels,
-                images: v.images,
-                agent_version: Default::default(),
-            })
-        }
-        _ => Inventory::decode(b).map_err(|e| corrupt("nodes", e.to_string())),
-    }
+/// A stored inventory, of this wire version or version 2 (read after an upgrade). An inventory
+/// is a cache of what the node sends after every connect: one that does not decode is dropped
+/// (logged), not a reason to refuse the store.
+fn decode_inventory(node: &NodeId, b: &[u8]) -> Option<Inventory> {
+    let r = match b.split_first() {
+        Some((2, body)) => postcard::from_bytes::<legacy::InventoryV2>(body)
+            .map(Into::into)
+            .map_err(|e| e.to_string()),
+        _ => Inventory::decode(b).map_err(|e| e.to_string()),
+    };
+    r.map_err(|e| {
+        tracing::warn!(%node, error = %e, "stored inventory unreadable: waiting for the node to send it again");
+    })
+    .ok()
 }
 
 impl Store for SqliteStore {
@@ -280,8 +280,16 @@ impl Store for SqliteStore {
     }
 
     fn load(&mut self) -> Result<Snapshot, StoreError> {
+        let key: Vec<u8> = self.conn.query_row(
+            "SELECT value FROM secrets WHERE name = 'blob_key'",
+            [],
+            |r| r.get(0),
+        )?;
         let mut snap = Snapshot {
             fleet: self.fleet()?,
+            blob_key: key
+                .try_into()
+                .map_err(|_| corrupt("secrets", "blob_key is not 32 bytes"))?,
             ..Snapshot::default()
         };
         let mut st = self.conn.prepare(
@@ -317,7 +325,7 @@ impl Store for SqliteStore {
             ) = row?;
             let id = NodeId::new(&id).map_err(|e| corrupt("nodes", e.to_string()))?;
             snap.nodes.push(NodeRecord {
-                inventory: inv.map(|b| decode_inventory(&b)).transpose()?,
+                inventory: inv.and_then(|b| decode_inventory(&id, &b)),
                 session: session as u64,
                 cordoned,
                 draining,
@@ -421,6 +429,41 @@ impl Store for SqliteStore {
                 .ok_or_else(|| corrupt("groups", format!("policy {policy}")))?;
             snap.groups.push((name, p));
         }
+        let mut st = self.conn.prepare(
+            "SELECT name, version, sha256, size, arch, format, url, created_ms FROM images
+             ORDER BY name, version",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, i64>(7)?,
+            ))
+        })?;
+        for row in rows {
+            let (name, version, sha, size, arch, format, url, created) = row?;
+            let bad = |what: String| corrupt("images", what);
+            snap.images.push(ImageRecord {
+                blob: BlobRef {
+                    digest: Digest::parse(&sha).ok_or_else(|| bad(format!("sha256 {sha}")))?,
+                    size: size as u64,
+                },
+                arch: arch
+                    .map(|a| Arch::parse(&a).ok_or_else(|| bad(format!("arch {a}"))))
+                    .transpose()?,
+                format: ImageFormat::parse(&format)
+                    .ok_or_else(|| bad(format!("format {format}")))?,
+                url,
+                created_ms: created as u64,
+                name,
+                version,
+            });
+        }
         let mut st = self.conn.prepare("SELECT id FROM tombstones")?;
         let rows = st.query_map([], |r| r.get::<_, String>(0))?;
         for row in rows {
@@ -440,6 +483,8 @@ impl Store for SqliteStore {
             && c.groups.is_empty()
             && c.tombstones.is_empty()
             && c.removed_nodes.is_empty()
+            && c.images.is_empty()
+            && c.removed_images.is_empty()
         {
             return Ok(());
         }
@@ -514,6 +559,28 @@ impl Store for SqliteStore {
         }
         for n in &c.removed_nodes {
             remove_node.execute(params![n.as_str()])?;
+        }
+        for i in &c.images {
+            tx.execute(
+                "INSERT OR REPLACE INTO images (name, version, sha256, size, arch, format, url,
+                    created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    i.name,
+                    i.version,
+                    i.blob.digest.to_string(),
+                    i.blob.size as i64,
+                    i.arch.map(|a| a.to_string()),
+                    i.format.as_str(),
+                    i.url,
+                    i.created_ms as i64,
+                ],
+            )?;
+        }
+        for (name, version) in &c.removed_images {
+            tx.execute(
+                "DELETE FROM images WHERE name = ?1 AND version = ?2",
+                params![name, version],
+            )?;
         }
         drop((
             put_node,

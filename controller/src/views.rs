@@ -5,11 +5,12 @@ use std::collections::BTreeMap;
 
 use outpost_protocol::limits::MAX_LABELS;
 use outpost_protocol::{
-    Arch, Boot, Cmdline, DesiredInstance, IdError, ImageName, InstanceId, InstanceName,
-    InstanceSpec, Label, Labels, NetName, Network, NodeId, PowerMode, PowerState, RestartPolicy,
+    Arch, Boot, Cmdline, DesiredInstance, IdError, Image, InstanceId, InstanceName, InstanceSpec,
+    Label, Labels, NetName, Network, NodeId, PowerMode, PowerState, RestartPolicy,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::fleet::images::{ImageFormat, ImageRecord, Resolved};
 use crate::fleet::{CreateRequest, Fleet, InstanceRecord, NodeRecord};
 use crate::scheduler::GroupPolicy;
 
@@ -126,6 +127,9 @@ pub struct InstanceView {
     /// weighed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub placement: String,
+    /// Its images' downloads on its node, while they run (or after they failed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub downloads: Vec<DownloadView>,
 }
 
 /// Resources as shown: named fields.
@@ -233,7 +237,7 @@ impl InstanceView {
     /// An instance held by a node bound to another fleet: shown, not managed, until the node
     /// is adopted.
     pub fn held(node: &NodeId, di: &DesiredInstance) -> Self {
-        let mut v = Self::of(di.id, di.name.as_str(), &di.spec, di.power);
+        let mut v = Self::of_spec(di.id, di.name.as_str(), &di.spec, di.power);
         v.phase = "held".into();
         v.node = Some(node.to_string());
         v.reboot_count = di.reboot_count;
@@ -241,7 +245,7 @@ impl InstanceView {
         v
     }
 
-    fn of(id: InstanceId, name: &str, s: &InstanceSpec, power: PowerState) -> Self {
+    fn of_spec(id: InstanceId, name: &str, s: &InstanceSpec, power: PowerState) -> Self {
         Self {
             id: id.to_string(),
             name: name.to_owned(),
@@ -291,8 +295,130 @@ impl InstanceView {
             selector: Vec::new(),
             power_mode: None,
             placement: String::new(),
+            downloads: Vec::new(),
         }
     }
+}
+
+/// An image of the catalogue as shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageView {
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// Its SHA-256 (hex).
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its architecture, when known.
+    pub arch: Option<String>,
+    /// qcow2, raw, kernel or initrd.
+    pub format: String,
+    /// Where nodes fetch it: `controller` or the URL.
+    pub source: String,
+    /// When it was added (ms since the epoch).
+    pub created_ms: u64,
+    /// Instances booting from its content.
+    pub used_by: Vec<String>,
+    /// Nodes that hold it in their cache.
+    pub cached_on: Vec<String>,
+}
+
+impl ImageView {
+    /// The view of a catalogue image.
+    pub fn of(i: &ImageRecord, fleet: &Fleet) -> Self {
+        Self {
+            name: i.name.clone(),
+            version: i.version.clone(),
+            sha256: i.blob.digest.to_string(),
+            size: i.blob.size,
+            arch: i.arch.map(|a| a.to_string()),
+            format: i.format.as_str().to_owned(),
+            source: i.url.clone().unwrap_or_else(|| "controller".into()),
+            created_ms: i.created_ms,
+            used_by: fleet
+                .instances()
+                .filter(|x| x.spec.boot.blobs().any(|b| b.digest == i.blob.digest))
+                .map(|x| x.name.clone())
+                .collect(),
+            cached_on: fleet
+                .nodes()
+                .filter(|n| {
+                    n.inventory
+                        .as_ref()
+                        .is_some_and(|inv| inv.cached.contains(&i.blob.digest))
+                })
+                .map(|n| n.id.to_string())
+                .collect(),
+        }
+    }
+}
+
+impl InstanceView {
+    /// The view of an instance, with its images' catalogue names and its downloads.
+    pub fn of(i: &InstanceRecord, fleet: &Fleet) -> Self {
+        let mut v = Self::from(i);
+        let name = |img: &Image| match img {
+            Image::Blob(b) => fleet
+                .image_name(&b.digest)
+                .unwrap_or_else(|| format!("sha256:{}", b.digest.short())),
+            Image::File(f) => f.to_string(),
+        };
+        let (image, boot) = match &i.spec.boot {
+            Boot::Disk { image } => (name(image), format!("image {}", name(image))),
+            Boot::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => (
+                format!("kernel:{}", name(kernel)),
+                format!(
+                    "kernel {}{} cmdline {:?}",
+                    name(kernel),
+                    initrd
+                        .as_ref()
+                        .map(|x| format!(" initrd {}", name(x)))
+                        .unwrap_or_default(),
+                    cmdline.as_str()
+                ),
+            ),
+        };
+        v.image = image;
+        v.boot = boot;
+        v.downloads = fleet
+            .fetches_of(i)
+            .into_iter()
+            .map(|(d, p)| DownloadView {
+                blob: fleet
+                    .image_name(&d)
+                    .unwrap_or_else(|| format!("sha256:{}", d.short())),
+                done: p.done,
+                total: p.total,
+                rate: p.rate,
+                state: p.state.as_str().to_owned(),
+                reason: p.reason.clone(),
+            })
+            .collect();
+        v
+    }
+}
+
+/// One of an instance's downloads as shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DownloadView {
+    /// The image (`name:version`).
+    pub blob: String,
+    /// Bytes received.
+    pub done: u64,
+    /// Its size.
+    pub total: u64,
+    /// Bytes per second lately.
+    pub rate: u32,
+    /// running or failed.
+    pub state: String,
+    /// Why it failed, or what it waits for.
+    pub reason: String,
 }
 
 impl From<&InstanceRecord> for InstanceView {
@@ -320,7 +446,7 @@ impl From<&InstanceRecord> for InstanceView {
                 } => Some(format!("stop timeout {stop_timeout_secs} s")),
             },
             placement: i.placement.clone(),
-            ..Self::of(i.id, &i.name, &i.spec, i.power)
+            ..Self::of_spec(i.id, &i.name, &i.spec, i.power)
         }
     }
 }
@@ -433,6 +559,26 @@ pub enum CreateError {
     /// A group name out of bounds.
     #[error("group names are 1 to 64 bytes")]
     GroupName,
+    /// A catalogue image of the wrong kind for the field.
+    #[error("{field}: image {image} is a {format} image")]
+    ImageFormat {
+        /// Which field.
+        field: &'static str,
+        /// The image asked.
+        image: String,
+        /// What it is.
+        format: &'static str,
+    },
+    /// The images are built for another architecture than the one asked (or each other).
+    #[error("image {image} is {arch}: it cannot run as {asked}")]
+    ImageArch {
+        /// The image.
+        image: String,
+        /// Its architecture.
+        arch: Arch,
+        /// The architecture asked.
+        asked: Arch,
+    },
     /// The name breaks the naming rule.
     #[error(
         "name {name:?}: {source} (names are DNS labels: lowercase letters, digits and '-', a letter first, at most 63)"
@@ -456,29 +602,77 @@ fn labels(m: &BTreeMap<String, String>) -> Result<Vec<Label>, CreateError> {
         .collect()
 }
 
+/// What a boot file's name resolves to: catalogue content (with its architecture, when known,
+/// and its format), or a file in the node's image directory.
+pub type Resolve<'a> = &'a dyn Fn(&str) -> Result<Resolved, IdError>;
+
 impl CreateBody {
-    /// Checks the body and makes the fleet's request, with `id`.
-    pub fn into_request(self, id: InstanceId) -> Result<CreateRequest, CreateError> {
+    /// Checks the body and makes the fleet's request, with `id`; boot files are looked up in
+    /// the catalogue with `resolve` (an image's architecture becomes the instance's).
+    pub fn into_request(
+        self,
+        id: InstanceId,
+        resolve: Resolve<'_>,
+    ) -> Result<CreateRequest, CreateError> {
         let e = |field: &'static str| move |source| CreateError::Field { field, source };
-        let arch = match self.arch.as_deref() {
-            None => Arch::native().ok_or(CreateError::NoDefaultArch)?,
-            Some(a) => Arch::parse(a).ok_or_else(|| CreateError::Arch(a.to_owned()))?,
+        let asked = match self.arch.as_deref() {
+            None => None,
+            Some(a) => Some(Arch::parse(a).ok_or_else(|| CreateError::Arch(a.to_owned()))?),
         };
+        // Each boot file, checked for its kind; the first known architecture wins.
+        let mut image_arch: Option<(String, Arch)> = None;
+        let mut file = |field: &'static str, name: &str, want: &[ImageFormat]| {
+            let (image, meta) = resolve(name).map_err(e(field))?;
+            if let Some((arch, format)) = meta {
+                if !want.contains(&format) {
+                    return Err(CreateError::ImageFormat {
+                        field,
+                        image: name.to_owned(),
+                        format: format.as_str(),
+                    });
+                }
+                if let Some(a) = arch {
+                    match (&image_arch, asked) {
+                        (_, Some(x)) if x != a => {
+                            return Err(CreateError::ImageArch {
+                                image: name.to_owned(),
+                                arch: a,
+                                asked: x,
+                            });
+                        }
+                        (Some((other, x)), None) if *x != a => {
+                            return Err(CreateError::ImageArch {
+                                image: format!("{name} (with {other})"),
+                                arch: a,
+                                asked: *x,
+                            });
+                        }
+                        _ => image_arch = Some((name.to_owned(), a)),
+                    }
+                }
+            }
+            Ok(image)
+        };
+        let disk = [ImageFormat::Qcow2, ImageFormat::Raw];
         let boot = match (self.image, self.kernel) {
             (Some(image), None) => Boot::Disk {
-                image: ImageName::new(&image).map_err(e("image"))?,
+                image: file("image", &image, &disk)?,
             },
             (None, Some(kernel)) => Boot::Kernel {
-                kernel: ImageName::new(&kernel).map_err(e("kernel"))?,
+                kernel: file("kernel", &kernel, &[ImageFormat::Kernel])?,
                 initrd: self
                     .initrd
-                    .map(|i| ImageName::new(&i))
-                    .transpose()
-                    .map_err(e("initrd"))?,
+                    .map(|i| file("initrd", &i, &[ImageFormat::Initrd]))
+                    .transpose()?,
                 cmdline: Cmdline::new(self.cmdline.as_deref().unwrap_or("console=ttyS0"))
                     .map_err(e("cmdline"))?,
             },
             _ => return Err(CreateError::Boot),
+        };
+        let arch = match (asked, &image_arch) {
+            (Some(a), _) => a,
+            (None, Some((_, a))) => *a,
+            (None, None) => Arch::native().ok_or(CreateError::NoDefaultArch)?,
         };
         let network = match (self.network, self.bridge) {
             (None, None) => Network::None,
@@ -534,7 +728,7 @@ impl CreateBody {
             return Err(CreateError::Name { name, source });
         }
         Ok(CreateRequest {
-            any_arch: self.arch.is_none(),
+            any_arch: asked.is_none() && image_arch.is_none(),
             id,
             name,
             spec,

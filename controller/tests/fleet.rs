@@ -25,6 +25,7 @@ fn inventory(memory_mib: u32) -> Inventory {
             .into_iter()
             .collect(),
         agent_version: AgentVersion::new("0.1.0").unwrap(),
+        cached: Default::default(),
     }
 }
 
@@ -36,7 +37,7 @@ fn spec(memory_mib: u32) -> InstanceSpec {
         arch: Arch::X86_64,
         require_kvm: false,
         boot: Boot::Disk {
-            image: ImageName::new("base.qcow2").unwrap(),
+            image: ImageName::new("base.qcow2").unwrap().into(),
         },
         network: Network::None,
         restart: RestartPolicy::OnFailure,

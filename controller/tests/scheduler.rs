@@ -21,6 +21,7 @@ fn host(id: &str, vcpus: u16, memory_mib: u32) -> HostState {
         claimed: Resources::default(),
         labels: vec![],
         images: vec![ImageName::new("base.qcow2").unwrap()],
+        cached: vec![],
         recent_failures: 0,
     }
 }
@@ -33,7 +34,7 @@ fn spec(vcpus: u16, memory_mib: u32) -> InstanceSpec {
         arch: Arch::X86_64,
         require_kvm: false,
         boot: Boot::Disk {
-            image: ImageName::new("base.qcow2").unwrap(),
+            image: ImageName::new("base.qcow2").unwrap().into(),
         },
         network: Network::None,
         restart: RestartPolicy::OnFailure,
@@ -257,6 +258,12 @@ fn arb_host(i: usize) -> impl Strategy<Value = HostState> {
                     claimed: Resources::default(),
                     labels: vec![Label::parse(&format!("zone={zone}")).unwrap()],
                     images: vec![ImageName::new("base.qcow2").unwrap()],
+                    // Some hosts hold a cached blob: a weigher bonus for asks that boot it.
+                    cached: if failures == 1 {
+                        vec![Digest([1; 32])]
+                    } else {
+                        vec![]
+                    },
                     recent_failures: failures,
                 }
             },
@@ -292,6 +299,14 @@ fn arb_asks() -> impl Strategy<Value = Vec<Ask>> {
             .map(|(vcpus, mem, disk, arm, kvm, zone, anti)| {
                 let mut s = spec(vcpus, mem);
                 s.disk_gib = disk;
+                if anti && kvm {
+                    s.boot = Boot::Disk {
+                        image: Image::Blob(BlobRef {
+                            digest: Digest([1; 32]),
+                            size: 1,
+                        }),
+                    };
+                }
                 s.arch = if arm { Arch::Aarch64 } else { Arch::X86_64 };
                 s.require_kvm = kvm;
                 Ask {

@@ -47,6 +47,7 @@ fn fleet_changes_survive_a_reopen() {
             labels: [Label::parse("zone=north").unwrap()].into_iter().collect(),
             images: [ImageName::new("vmlinuz").unwrap()].into_iter().collect(),
             agent_version: Default::default(),
+            cached: Default::default(),
         },
     );
     let spec = InstanceSpec {
@@ -56,7 +57,7 @@ fn fleet_changes_survive_a_reopen() {
         arch: Arch::X86_64,
         require_kvm: false,
         boot: Boot::Kernel {
-            kernel: ImageName::new("vmlinuz").unwrap(),
+            kernel: ImageName::new("vmlinuz").unwrap().into(),
             initrd: None,
             cmdline: Cmdline::new("console=ttyS0").unwrap(),
         },
@@ -190,6 +191,22 @@ fn a_schema_3_store_from_wire_version_2_loads() {
         arch: Arch::X86_64,
         require_kvm: false,
         boot: Boot::Kernel {
+            kernel: ImageName::new("vmlinuz").unwrap().into(),
+            initrd: None,
+            cmdline: Cmdline::new("console=ttyS0").unwrap(),
+        },
+        network: Network::None,
+        restart: RestartPolicy::OnFailure,
+        labels: Labels::new(),
+    };
+    // Version 2 named boot files only.
+    let old = outpost_protocol::legacy::SpecV2 {
+        vcpus: 1,
+        memory_mib: 64,
+        disk_gib: 0,
+        arch: Arch::X86_64,
+        require_kvm: false,
+        boot: outpost_protocol::legacy::BootV2::Kernel {
             kernel: ImageName::new("vmlinuz").unwrap(),
             initrd: None,
             cmdline: Cmdline::new("console=ttyS0").unwrap(),
@@ -199,7 +216,7 @@ fn a_schema_3_store_from_wire_version_2_loads() {
         labels: Labels::new(),
     };
     let mut spec_v2 = vec![2u8];
-    spec_v2.extend(postcard::to_allocvec(&spec).unwrap());
+    spec_v2.extend(postcard::to_allocvec(&old).unwrap());
     let inv = Inventory {
         arch: Arch::X86_64,
         hypervisor: HypervisorKind::Kvm,
@@ -212,12 +229,20 @@ fn a_schema_3_store_from_wire_version_2_loads() {
         labels: [Label::parse("zone=north").unwrap()].into_iter().collect(),
         images: [ImageName::new("vmlinuz").unwrap()].into_iter().collect(),
         agent_version: AgentVersion::default(),
+        cached: Default::default(),
     };
-    // Version 2 had no agent version: the same bytes without the last field (an empty
-    // string, one zero byte).
     let mut inv_v2 = vec![2u8];
-    inv_v2.extend(postcard::to_allocvec(&inv).unwrap());
-    assert_eq!(inv_v2.pop(), Some(0));
+    inv_v2.extend(
+        postcard::to_allocvec(&outpost_protocol::legacy::InventoryV2 {
+            arch: inv.arch,
+            hypervisor: inv.hypervisor,
+            total: inv.total,
+            reserved: inv.reserved,
+            labels: inv.labels.clone(),
+            images: inv.images.clone(),
+        })
+        .unwrap(),
+    );
     {
         let conn = rusqlite::Connection::open(dir.path().join("outpost.db")).unwrap();
         conn.execute_batch(

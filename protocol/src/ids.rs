@@ -38,6 +38,9 @@ pub enum IdError {
     /// A name that reads as an instance id would shadow that id.
     #[error("{0} must not be 16 hexadecimal digits (that reads as an instance id)")]
     LooksLikeId(&'static str),
+    /// A URL that is not `http://` or `https://`.
+    #[error("{0} must start with http:// or https://")]
+    BadScheme(&'static str),
 }
 
 /// The character rules of one kind of bounded string.

@@ -18,8 +18,10 @@ extern crate std;
 extern crate alloc;
 
 pub mod backoff;
+mod blob;
 mod codec;
 mod ids;
+pub mod legacy;
 pub mod limits;
 mod messages;
 mod node;
@@ -28,14 +30,15 @@ pub mod topics;
 pub use topics::TopicError;
 
 pub use backoff::Backoff;
+pub use blob::{BaseUrl, BlobRef, Digest, FetchFrom, Image, ShortDigest};
 pub use codec::{DecodeError, EncodeError, Message, WIRE_VERSION};
 pub use ids::{
     AgentVersion, Cmdline, FleetId, IdError, ImageName, InstanceId, InstanceName, Label, LabelKey,
     LabelValue, Labels, NetName, NodeId, Reason,
 };
 pub use messages::{
-    AckResult, AgentEvent, DesiredInstance, DesiredState, Holding, InstanceReport, NodeReport,
-    NodeStatus, NoticeKind, Presence, Version,
+    AckResult, AgentEvent, DesiredInstance, DesiredState, FetchState, Holding, InstanceReport,
+    NodeReport, NodeStatus, NoticeKind, Presence, Version,
 };
 pub use node::{Arch, HypervisorKind, Inventory, Resources, Usage};
 pub use spec::{

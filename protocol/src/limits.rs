@@ -17,6 +17,12 @@ pub const MAX_LABELS: usize = 8;
 pub const MAX_IMAGES: usize = 32;
 /// Longest kernel command line for direct kernel boot.
 pub const MAX_CMDLINE_LEN: usize = 256;
+/// Longest base URL (the controller's image endpoint).
+pub const MAX_URL_LEN: usize = 192;
+/// Most blobs a desired state asks to prefetch.
+pub const MAX_PREFETCH: usize = 8;
+/// Most cached blobs an inventory lists.
+pub const MAX_CACHED: usize = 32;
 /// Longest agent version string.
 pub const MAX_AGENT_VERSION_LEN: usize = 32;
 /// Longest libvirt network or host bridge name (Linux caps interface names at 15).

@@ -2,9 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::blob::{BlobRef, Digest, FetchFrom};
 use crate::codec::Message;
 use crate::ids::{FleetId, InstanceId, InstanceName, Reason};
-use crate::limits::MAX_INSTANCES_PER_NODE;
+use crate::limits::{MAX_INSTANCES_PER_NODE, MAX_PREFETCH};
 use crate::node::{Inventory, Usage};
 use crate::spec::{InstanceSpec, InstanceState, PowerMode, PowerState};
 
@@ -92,6 +93,11 @@ pub struct DesiredState {
     /// Instances the controller knows to be deleted or moved away from this node: the agent
     /// removes their domains. Nothing else is ever removed.
     pub gone: heapless::Vec<InstanceId, MAX_INSTANCES_PER_NODE>,
+    /// Where the node fetches the blobs its instances name (none: the controller has no
+    /// catalogue to serve).
+    pub fetch: Option<FetchFrom>,
+    /// Blobs to cache ahead of any instance (`outpost images prefetch`).
+    pub prefetch: heapless::Vec<BlobRef, MAX_PREFETCH>,
 }
 
 impl DesiredState {
@@ -211,6 +217,43 @@ pub enum AgentEvent {
         /// In words.
         reason: Reason,
     },
+    /// A blob's download: about once a second while it runs, and once when it ends.
+    Fetch {
+        /// Which blob.
+        digest: Digest,
+        /// Bytes received so far.
+        done: u64,
+        /// Its size.
+        total: u64,
+        /// Bytes per second lately.
+        rate: u32,
+        /// Running, cached or failed.
+        state: FetchState,
+        /// Why it failed, or what it waits for (empty when there is nothing to say).
+        reason: Reason,
+    },
+}
+
+/// Where one blob's download stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FetchState {
+    /// Transferring (or waiting to retry).
+    Running,
+    /// Verified and in the cache.
+    Cached,
+    /// Given up; the instances that need it are in error.
+    Failed,
+}
+
+impl FetchState {
+    /// Lowercase name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Cached => "cached",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 /// What an agent holds: the version of its desired state and the specs of its instances (those

@@ -4,8 +4,9 @@ use core::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::blob::Digest;
 use crate::ids::{AgentVersion, ImageName, Labels};
-use crate::limits::MAX_IMAGES;
+use crate::limits::{MAX_CACHED, MAX_IMAGES};
 
 /// A CPU architecture, of a host or of the guest an instance needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -135,6 +136,8 @@ pub struct Inventory {
     pub images: heapless::Vec<ImageName, MAX_IMAGES>,
     /// The agent's version.
     pub agent_version: AgentVersion,
+    /// Blobs in its cache (fetched and verified), most recently used first.
+    pub cached: heapless::Vec<Digest, MAX_CACHED>,
 }
 
 impl Inventory {

@@ -4,6 +4,7 @@ use core::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::blob::{BlobRef, Image};
 use crate::ids::{Cmdline, ImageName, Labels, NetName};
 use crate::node::{Arch, Resources};
 
@@ -16,28 +17,38 @@ use crate::node::{Arch, Resources};
 pub enum Boot {
     /// From a disk image: the agent makes a copy-on-write overlay on the cached base image.
     Disk {
-        /// The base image, a file in the agent's image directory.
-        image: ImageName,
+        /// The base image.
+        image: Image,
     },
-    /// Direct kernel boot: kernel (and initrd) from the image directory, with a command line.
+    /// Direct kernel boot: a kernel (and an initrd), with a command line.
     Kernel {
-        /// The kernel file.
-        kernel: ImageName,
-        /// The initrd file, if any.
-        initrd: Option<ImageName>,
+        /// The kernel.
+        kernel: Image,
+        /// The initrd, if any.
+        initrd: Option<Image>,
         /// The kernel command line.
         cmdline: Cmdline,
     },
 }
 
 impl Boot {
-    /// Every image file this boot method needs on the node.
-    pub fn images(&self) -> impl Iterator<Item = &ImageName> {
+    /// Every image this boot method needs on the node.
+    pub fn images(&self) -> impl Iterator<Item = &Image> {
         let (a, b) = match self {
             Self::Disk { image } => (image, None),
             Self::Kernel { kernel, initrd, .. } => (kernel, initrd.as_ref()),
         };
         core::iter::once(a).chain(b)
+    }
+
+    /// The image files it needs in the node's image directory.
+    pub fn files(&self) -> impl Iterator<Item = &ImageName> {
+        self.images().filter_map(Image::file)
+    }
+
+    /// The blobs it needs fetched and cached.
+    pub fn blobs(&self) -> impl Iterator<Item = &BlobRef> {
+        self.images().filter_map(Image::blob)
     }
 }
 
@@ -192,6 +203,8 @@ pub enum ErrorKind {
     Hypervisor,
     /// The node is at its instance limit.
     TooManyInstances,
+    /// An image could not be fetched or did not verify.
+    Fetch,
 }
 
 impl ErrorKind {
@@ -205,6 +218,7 @@ impl ErrorKind {
             Self::InvalidSpec => "invalid-spec",
             Self::Hypervisor => "hypervisor",
             Self::TooManyInstances => "too-many-instances",
+            Self::Fetch => "fetch",
         }
     }
 }
@@ -212,6 +226,8 @@ impl ErrorKind {
 /// An instance's actual state as its agent sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum InstanceState {
+    /// Waiting for its images to be fetched and verified.
+    Downloading,
     /// Being created (overlay, define, first start).
     Building,
     /// Running.
@@ -230,6 +246,7 @@ impl InstanceState {
     /// Lowercase name for tables and logs.
     pub const fn as_str(self) -> &'static str {
         match self {
+            Self::Downloading => "downloading",
             Self::Building => "building",
             Self::Running => "running",
             Self::Stopped => "stopped",

@@ -169,8 +169,8 @@ pub fn desired_gone(
 /// Direct kernel boot of `vmlinuz` + `initrd.img` from the image directory.
 pub fn kernel_boot(cmdline: &str) -> Boot {
     Boot::Kernel {
-        kernel: ImageName::new("vmlinuz").unwrap(),
-        initrd: Some(ImageName::new("initrd.img").unwrap()),
+        kernel: ImageName::new("vmlinuz").unwrap().into(),
+        initrd: Some(ImageName::new("initrd.img").unwrap().into()),
         cmdline: Cmdline::new(cmdline).unwrap(),
     }
 }

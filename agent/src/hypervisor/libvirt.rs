@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use outpost_protocol::{Arch, Boot, HypervisorKind, InstanceId, InstanceSpec, NodeId, PowerMode};
+use outpost_protocol::{
+    Arch, Boot, HypervisorKind, Image, InstanceId, InstanceSpec, NodeId, PowerMode,
+};
 use virt::connect::Connect;
 use virt::domain::{Domain as VirDomain, DomainShutoffReason, DomainState as VirState};
 use virt::enumutil::Enum;
@@ -199,12 +201,16 @@ impl LibvirtHypervisor {
         self.cfg.instance_dir.join(id.to_string())
     }
 
-    fn image(&self, name: &str) -> Result<PathBuf, HypervisorError> {
-        let p = self.cfg.image_dir.join(name);
+    fn image(&self, image: &Image) -> Result<PathBuf, HypervisorError> {
+        let cache = crate::images::Cache::new(&self.cfg.image_dir);
+        let p = cache.path(image);
         if p.is_file() {
+            if let Image::Blob(b) = image {
+                cache.touch(&b.digest);
+            }
             std::path::absolute(&p).map_err(io("resolving the image path"))
         } else {
-            Err(HypervisorError::MissingImage(name.to_owned()))
+            Err(HypervisorError::MissingImage(image.to_string()))
         }
     }
 
@@ -214,7 +220,7 @@ impl LibvirtHypervisor {
         let disk_s = disk.to_string_lossy();
         match &spec.boot {
             Boot::Disk { image } => {
-                let base = self.image(image.as_str())?;
+                let base = self.image(image)?;
                 if !disk.exists() {
                     let fmt = if is_qcow2(&base) { "qcow2" } else { "raw" };
                     let base = base.to_string_lossy();
@@ -404,11 +410,8 @@ impl Hypervisor for LibvirtHypervisor {
                 let has_disk = self.make_disk(spec, &disk)?;
                 let kernel_files = match &spec.boot {
                     Boot::Kernel { kernel, initrd, .. } => Some((
-                        self.image(kernel.as_str())?,
-                        initrd
-                            .as_ref()
-                            .map(|i| self.image(i.as_str()))
-                            .transpose()?,
+                        self.image(kernel)?,
+                        initrd.as_ref().map(|i| self.image(i)).transpose()?,
                     )),
                     Boot::Disk { .. } => None,
                 };

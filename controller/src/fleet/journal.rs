@@ -3,8 +3,12 @@
 
 use std::collections::BTreeSet;
 
-use outpost_protocol::{DesiredInstance, DesiredState, InstanceId, InstanceName, NodeId, Version};
+use outpost_protocol::limits::MAX_PREFETCH;
+use outpost_protocol::{
+    DesiredInstance, DesiredState, FetchFrom, InstanceId, InstanceName, NodeId, Version,
+};
 
+use super::images::{ImageRecord, node_token};
 use super::records::{InstanceRecord, NodeRecord, Phase};
 use super::{Fleet, fallback_name};
 use crate::scheduler::GroupPolicy;
@@ -26,6 +30,10 @@ pub struct Journal {
     pub tombstones: Vec<InstanceId>,
     /// Nodes removed by an operator.
     pub removed_nodes: BTreeSet<NodeId>,
+    /// Catalogue images to store, by name and version.
+    pub images: BTreeSet<(String, String)>,
+    /// Catalogue images to remove.
+    pub removed_images: BTreeSet<(String, String)>,
 }
 
 /// What changed since the last [`Fleet::take_changes`]: store it, then publish.
@@ -46,6 +54,10 @@ pub struct Changes {
     pub publish: Vec<(NodeId, DesiredState)>,
     /// Nodes to remove from the store.
     pub removed_nodes: Vec<NodeId>,
+    /// Catalogue images to upsert.
+    pub images: Vec<ImageRecord>,
+    /// Catalogue images to remove (name, version).
+    pub removed_images: Vec<(String, String)>,
 }
 
 impl Changes {
@@ -57,6 +69,8 @@ impl Changes {
             && self.removed.is_empty()
             && self.groups.is_empty()
             && self.publish.is_empty()
+            && self.images.is_empty()
+            && self.removed_images.is_empty()
     }
 }
 
@@ -82,6 +96,13 @@ impl Fleet {
                 })
                 .collect(),
             gone: self.gone_for(node).into_iter().collect(),
+            fetch: self.cfg.image_url.clone().map(|url| FetchFrom {
+                url,
+                token: node_token(&self.blob_key, node),
+            }),
+            prefetch: n
+                .map(|n| n.prefetch.iter().copied().take(MAX_PREFETCH).collect())
+                .unwrap_or_default(),
         }
     }
 
@@ -127,6 +148,13 @@ impl Fleet {
         Changes {
             removed_nodes,
             tombstones,
+            images: std::mem::take(&mut self.journal.images)
+                .into_iter()
+                .filter_map(|k| self.images.get(&k).cloned())
+                .collect(),
+            removed_images: std::mem::take(&mut self.journal.removed_images)
+                .into_iter()
+                .collect(),
             nodes: std::mem::take(&mut self.journal.nodes)
                 .iter()
                 .filter_map(|n| self.nodes.get(n).cloned())
@@ -168,6 +196,13 @@ impl Fleet {
             .extend(c.groups.into_iter().map(|(g, _)| g));
         self.journal.tombstones.extend(c.tombstones);
         self.journal.removed_nodes.extend(c.removed_nodes);
+        for i in c.images {
+            let k = (i.name, i.version);
+            if self.images.contains_key(&k) {
+                self.journal.images.insert(k);
+            }
+        }
+        self.journal.removed_images.extend(c.removed_images);
         self.journal
             .publish
             .extend(c.publish.into_iter().map(|(n, _)| n));

@@ -12,11 +12,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use outpost_protocol::{FleetId, InstanceId, InstanceName, NodeId, Resources};
+use outpost_protocol::{Digest, FetchState, FleetId, InstanceId, InstanceName, NodeId, Resources};
 
 use crate::scheduler::{GroupPolicy, HostState, HostTable, Scheduler};
 
 pub mod commands;
+pub mod images;
 pub mod journal;
 pub mod records;
 pub mod reports;
@@ -50,6 +51,29 @@ pub struct Fleet {
     cfg: FleetConfig,
     /// What changed since the shell last took the changes.
     journal: Journal,
+    /// The image catalogue, by name and version.
+    images: BTreeMap<(String, String), images::ImageRecord>,
+    /// The key node blob tokens are derived from.
+    blob_key: [u8; 32],
+    /// Downloads under way (or failed), per node and blob, as their agents report them.
+    fetches: HashMap<(NodeId, Digest), FetchProgress>,
+}
+
+/// A blob's download on one node, as last reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchProgress {
+    /// Bytes received.
+    pub done: u64,
+    /// Its size.
+    pub total: u64,
+    /// Bytes per second lately.
+    pub rate: u32,
+    /// Running or failed.
+    pub state: FetchState,
+    /// Why it failed, or what it waits for.
+    pub reason: String,
+    /// When it was reported (ms since the epoch).
+    pub at_ms: u64,
 }
 
 impl Fleet {
@@ -63,6 +87,8 @@ impl Fleet {
             instances,
             groups,
             tombstones,
+            images,
+            blob_key,
         } = snap;
         let mut f = Self {
             id: fleet,
@@ -77,6 +103,12 @@ impl Fleet {
             instances: BTreeMap::new(),
             groups: groups.into_iter().collect(),
             journal: Journal::default(),
+            images: images
+                .into_iter()
+                .map(|i| ((i.name.clone(), i.version.clone()), i))
+                .collect(),
+            blob_key,
+            fetches: HashMap::new(),
         };
         for i in instances {
             f.by_name.insert(i.name.clone(), i.id);
@@ -119,6 +151,7 @@ impl Fleet {
             claimed,
             labels: n.labels(),
             images: inv.images.iter().cloned().collect(),
+            cached: inv.cached.iter().copied().collect(),
             recent_failures: self.recent_failures(n, now_ms),
         };
         self.table.upsert(&host);
@@ -208,13 +241,32 @@ impl Fleet {
             .map_or_else(Resources::default, |idx| self.table.effective(idx))
     }
 
+    /// The downloads an instance waits for on its node, as reported.
+    pub fn fetches_of(&self, i: &InstanceRecord) -> Vec<(Digest, &FetchProgress)> {
+        let Some(node) = &i.node else {
+            return Vec::new();
+        };
+        i.spec
+            .boot
+            .blobs()
+            .filter_map(|b| {
+                self.fetches
+                    .get(&(node.clone(), b.digest))
+                    .map(|p| (b.digest, p))
+            })
+            .collect()
+    }
+
     /// The scheduler's allocation ratios.
     pub fn ratios(&self) -> crate::scheduler::Ratios {
         self.scheduler.ratios()
     }
 
     /// The instances a node holds (including those it is deleting), by id.
-    fn on_node<'a>(&'a self, node: &NodeId) -> impl Iterator<Item = &'a InstanceRecord> + 'a {
+    pub(crate) fn on_node<'a>(
+        &'a self,
+        node: &NodeId,
+    ) -> impl Iterator<Item = &'a InstanceRecord> + 'a {
         self.by_node
             .get(node)
             .into_iter()

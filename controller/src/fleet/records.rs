@@ -4,9 +4,11 @@
 use std::collections::BTreeSet;
 
 use outpost_protocol::{
-    FleetId, Holding, InstanceId, InstanceSpec, Inventory, Label, LabelKey, LabelValue, NodeId,
-    PowerMode, PowerState, Resources, SpecError, Version,
+    Arch, BaseUrl, BlobRef, FleetId, Holding, InstanceId, InstanceSpec, Inventory, Label, LabelKey,
+    LabelValue, NodeId, PowerMode, PowerState, Resources, SpecError, Version,
 };
+
+use super::images::ImageRecord;
 
 use crate::scheduler::{Availability, GroupPolicy, NoValidHost};
 
@@ -22,6 +24,9 @@ pub struct FleetConfig {
     /// A node down for this long is lost: its instances are rebuilt elsewhere. If it comes
     /// back, its newer desired state (without them) makes it delete its stale copies.
     pub lost_after_ms: u64,
+    /// The URL nodes fetch images from (the controller's API as they reach it); `None`: no
+    /// fetching (instances boot only from files already on their nodes).
+    pub image_url: Option<BaseUrl>,
 }
 
 impl Default for FleetConfig {
@@ -31,6 +36,7 @@ impl Default for FleetConfig {
             max_attempts: 3,
             failure_memory_ms: 600_000,
             lost_after_ms: 300_000,
+            image_url: None,
         }
     }
 }
@@ -42,6 +48,8 @@ pub enum Phase {
     Pending,
     /// Placed on a node; the node has not started building it yet.
     Scheduled,
+    /// The node is fetching its images.
+    Downloading,
     /// The node is building it.
     Building,
     /// Running.
@@ -62,6 +70,7 @@ impl Phase {
         match self {
             Self::Pending => "pending",
             Self::Scheduled => "scheduled",
+            Self::Downloading => "downloading",
             Self::Building => "building",
             Self::Running => "running",
             Self::Stopped => "stopped",
@@ -76,6 +85,7 @@ impl Phase {
         [
             Self::Pending,
             Self::Scheduled,
+            Self::Downloading,
             Self::Building,
             Self::Running,
             Self::Stopped,
@@ -179,6 +189,8 @@ pub struct NodeRecord {
     pub label_overrides: Vec<(LabelKey, Option<LabelValue>)>,
     /// What its instances use, as its last report said (not stored).
     pub used: Resources,
+    /// Blobs it is asked to cache ahead of any instance (not stored).
+    pub prefetch: Vec<BlobRef>,
 }
 
 impl NodeRecord {
@@ -204,6 +216,7 @@ impl NodeRecord {
             notice: None,
             label_overrides: Vec::new(),
             used: Resources::default(),
+            prefetch: Vec::new(),
         }
     }
 
@@ -311,6 +324,29 @@ pub enum FleetError {
     /// Adopt was asked of a node that is not bound to another fleet.
     #[error("node {0} is not bound to another fleet: nothing to adopt")]
     NotForeign(NodeId),
+    /// The catalogue has this `name:version` already.
+    #[error("image {0} exists: give another --version, or delete it first")]
+    ImageExists(String),
+    /// The catalogue has no such image.
+    #[error("no image {0} (outpost images list)")]
+    NoImage(String),
+    /// Instances boot from the image's content.
+    #[error("image {image} is used by {}: delete them first", users.join(", "))]
+    ImageInUse {
+        /// `name:version`.
+        image: String,
+        /// The instances' names.
+        users: Vec<String>,
+    },
+    /// A catalogue name or version breaks the rule.
+    #[error("{0}")]
+    BadImageName(String),
+    /// A node may not fetch this blob (wrong token, or none of its instances needs it).
+    #[error("not a blob this node may fetch")]
+    BlobDenied,
+    /// An instance's image has another architecture than the one asked.
+    #[error("image {0} is {1}: it cannot run as {2}")]
+    ImageArch(String, Arch, Arch),
 }
 
 /// Everything the store holds, as the fleet is restored from it.
@@ -326,4 +362,8 @@ pub struct Snapshot {
     pub groups: Vec<(String, GroupPolicy)>,
     /// Instances this store created and later deleted (once their node confirmed).
     pub tombstones: Vec<InstanceId>,
+    /// The image catalogue.
+    pub images: Vec<ImageRecord>,
+    /// The key that node blob tokens are derived from (made with the store).
+    pub blob_key: [u8; 32],
 }

@@ -4,16 +4,21 @@
 use std::collections::BTreeSet;
 
 use outpost_protocol::{
-    AckResult, AgentEvent, DesiredInstance, ErrorKind, Holding, InstanceId, InstanceState,
-    Inventory, NodeId, NodeReport, NodeStatus, Presence, Version,
+    AckResult, AgentEvent, DesiredInstance, ErrorKind, FetchState, Holding, InstanceId,
+    InstanceState, Inventory, NodeId, NodeReport, NodeStatus, Presence, Version,
 };
 
-use super::Fleet;
 use super::records::{InstanceRecord, NodeRecord, Phase};
+use super::{FetchProgress, Fleet};
 
 impl Fleet {
     /// A node's retained status (online on connect, offline as its Last Will).
     pub fn on_status(&mut self, now_ms: u64, node: &NodeId, st: NodeStatus) {
+        if st.presence == Presence::Offline && !self.nodes.contains_key(node) {
+            // The Last Will of a node this fleet does not know (or just removed): nothing to
+            // register.
+            return;
+        }
         let n = self
             .nodes
             .entry(node.clone())
@@ -307,6 +312,31 @@ impl Fleet {
                 self.observe(now_ms, node, *id, *state, reason.as_str());
             }
             AgentEvent::Notice { kind, reason } => self.on_notice(node, *kind, reason.as_str()),
+            AgentEvent::Fetch {
+                digest,
+                done,
+                total,
+                rate,
+                state,
+                reason,
+            } => {
+                let p = FetchProgress {
+                    done: *done,
+                    total: *total,
+                    rate: *rate,
+                    state: *state,
+                    reason: reason.as_str().to_owned(),
+                    at_ms: now_ms,
+                };
+                if *state == FetchState::Cached {
+                    self.fetches.remove(&(node.clone(), *digest));
+                    if let Some(n) = self.nodes.get_mut(node) {
+                        n.prefetch.retain(|b| b.digest != *digest);
+                    }
+                } else {
+                    self.fetches.insert((node.clone(), *digest), p);
+                }
+            }
         }
     }
 
@@ -326,6 +356,7 @@ impl Fleet {
             return; // a stale copy on a node it was moved away from: that node deletes it
         }
         let phase = match state {
+            InstanceState::Downloading => Phase::Downloading,
             InstanceState::Building => Phase::Building,
             InstanceState::Running => Phase::Running,
             InstanceState::Stopped => Phase::Stopped,
@@ -345,7 +376,12 @@ impl Fleet {
                 } else {
                     reason.to_owned()
                 };
-                if build_failure(kind) && matches!(i.phase, Phase::Scheduled | Phase::Building) {
+                if build_failure(kind)
+                    && matches!(
+                        i.phase,
+                        Phase::Scheduled | Phase::Downloading | Phase::Building
+                    )
+                {
                     if let Some(n) = self.nodes.get_mut(node) {
                         n.failures_ms.push(now_ms);
                         self.journal.nodes.insert(node.clone());

@@ -243,6 +243,8 @@ struct Prepared<'a> {
     labels: Option<Vec<&'a Bits>>,
     images: Option<Vec<&'a Bits>>,
     require_images: bool,
+    /// The blobs it boots from (`None`: none, or one no host has cached).
+    cached: Option<Vec<&'a Bits>>,
     members: Option<(GroupPolicy, bool, Bits)>,
     exclude: Bits,
 }
@@ -280,8 +282,13 @@ impl Scheduler {
             arch: s.arch,
             kvm: s.require_kvm,
             labels: t.labels.all(req.selector.iter()),
-            images: t.images.all(s.boot.images()),
+            images: t.images.all(s.boot.files()),
             require_images: self.config.require_image,
+            cached: if s.boot.blobs().next().is_some() {
+                t.cached.all(s.boot.blobs().map(|b| &b.digest))
+            } else {
+                None
+            },
             members: req
                 .group
                 .map(|g| (g.policy, !g.members_on.is_empty(), Bits::of(g.members_on))),
@@ -338,6 +345,9 @@ impl Scheduler {
         let mut score = w.cpu * free(0) + w.memory * free(1) + w.disk * free(2)
             - w.failure * f64::from(t.failures[i]);
         if !p.require_images && has_all(&p.images, i) {
+            score += w.image;
+        }
+        if has_all(&p.cached, i) {
             score += w.image;
         }
         score

@@ -2,7 +2,7 @@
 //! allocation ratios, claims, headroom, flags), with labels and images interned into one host
 //! bitset per distinct value. Claims are kept incrementally as instances come and go.
 
-use outpost_protocol::{Arch, HypervisorKind, ImageName, Label, NodeId, Resources};
+use outpost_protocol::{Arch, Digest, HypervisorKind, ImageName, Label, NodeId, Resources};
 
 /// Index of a host in the slice given to [`Scheduler::place`].
 pub type HostIdx = usize;
@@ -58,6 +58,8 @@ pub struct HostState {
     pub labels: Vec<Label>,
     /// Images present on it, sorted.
     pub images: Vec<ImageName>,
+    /// Blobs in its cache (a weigher bonus for instances that boot from them).
+    pub cached: Vec<Digest>,
     /// Builds that failed on it recently (a weigher penalty).
     pub recent_failures: u32,
 }
@@ -181,6 +183,7 @@ pub struct HostTable {
     pub(super) failures: Vec<u32>,
     pub(super) labels: Interned<Label>,
     pub(super) images: Interned<ImageName>,
+    pub(super) cached: Interned<Digest>,
     /// Availability, KVM and architecture as bitsets, 64 hosts a word: the fast path of
     /// [`Scheduler::place`] ANDs them; the reference scan tests one bit.
     pub(super) up: Bits,
@@ -218,6 +221,7 @@ impl HostTable {
             failures: Vec::new(),
             labels: Interned::default(),
             images: Interned::default(),
+            cached: Interned::default(),
             up: Bits::default(),
             kvm: Bits::default(),
             arch_bits: Vec::new(),
@@ -280,6 +284,9 @@ impl HostTable {
         let mut images = h.images.clone();
         images.sort();
         self.images.set_host(idx, &images);
+        let mut cached = h.cached.clone();
+        cached.sort();
+        self.cached.set_host(idx, &cached);
         idx
     }
 

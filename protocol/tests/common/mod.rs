@@ -44,6 +44,7 @@ pub fn inventory() -> Inventory {
             .into_iter()
             .collect(),
         agent_version: AgentVersion::new("0.1.0").unwrap(),
+        cached: [Digest([0x4b; 32])].into_iter().collect(),
     }
 }
 
@@ -55,7 +56,7 @@ pub fn spec() -> InstanceSpec {
         arch: Arch::Aarch64,
         require_kvm: false,
         boot: Boot::Disk {
-            image: image("debian-12.qcow2"),
+            image: image("debian-12.qcow2").into(),
         },
         network: Network::Libvirt {
             network: NetName::new("default").unwrap(),
@@ -73,13 +74,39 @@ pub fn kernel_spec() -> InstanceSpec {
         arch: Arch::X86_64,
         require_kvm: false,
         boot: Boot::Kernel {
-            kernel: image("vmlinuz"),
-            initrd: Some(image("initrd.img")),
+            kernel: Image::Blob(blob(0x4b)),
+            initrd: Some(image("initrd.img").into()),
             cmdline: Cmdline::new("console=ttyS0").unwrap(),
         },
         network: Network::None,
         restart: RestartPolicy::Never,
         labels: Labels::new(),
+    }
+}
+
+/// A blob whose digest is 32 times `b`.
+pub fn blob(b: u8) -> BlobRef {
+    BlobRef {
+        digest: Digest([b; 32]),
+        size: 123_456_789,
+    }
+}
+
+pub fn fetch_from() -> FetchFrom {
+    FetchFrom {
+        url: BaseUrl::new("http://ctl.example:8080").unwrap(),
+        token: [7; 32],
+    }
+}
+
+pub fn fetch_event() -> AgentEvent {
+    AgentEvent::Fetch {
+        digest: Digest([0x4b; 32]),
+        done: 1 << 30,
+        total: 2 << 30,
+        rate: 12_500_000,
+        state: FetchState::Running,
+        reason: Reason::default(),
     }
 }
 
@@ -92,6 +119,8 @@ pub fn desired() -> DesiredState {
         gone: [InstanceId::from_u64(0x5555_6666_7777_8888)]
             .into_iter()
             .collect(),
+        fetch: Some(fetch_from()),
+        prefetch: [blob(0x5a)].into_iter().collect(),
         instances: [
             DesiredInstance {
                 id: InstanceId::from_u64(0x1111_2222_3333_4444),
@@ -197,6 +226,7 @@ pub fn max_inventory() -> Inventory {
         labels: max_labels(),
         images: (0..MAX_IMAGES).map(|_| max_image()).collect(),
         agent_version: AgentVersion::new(&"9".repeat(MAX_AGENT_VERSION_LEN)).unwrap(),
+        cached: (0..MAX_CACHED).map(|i| Digest([i as u8; 32])).collect(),
     }
 }
 
@@ -208,8 +238,8 @@ pub fn max_spec() -> InstanceSpec {
         arch: Arch::Aarch64,
         require_kvm: true,
         boot: Boot::Kernel {
-            kernel: max_image(),
-            initrd: Some(max_image()),
+            kernel: max_image().into(),
+            initrd: Some(max_image().into()),
             cmdline: Cmdline::new(&max_str('c', MAX_CMDLINE_LEN)).unwrap(),
         },
         network: Network::Bridge {
@@ -247,6 +277,16 @@ pub fn max_desired() -> DesiredState {
                     stop_timeout_secs: u16::MAX,
                 },
                 spec: max_spec(),
+            })
+            .collect(),
+        fetch: Some(FetchFrom {
+            url: BaseUrl::new(&format!("https://{}", max_str('u', MAX_URL_LEN - 8))).unwrap(),
+            token: [0xff; 32],
+        }),
+        prefetch: (0..MAX_PREFETCH)
+            .map(|i| BlobRef {
+                digest: Digest([i as u8; 32]),
+                size: u64::MAX,
             })
             .collect(),
     }
@@ -299,8 +339,18 @@ fn bounded(re: &str) -> impl Strategy<Value = String> {
     proptest::string::string_regex(re).unwrap()
 }
 
-pub fn arb_image() -> impl Strategy<Value = ImageName> {
+pub fn arb_file() -> impl Strategy<Value = ImageName> {
     bounded("[A-Za-z0-9][A-Za-z0-9._-]{0,63}").prop_map(|s| image(&s))
+}
+
+pub fn arb_image() -> impl Strategy<Value = Image> {
+    prop_oneof![
+        arb_file().prop_map(Image::File),
+        (any::<[u8; 32]>(), any::<u64>()).prop_map(|(d, size)| Image::Blob(BlobRef {
+            digest: Digest(d),
+            size
+        })),
+    ]
 }
 
 pub fn arb_labels() -> impl Strategy<Value = Labels> {
@@ -367,10 +417,11 @@ pub fn arb_inventory() -> impl Strategy<Value = Inventory> {
         arb_resources(),
         arb_resources(),
         arb_labels(),
-        proptest::collection::vec(arb_image(), 0..=MAX_IMAGES),
+        proptest::collection::vec(arb_file(), 0..=MAX_IMAGES),
+        proptest::collection::vec(any::<[u8; 32]>(), 0..=MAX_CACHED),
     )
         .prop_map(
-            |(arch, hypervisor, total, reserved, labels, images)| Inventory {
+            |(arch, hypervisor, total, reserved, labels, images, cached)| Inventory {
                 arch,
                 hypervisor,
                 total,
@@ -378,6 +429,7 @@ pub fn arb_inventory() -> impl Strategy<Value = Inventory> {
                 labels,
                 images: images.into_iter().collect(),
                 agent_version: AgentVersion::new("0.1.0").unwrap(),
+                cached: cached.into_iter().map(Digest).collect(),
             },
         )
 }
@@ -471,9 +523,10 @@ pub fn arb_desired() -> impl Strategy<Value = DesiredState> {
         any::<u32>(),
         proptest::collection::vec(inst, 0..=MAX_INSTANCES_PER_NODE),
         proptest::collection::vec(any::<u64>(), 0..=MAX_INSTANCES_PER_NODE),
+        any::<bool>(),
     )
         .prop_map(
-            |(fleet, generation, replaces, lease_secs, v, gone)| DesiredState {
+            |(fleet, generation, replaces, lease_secs, v, gone, fetch)| DesiredState {
                 fleet: FleetId(fleet),
                 generation,
                 replaces: replaces.map(|(f, g)| Version {
@@ -483,6 +536,12 @@ pub fn arb_desired() -> impl Strategy<Value = DesiredState> {
                 lease_secs,
                 instances: v.into_iter().collect(),
                 gone: gone.into_iter().map(InstanceId::from_u64).collect(),
+                fetch: fetch.then(fetch_from),
+                prefetch: if fetch {
+                    [blob(1), blob(2)].into_iter().collect()
+                } else {
+                    Default::default()
+                },
             },
         )
 }
@@ -529,6 +588,21 @@ pub fn arb_event() -> impl Strategy<Value = AgentEvent> {
             kind: NoticeKind::StateUnreadable,
             reason: Reason::lossy(&reason),
         }),
+        (
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            ".{0,200}"
+        )
+            .prop_map(|(d, done, total, rate, reason)| AgentEvent::Fetch {
+                digest: Digest(d),
+                done,
+                total,
+                rate,
+                state: FetchState::Failed,
+                reason: Reason::lossy(&reason),
+            }),
         (any::<u64>(), any::<u64>(), arb_state(), ".{0,200}").prop_map(
             |(id, generation, state, reason)| AgentEvent::Instance {
                 id: InstanceId::from_u64(id),

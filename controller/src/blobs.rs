@@ -1,0 +1,165 @@
+//! The controller's blob store: image content by SHA-256 in `DATA_DIR/blobs/sha256/HEX`,
+//! written through a temporary file that is hashed as it streams in, synced, and renamed into
+//! place only once complete (a crash leaves no half-written blob under a digest).
+
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+
+use outpost_protocol::Digest;
+use sha2::Digest as _;
+
+/// Why the blob store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// A file operation failed (the disk is full, the directory is not writable...).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BlobError {
+    let what = what.into();
+    move |source| BlobError::Io { what, source }
+}
+
+/// The blob store.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    dir: PathBuf,
+}
+
+impl BlobStore {
+    /// The store under `data_dir` (directories made 0700 when first written).
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            dir: data_dir.join("blobs"),
+        }
+    }
+
+    /// Where a blob's bytes are.
+    pub fn path(&self, d: &Digest) -> PathBuf {
+        self.dir.join("sha256").join(d.to_string())
+    }
+
+    /// Whether the store holds this blob.
+    pub fn has(&self, d: &Digest) -> bool {
+        self.path(d).is_file()
+    }
+
+    /// Starts writing a new blob.
+    pub fn writer(&self) -> Result<BlobWriter, BlobError> {
+        for d in [self.dir.join("sha256"), self.dir.join("tmp")] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)
+                .map_err(io(format!("creating {}", d.display())))?;
+        }
+        let tmp = self
+            .dir
+            .join("tmp")
+            .join(format!("upload-{:016x}", fastrand::u64(..)));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(format!("creating {}", tmp.display())))?;
+        Ok(BlobWriter {
+            store: self.clone(),
+            tmp,
+            file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
+            hash: sha2::Sha256::new(),
+            size: 0,
+            head: Vec::new(),
+        })
+    }
+
+    /// Removes a blob (one no image refers to any more).
+    pub fn remove(&self, d: &Digest) -> Result<(), BlobError> {
+        match std::fs::remove_file(self.path(d)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io(format!("removing blob {d}"))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How many first bytes a writer keeps to tell the format.
+pub const HEAD_LEN: usize = 4096;
+
+/// A blob being written: hashed as it goes; the temporary file is removed unless finished.
+pub struct BlobWriter {
+    store: BlobStore,
+    tmp: PathBuf,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    hash: sha2::Sha256,
+    size: u64,
+    head: Vec<u8>,
+}
+
+impl BlobWriter {
+    /// Appends bytes.
+    pub fn write(&mut self, b: &[u8]) -> Result<(), BlobError> {
+        if self.head.len() < HEAD_LEN {
+            let take = (HEAD_LEN - self.head.len()).min(b.len());
+            self.head.extend_from_slice(&b[..take]);
+        }
+        self.hash.update(b);
+        self.size += b.len() as u64;
+        if let Some(f) = &mut self.file {
+            f.write_all(b).map_err(io("writing the upload"))?;
+        }
+        Ok(())
+    }
+
+    /// The first bytes written (up to [`HEAD_LEN`]).
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Syncs the content and moves it under its digest; returns the digest and size.
+    pub fn finish(mut self) -> Result<(Digest, u64), BlobError> {
+        let r = self.complete();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        r
+    }
+
+    fn complete(&mut self) -> Result<(Digest, u64), BlobError> {
+        let f = self.file.take().expect("finished once");
+        let f = f
+            .into_inner()
+            .map_err(|e| io("writing the upload")(e.into_error()))?;
+        f.sync_all().map_err(io("syncing the upload"))?;
+        let digest = Digest(self.hash.clone().finalize().into());
+        let to = self.store.path(&digest);
+        std::fs::rename(&self.tmp, &to).map_err(io(format!("storing {}", to.display())))?;
+        if let Some(dir) = to.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io("syncing the blob directory"))?;
+        }
+        Ok((digest, self.size))
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
