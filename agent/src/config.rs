@@ -153,6 +153,8 @@ pub struct Downloads {
     pub stall: Duration,
     /// Cached images no instance uses are removed after this long unused.
     pub ttl: Duration,
+    /// Transfer attempts before a download fails.
+    pub attempts: u32,
 }
 
 impl Default for Downloads {
@@ -163,6 +165,7 @@ impl Default for Downloads {
             reserve: 256 << 20,
             stall: Duration::from_secs(30),
             ttl: Duration::from_secs(24 * 3600),
+            attempts: 10,
         }
     }
 }
@@ -264,7 +267,22 @@ impl Config {
             stop_timeout: Duration::from_secs(u64::from(
                 hv.stop_timeout_secs.unwrap_or(DEFAULT_STOP_TIMEOUT_SECS),
             )),
-            downloads: Downloads::default(),
+            downloads: {
+                let def = Downloads::default();
+                let dl = d.downloads.clone().unwrap_or_default();
+                Downloads {
+                    concurrent: dl.max_downloads.map_or(def.concurrent, usize::from),
+                    rate: dl.max_download_rate.unwrap_or(def.rate),
+                    reserve: dl.reserve_mib.map_or(def.reserve, |m| u64::from(m) << 20),
+                    stall: dl
+                        .stall_timeout_secs
+                        .map_or(def.stall, |s| Duration::from_secs(u64::from(s))),
+                    ttl: dl
+                        .cache_ttl_hours
+                        .map_or(def.ttl, |h| Duration::from_secs(u64::from(h) * 3600)),
+                    attempts: dl.attempts.map_or(def.attempts, u32::from),
+                }
+            },
         })
     }
 

@@ -276,6 +276,21 @@ fn config_fields(c: &Config) -> Vec<(&'static str, String)> {
             format!("{} s", c.reconcile_interval.as_secs()),
         ),
         ("stop timeout", format!("{} s", c.stop_timeout.as_secs())),
+        (
+            "downloads",
+            format!(
+                "{} at once, {}, {} MiB kept free, stall {} s, {} attempts, unused kept {} h",
+                c.downloads.concurrent,
+                match c.downloads.rate {
+                    0 => "no rate limit".to_owned(),
+                    r => format!("at most {} KiB/s", r / 1024),
+                },
+                c.downloads.reserve >> 20,
+                c.downloads.stall.as_secs(),
+                c.downloads.attempts,
+                c.downloads.ttl.as_secs() / 3600
+            ),
+        ),
     ]
 }
 

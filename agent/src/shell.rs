@@ -146,6 +146,7 @@ impl Shell {
             stall: d.stall,
             rate: d.rate,
             reserve: d.reserve,
+            attempts: d.attempts,
             ..Default::default()
         };
         let (slots, http, node) = (

@@ -7,7 +7,7 @@ use crate::schema::DeviceConfig;
 /// The first four bytes of every flashed config.
 pub const MAGIC: [u8; 4] = *b"OPDC";
 /// The flashed format's version.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Magic, version and length.
 pub const HEADER_LEN: usize = 4 + 1 + 4;
 /// The CRC at the end.
@@ -100,8 +100,9 @@ pub fn decode(bytes: &[u8]) -> Result<DeviceConfig, FlashError> {
     if bytes[..4] != MAGIC {
         return Err(FlashError::BadMagic);
     }
-    if bytes[4] != VERSION {
-        return Err(FlashError::UnknownVersion(bytes[4]));
+    let version = bytes[4];
+    if version != VERSION && version != 1 {
+        return Err(FlashError::UnknownVersion(version));
     }
     let mut len = [0u8; 4];
     len.copy_from_slice(&bytes[5..HEADER_LEN]);
@@ -118,8 +119,16 @@ pub fn decode(bytes: &[u8]) -> Result<DeviceConfig, FlashError> {
     if stored != computed {
         return Err(FlashError::BadCrc { stored, computed });
     }
-    let (cfg, rest) =
-        postcard::take_from_bytes(&bytes[HEADER_LEN..end]).map_err(|_| FlashError::Malformed)?;
+    let body = &bytes[HEADER_LEN..end];
+    // Version 1 is version 2 without its last field, an `Option` (`None` is one zero byte).
+    let mut v1 = [0u8; MAX_FLASHED_LEN];
+    let body = if version == 1 {
+        v1[..body.len()].copy_from_slice(body);
+        &v1[..=body.len()]
+    } else {
+        body
+    };
+    let (cfg, rest) = postcard::take_from_bytes(body).map_err(|_| FlashError::Malformed)?;
     if !rest.is_empty() {
         return Err(FlashError::Malformed);
     }

@@ -125,6 +125,9 @@ pub struct HumanConfig {
     pub report_interval_secs: Option<u16>,
     /// Seconds between reconciliation passes.
     pub reconcile_interval_secs: Option<u16>,
+    /// `[downloads]`: image download and cache settings.
+    #[serde(default)]
+    pub downloads: Option<crate::schema::DownloadsConfig>,
 }
 
 /// Copies `s` into a bounded string.
@@ -215,6 +218,21 @@ impl HumanConfig {
         }
         d.report_interval_secs = self.report_interval_secs;
         d.reconcile_interval_secs = self.reconcile_interval_secs;
+        if let Some(dl) = &self.downloads {
+            for (v, name) in [
+                (dl.max_downloads.map(u64::from), "downloads.max_downloads"),
+                (
+                    dl.stall_timeout_secs.map(u64::from),
+                    "downloads.stall_timeout_secs",
+                ),
+                (dl.attempts.map(u64::from), "downloads.attempts"),
+            ] {
+                if v == Some(0) {
+                    return Err(ConfigError::Zero(name));
+                }
+            }
+        }
+        d.downloads = self.downloads;
         Ok(d)
     }
 }

@@ -87,6 +87,30 @@ pub struct HypervisorConfig {
     pub fake_memory_mib: Option<u32>,
 }
 
+/// How the agent downloads and caches images (every field optional: defaults in the agent).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownloadsConfig {
+    /// At most this many bytes per second over all downloads (absent or 0: no limit).
+    #[serde(default)]
+    pub max_download_rate: Option<u64>,
+    /// At most this many downloads at once (default 2).
+    #[serde(default)]
+    pub max_downloads: Option<u8>,
+    /// MiB kept free on the image directory's file system (default 256).
+    #[serde(default)]
+    pub reserve_mib: Option<u32>,
+    /// Seconds without a byte before a transfer is resumed on a new connection (default 30).
+    #[serde(default)]
+    pub stall_timeout_secs: Option<u16>,
+    /// Transfer attempts before a download fails (default 10).
+    #[serde(default)]
+    pub attempts: Option<u16>,
+    /// Hours an unused cached image is kept (default 24).
+    #[serde(default)]
+    pub cache_ttl_hours: Option<u16>,
+}
+
 /// Everything one device needs to join a fleet: its identity, where and how to reach the
 /// broker, its labels and reservations, and where it keeps its files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +143,9 @@ pub struct DeviceConfig {
     pub report_interval_secs: Option<u16>,
     /// Seconds between reconciliation passes.
     pub reconcile_interval_secs: Option<u16>,
+    /// Image downloads (since flashed format version 2; its last field, so that a version 1
+    /// body reads as this one with `None` here).
+    pub downloads: Option<DownloadsConfig>,
 }
 
 impl DeviceConfig {
@@ -139,6 +166,7 @@ impl DeviceConfig {
             image_dir: None,
             report_interval_secs: None,
             reconcile_interval_secs: None,
+            downloads: None,
         }
     }
 }

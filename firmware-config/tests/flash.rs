@@ -57,8 +57,16 @@ fn golden_bytes_pin_the_format() {
         .collect();
     assert_eq!(
         hex,
-        "4f504443013200000006656467652d3101156d7174743a2f2f3132372e302e302e313a313838330000000000000000000000000000000000010a009f9f4609"
+        "4f504443023300000006656467652d3101156d7174743a2f2f3132372e302e302e313a313838330000000000000000000000000000000000010a0000aea007b6"
     );
+    // A device flashed with format version 1 (before the downloads section) still boots:
+    // these are the bytes the previous release wrote for the same config.
+    let v1 = "4f504443013200000006656467652d3101156d7174743a2f2f3132372e302e302e313a313838330000000000000000000000000000000000010a009f9f4609";
+    let v1: Vec<u8> = (0..v1.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&v1[i..i + 2], 16).unwrap())
+        .collect();
+    assert_eq!(flash::decode(&v1).unwrap(), cfg);
 }
 
 #[test]
@@ -86,13 +94,13 @@ fn every_corrupt_byte_is_caught() {
 #[test]
 fn other_versions_and_foreign_data_are_refused() {
     let mut bytes = flash::to_vec(&sample()).unwrap();
-    bytes[4] = 2;
-    assert_eq!(flash::decode(&bytes), Err(FlashError::UnknownVersion(2)));
+    bytes[4] = 3;
+    assert_eq!(flash::decode(&bytes), Err(FlashError::UnknownVersion(3)));
     assert!(
         flash::decode(&bytes)
             .unwrap_err()
             .to_string()
-            .contains("version 2 is not supported")
+            .contains("version 3 is not supported")
     );
     assert_eq!(
         flash::decode(b"PK\x03\x04 not a config"),

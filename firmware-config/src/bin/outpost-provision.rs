@@ -140,6 +140,7 @@ fn device(a: DeviceArgs) -> anyhow::Result<()> {
         image_dir: None,
         report_interval_secs: None,
         reconcile_interval_secs: None,
+        downloads: None,
     };
     let mut cfg = human.resolve(&std::env::current_dir()?)?;
     if let Some(u) = &a.libvirt_uri {
