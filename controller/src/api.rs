@@ -467,14 +467,14 @@ pub fn router(calls: mpsc::Sender<Call>, token: Option<String>, blobs: BlobStore
                         None => None,
                         Some(_) => Some(Query::<UploadQuery>::try_from_uri(&uri).map_err(|e| bad(e.body_text()))?),
                     };
-                    let r = match (json, q) {
-                        (true, _) => {
+                    let r = match (q, json) {
+                        (Some(Query(q)), _) => upload(&a, q, body).await,
+                        (None, true) => {
                             let bytes = axum::body::to_bytes(body, 64 * 1024).await.map_err(|e| bad(e.to_string()))?;
                             let b: UrlImage = serde_json::from_slice(&bytes).map_err(|e| bad(format!("bad image: {e}")))?;
                             add_url(&a, b).await
                         }
-                        (false, Some(Query(q))) => upload(&a, q, body).await,
-                        (false, None) => Err(bad("an upload needs ?name=NAME (and optionally version, arch, format)")),
+                        (None, false) => Err(bad("an upload needs ?name=NAME (and optionally version, arch, format); an image served elsewhere is JSON")),
                     };
                     r.map(|v| (StatusCode::CREATED, v))
                 })

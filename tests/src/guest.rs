@@ -142,3 +142,34 @@ pub fn install_test_guest(image_dir: &Path) {
         .unwrap();
     assert!(st.success(), "building the test initramfs failed");
 }
+
+/// A bootable disk image of the tiny test guest, as a qcow2 file in `dir`: a FAT file system
+/// with SYSLINUX in its boot sector (no partition table, as a "superfloppy"), the kernel and
+/// the initrd whose init prints [`GUEST_MARKER`]. Booted by SeaBIOS from the disk, it proves a
+/// guest came up from that image.
+pub fn make_boot_disk(dir: &Path) -> std::path::PathBuf {
+    let files = dir.join("boot-files");
+    std::fs::create_dir_all(&files).unwrap();
+    install_test_guest(&files);
+    std::fs::write(
+        files.join("syslinux.cfg"),
+        "SERIAL 0 115200\nDEFAULT linux\nPROMPT 0\nTIMEOUT 1\nLABEL linux\n  KERNEL vmlinuz\n  APPEND initrd=initrd.img console=ttyS0 quiet panic=-1\n",
+    )
+    .unwrap();
+    let raw = dir.join("boot.img");
+    let out = dir.join("boot.qcow2");
+    let script = format!(
+        "set -e; rm -f '{raw}'; mkfs.fat -C -n OUTPOST '{raw}' 32768 >/dev/null; syslinux --install '{raw}'; \
+         mcopy -i '{raw}' '{f}/vmlinuz' '{f}/initrd.img' '{f}/syslinux.cfg' ::/; \
+         qemu-img convert -O qcow2 '{raw}' '{out}'; rm -f '{raw}'",
+        raw = raw.display(),
+        f = files.display(),
+        out = out.display()
+    );
+    let st = Command::new("sh").arg("-c").arg(&script).status().unwrap();
+    assert!(
+        st.success(),
+        "making the boot disk failed (scripts/setup installs syslinux, mtools, dosfstools)"
+    );
+    out
+}

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod broker;
 pub mod controller;
 pub mod guest;
+pub mod http;
 pub mod process;
 
 pub use agent::*;

@@ -1,0 +1,231 @@
+//! The image catalogue end to end: uploads through the CLI, nodes that fetch what their
+//! instances need (verified, resumable, cached), and sources that misbehave.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use outpost_tests::http::{ImageServer, Mode};
+use outpost_tests::*;
+
+const T: Duration = Duration::from_secs(120);
+
+fn sha256(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// Appends a `[downloads]` section to an agent's config.
+fn downloads(a: &Agent, toml: &str) {
+    let mut text = std::fs::read_to_string(&a.config).unwrap();
+    text.push_str(&format!("\n[downloads]\n{toml}\n"));
+    std::fs::write(&a.config, text).unwrap();
+}
+
+/// A kernel and an initrd uploaded into the catalogue reach a node that has neither: it
+/// fetches them (the instance says `downloading`), verifies them, caches them and boots; the
+/// catalogue shows who uses the image and where it is cached, and refuses to delete it while
+/// it is used.
+#[test]
+fn uploaded_images_reach_a_node_that_lacks_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    let files = dir.path().join("guest");
+    std::fs::create_dir_all(&files).unwrap();
+    install_test_guest(&files);
+    let k = ctl
+        .cli(&[
+            "images",
+            "upload",
+            files.join("vmlinuz").to_str().unwrap(),
+            "--name",
+            "guest-kernel",
+        ])
+        .unwrap();
+    assert_eq!(k["format"], "kernel", "{k}");
+    assert_eq!(
+        k["arch"], "x86_64",
+        "the kernel's architecture is read from it: {k}"
+    );
+    assert_eq!(k["sha256"], sha256(&files.join("vmlinuz")).as_str());
+    let i = ctl
+        .cli(&[
+            "images",
+            "upload",
+            files.join("initrd.img").to_str().unwrap(),
+            "--name",
+            "guest-initrd",
+            "--version",
+            "2026.11",
+        ])
+        .unwrap();
+    assert_eq!(i["format"], "initrd", "{i}");
+    // A file that is no image, and a wrong --format: refused, nothing stored.
+    let e = ctl
+        .cli(&["images", "upload", "/etc/hostname", "--name", "junk"])
+        .unwrap_err();
+    assert!(e.contains("not an image"), "{e}");
+    let (status, body) = ctl.http("POST", "/v1/images?name=junk&format=qcow2", "hello");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not a qcow2 image"), "{body}");
+    let e = ctl
+        .cli(&[
+            "images",
+            "upload",
+            files.join("initrd.img").to_str().unwrap(),
+            "--name",
+            "junk",
+            "--format",
+            "kernel",
+        ])
+        .unwrap_err();
+    assert!(e.contains("initrd image, not kernel"), "{e}");
+    let listed = ctl.cli(&["images", "list"]).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    let tmp = ctl.data_dir.join("blobs/tmp");
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "no half-written upload left"
+    );
+
+    // A node without these files.
+    let mut a = Agent::fake(dir.path(), "img-f1", ctl.mqtt_port, 2048, "north");
+    a.start();
+    ctl.wait_nodes_up(1);
+    let v = ctl
+        .cli(&[
+            "instances",
+            "create",
+            "web-1",
+            "--kernel",
+            "guest-kernel",
+            "--initrd",
+            "guest-initrd:2026.11",
+            "--memory",
+            "64",
+            "--wait",
+            "--timeout",
+            "60",
+        ])
+        .unwrap();
+    assert_eq!(v["phase"], "running", "{v}");
+    assert_eq!(v["image"], "kernel:guest-kernel:1", "{v}");
+    assert!(
+        a.proc().log_text().contains("downloading an image"),
+        "{}",
+        a.proc().log_text()
+    );
+    // In the node's cache, byte for byte.
+    let cached = a
+        .state_dir
+        .join("images/sha256")
+        .join(sha256(&files.join("vmlinuz")));
+    assert_eq!(sha256(&cached), sha256(&files.join("vmlinuz")));
+    assert!(
+        !a.state_dir
+            .join("images/partial")
+            .join(sha256(&files.join("vmlinuz")))
+            .exists()
+    );
+    let shown = wait_for(T, "the node's cache in the catalogue", || {
+        let s = ctl.cli(&["images", "show", "guest-kernel"]).ok()?;
+        (s["cached_on"][0] == "img-f1").then_some(s)
+    });
+    assert_eq!(shown["used_by"][0], "web-1", "{shown}");
+
+    // Used: not deleted. Unused: deleted, bytes and all.
+    let e = ctl.cli(&["images", "delete", "guest-kernel"]).unwrap_err();
+    assert!(e.contains("used by web-1"), "{e}");
+    ctl.cli(&["instances", "delete", "web-1", "--wait", "--timeout", "60"])
+        .unwrap();
+    ctl.cli(&["images", "delete", "guest-kernel"]).unwrap();
+    let blob = ctl
+        .data_dir
+        .join("blobs/sha256")
+        .join(sha256(&files.join("vmlinuz")));
+    assert!(!blob.exists(), "the unreferenced blob is removed");
+    assert!(a.proc().alive());
+}
+
+/// Sources that lie: corrupt bytes, a truncated file, a size larger or smaller than the
+/// catalogue says. Each ends in a clear reason; nothing half-written enters the cache.
+#[test]
+fn bad_sources_fail_with_a_reason_and_leave_nothing_in_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.args
+        .extend(["--max-attempts".to_owned(), "1".to_owned()]);
+    ctl.start();
+    let files = dir.path().join("guest");
+    std::fs::create_dir_all(&files).unwrap();
+    install_test_guest(&files);
+    // Each case its own content (same digests would be one blob with several sources).
+    let content = |n: u8| {
+        let mut k = std::fs::read(files.join("vmlinuz")).unwrap();
+        k.extend(std::iter::repeat_n(n, 512));
+        let p = dir.path().join(format!("content-{n}"));
+        std::fs::write(&p, &k).unwrap();
+        (k, sha256(&p))
+    };
+    let mut a = Agent::fake(dir.path(), "img-bad", ctl.mqtt_port, 4096, "north");
+    downloads(&a, "attempts = 3\nstall_timeout_secs = 2");
+    a.start();
+    ctl.wait_nodes_up(1);
+
+    let cases = [
+        ("corrupt", Mode::Corrupt, 0i64, "did not verify"),
+        (
+            "truncated",
+            Mode::Truncate(100_000),
+            0,
+            "gave up after 3 attempts",
+        ),
+        ("too-small", Mode::Good, 4096, "gave up after 3 attempts"),
+        ("too-large", Mode::Good, -4096, "more than its"),
+    ];
+    for (n, (name, mode, off, want)) in cases.into_iter().enumerate() {
+        let (bytes, sha) = content(n as u8);
+        let size = (bytes.len() as i64 + off).to_string();
+        let server = ImageServer::start(bytes, mode);
+        let url = server.url();
+        ctl.cli(&[
+            "images", "add", "--name", name, "--url", &url, "--sha256", &sha, "--size", &size,
+            "--format", "kernel", "--arch", "x86_64",
+        ])
+        .unwrap();
+        let inst = format!("from-{name}");
+        ctl.cli(&[
+            "instances",
+            "create",
+            &inst,
+            "--kernel",
+            name,
+            "--memory",
+            "64",
+        ])
+        .unwrap();
+        let v = wait_for(T, &format!("{inst} failed"), || {
+            let v = ctl.cli(&["instances", "show", &inst]).ok()?;
+            (v["phase"] == "error").then_some(v)
+        });
+        let reason = v["reason"].as_str().unwrap();
+        assert!(reason.contains(want), "{name}: {reason}");
+        assert!(server.sent.load(std::sync::atomic::Ordering::SeqCst) > 0);
+        ctl.cli(&["instances", "delete", &inst]).unwrap();
+    }
+    // Nothing unverified entered the cache (a cut transfer keeps its partial file, to resume).
+    let cache = a.state_dir.join("images/sha256");
+    assert!(
+        std::fs::read_dir(&cache).map_or(true, |d| d.count() == 0),
+        "the cache holds nothing unverified"
+    );
+    assert!(a.proc().alive());
+}
