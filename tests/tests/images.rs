@@ -229,3 +229,63 @@ fn bad_sources_fail_with_a_reason_and_leave_nothing_in_the_cache() {
     );
     assert!(a.proc().alive());
 }
+
+/// The done-when of the catalogue: a real guest boots on the real libvirtd from a qcow2 disk
+/// image uploaded to the controller, on a node that did not have it.
+#[test]
+fn a_real_guest_boots_from_an_uploaded_disk_image() {
+    assert!(ensure_libvirtd(), "libvirtd could not be started");
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    let disk = make_boot_disk(dir.path());
+    let v = ctl
+        .cli(&[
+            "images",
+            "upload",
+            disk.to_str().unwrap(),
+            "--name",
+            "tiny-disk",
+            "--arch",
+            "x86_64",
+        ])
+        .unwrap();
+    assert_eq!(v["format"], "qcow2", "{v}");
+    let mut a = Agent::real(dir.path(), "img-real", ctl.mqtt_port, "real");
+    a.start();
+    ctl.wait_nodes_up(1);
+    let v = ctl
+        .cli(&[
+            "instances",
+            "create",
+            "disk-1",
+            "--image",
+            "tiny-disk",
+            "--memory",
+            "256",
+            "--disk",
+            "1",
+            "--wait",
+            "--timeout",
+            "120",
+        ])
+        .unwrap();
+    assert_eq!(v["phase"], "running", "{v}");
+    let console = a
+        .state_dir
+        .join("instances")
+        .join(v["id"].as_str().unwrap())
+        .join("console.log");
+    wait_for(T, "the guest booted from the uploaded disk", || {
+        std::fs::read_to_string(&console)
+            .ok()
+            .filter(|t| t.contains(GUEST_MARKER))
+    });
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        text.contains("SYSLINUX"),
+        "booted by the disk's own boot loader"
+    );
+    ctl.cli(&["instances", "delete", "disk-1", "--wait", "--timeout", "60"])
+        .unwrap();
+}
