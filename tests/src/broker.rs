@@ -314,6 +314,8 @@ struct LinkState {
     generation: std::sync::atomic::AtomicU64,
     latency_ms: std::sync::atomic::AtomicU64,
     accepted: std::sync::atomic::AtomicU64,
+    /// Bytes forwarded, both ways.
+    bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Link {
@@ -361,6 +363,7 @@ impl Link {
                                     if to.write_all(&buf[..n]).is_err() {
                                         break;
                                     }
+                                    st.bytes.fetch_add(n as u64, Ordering::SeqCst);
                                 }
                                 Err(e)
                                     if matches!(
@@ -386,6 +389,11 @@ impl Link {
         self.state
             .latency_ms
             .store(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Bytes forwarded so far (both ways).
+    pub fn bytes(&self) -> u64 {
+        self.state.bytes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Connections accepted so far.

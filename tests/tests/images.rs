@@ -289,3 +289,88 @@ fn a_real_guest_boots_from_an_uploaded_disk_image() {
     ctl.cli(&["instances", "delete", "disk-1", "--wait", "--timeout", "60"])
         .unwrap();
 }
+
+/// A download over a link that is cut, by an agent that is killed and restarted, from a
+/// controller that restarts: it resumes each time from the bytes it has (HTTP Range), and
+/// moves barely more than the image over the link.
+#[test]
+fn downloads_resume_after_a_cut_link_and_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    let api_port: u16 = ctl.api.rsplit(':').next().unwrap().parse().unwrap();
+    let link = Link::new(api_port);
+    ctl.args.extend([
+        "--image-url".to_owned(),
+        format!("http://127.0.0.1:{}", link.port),
+    ]);
+    ctl.start();
+    let files = dir.path().join("guest");
+    std::fs::create_dir_all(&files).unwrap();
+    install_test_guest(&files);
+    let kernel = files.join("vmlinuz");
+    let size = std::fs::metadata(&kernel).unwrap().len();
+    let sha = sha256(&kernel);
+    ctl.cli(&[
+        "images",
+        "upload",
+        kernel.to_str().unwrap(),
+        "--name",
+        "big-kernel",
+    ])
+    .unwrap();
+    let mut a = Agent::fake(dir.path(), "img-cut", ctl.mqtt_port, 2048, "north");
+    // About 7 s for the whole image: time to cut and restart along the way.
+    downloads(&a, "max_download_rate = 2000000\nstall_timeout_secs = 2");
+    a.start();
+    ctl.wait_nodes_up(1);
+    ctl.cli(&[
+        "instances",
+        "create",
+        "cut-1",
+        "--kernel",
+        "big-kernel",
+        "--memory",
+        "64",
+    ])
+    .unwrap();
+    let partial = a.state_dir.join("images/partial").join(&sha);
+    let have = || std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+    let past = |n: u64| {
+        wait_for(T, &format!("{n} bytes downloaded"), || {
+            (have() >= n).then_some(())
+        });
+    };
+    // Progress is shown while it runs.
+    let shown = wait_for(T, "download progress in instances show", || {
+        let v = ctl.cli(&["instances", "show", "cut-1"]).ok()?;
+        (v["phase"] == "downloading" && v["downloads"][0]["done"].as_u64()? > 0).then_some(v)
+    });
+    assert_eq!(shown["downloads"][0]["blob"], "big-kernel:1", "{shown}");
+    assert_eq!(shown["downloads"][0]["total"], size, "{shown}");
+
+    past(size / 5);
+    link.cut();
+    std::thread::sleep(Duration::from_secs(3));
+    link.restore();
+    past(size * 2 / 5);
+    // The agent dies mid-transfer; the partial file is kept and resumed.
+    a.proc().kill();
+    let kept = have();
+    assert!(kept > 0);
+    a.start();
+    past(kept + size / 10);
+    // The controller restarts mid-transfer.
+    ctl.proc.as_mut().unwrap().kill();
+    ctl.start();
+    let v = wait_for(T, "cut-1 running", || {
+        let v = ctl.cli(&["instances", "show", "cut-1"]).ok()?;
+        (v["phase"] == "running").then_some(v)
+    });
+    assert!(v["downloads"].as_array().is_none_or(Vec::is_empty), "{v}");
+    let cached = a.state_dir.join("images/sha256").join(&sha);
+    assert_eq!(sha256(&cached), sha);
+    // Resumed, not restarted: the link carried little more than the image.
+    let ratio = link.bytes() as f64 / size as f64;
+    eprintln!("bytes over the link / image size: {ratio:.3}");
+    assert!(ratio < 1.05, "{ratio}");
+}
