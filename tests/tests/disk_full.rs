@@ -84,3 +84,115 @@ fn a_full_disk_refuses_changes_and_recovers_by_itself() {
     ctl.wait_phase("after", "running", T);
     assert!(ctl.proc().log_text().contains("can be written again"));
 }
+
+/// A node whose disk cannot hold an image says so (before it starts, with what it needs and
+/// has), and a disk that fills up during a download fails it cleanly: nothing unverified in
+/// the cache, the agent still up.
+#[test]
+fn a_node_without_room_for_an_image_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("images");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "mounting a tmpfs needs root (CI runs as root)"
+    );
+    let _guard = Tmpfs(mnt.clone());
+
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.args
+        .extend(["--max-attempts".to_owned(), "1".to_owned()]);
+    ctl.start();
+    let files = dir.path().join("guest");
+    std::fs::create_dir_all(&files).unwrap();
+    install_test_guest(&files);
+    ctl.cli(&[
+        "images",
+        "upload",
+        files.join("vmlinuz").to_str().unwrap(),
+        "--name",
+        "k",
+    ])
+    .unwrap();
+    let a = Agent::fake(dir.path(), "full-img", ctl.mqtt_port, 4096, "any");
+    let text = std::fs::read_to_string(&a.config).unwrap();
+    std::fs::write(
+        &a.config,
+        format!(
+            "image_dir = \"{}\"\n{text}\n[downloads]\nreserve_mib = 1\nmax_download_rate = 3000000\n",
+            mnt.display()
+        ),
+    )
+    .unwrap();
+    let mut a = a;
+    a.start();
+    ctl.wait_nodes_up(1);
+
+    // 14 MiB taken: a 13.5 MiB image does not fit. Said before a byte is fetched.
+    let junk = mnt.join("junk");
+    std::fs::write(&junk, vec![0u8; 14 << 20]).unwrap();
+    ctl.cli(&[
+        "instances",
+        "create",
+        "no-room",
+        "--kernel",
+        "k",
+        "--memory",
+        "64",
+    ])
+    .unwrap();
+    let v = wait_for(T, "no-room failed", || {
+        let v = ctl.cli(&["instances", "show", "no-room"]).ok()?;
+        (v["phase"] == "error").then_some(v)
+    });
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not enough disk space"),
+        "{v}"
+    );
+    ctl.cli(&["instances", "delete", "no-room"]).unwrap();
+
+    // Room at the start, none halfway: the write fails, the download with it.
+    std::fs::remove_file(&junk).unwrap();
+    ctl.cli(&[
+        "instances",
+        "create",
+        "fills-up",
+        "--kernel",
+        "k",
+        "--memory",
+        "64",
+    ])
+    .unwrap();
+    let partial = mnt.join("partial");
+    wait_for(T, "the download under way", || {
+        std::fs::read_dir(&partial)
+            .ok()?
+            .filter_map(Result::ok)
+            .any(|e| e.metadata().is_ok_and(|m| m.len() > (2 << 20)))
+            .then_some(())
+    });
+    // Whatever space is left, taken.
+    let _ = std::fs::write(&junk, vec![0u8; 24 << 20]);
+    let v = wait_for(T, "fills-up failed", || {
+        let v = ctl.cli(&["instances", "show", "fills-up"]).ok()?;
+        (v["phase"] == "error").then_some(v)
+    });
+    let reason = v["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("No space left") || reason.contains("not enough disk space"),
+        "{reason}"
+    );
+    assert!(
+        std::fs::read_dir(mnt.join("sha256")).map_or(true, |d| d.count() == 0),
+        "nothing unverified in the cache"
+    );
+    assert!(a.proc().alive());
+}
