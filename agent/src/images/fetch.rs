@@ -20,6 +20,12 @@ use sha2::Digest as _;
 
 use super::cache::{Cache, free_bytes};
 
+/// Bytes handed to the writer and the hasher at a time.
+const BATCH: usize = 1 << 20;
+
+/// Bytes written between two starts of the partial file's writeback.
+const WRITEBACK_EVERY: u64 = 32 << 20;
+
 /// How a download behaves.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -376,45 +382,71 @@ async fn attempt(
     std::fs::write(&src, source_line(url, &blob, &validator))
         .map_err(|e| Attempt::Fatal(local("noting the download")(e)))?;
 
-    // The writer: appends to the partial file and hashes, on a blocking thread; it first
-    // hashes what the file already holds.
+    // Three stages in parallel, fed in order: the network (this task), a writer thread that
+    // appends to the partial file (and starts its writeback every few MiB on a third thread,
+    // so the final fsync has little left), and a hasher thread that first hashes what the file
+    // already held.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(32);
+    let (htx, mut hrx) = tokio::sync::mpsc::channel::<Bytes>(32);
     let part2 = part.clone();
-    let writer = tokio::task::spawn_blocking(move || -> Result<(sha2::Sha256, u64), String> {
+    let writer = tokio::task::spawn_blocking(move || -> Result<u64, String> {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
-            .read(true)
             .write(true)
             .truncate(false)
             .open(&part2)
             .map_err(|e| format!("opening the partial file: {e}"))?;
         f.set_len(have).map_err(|e| e.to_string())?;
-        let mut hash = sha2::Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut left = have;
-        while left > 0 {
-            let want = buf.len().min(left as usize);
-            let n = f.read(&mut buf[..want]).map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            hash.update(&buf[..n]);
-            left -= n as u64;
-        }
         f.seek(std::io::SeekFrom::Start(have))
             .map_err(|e| e.to_string())?;
+        let syncer = f.try_clone().map_err(|e| e.to_string())?;
+        let (stx, srx) = std::sync::mpsc::sync_channel::<()>(1);
+        let flusher = std::thread::spawn(move || {
+            while srx.recv().is_ok() {
+                let _ = syncer.sync_data();
+            }
+        });
         let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        let mut written = have;
+        let (mut written, mut since_sync) = (have, 0u64);
         while let Some(chunk) = rx.blocking_recv() {
             w.write_all(&chunk)
                 .map_err(|e| format!("writing the image: {e}"))?;
-            hash.update(&chunk);
             written += chunk.len() as u64;
+            since_sync += chunk.len() as u64;
+            if since_sync >= WRITEBACK_EVERY {
+                since_sync = 0;
+                let _ = stx.try_send(()); // skipped while the last one still runs
+            }
         }
+        drop(stx);
         let f = w.into_inner().map_err(|e| e.to_string())?;
+        let _ = flusher.join();
         f.sync_all()
             .map_err(|e| format!("syncing the image: {e}"))?;
-        Ok((hash, written))
+        Ok(written)
+    });
+    let part3 = part.clone();
+    let hasher = tokio::task::spawn_blocking(move || -> Result<sha2::Sha256, String> {
+        let mut hash = sha2::Sha256::new();
+        if have > 0 {
+            let mut f = std::fs::File::open(&part3)
+                .map_err(|e| format!("reading the partial file: {e}"))?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut left = have;
+            while left > 0 {
+                let want = buf.len().min(left as usize);
+                let n = f.read(&mut buf[..want]).map_err(|e| e.to_string())?;
+                if n == 0 {
+                    break;
+                }
+                hash.update(&buf[..n]);
+                left -= n as u64;
+            }
+        }
+        while let Some(chunk) = hrx.blocking_recv() {
+            hash.update(&chunk);
+        }
+        Ok(hash)
     });
 
     let mut body = resp.into_body();
@@ -423,6 +455,7 @@ async fn attempt(
     let mut this_session: u64 = 0;
     let (mut tick, mut tick_bytes) = (Instant::now(), got);
     let mut failure = None;
+    let mut batch = bytes::BytesMut::with_capacity(BATCH);
     loop {
         let frame = match tokio::time::timeout(lim.stall, body.frame()).await {
             Err(_) => {
@@ -448,8 +481,13 @@ async fn attempt(
             failure = Some(Attempt::Fatal(FetchError::TooLarge(blob.size)));
             break;
         }
-        if tx.send(data).await.is_err() {
-            break; // the writer failed: its error is below
+        // Handed on in batches of about 1 MiB: fewer, larger writes and hashes.
+        batch.extend_from_slice(&data);
+        if batch.len() >= BATCH {
+            let b = batch.split().freeze();
+            if htx.send(b.clone()).await.is_err() || tx.send(b).await.is_err() {
+                break; // the writer or the hasher failed: the error is below
+            }
         }
         if lim.rate > 0 {
             let due = Duration::from_secs_f64(this_session as f64 / lim.rate as f64);
@@ -468,9 +506,20 @@ async fn attempt(
             (tick, tick_bytes) = (Instant::now(), got);
         }
     }
-    drop(tx);
-    let (hash, written) = match writer.await {
+    // What arrived before the end (or a cut) is kept: the next attempt resumes after it.
+    if !batch.is_empty() {
+        let b = batch.split().freeze();
+        let _ = htx.send(b.clone()).await;
+        let _ = tx.send(b).await;
+    }
+    drop((tx, htx));
+    let written = match writer.await {
         Ok(Ok(v)) => v,
+        Ok(Err(e)) => return Err(Attempt::Fatal(FetchError::Local(e))),
+        Err(e) => return Err(Attempt::Fatal(FetchError::Local(e.to_string()))),
+    };
+    let hash = match hasher.await {
+        Ok(Ok(h)) => h,
         Ok(Err(e)) => return Err(Attempt::Fatal(FetchError::Local(e))),
         Err(e) => return Err(Attempt::Fatal(FetchError::Local(e.to_string()))),
     };
