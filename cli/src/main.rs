@@ -125,6 +125,19 @@ enum ImageCmd {
     Show { key: String },
     /// Delete an image (refused while instances use it).
     Delete { key: String },
+    /// Seed a group of nodes with an image ahead of any instance:
+    /// `outpost images prefetch debian-12 --selector zone=north --concurrency 8 --wait`.
+    Prefetch {
+        key: String,
+        /// Only nodes with this label, key=value (repeatable).
+        #[arg(long = "selector")]
+        selectors: Vec<String>,
+        /// At most this many nodes fetching at once, fleet-wide.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: u16,
+        #[command(flatten)]
+        w: WaitArgs,
+    },
 }
 
 /// A reader that shows how far it got on a terminal.
@@ -311,6 +324,67 @@ enum Until {
 }
 
 impl Client {
+    /// Polls image `key` until every node of a prefetch holds it, showing each node's
+    /// progress on a terminal; fails naming the nodes whose download failed.
+    fn wait_cached(&self, key: &str, started: &Value, w: WaitArgs) -> anyhow::Result<Value> {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(w.timeout);
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let want: Vec<String> = started["queued"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.as_str().map(str::to_owned))
+            .collect();
+        loop {
+            let v = self.send("GET", &format!("/v1/images/{}", seg(key)), None)?;
+            let on: Vec<&str> = v["cached_on"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let failed: Vec<String> = v["downloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|d| d["state"] == "failed" && want.iter().any(|n| d["node"] == n.as_str()))
+                .map(|d| {
+                    format!(
+                        "{}: {}",
+                        d["node"].as_str().unwrap_or_default(),
+                        d["reason"].as_str().unwrap_or_default()
+                    )
+                })
+                .collect();
+            let left: Vec<&String> = want.iter().filter(|n| !on.contains(&n.as_str())).collect();
+            if tty {
+                eprintln!(
+                    "{key}: {} of {} nodes hold it",
+                    want.len() - left.len(),
+                    want.len()
+                );
+            }
+            if left.len() == failed.len() {
+                if failed.is_empty() {
+                    return Ok(started.clone());
+                }
+                bail!(
+                    "{key}: {} node(s) could not fetch it: {}",
+                    failed.len(),
+                    failed.join("; ")
+                );
+            }
+            if std::time::Instant::now() >= end {
+                bail!(
+                    "{key}: {} node(s) still fetching after {} s",
+                    left.len(),
+                    w.timeout
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+
     /// Polls node `id` until it is up, or the timeout.
     fn wait_up(&self, id: &str, w: WaitArgs) -> anyhow::Result<Value> {
         let end = std::time::Instant::now() + std::time::Duration::from_secs(w.timeout);
@@ -571,6 +645,21 @@ fn image_detail(v: &Value) -> anyhow::Result<()> {
     say!("source        {}", i.source);
     say!("used by       {}", i.used_by.join(", "));
     say!("cached on     {}", i.cached_on.join(", "));
+    for d in &i.downloads {
+        say!(
+            "download      {}: {} of {} ({}/s) {}{}",
+            d.node,
+            size(d.done),
+            size(d.total),
+            size(u64::from(d.rate)),
+            d.state,
+            if d.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", d.reason)
+            }
+        );
+    }
     Ok(())
 }
 
@@ -1096,6 +1185,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let v = c.send("GET", &format!("/v1/images/{}", seg(&key)), None)?;
                     if !cli.json {
                         image_detail(&v)?;
+                        return Ok(());
+                    }
+                    v
+                }
+                ImageCmd::Prefetch {
+                    key,
+                    selectors,
+                    concurrency,
+                    w,
+                } => {
+                    let v = c.send(
+                        "POST",
+                        &format!("/v1/images/{}/prefetch", seg(&key)),
+                        Some(serde_json::json!({
+                            "selector": pairs(&selectors)?,
+                            "concurrency": concurrency,
+                        })),
+                    )?;
+                    let v = if w.wait {
+                        c.wait_cached(&key, &v, w)?
+                    } else {
+                        v
+                    };
+                    if !cli.json {
+                        say!(
+                            "{}: {} node(s) to fetch it, {} already hold it",
+                            v["image"].as_str().unwrap_or_default(),
+                            v["queued"].as_array().map_or(0, Vec::len),
+                            v["cached"].as_array().map_or(0, Vec::len)
+                        );
                         return Ok(());
                     }
                     v

@@ -54,6 +54,15 @@ pub enum Action {
     AddImage(Box<NewImage>),
     /// Delete an image (refused while instances use it).
     DeleteImage(String),
+    /// Seed the nodes carrying every label of `selector` (`key=value`) with an image.
+    PrefetchImage {
+        /// The image.
+        key: String,
+        /// Labels the nodes must carry.
+        selector: Vec<String>,
+        /// At most this many nodes fetching at once.
+        concurrency: usize,
+    },
     /// May `node`, showing `token`, fetch this blob, and from where?
     BlobAccess {
         /// The node.
@@ -154,6 +163,15 @@ pub enum Reply {
     /// Where a node fetches a blob.
     #[serde(skip)]
     Blob(BlobSource),
+    /// A prefetch started.
+    Prefetch {
+        /// `name:version`.
+        image: String,
+        /// Nodes that will fetch it.
+        queued: Vec<String>,
+        /// Nodes that hold it already.
+        cached: Vec<String>,
+    },
 }
 
 /// Why an action was refused.
@@ -332,5 +350,28 @@ pub fn execute(
             token,
             digest,
         } => Reply::Blob(fleet.blob_access(&node_id(&node)?, &token, &digest)?),
+        Action::PrefetchImage {
+            key,
+            selector,
+            concurrency,
+        } => {
+            let selector = selector
+                .iter()
+                .map(|l| {
+                    outpost_protocol::Label::parse(l)
+                        .map_err(|e| FleetError::BadLabel(l.clone(), e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let image = fleet
+                .image(&key)
+                .map(ImageRecord::key)
+                .ok_or_else(|| FleetError::NoImage(key.clone()))?;
+            let s = fleet.prefetch(&key, &selector, concurrency)?;
+            Reply::Prefetch {
+                image,
+                queued: s.queued.iter().map(ToString::to_string).collect(),
+                cached: s.cached.iter().map(ToString::to_string).collect(),
+            }
+        }
     })
 }

@@ -269,6 +269,20 @@ async fn add_url(api: &Api, b: UrlImage) -> Result<Json<Reply>, HttpError> {
     Ok(Json(reply))
 }
 
+/// `POST /v1/images/{key}/prefetch`: `{"selector": {"zone": "north"}, "concurrency": 4}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrefetchBody {
+    #[serde(default)]
+    selector: std::collections::BTreeMap<String, String>,
+    #[serde(default = "default_concurrency")]
+    concurrency: usize,
+}
+
+fn default_concurrency() -> usize {
+    4
+}
+
 /// Deletes an image, and its bytes once no image refers to them.
 async fn delete_image(api: &Api, key: String) -> Result<Json<Reply>, HttpError> {
     let reply = ask(api, Action::DeleteImage(key)).await?;
@@ -485,6 +499,11 @@ pub fn router(calls: mpsc::Sender<Call>, token: Option<String>, blobs: BlobStore
             get(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::GetImage(k)).await })
                 .delete(|State(a): State<Api>, Path(k): Key| async move { delete_image(&a, k).await }),
         )
+        .route("/v1/images/{key}/prefetch", post(|State(a): State<Api>, Path(k): Key, body: Result<Json<PrefetchBody>, axum::extract::rejection::JsonRejection>| async move {
+            let b = body.map_err(|e| bad(e.body_text()))?.0;
+            let selector = b.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            call(&a, Action::PrefetchImage { key: k, selector, concurrency: b.concurrency }).await
+        }))
         .layer(middleware::from_fn_with_state(api.clone(), auth))
         .merge(nodes)
         .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such endpoint (see README: HTTP API)".into()) })

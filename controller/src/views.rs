@@ -323,6 +323,26 @@ pub struct ImageView {
     pub used_by: Vec<String>,
     /// Nodes that hold it in their cache.
     pub cached_on: Vec<String>,
+    /// Its downloads under way (or failed), per node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub downloads: Vec<NodeDownloadView>,
+}
+
+/// One node's download of an image, as shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeDownloadView {
+    /// The node.
+    pub node: String,
+    /// Bytes received.
+    pub done: u64,
+    /// Its size.
+    pub total: u64,
+    /// Bytes per second lately.
+    pub rate: u32,
+    /// running or failed.
+    pub state: String,
+    /// Why it failed.
+    pub reason: String,
 }
 
 impl ImageView {
@@ -350,6 +370,18 @@ impl ImageView {
                         .is_some_and(|inv| inv.cached.contains(&i.blob.digest))
                 })
                 .map(|n| n.id.to_string())
+                .collect(),
+            downloads: fleet
+                .fetches_of_blob(&i.blob.digest)
+                .into_iter()
+                .map(|(n, p)| NodeDownloadView {
+                    node: n.to_string(),
+                    done: p.done,
+                    total: p.total,
+                    rate: p.rate,
+                    state: p.state.as_str().to_owned(),
+                    reason: p.reason.clone(),
+                })
                 .collect(),
         }
     }

@@ -374,3 +374,68 @@ fn downloads_resume_after_a_cut_link_and_restarts() {
     eprintln!("bytes over the link / image size: {ratio:.3}");
     assert!(ratio < 1.05, "{ratio}");
 }
+
+/// `outpost images prefetch` seeds the nodes a selector names, a few at a time, and `--wait`
+/// returns once they all hold the image; other nodes are left alone.
+#[test]
+fn prefetch_seeds_the_selected_nodes_a_few_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    let files = dir.path().join("guest");
+    std::fs::create_dir_all(&files).unwrap();
+    install_test_guest(&files);
+    ctl.cli(&[
+        "images",
+        "upload",
+        files.join("initrd.img").to_str().unwrap(),
+        "--name",
+        "seed",
+    ])
+    .unwrap();
+    let mut agents: Vec<Agent> = [("pf-1", "north"), ("pf-2", "north"), ("pf-3", "south")]
+        .into_iter()
+        .map(|(n, z)| Agent::fake(dir.path(), n, ctl.mqtt_port, 1024, z))
+        .collect();
+    for a in &mut agents {
+        a.start();
+    }
+    ctl.wait_nodes_up(3);
+    let v = ctl
+        .cli(&[
+            "images",
+            "prefetch",
+            "seed",
+            "--selector",
+            "zone=north",
+            "--concurrency",
+            "1",
+            "--wait",
+            "--timeout",
+            "60",
+        ])
+        .unwrap();
+    let mut queued: Vec<&str> = v["queued"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    queued.sort_unstable();
+    assert_eq!(queued, ["pf-1", "pf-2"], "{v}");
+    let shown = wait_for(T, "both north nodes in the catalogue", || {
+        let s = ctl.cli(&["images", "show", "seed"]).ok()?;
+        (s["cached_on"].as_array()?.len() == 2).then_some(s)
+    });
+    assert!(!shown["cached_on"].to_string().contains("pf-3"), "{shown}");
+    for a in &mut agents[..2] {
+        assert!(a.proc().log_text().contains("image cached"));
+    }
+    assert!(!agents[2].proc().log_text().contains("downloading an image"));
+    // Again: they hold it, nothing to fetch.
+    let again = ctl
+        .cli(&["images", "prefetch", "seed", "--selector", "zone=north"])
+        .unwrap();
+    assert_eq!(again["cached"].as_array().unwrap().len(), 2, "{again}");
+    assert!(again["queued"].as_array().unwrap().is_empty(), "{again}");
+}

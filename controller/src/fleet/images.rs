@@ -127,6 +127,26 @@ pub fn node_token(key: &[u8; 32], node: &NodeId) -> [u8; 32] {
 /// known) and format.
 pub type Resolved = (Image, Option<(Option<Arch>, ImageFormat)>);
 
+/// Seeding a group of nodes with an image ahead of any instance, a few nodes at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefetchJob {
+    /// The image's content.
+    pub blob: BlobRef,
+    /// Nodes still to be asked, in order.
+    pub pending: std::collections::VecDeque<NodeId>,
+    /// At most this many nodes fetch at once (fleet-wide for this job).
+    pub concurrency: usize,
+}
+
+/// What a prefetch request started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefetchStarted {
+    /// Nodes that will fetch it (the first `concurrency` at once).
+    pub queued: Vec<NodeId>,
+    /// Nodes that hold it already.
+    pub cached: Vec<NodeId>,
+}
+
 /// Where a node gets a blob it may fetch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlobSource {
@@ -226,6 +246,93 @@ impl Fleet {
         match self.image(key) {
             Some(r) => Ok((Image::Blob(r.blob), Some((r.arch, r.format)))),
             None => Ok((Image::File(ImageName::new(key)?), None)),
+        }
+    }
+
+    /// Seeds the nodes carrying every label of `selector` with image `key`, at most
+    /// `concurrency` nodes fetching at a time. Nodes that cache it already are skipped.
+    pub fn prefetch(
+        &mut self,
+        key: &str,
+        selector: &[outpost_protocol::Label],
+        concurrency: usize,
+    ) -> Result<PrefetchStarted, FleetError> {
+        let rec = self
+            .image(key)
+            .cloned()
+            .ok_or_else(|| FleetError::NoImage(key.to_owned()))?;
+        let mut started = PrefetchStarted {
+            queued: Vec::new(),
+            cached: Vec::new(),
+        };
+        for n in self.nodes.values() {
+            let Some(inv) = &n.inventory else { continue };
+            let labels = n.labels();
+            if n.foreign.is_some()
+                || rec.arch.is_some_and(|a| a != inv.arch)
+                || !selector.iter().all(|l| labels.contains(l))
+            {
+                continue;
+            }
+            if inv.cached.contains(&rec.blob.digest) {
+                started.cached.push(n.id.clone());
+            } else {
+                started.queued.push(n.id.clone());
+            }
+        }
+        self.prefetches.push(PrefetchJob {
+            blob: rec.blob,
+            pending: started.queued.iter().cloned().collect(),
+            concurrency: concurrency.max(1),
+        });
+        self.advance_prefetches();
+        Ok(started)
+    }
+
+    /// Hands each prefetch job's next nodes their blob while fewer than its concurrency fetch
+    /// it; drops jobs with nothing left.
+    pub(super) fn advance_prefetches(&mut self) {
+        let mut jobs = std::mem::take(&mut self.prefetches);
+        for job in &mut jobs {
+            let d = job.blob.digest;
+            let mut active = self
+                .nodes
+                .values()
+                .filter(|n| n.prefetch.iter().any(|b| b.digest == d))
+                .count();
+            while active < job.concurrency {
+                let Some(node) = job.pending.pop_front() else {
+                    break;
+                };
+                let Some(n) = self.nodes.get_mut(&node) else {
+                    continue;
+                };
+                let cached = n.inventory.as_ref().is_some_and(|i| i.cached.contains(&d));
+                if cached || n.prefetch.len() >= outpost_protocol::limits::MAX_PREFETCH {
+                    continue;
+                }
+                n.prefetch.push(job.blob);
+                self.bump(&node);
+                active += 1;
+            }
+        }
+        jobs.retain(|j| {
+            !j.pending.is_empty()
+                || self
+                    .nodes
+                    .values()
+                    .any(|n| n.prefetch.iter().any(|b| b.digest == j.blob.digest))
+        });
+        self.prefetches = jobs;
+    }
+
+    /// A node holds (or failed to fetch) a blob it was asked to prefetch: its slot frees.
+    pub(super) fn prefetch_ended(&mut self, node: &NodeId, digest: &Digest) {
+        if let Some(n) = self.nodes.get_mut(node)
+            && n.prefetch.iter().any(|b| b.digest == *digest)
+        {
+            n.prefetch.retain(|b| b.digest != *digest);
+            self.advance_prefetches();
         }
     }
 

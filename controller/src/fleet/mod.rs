@@ -57,6 +57,8 @@ pub struct Fleet {
     blob_key: [u8; 32],
     /// Downloads under way (or failed), per node and blob, as their agents report them.
     fetches: HashMap<(NodeId, Digest), FetchProgress>,
+    /// Prefetch jobs under way (not stored: a restart ends them).
+    prefetches: Vec<images::PrefetchJob>,
 }
 
 /// A blob's download on one node, as last reported.
@@ -109,6 +111,7 @@ impl Fleet {
                 .collect(),
             blob_key,
             fetches: HashMap::new(),
+            prefetches: Vec::new(),
         };
         for i in instances {
             f.by_name.insert(i.name.clone(), i.id);
@@ -255,6 +258,18 @@ impl Fleet {
                     .map(|p| (b.digest, p))
             })
             .collect()
+    }
+
+    /// The downloads of a blob, per node, as reported.
+    pub fn fetches_of_blob(&self, d: &Digest) -> Vec<(&NodeId, &FetchProgress)> {
+        let mut v: Vec<_> = self
+            .fetches
+            .iter()
+            .filter(|((_, x), _)| x == d)
+            .map(|((n, _), p)| (n, p))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v
     }
 
     /// The scheduler's allocation ratios.

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use outpost_protocol::{
-    AckResult, AgentEvent, DesiredInstance, ErrorKind, FetchState, Holding, InstanceId,
+    AckResult, AgentEvent, DesiredInstance, Digest, ErrorKind, FetchState, Holding, InstanceId,
     InstanceState, Inventory, NodeId, NodeReport, NodeStatus, Presence, Version,
 };
 
@@ -48,9 +48,19 @@ impl Fleet {
             .or_insert_with(|| NodeRecord::new(node.clone()));
         n.last_seen_ms = now_ms;
         if n.inventory.as_ref() != Some(&inv) {
+            let done: Vec<Digest> = n
+                .prefetch
+                .iter()
+                .map(|b| b.digest)
+                .filter(|d| inv.cached.contains(d))
+                .collect();
             n.inventory = Some(inv);
             self.journal.nodes.insert(node.clone());
             self.sync_host(node, now_ms);
+            for d in done {
+                self.fetches.remove(&(node.clone(), d));
+                self.prefetch_ended(node, &d);
+            }
         }
     }
 
@@ -328,13 +338,18 @@ impl Fleet {
                     reason: reason.as_str().to_owned(),
                     at_ms: now_ms,
                 };
-                if *state == FetchState::Cached {
-                    self.fetches.remove(&(node.clone(), *digest));
-                    if let Some(n) = self.nodes.get_mut(node) {
-                        n.prefetch.retain(|b| b.digest != *digest);
+                match state {
+                    FetchState::Cached => {
+                        self.fetches.remove(&(node.clone(), *digest));
+                        self.prefetch_ended(node, digest);
                     }
-                } else {
-                    self.fetches.insert((node.clone(), *digest), p);
+                    FetchState::Failed => {
+                        self.fetches.insert((node.clone(), *digest), p);
+                        self.prefetch_ended(node, digest);
+                    }
+                    FetchState::Running => {
+                        self.fetches.insert((node.clone(), *digest), p);
+                    }
                 }
             }
         }
