@@ -93,7 +93,13 @@ async fn sim_node(i: usize, port: u16, received: Arc<AtomicU64>) {
                     let ack = AgentEvent::Ack { generation: d.generation, result: AckResult::Accepted };
                     let _ = client.try_publish(topics::topic(&node, Channel::Event).as_str(), QoS::AtLeastOnce, false, ack.to_vec().unwrap());
                     let Some(from) = d.fetch.clone() else { continue };
-                    for b in d.prefetch.iter().filter(|b| !cached.contains(&b.digest) && !fetching.contains(&b.digest)) {
+                    let wanted: Vec<BlobRef> = d
+                        .prefetch
+                        .iter()
+                        .filter(|b| !cached.contains(&b.digest) && !fetching.contains(&b.digest))
+                        .copied()
+                        .collect();
+                    for b in wanted {
                         fetching.push(b.digest);
                         let (url, token, d, tx, received) = (
                             format!("{}/v1/nodes/{node}/blobs/{}", from.url, b.digest),
