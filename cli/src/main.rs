@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use outpost_controller::views::{
-    CreateBody, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, ImageView, InstanceView, NodeView,
+    CreateBody, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, EventView, ImageView, InstanceView, NodeView,
 };
 use serde_json::Value;
 
@@ -71,6 +71,18 @@ enum What {
     /// The image catalogue: upload, add, list, show, delete.
     #[command(subcommand, visible_alias = "image")]
     Images(ImageCmd),
+    /// The fleet's history: `outpost events --follow --node edge-7`.
+    Events {
+        /// Only this node's (and its instances').
+        #[arg(long)]
+        node: Option<String>,
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Keep printing events as they happen (Server-Sent Events), until interrupted.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -246,6 +258,9 @@ enum InstanceCmd {
     },
     /// Show one instance (by id or name).
     Show { key: String },
+    /// An instance's history (also after it was deleted): requested, scheduled, downloading,
+    /// running, stopped, moved, failed, deleted, with when and who.
+    Events { key: String },
     /// Stop an instance: the power button, forced off after the stop timeout (the agent's,
     /// 20 s by default, or --stop-timeout); --force pulls the plug at once.
     Stop {
@@ -889,6 +904,97 @@ fn instance_detail(v: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `HH:MM:SS.mmm` (UTC) of a time in ms since the epoch.
+fn clock(ms: u64) -> String {
+    let d = ms % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        d / 3_600_000,
+        d / 60_000 % 60,
+        d / 1000 % 60,
+        d % 1000
+    )
+}
+
+fn event_row(e: &EventView) -> Vec<String> {
+    vec![
+        e.seq.to_string(),
+        clock(e.at_ms),
+        e.instance.clone().unwrap_or_else(|| "-".into()),
+        e.node.clone().unwrap_or_else(|| "-".into()),
+        e.kind.clone(),
+        e.actor.clone(),
+        e.detail.clone(),
+    ]
+}
+
+const EVENT_HEADERS: [&str; 7] = [
+    "SEQ",
+    "TIME (UTC)",
+    "INSTANCE",
+    "NODE",
+    "EVENT",
+    "BY",
+    "DETAIL",
+];
+
+fn event_rows(v: &Value) -> anyhow::Result<()> {
+    let list: Vec<EventView> = serde_json::from_value(v.clone())?;
+    table(&EVENT_HEADERS, list.iter().map(event_row).collect());
+    Ok(())
+}
+
+impl Client {
+    /// Prints the fleet's events as they come (Server-Sent Events), until interrupted or the
+    /// controller goes away.
+    fn follow_events(&self, query: &str, json: bool) -> anyhow::Result<()> {
+        use std::io::BufRead as _;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let url = format!(
+            "{}/v1/events?follow=true{query}",
+            self.base.trim_end_matches('/')
+        );
+        let mut r = agent.get(&url).header("Accept", "text/event-stream");
+        if let Some(t) = &self.token {
+            r = r.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut resp = r
+            .call()
+            .with_context(|| format!("cannot reach the controller at {}", self.base))?;
+        if !resp.status().is_success() {
+            let v: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
+            bail!(
+                "{} (HTTP {})",
+                v["error"].as_str().unwrap_or("request failed"),
+                resp.status().as_u16()
+            );
+        }
+        if !json {
+            say!("{}", EVENT_HEADERS.join("  "));
+        }
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        for line in reader.lines() {
+            let line = line.context("the event stream broke")?;
+            let Some(data) = line.strip_prefix("data:") else {
+                continue;
+            };
+            let Ok(e) = serde_json::from_str::<EventView>(data.trim()) else {
+                say!("{}", data.trim());
+                continue;
+            };
+            if json {
+                say!("{}", serde_json::to_string(&e)?);
+            } else {
+                say!("{}", event_row(&e).join("  "));
+            }
+        }
+        bail!("the controller closed the event stream")
+    }
+}
+
 fn instance_rows(v: &Value) -> anyhow::Result<()> {
     let list: Vec<InstanceView> = match v {
         Value::Array(_) => serde_json::from_value(v.clone())?,
@@ -1087,6 +1193,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             .collect(),
                     )
                 }
+                InstanceCmd::Events { key } => {
+                    let v = c.send("GET", &format!("/v1/instances/{}/events", seg(&key)), None)?;
+                    if !cli.json {
+                        event_rows(&v)?;
+                        return Ok(());
+                    }
+                    v
+                }
                 InstanceCmd::Show { key } => {
                     let v = c.send("GET", &format!("/v1/instances/{}", seg(&key)), None)?;
                     if !cli.json {
@@ -1146,6 +1260,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             (v, Kind::Instances)
+        }
+        What::Events {
+            node,
+            since,
+            follow,
+        } => {
+            let mut q = format!("&since={since}");
+            if let Some(n) = &node {
+                q.push_str(&format!("&node={}", seg(n)));
+            }
+            if follow {
+                return c.follow_events(&q, cli.json);
+            }
+            let v = c.send("GET", &format!("/v1/events?{}", &q[1..]), None)?;
+            if !cli.json {
+                event_rows(&v)?;
+                return Ok(());
+            }
+            (v, Kind::Events)
         }
         What::Images(cmd) => {
             let v = match cmd {
@@ -1236,6 +1369,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         (false, Kind::Nodes) => node_rows(&v)?,
         (false, Kind::Instances) => instance_rows(&v)?,
         (false, Kind::Images) => image_rows(&v)?,
+        (false, Kind::Events) => event_rows(&v)?,
     }
     Ok(())
 }
@@ -1246,4 +1380,5 @@ enum Kind {
     Nodes,
     Instances,
     Images,
+    Events,
 }

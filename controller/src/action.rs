@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use crate::fleet::images::{BlobSource, ImageFormat, ImageRecord};
 use crate::fleet::{Fleet, FleetError};
-use crate::views::{CreateBody, CreateError, ImageView, InstanceView, NodeView};
+use crate::views::{CreateBody, CreateError, EventView, ImageView, InstanceView, NodeView};
 
 /// What an API caller asks of the fleet. Names and ids are as the caller typed them.
 #[derive(Debug)]
@@ -63,6 +63,15 @@ pub enum Action {
         /// At most this many nodes fetching at once.
         concurrency: usize,
     },
+    /// The history of one instance (by name or id; kept after it is deleted).
+    InstanceEvents(String),
+    /// The fleet's history after sequence number `since`, optionally only one node's.
+    Events {
+        /// Only events after this one.
+        since: u64,
+        /// Only this node's (and its instances').
+        node: Option<String>,
+    },
     /// May `node`, showing `token`, fetch this blob, and from where?
     BlobAccess {
         /// The node.
@@ -103,6 +112,8 @@ impl Action {
                 | Self::ListImages
                 | Self::GetImage(_)
                 | Self::BlobAccess { .. }
+                | Self::InstanceEvents(_)
+                | Self::Events { .. }
         )
     }
 }
@@ -163,6 +174,8 @@ pub enum Reply {
     /// Where a node fetches a blob.
     #[serde(skip)]
     Blob(BlobSource),
+    /// Events.
+    Events(Vec<EventView>),
     /// A prefetch started.
     Prefetch {
         /// `name:version`.
@@ -202,7 +215,7 @@ pub enum ActionError {
 pub type Responder = oneshot::Sender<Result<Reply, ActionError>>;
 
 /// An action and where to send its answer.
-pub type Call = (Action, Responder);
+pub type Call = (Action, String, Responder);
 
 fn node_id(s: &str) -> Result<NodeId, FleetError> {
     NodeId::new(s).map_err(|_| FleetError::NoNode(s.to_owned()))
@@ -350,6 +363,32 @@ pub fn execute(
             token,
             digest,
         } => Reply::Blob(fleet.blob_access(&node_id(&node)?, &token, &digest)?),
+        Action::InstanceEvents(key) => {
+            let id = fleet.instance(&key).map(|i| i.id);
+            let list: Vec<EventView> = fleet
+                .history()
+                .after(0, |e| {
+                    e.instance.as_ref().is_some_and(|(i, name)| {
+                        Some(*i) == id || *name == key || i.to_string() == key
+                    })
+                })
+                .map(EventView::from)
+                .collect();
+            if list.is_empty() && id.is_none() {
+                return Err(FleetError::NoInstance(key).into());
+            }
+            Reply::Events(list)
+        }
+        Action::Events { since, node } => Reply::Events(
+            fleet
+                .history()
+                .after(since, |e| {
+                    node.as_ref()
+                        .is_none_or(|n| e.node.as_ref().is_some_and(|x| x.as_str() == n))
+                })
+                .map(EventView::from)
+                .collect(),
+        ),
         Action::PrefetchImage {
             key,
             selector,

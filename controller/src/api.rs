@@ -19,12 +19,14 @@ use crate::blobs::{BlobError, BlobStore, BlobWriter};
 use crate::fleet::FleetError;
 use crate::fleet::images::{BlobSource, ImageFormat, sniff};
 use crate::views::CreateBody;
+use crate::views::EventView;
 
 #[derive(Clone)]
 struct Api {
     calls: mpsc::Sender<Call>,
     token: Option<String>,
     blobs: BlobStore,
+    events: tokio::sync::broadcast::Sender<EventView>,
 }
 
 /// An HTTP error: a status and the `{"error": ...}` body.
@@ -78,8 +80,14 @@ async fn call(api: &Api, action: Action) -> Result<Json<Reply>, HttpError> {
 
 async fn ask(api: &Api, action: Action) -> Result<Reply, HttpError> {
     let (tx, rx) = oneshot::channel();
+    // Who asks: the API token's holder, or a local user where the API has no token.
+    let actor = match (&action, &api.token) {
+        (Action::BlobAccess { node, .. }, _) => format!("node {node}"),
+        (_, Some(_)) => "api-token".to_owned(),
+        (_, None) => "local".to_owned(),
+    };
     api.calls
-        .send((action, tx))
+        .send((action, actor, tx))
         .await
         .map_err(|_| ActionError::ShuttingDown)?;
     Ok(rx.await.map_err(|_| ActionError::ShuttingDown)??)
@@ -269,6 +277,77 @@ async fn add_url(api: &Api, b: UrlImage) -> Result<Json<Reply>, HttpError> {
     Ok(Json(reply))
 }
 
+/// `GET /v1/events?since=SEQ&node=NODE&follow=true`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    #[serde(default)]
+    since: u64,
+    node: Option<String>,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// The fleet's history; with `follow`, a Server-Sent Events stream: what is kept after
+/// `since`, then each event as it is stored (nothing repeated or skipped: each carries its
+/// sequence number as the SSE id).
+async fn events(api: &Api, q: EventsQuery) -> Result<Response, HttpError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures_util::StreamExt as _;
+    // Listening before reading the backlog: an event stored in between is in one or the other.
+    let rx = api.events.subscribe();
+    let backlog = match ask(
+        api,
+        Action::Events {
+            since: q.since,
+            node: q.node.clone(),
+        },
+    )
+    .await?
+    {
+        Reply::Events(v) => v,
+        _ => Vec::new(),
+    };
+    if !q.follow {
+        return Ok(Json(backlog).into_response());
+    }
+    let last = backlog.last().map_or(q.since, |e| e.seq);
+    let node = q.node;
+    let sse = |e: &EventView| {
+        Event::default()
+            .id(e.seq.to_string())
+            .event(e.kind.clone())
+            .json_data(e)
+            .map_err(std::io::Error::other)
+    };
+    let first = futures_util::stream::iter(backlog.iter().map(sse).collect::<Vec<_>>());
+    let live = futures_util::stream::unfold((rx, last), move |(mut rx, last)| {
+        let node = node.clone();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(e) if e.seq <= last => continue,
+                    Ok(e) if node.as_ref().is_some_and(|n| e.node.as_ref() != Some(n)) => continue,
+                    Ok(e) => {
+                        let seq = e.seq;
+                        return Some((sse(&e), (rx, seq)));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let gap = Event::default()
+                            .event("lagged")
+                            .data(format!("{n} events skipped: reconnect with since={last}"));
+                        return Some((Ok(gap), (rx, last)));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    });
+    Ok(Sse::new(first.chain(live))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
 /// `POST /v1/images/{key}/prefetch`: `{"selector": {"zone": "north"}, "concurrency": 4}`.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -421,11 +500,17 @@ fn power_mode(body: &[u8]) -> Result<PowerMode, HttpError> {
 }
 
 /// The API's routes, under `/v1`; image content lives in `blobs`.
-pub fn router(calls: mpsc::Sender<Call>, token: Option<String>, blobs: BlobStore) -> Router {
+pub fn router(
+    calls: mpsc::Sender<Call>,
+    token: Option<String>,
+    blobs: BlobStore,
+    events_tx: tokio::sync::broadcast::Sender<EventView>,
+) -> Router {
     let api = Api {
         calls,
         token,
         blobs,
+        events: events_tx,
     };
     // Nodes fetch blobs with their own tokens, not the API's.
     let nodes = Router::new().route(
@@ -499,6 +584,14 @@ pub fn router(calls: mpsc::Sender<Call>, token: Option<String>, blobs: BlobStore
             get(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::GetImage(k)).await })
                 .delete(|State(a): State<Api>, Path(k): Key| async move { delete_image(&a, k).await }),
         )
+        .route("/v1/instances/{key}/events", get(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::InstanceEvents(k)).await }))
+        .route("/v1/events", get(|State(a): State<Api>, uri: axum::http::Uri| async move {
+            let q = match uri.query() {
+                None => EventsQuery::default(),
+                Some(_) => Query::<EventsQuery>::try_from_uri(&uri).map_err(|e| bad(e.body_text()))?.0,
+            };
+            events(&a, q).await
+        }))
         .route("/v1/images/{key}/prefetch", post(|State(a): State<Api>, Path(k): Key, body: Result<Json<PrefetchBody>, axum::extract::rejection::JsonRejection>| async move {
             let b = body.map_err(|e| bad(e.body_text()))?.0;
             let selector = b.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();

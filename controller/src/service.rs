@@ -315,10 +315,12 @@ pub async fn serve(
             source,
         })?;
     tracing::info!(listen = %cfg.api_listen, "HTTP API listening");
+    let (events_tx, _) = tokio::sync::broadcast::channel::<crate::views::EventView>(4096);
     let app = crate::api::router(
         call_tx,
         cfg.api_token.clone(),
         crate::blobs::BlobStore::new(&cfg.data_dir),
+        events_tx.clone(),
     );
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -343,6 +345,7 @@ pub async fn serve(
             _ = tick.tick() => Input::Tick,
         };
         let now = now_ms();
+        fleet.set_clock(now);
         for input in batch(first, &mut call_rx, &mut msg_rx) {
             match input {
                 Input::Message((topic, payload)) => {
@@ -351,14 +354,17 @@ pub async fn serve(
                         tracing::warn!(%topic, len = payload.len(), malformed, "dropped a message that does not decode");
                     }
                 }
-                Input::Call((action, reply)) => {
+                Input::Call((action, actor, reply)) => {
                     let mutates = action.mutates();
                     let r = match &store_down {
                         Some(cause) if mutates => Err(ActionError::StoreDown(cause.clone())),
                         _ => {
                             // Ids come from here, so that executing an action is deterministic.
                             let id = InstanceId::from_u64(fastrand::u64(..));
-                            execute(&mut fleet, now, id, action)
+                            fleet.set_actor(&actor);
+                            let r = execute(&mut fleet, now, id, action);
+                            fleet.set_actor("controller");
+                            r
                         }
                     };
                     replies.push((reply, mutates, r));
@@ -374,6 +380,10 @@ pub async fn serve(
         let changes = fleet.take_changes();
         match store.apply(&changes) {
             Ok(()) => {
+                for e in &changes.events {
+                    // Nobody listening is fine.
+                    let _ = events_tx.send(crate::views::EventView::from(e));
+                }
                 publish(&client, changes.publish).await;
                 for (reply, _, r) in replies.drain(..) {
                     let _ = reply.send(r);
@@ -435,7 +445,7 @@ mod tests {
         }
         let (reply, _rx) = tokio::sync::oneshot::channel();
         call_tx
-            .try_send((crate::action::Action::ListNodes, reply))
+            .try_send((crate::action::Action::ListNodes, "local".into(), reply))
             .unwrap();
         let mut seen = Vec::new();
         let mut calls_seen = 0;

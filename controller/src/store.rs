@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use outpost_protocol::legacy;
 use outpost_protocol::{Arch, BlobRef, Digest};
 
+use crate::fleet::events::{EventRecord, MAX_EVENTS};
 use crate::fleet::images::{ImageFormat, ImageRecord};
 use outpost_protocol::{
     FleetId, InstanceId, InstanceSpec, Inventory, Label, Message, NodeId, PowerMode, PowerState,
@@ -160,7 +161,10 @@ impl SqliteStore {
                 name TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL,
                 size INTEGER NOT NULL, arch TEXT, format TEXT NOT NULL, url TEXT,
                 created_ms INTEGER NOT NULL, PRIMARY KEY (name, version));
-             CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);",
+             CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS events (
+                seq INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, instance TEXT, name TEXT,
+                node TEXT, kind TEXT NOT NULL, detail TEXT NOT NULL, actor TEXT NOT NULL);",
         )?;
         // Schema 1-2 stores: the labels column came with schema 3.
         if conn.prepare("SELECT labels FROM nodes LIMIT 0").is_err() {
@@ -464,6 +468,36 @@ impl Store for SqliteStore {
                 version,
             });
         }
+        let mut st = self.conn.prepare(
+            "SELECT seq, at_ms, instance, name, node, kind, detail, actor FROM
+               (SELECT * FROM events ORDER BY seq DESC LIMIT ?1) ORDER BY seq",
+        )?;
+        let rows = st.query_map(params![MAX_EVENTS as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, String>(7)?,
+            ))
+        })?;
+        for row in rows {
+            let (seq, at, instance, name, node, kind, detail, actor) = row?;
+            snap.events.push(EventRecord {
+                seq: seq as u64,
+                at_ms: at as u64,
+                instance: instance
+                    .and_then(|i| i.parse::<InstanceId>().ok())
+                    .map(|i| (i, name.unwrap_or_default())),
+                node: node.and_then(|n| NodeId::new(&n).ok()),
+                kind,
+                detail,
+                actor,
+            });
+        }
         let mut st = self.conn.prepare("SELECT id FROM tombstones")?;
         let rows = st.query_map([], |r| r.get::<_, String>(0))?;
         for row in rows {
@@ -485,6 +519,7 @@ impl Store for SqliteStore {
             && c.removed_nodes.is_empty()
             && c.images.is_empty()
             && c.removed_images.is_empty()
+            && c.events.is_empty()
         {
             return Ok(());
         }
@@ -574,6 +609,29 @@ impl Store for SqliteStore {
                     i.url,
                     i.created_ms as i64,
                 ],
+            )?;
+        }
+        for e in &c.events {
+            tx.execute(
+                "INSERT OR REPLACE INTO events (seq, at_ms, instance, name, node, kind, detail,
+                    actor) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    e.seq as i64,
+                    e.at_ms as i64,
+                    e.instance.as_ref().map(|(i, _)| i.to_string()),
+                    e.instance.as_ref().map(|(_, n)| n.as_str()),
+                    e.node.as_ref().map(|n| n.as_str()),
+                    e.kind,
+                    e.detail,
+                    e.actor,
+                ],
+            )?;
+        }
+        if let Some(last) = c.events.last() {
+            // Bounded: the oldest go.
+            tx.execute(
+                "DELETE FROM events WHERE seq <= ?1",
+                params![last.seq as i64 - MAX_EVENTS as i64],
             )?;
         }
         for (name, version) in &c.removed_images {

@@ -10,6 +10,7 @@ use outpost_protocol::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::fleet::events::EventRecord;
 use crate::fleet::images::{ImageFormat, ImageRecord, Resolved};
 use crate::fleet::{CreateRequest, Fleet, InstanceRecord, NodeRecord};
 use crate::scheduler::GroupPolicy;
@@ -296,6 +297,46 @@ impl InstanceView {
             power_mode: None,
             placement: String::new(),
             downloads: Vec::new(),
+        }
+    }
+}
+
+/// An event as shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EventView {
+    /// Its place in the history.
+    pub seq: u64,
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+    /// The instance's name, if it is about one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// The instance's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// The node, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// What happened.
+    pub kind: String,
+    /// In words.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// Who asked, or who saw it.
+    pub actor: String,
+}
+
+impl From<&EventRecord> for EventView {
+    fn from(e: &EventRecord) -> Self {
+        Self {
+            seq: e.seq,
+            at_ms: e.at_ms,
+            instance: e.instance.as_ref().map(|(_, n)| n.clone()),
+            instance_id: e.instance.as_ref().map(|(i, _)| i.to_string()),
+            node: e.node.as_ref().map(ToString::to_string),
+            kind: e.kind.clone(),
+            detail: e.detail.clone(),
+            actor: e.actor.clone(),
         }
     }
 }

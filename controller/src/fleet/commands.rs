@@ -7,6 +7,21 @@ use super::records::{CreateRequest, FleetError, InstanceRecord, Phase};
 use super::{Fleet, index, unindex};
 use crate::scheduler::{GroupConstraint, GroupPolicy, NoValidHost, Request};
 
+/// How a stop or reboot was asked, in words.
+fn power_how(mode: PowerMode) -> String {
+    match mode {
+        PowerMode { force: true, .. } => "forced".into(),
+        PowerMode {
+            stop_timeout_secs: 0,
+            ..
+        } => String::new(),
+        PowerMode {
+            stop_timeout_secs: s,
+            ..
+        } => format!("stop timeout {s} s"),
+    }
+}
+
 impl Fleet {
     /// Chooses a node for `spec` (the pure scheduler over the current table).
     pub(super) fn choose(
@@ -126,6 +141,15 @@ impl Fleet {
         );
         self.touch_instance(id);
         self.bump(&node);
+        let what = {
+            let i = &self.instances[&id];
+            format!(
+                "{} vCPUs, {} MiB, {} GiB, {}",
+                i.spec.vcpus, i.spec.memory_mib, i.spec.disk_gib, i.spec.arch
+            )
+        };
+        self.instance_event(id, "requested", what);
+        self.instance_event(id, "scheduled", format!("on {node}: attempt 1: {placement}"));
         Ok(id)
     }
 
@@ -168,24 +192,32 @@ impl Fleet {
         power: PowerState,
         mode: PowerMode,
     ) -> Result<InstanceId, FleetError> {
-        self.update(key, |i| {
+        let id = self.update(key, |i| {
             let down = matches!(i.phase, Phase::Stopped | Phase::Crashed);
             if power == PowerState::Running && i.power == PowerState::Running && down {
                 i.reboot_count = i.reboot_count.saturating_add(1);
             }
             i.power = power;
             i.power_mode = mode;
-        })
+        })?;
+        let (kind, how) = match power {
+            PowerState::Running => ("start-requested", String::new()),
+            PowerState::Stopped => ("stop-requested", power_how(mode)),
+        };
+        self.instance_event(id, kind, how);
+        Ok(id)
     }
 
     /// Asks for one reboot: a clean one (the power button, then a reset past the grace), or
     /// a reset at once when `mode.force`.
     pub fn reboot(&mut self, key: &str, mode: PowerMode) -> Result<InstanceId, FleetError> {
-        self.update(key, |i| {
+        let id = self.update(key, |i| {
             i.reboot_count = i.reboot_count.saturating_add(1);
             i.power = PowerState::Running;
             i.power_mode = mode;
-        })
+        })?;
+        self.instance_event(id, "reboot-requested", power_how(mode));
+        Ok(id)
     }
 
     /// Deletes an instance: removed from its node's desired state; gone once the node confirms
@@ -198,8 +230,12 @@ impl Fleet {
                 i.phase = Phase::Deleting;
                 self.touch_instance(id);
                 self.bump(&node);
+                self.instance_event(id, "deleting", format!("removing it from {node}"));
             }
-            None => self.forget(id),
+            None => {
+                self.instance_event(id, "deleted", String::new());
+                self.forget(id);
+            }
         }
         Ok(id)
     }
@@ -231,6 +267,8 @@ impl Fleet {
         }
         self.journal.nodes.insert(node.clone());
         self.sync_availability(node);
+        let kind = if on { "cordoned" } else { "uncordoned" };
+        self.node_event(node, kind, String::new());
         Ok(())
     }
 
@@ -250,6 +288,11 @@ impl Fleet {
             .filter(|i| i.wanted_on_node())
             .map(|i| i.id)
             .collect();
+        self.node_event(
+            node,
+            "draining",
+            format!("moving {} instance(s)", ids.len()),
+        );
         let (mut moved, mut stuck) = (0, Vec::new());
         for id in ids {
             match self.relocate(id, None) {
@@ -286,6 +329,7 @@ impl Fleet {
         }
         self.journal.nodes.insert(node.clone());
         self.sync_host(node, 0);
+        self.node_event(node, "labeled", changes.join(" "));
         Ok(())
     }
 
@@ -326,6 +370,7 @@ impl Fleet {
         self.journal.nodes.remove(node);
         self.journal.publish.remove(node);
         self.journal.removed_nodes.insert(node.clone());
+        self.node_event(node, "removed", format!("{moved} instance(s) moved first"));
         tracing::warn!(%node, moved, "node removed by an operator");
         Ok(moved)
     }
@@ -390,6 +435,29 @@ impl Fleet {
         };
         // Only a move (or a final failure) changes the old node's desired state.
         let now_on = self.instances.get(&id).and_then(|i| i.node.clone());
+        match (&old, &now_on) {
+            (_, Some(n)) if now_on != old => {
+                let p = self
+                    .instances
+                    .get(&id)
+                    .map(|i| i.placement.clone())
+                    .unwrap_or_default();
+                let from = old
+                    .as_ref()
+                    .map(|o| format!("from {o} "))
+                    .unwrap_or_default();
+                self.instance_event(id, "moved", format!("{from}to {n}: {p}"));
+            }
+            (Some(_), None) => {
+                let why = self
+                    .instances
+                    .get(&id)
+                    .map(|i| i.reason.clone())
+                    .unwrap_or_default();
+                self.instance_event(id, "failed", why);
+            }
+            _ => {}
+        }
         if now_on != old {
             self.touch_instance(id);
             if let Some(o) = old {
@@ -416,6 +484,11 @@ impl Fleet {
         self.sync_availability(node);
         let adopted = self.adopt_from(now_ms, node, &h.instances);
         self.bump(node);
+        self.node_event(
+            node,
+            "adopted",
+            format!("{adopted} instance(s) joined this fleet"),
+        );
         Ok(adopted)
     }
 }

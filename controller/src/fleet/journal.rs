@@ -8,6 +8,7 @@ use outpost_protocol::{
     DesiredInstance, DesiredState, FetchFrom, InstanceId, InstanceName, NodeId, Version,
 };
 
+use super::events::EventRecord;
 use super::images::{ImageRecord, node_token};
 use super::records::{InstanceRecord, NodeRecord, Phase};
 use super::{Fleet, fallback_name};
@@ -34,6 +35,8 @@ pub struct Journal {
     pub images: BTreeSet<(String, String)>,
     /// Catalogue images to remove.
     pub removed_images: BTreeSet<(String, String)>,
+    /// Events to store.
+    pub events: Vec<EventRecord>,
 }
 
 /// What changed since the last [`Fleet::take_changes`]: store it, then publish.
@@ -58,6 +61,8 @@ pub struct Changes {
     pub images: Vec<ImageRecord>,
     /// Catalogue images to remove (name, version).
     pub removed_images: Vec<(String, String)>,
+    /// Events to store (and stream once stored).
+    pub events: Vec<EventRecord>,
 }
 
 impl Changes {
@@ -71,6 +76,7 @@ impl Changes {
             && self.publish.is_empty()
             && self.images.is_empty()
             && self.removed_images.is_empty()
+            && self.events.is_empty()
     }
 }
 
@@ -155,6 +161,7 @@ impl Fleet {
             removed_images: std::mem::take(&mut self.journal.removed_images)
                 .into_iter()
                 .collect(),
+            events: std::mem::take(&mut self.journal.events),
             nodes: std::mem::take(&mut self.journal.nodes)
                 .iter()
                 .filter_map(|n| self.nodes.get(n).cloned())
@@ -203,6 +210,7 @@ impl Fleet {
             }
         }
         self.journal.removed_images.extend(c.removed_images);
+        self.journal.events.extend(c.events);
         self.journal
             .publish
             .extend(c.publish.into_iter().map(|(n, _)| n));

@@ -17,6 +17,7 @@ use outpost_protocol::{Digest, FetchState, FleetId, InstanceId, InstanceName, No
 use crate::scheduler::{GroupPolicy, HostState, HostTable, Scheduler};
 
 pub mod commands;
+pub mod events;
 pub mod images;
 pub mod journal;
 pub mod records;
@@ -59,6 +60,12 @@ pub struct Fleet {
     fetches: HashMap<(NodeId, Digest), FetchProgress>,
     /// Prefetch jobs under way (not stored: a restart ends them).
     prefetches: Vec<images::PrefetchJob>,
+    /// What happened, when, and who asked.
+    history: events::History,
+    /// The time events carry (set by the shell each turn).
+    clock_ms: u64,
+    /// Who the changes being made are for.
+    actor: String,
 }
 
 /// A blob's download on one node, as last reported.
@@ -91,6 +98,7 @@ impl Fleet {
             tombstones,
             images,
             blob_key,
+            events,
         } = snap;
         let mut f = Self {
             id: fleet,
@@ -112,6 +120,9 @@ impl Fleet {
             blob_key,
             fetches: HashMap::new(),
             prefetches: Vec::new(),
+            history: events::History::restore(events),
+            clock_ms: now_ms,
+            actor: "controller".to_owned(),
         };
         for i in instances {
             f.by_name.insert(i.name.clone(), i.id);

@@ -366,4 +366,6 @@ pub struct Snapshot {
     pub images: Vec<ImageRecord>,
     /// The key that node blob tokens are derived from (made with the store).
     pub blob_key: [u8; 32],
+    /// The newest events, oldest first.
+    pub events: Vec<super::events::EventRecord>,
 }

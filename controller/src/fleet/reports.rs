@@ -27,10 +27,12 @@ impl Fleet {
             return; // a late Last Will of an older connection
         }
         n.session = st.session;
+        let was = n.online;
         n.online = st.presence == Presence::Online;
         if n.online {
             n.lost = false;
         }
+        let now_online = n.online;
         n.last_seen_ms = now_ms;
         self.journal.nodes.insert(node.clone());
         if n.online {
@@ -38,6 +40,14 @@ impl Fleet {
             self.journal.publish.insert(node.clone());
         }
         self.sync_availability(node);
+        if was != now_online {
+            let kind = if now_online {
+                "connected"
+            } else {
+                "disconnected"
+            };
+            self.actor_as("node", |f| f.node_event(node, kind, String::new()));
+        }
     }
 
     /// A node's inventory.
@@ -378,6 +388,9 @@ impl Fleet {
             InstanceState::Crashed => Phase::Crashed,
             InstanceState::Deleted => {
                 if i.phase == Phase::Deleting {
+                    self.actor_as("node", |f| {
+                        f.instance_event(id, "deleted", format!("{node} removed it"));
+                    });
                     self.forget(id);
                 }
                 return;
@@ -417,6 +430,7 @@ impl Fleet {
         }
         let stale_reason = phase == Phase::Running && reason.is_empty() && !i.reason.is_empty();
         if i.phase != phase || (!reason.is_empty() && i.reason != reason) || stale_reason {
+            let new_phase = i.phase != phase;
             i.phase = phase;
             if !reason.is_empty() {
                 i.reason = reason.to_owned();
@@ -424,6 +438,11 @@ impl Fleet {
                 i.reason.clear();
             }
             self.touch_instance(id);
+            if new_phase || !reason.is_empty() {
+                self.actor_as("node", |f| {
+                    f.instance_event(id, phase.as_str(), reason.to_owned());
+                });
+            }
         }
     }
 }

@@ -8,12 +8,13 @@ use super::Fleet;
 impl Fleet {
     /// Periodic work: nodes that stopped reporting go down.
     pub fn tick(&mut self, now_ms: u64) {
-        let mut changed = Vec::new();
+        let (mut changed, mut down) = (Vec::new(), Vec::new());
         for n in self.nodes.values_mut() {
             if n.online && now_ms.saturating_sub(n.last_seen_ms) > self.cfg.liveness_timeout_ms {
                 n.online = false;
                 self.journal.nodes.insert(n.id.clone());
                 changed.push(n.id.clone());
+                down.push(n.id.clone());
             }
             let before = n.failures_ms.len();
             n.failures_ms
@@ -27,6 +28,14 @@ impl Fleet {
             if let (Some(n), Some(idx)) = (self.nodes.get(&id), self.table.index_of(&id)) {
                 self.table.set_failures(idx, n.failures_ms.len() as u32);
             }
+        }
+        for id in down {
+            let secs = self.cfg.liveness_timeout_ms / 1000;
+            self.node_event(
+                &id,
+                "down",
+                format!("no report for {secs} s; its VMs are left alone"),
+            );
         }
         self.evacuate_lost(now_ms);
     }
@@ -47,8 +56,16 @@ impl Fleet {
                 .filter(|i| i.wanted_on_node())
                 .map(|i| i.id)
                 .collect();
-            if let Some(n) = self.nodes.get_mut(&node) {
+            if let Some(n) = self.nodes.get_mut(&node)
+                && !n.lost
+            {
                 n.lost = true;
+                let after = self.cfg.lost_after_ms / 1000;
+                self.node_event(
+                    &node,
+                    "lost",
+                    format!("down for more than {after} s: its instances are rebuilt elsewhere"),
+                );
             }
             for id in ids {
                 let _ = self.relocate(id, None);
