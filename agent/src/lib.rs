@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod config;
+pub mod console;
 pub mod fingerprint;
 pub mod hypervisor;
 pub mod images;

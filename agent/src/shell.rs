@@ -8,10 +8,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use outpost_protocol::limits::MAX_CONSOLE_CHUNK;
 use outpost_protocol::topics::{self, Channel};
 use outpost_protocol::{
-    AgentEvent, Backoff, BlobRef, DesiredState, ErrorKind, FetchFrom, FetchState, InstanceId,
-    Inventory, Message, NodeStatus, NoticeKind, Presence, Reason,
+    AgentEvent, Backoff, BlobRef, ConsoleChunk, ConsoleRequest, DesiredState, ErrorKind, FetchFrom,
+    FetchState, InstanceId, Inventory, Message, NodeStatus, NoticeKind, Presence, Reason,
 };
 use rumqttc::{AsyncClient, ConnectionError, QoS};
 use tokio::sync::mpsc;
@@ -129,6 +130,60 @@ impl Shell {
                 }
             }
         }
+    }
+
+    /// Answers a console request from the controller: reads the log on a blocking thread and
+    /// publishes what it read (or why it could not).
+    fn on_console(&mut self, payload: &[u8]) {
+        let req = match ConsoleRequest::decode(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                self.counters.malformed += 1;
+                tracing::warn!(error = %e, "dropped a console request that does not decode");
+                return;
+            }
+        };
+        let path = self
+            .cfg
+            .instance_dir
+            .join(req.id.to_string())
+            .join("console.log");
+        let known = self.rec.held().is_some_and(|h| {
+            h.desired
+                .instances
+                .iter()
+                .chain(&h.kept)
+                .any(|i| i.id == req.id)
+        });
+        let (client, topic) = (
+            self.client.clone(),
+            topics::topic(&self.cfg.node_id, Channel::Console),
+        );
+        tokio::task::spawn_blocking(move || {
+            let mut chunk = ConsoleChunk {
+                request: req.request,
+                id: req.id,
+                start: 0,
+                next: 0,
+                data: heapless::Vec::new(),
+                error: None,
+            };
+            match crate::console::read(&path, req.from, req.lines.max(1)) {
+                _ if !known => chunk.error = Some(Reason::lossy("no such instance on this node")),
+                Ok(r) => {
+                    chunk.start = r.start;
+                    chunk.next = r.next;
+                    chunk.data = r.data.into_iter().take(MAX_CONSOLE_CHUNK).collect();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    chunk.error = Some(Reason::lossy("no console output yet"));
+                }
+                Err(e) => chunk.error = Some(Reason::lossy(&format!("reading its console: {e}"))),
+            }
+            if let Some(b) = encode(&chunk) {
+                let _ = client.try_publish(topic.as_str(), QoS::AtMostOnce, false, b);
+            }
+        });
     }
 
     /// Starts a download (it waits for a free slot); its progress and result come back
@@ -504,6 +559,7 @@ async fn run_loop(
     let http = crate::images::fetch::Client::new(cfg.tls.as_ref().map(|t| t.ca_pem.as_slice()));
     let fetch_slots = Arc::new(tokio::sync::Semaphore::new(cfg.downloads.concurrent.max(1)));
     let desired_topic = topics::topic(&cfg.node_id, Channel::Desired);
+    let console_topic = topics::topic(&cfg.node_id, Channel::ConsoleRequest);
     let mut reconcile_tick = tokio::time::interval(cfg.reconcile_interval);
     let mut report_tick = tokio::time::interval(cfg.report_interval);
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -559,12 +615,15 @@ async fn run_loop(
                     sh.connected = true;
                     sh.synced = false;
                     let _ = sh.client.try_subscribe(desired_topic.as_str(), QoS::AtLeastOnce);
+                    let _ = sh.client.try_subscribe(console_topic.as_str(), QoS::AtMostOnce);
                     sh.announce(session);
                 }
                 LinkEvent::Message(p) => {
                     if p.topic == desired_topic.as_str() {
                         sh.synced = true;
                         pass_due |= sh.on_desired(&p.payload).await;
+                    } else if p.topic == console_topic.as_str() {
+                        sh.on_console(&p.payload);
                     } else {
                         sh.counters.malformed += 1;
                         tracing::warn!(topic = %p.topic, "message on an unexpected topic dropped");

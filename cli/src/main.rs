@@ -24,6 +24,19 @@ fn emit(args: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Writes text as it is (no newline added), ending quietly on a closed pipe.
+fn emit_raw(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing the output: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// `println!` that ends quietly on a closed pipe.
 macro_rules! say {
     ($($t:tt)*) => { emit(format_args!($($t)*)) };
@@ -258,6 +271,17 @@ enum InstanceCmd {
     },
     /// Show one instance (by id or name).
     Show { key: String },
+    /// An instance's serial console, read through its node: the last lines, or `--follow` to
+    /// keep printing what it prints (until interrupted, or its node goes away).
+    Console {
+        key: String,
+        /// How many of the last lines.
+        #[arg(long, short = 'n', default_value_t = 50)]
+        lines: u16,
+        /// Keep printing.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
     /// An instance's history (also after it was deleted): requested, scheduled, downloading,
     /// running, stopped, moved, failed, deleted, with when and who.
     Events { key: String },
@@ -945,6 +969,59 @@ fn event_rows(v: &Value) -> anyhow::Result<()> {
 }
 
 impl Client {
+    /// Prints an instance's console as it comes (Server-Sent Events), until interrupted or its
+    /// node stops answering (then a non-zero exit with the reason).
+    fn follow_console(&self, key: &str, lines: u16, json: bool) -> anyhow::Result<()> {
+        use std::io::BufRead as _;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let url = format!(
+            "{}/v1/instances/{}/console?lines={lines}&follow=true",
+            self.base.trim_end_matches('/'),
+            seg(key)
+        );
+        let mut r = agent.get(&url).header("Accept", "text/event-stream");
+        if let Some(t) = &self.token {
+            r = r.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut resp = r
+            .call()
+            .with_context(|| format!("cannot reach the controller at {}", self.base))?;
+        if !resp.status().is_success() {
+            let v: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
+            bail!(
+                "{} (HTTP {})",
+                v["error"].as_str().unwrap_or("request failed"),
+                resp.status().as_u16()
+            );
+        }
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        let mut event = String::new();
+        for line in reader.lines() {
+            let line = line.context("the console stream broke")?;
+            if let Some(e) = line.strip_prefix("event:") {
+                event = e.trim().to_owned();
+                continue;
+            }
+            let Some(data) = line.strip_prefix("data:") else {
+                continue;
+            };
+            let data = data.strip_prefix(' ').unwrap_or(data);
+            if event == "end" {
+                bail!("{data}");
+            }
+            let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+            if json {
+                say!("{v}");
+            } else {
+                emit_raw(v["text"].as_str().unwrap_or_default());
+            }
+        }
+        bail!("the controller closed the console stream")
+    }
+
     /// Prints the fleet's events as they come (Server-Sent Events), until interrupted or the
     /// controller goes away.
     fn follow_events(&self, query: &str, json: bool) -> anyhow::Result<()> {
@@ -1192,6 +1269,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             .cloned()
                             .collect(),
                     )
+                }
+                InstanceCmd::Console { key, lines, follow } => {
+                    if follow {
+                        return c.follow_console(&key, lines, cli.json);
+                    }
+                    let v = c.send(
+                        "GET",
+                        &format!("/v1/instances/{}/console?lines={lines}", seg(&key)),
+                        None,
+                    )?;
+                    if !cli.json {
+                        emit_raw(v["text"].as_str().unwrap_or_default());
+                        return Ok(());
+                    }
+                    v
                 }
                 InstanceCmd::Events { key } => {
                     let v = c.send("GET", &format!("/v1/instances/{}/events", seg(&key)), None)?;

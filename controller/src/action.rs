@@ -63,6 +63,8 @@ pub enum Action {
         /// At most this many nodes fetching at once.
         concurrency: usize,
     },
+    /// Where an instance's console is: its id, its node, and whether that node is up.
+    ConsoleTarget(String),
     /// The history of one instance (by name or id; kept after it is deleted).
     InstanceEvents(String),
     /// The fleet's history after sequence number `since`, optionally only one node's.
@@ -113,6 +115,7 @@ impl Action {
                 | Self::GetImage(_)
                 | Self::BlobAccess { .. }
                 | Self::InstanceEvents(_)
+                | Self::ConsoleTarget(_)
                 | Self::Events { .. }
         )
     }
@@ -176,6 +179,16 @@ pub enum Reply {
     Blob(BlobSource),
     /// Events.
     Events(Vec<EventView>),
+    /// Where an instance's console is.
+    #[serde(skip)]
+    ConsoleTarget {
+        /// The instance.
+        id: InstanceId,
+        /// Its node.
+        node: NodeId,
+        /// Whether the node is connected.
+        up: bool,
+    },
     /// A prefetch started.
     Prefetch {
         /// `name:version`.
@@ -363,6 +376,17 @@ pub fn execute(
             token,
             digest,
         } => Reply::Blob(fleet.blob_access(&node_id(&node)?, &token, &digest)?),
+        Action::ConsoleTarget(key) => {
+            let i = fleet
+                .instance(&key)
+                .ok_or_else(|| FleetError::NoInstance(key.clone()))?;
+            let node = i
+                .node
+                .clone()
+                .ok_or_else(|| FleetError::NotPlaced(i.name.clone()))?;
+            let up = fleet.node(&node).is_some_and(|n| n.online);
+            Reply::ConsoleTarget { id: i.id, node, up }
+        }
         Action::InstanceEvents(key) => {
             let id = fleet.instance(&key).map(|i| i.id);
             let list: Vec<EventView> = fleet

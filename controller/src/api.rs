@@ -21,12 +21,26 @@ use crate::fleet::images::{BlobSource, ImageFormat, sniff};
 use crate::views::CreateBody;
 use crate::views::EventView;
 
+/// How the API reaches nodes' consoles: the controller's MQTT client, and the requests
+/// waiting for an answer (the service loop hands answers over).
+#[derive(Clone)]
+pub struct ConsoleLink {
+    /// The controller's MQTT client.
+    pub client: rumqttc::AsyncClient,
+    /// Requests waiting for their answer.
+    pub waiting: crate::service::Consoles,
+}
+
+/// How long a node has to answer a console request.
+const CONSOLE_ANSWER: std::time::Duration = std::time::Duration::from_secs(3);
+
 #[derive(Clone)]
 struct Api {
     calls: mpsc::Sender<Call>,
     token: Option<String>,
     blobs: BlobStore,
     events: tokio::sync::broadcast::Sender<EventView>,
+    console: ConsoleLink,
 }
 
 /// An HTTP error: a status and the `{"error": ...}` body.
@@ -60,7 +74,8 @@ fn status(e: &ActionError) -> StatusCode {
             | FleetError::NotForeign(_)
             | FleetError::NodeNotEmpty(..)
             | FleetError::ImageExists(_)
-            | FleetError::ImageInUse { .. },
+            | FleetError::ImageInUse { .. }
+            | FleetError::NotPlaced(_),
         ) => StatusCode::CONFLICT,
         ActionError::StoreDown(_) | ActionError::NotStored(_) | ActionError::ShuttingDown => {
             StatusCode::SERVICE_UNAVAILABLE
@@ -348,6 +363,145 @@ async fn events(api: &Api, q: EventsQuery) -> Result<Response, HttpError> {
         .into_response())
 }
 
+/// `GET /v1/instances/{key}/console?lines=N&follow=true`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsoleQuery {
+    lines: Option<u16>,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// What an instance's console says, as JSON.
+#[derive(Debug, serde::Serialize)]
+struct ConsoleView {
+    instance: String,
+    node: String,
+    start: u64,
+    next: u64,
+    text: String,
+}
+
+/// One request to the node holding instance `key`'s console, and its answer.
+async fn console_once(
+    api: &Api,
+    key: &str,
+    from: Option<u64>,
+    lines: u16,
+) -> Result<ConsoleView, HttpError> {
+    let Reply::ConsoleTarget { id, node, up } =
+        ask(api, Action::ConsoleTarget(key.to_owned())).await?
+    else {
+        return Err(HttpError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unexpected reply".into(),
+        ));
+    };
+    if !up {
+        return Err(HttpError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "node {node} is not connected: the console of {key} cannot be read until it is"
+            ),
+        ));
+    }
+    let (request, rx) = api.console.waiting.ask();
+    let req = outpost_protocol::ConsoleRequest {
+        request,
+        id,
+        from,
+        lines,
+    };
+    let topic =
+        outpost_protocol::topics::topic(&node, outpost_protocol::topics::Channel::ConsoleRequest);
+    let payload = outpost_protocol::Message::to_vec(&req)
+        .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    if let Err(e) = api
+        .console
+        .client
+        .publish(topic.as_str(), rumqttc::QoS::AtMostOnce, false, payload)
+        .await
+    {
+        api.console.waiting.forget(request);
+        return Err(HttpError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot reach the broker: {e}"),
+        ));
+    }
+    let chunk = match tokio::time::timeout(CONSOLE_ANSWER, rx).await {
+        Ok(Ok(c)) => c,
+        _ => {
+            api.console.waiting.forget(request);
+            return Err(HttpError(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "node {node} did not answer within {} s",
+                    CONSOLE_ANSWER.as_secs()
+                ),
+            ));
+        }
+    };
+    if let Some(why) = chunk.error {
+        return Err(HttpError(
+            StatusCode::NOT_FOUND,
+            format!("{key} on {node}: {why}"),
+        ));
+    }
+    Ok(ConsoleView {
+        instance: key.to_owned(),
+        node: node.to_string(),
+        start: chunk.start,
+        next: chunk.next,
+        text: String::from_utf8_lossy(&chunk.data).into_owned(),
+    })
+}
+
+/// An instance's console: its last lines, or with `follow` a Server-Sent Events stream of
+/// what it prints (asked about every 200 ms from where the last answer ended: nothing repeated
+/// or skipped), until the client leaves or the node stops answering.
+async fn console_http(api: &Api, key: String, q: ConsoleQuery) -> Result<Response, HttpError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let lines = q.lines.unwrap_or(50);
+    let first = console_once(api, &key, None, lines).await?;
+    if !q.follow {
+        return Ok(Json(first).into_response());
+    }
+    let api = api.clone();
+    let start = Event::default()
+        .event("console")
+        .json_data(&first)
+        .map_err(std::io::Error::other);
+    let next = first.next;
+    let more = futures_util::stream::unfold(Some(next), move |at| {
+        let (api, key) = (api.clone(), key.clone());
+        async move {
+            let mut at = at?;
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                match console_once(&api, &key, Some(at), 0).await {
+                    Ok(v) if v.text.is_empty() => at = v.next,
+                    Ok(v) => {
+                        let n = v.next;
+                        let e = Event::default()
+                            .event("console")
+                            .json_data(&v)
+                            .map_err(std::io::Error::other);
+                        return Some((e, Some(n)));
+                    }
+                    Err(HttpError(_, why)) => {
+                        let e = Event::default().event("end").data(why);
+                        return Some((Ok(e), None));
+                    }
+                }
+            }
+        }
+    });
+    use futures_util::StreamExt as _;
+    Ok(Sse::new(futures_util::stream::iter([start]).chain(more))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
 /// `POST /v1/images/{key}/prefetch`: `{"selector": {"zone": "north"}, "concurrency": 4}`.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -505,12 +659,14 @@ pub fn router(
     token: Option<String>,
     blobs: BlobStore,
     events_tx: tokio::sync::broadcast::Sender<EventView>,
+    console: ConsoleLink,
 ) -> Router {
     let api = Api {
         calls,
         token,
         blobs,
         events: events_tx,
+        console,
     };
     // Nodes fetch blobs with their own tokens, not the API's.
     let nodes = Router::new().route(
@@ -584,6 +740,13 @@ pub fn router(
             get(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::GetImage(k)).await })
                 .delete(|State(a): State<Api>, Path(k): Key| async move { delete_image(&a, k).await }),
         )
+        .route("/v1/instances/{key}/console", get(|State(a): State<Api>, Path(k): Key, uri: axum::http::Uri| async move {
+            let q = match uri.query() {
+                None => ConsoleQuery::default(),
+                Some(_) => Query::<ConsoleQuery>::try_from_uri(&uri).map_err(|e| bad(e.body_text()))?.0,
+            };
+            console_http(&a, k, q).await
+        }))
         .route("/v1/instances/{key}/events", get(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::InstanceEvents(k)).await }))
         .route("/v1/events", get(|State(a): State<Api>, uri: axum::http::Uri| async move {
             let q = match uri.query() {

@@ -88,7 +88,10 @@ impl Peer {
     fn may_subscribe(&self, filter: &str) -> bool {
         match self {
             Self::Controller => true,
-            Self::Node(n) => topics::topic(n, Channel::Desired).as_str() == filter,
+            // Its own desired state and console requests: what the controller sends it.
+            Self::Node(n) => Channel::ALL.into_iter().any(|ch| {
+                ch.publisher() == Side::Controller && topics::topic(n, ch).as_str() == filter
+            }),
         }
     }
 }

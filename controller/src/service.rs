@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use outpost_protocol::topics::{self, Channel};
 use outpost_protocol::{
-    AgentEvent, FleetId, Holding, InstanceId, Inventory, Message, NodeId, NodeReport, NodeStatus,
+    AgentEvent, ConsoleChunk, FleetId, Holding, InstanceId, Inventory, Message, NodeId, NodeReport,
+    NodeStatus,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
 use tokio::sync::mpsc;
@@ -182,7 +183,56 @@ pub fn ingest(fleet: &mut Fleet, now: u64, topic: &str, payload: &[u8]) -> bool 
         Channel::Holding => Holding::decode(payload)
             .map(|h| fleet.on_holding(now, &node, h))
             .is_ok(),
-        Channel::Desired => true,
+        // Answers to console requests go to the API (see `Consoles`); the controller's own.
+        Channel::Desired | Channel::ConsoleRequest | Channel::Console => true,
+    }
+}
+
+/// Console requests waiting for their node's answer, by request number.
+#[derive(Clone, Default)]
+pub struct Consoles {
+    waiting: std::sync::Arc<
+        std::sync::Mutex<
+            std::collections::HashMap<u32, tokio::sync::oneshot::Sender<ConsoleChunk>>,
+        >,
+    >,
+    next: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Consoles {
+    /// A new request: its number and where its answer arrives.
+    pub fn ask(&self) -> (u32, tokio::sync::oneshot::Receiver<ConsoleChunk>) {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.lock().insert(n, tx);
+        (n, rx)
+    }
+
+    /// Forgets a request (answered, or given up).
+    pub fn forget(&self, n: u32) {
+        self.lock().remove(&n);
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<u32, tokio::sync::oneshot::Sender<ConsoleChunk>>,
+    > {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An answer from a node: to whoever waits for it (an answer nobody waits for is dropped).
+    fn answer(&self, node: &NodeId, payload: &[u8]) -> bool {
+        let Ok(c) = ConsoleChunk::decode(payload) else {
+            return false;
+        };
+        if let Some(tx) = self.lock().remove(&c.request) {
+            let _ = tx.send(c);
+        } else {
+            tracing::debug!(%node, request = c.request, "a console answer nobody waits for");
+        }
+        true
     }
 }
 
@@ -274,6 +324,7 @@ pub async fn serve(
                         Channel::Report,
                         Channel::Event,
                         Channel::Holding,
+                        Channel::Console,
                     ] {
                         let _ = sub.subscribe(ch.all_nodes(), QoS::AtLeastOnce).await;
                     }
@@ -316,11 +367,16 @@ pub async fn serve(
         })?;
     tracing::info!(listen = %cfg.api_listen, "HTTP API listening");
     let (events_tx, _) = tokio::sync::broadcast::channel::<crate::views::EventView>(4096);
+    let consoles = Consoles::default();
     let app = crate::api::router(
         call_tx,
         cfg.api_token.clone(),
         crate::blobs::BlobStore::new(&cfg.data_dir),
         events_tx.clone(),
+        crate::api::ConsoleLink {
+            client: client.clone(),
+            waiting: consoles.clone(),
+        },
     );
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -349,7 +405,11 @@ pub async fn serve(
         for input in batch(first, &mut call_rx, &mut msg_rx) {
             match input {
                 Input::Message((topic, payload)) => {
-                    if !ingest(&mut fleet, now, &topic, &payload) {
+                    let ok = match topics::parse(&topic) {
+                        Ok((node, Channel::Console)) => consoles.answer(&node, &payload),
+                        _ => ingest(&mut fleet, now, &topic, &payload),
+                    };
+                    if !ok {
                         malformed += 1;
                         tracing::warn!(%topic, len = payload.len(), malformed, "dropped a message that does not decode");
                     }

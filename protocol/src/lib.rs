@@ -37,8 +37,8 @@ pub use ids::{
     LabelValue, Labels, NetName, NodeId, Reason,
 };
 pub use messages::{
-    AckResult, AgentEvent, DesiredInstance, DesiredState, FetchState, Holding, InstanceReport,
-    NodeReport, NodeStatus, NoticeKind, Presence, Version,
+    AckResult, AgentEvent, ConsoleChunk, ConsoleRequest, DesiredInstance, DesiredState, FetchState,
+    Holding, InstanceReport, NodeReport, NodeStatus, NoticeKind, Presence, Version,
 };
 pub use node::{Arch, HypervisorKind, Inventory, Resources, Usage};
 pub use spec::{

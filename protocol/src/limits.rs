@@ -19,6 +19,8 @@ pub const MAX_IMAGES: usize = 32;
 pub const MAX_CMDLINE_LEN: usize = 256;
 /// Longest base URL (the controller's image endpoint).
 pub const MAX_URL_LEN: usize = 192;
+/// Most console bytes in one chunk.
+pub const MAX_CONSOLE_CHUNK: usize = 16 * 1024;
 /// Most blobs a desired state asks to prefetch.
 pub const MAX_PREFETCH: usize = 8;
 /// Most cached blobs an inventory lists.

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::blob::{BlobRef, Digest, FetchFrom};
 use crate::codec::Message;
 use crate::ids::{FleetId, InstanceId, InstanceName, Reason};
-use crate::limits::{MAX_INSTANCES_PER_NODE, MAX_PREFETCH};
+use crate::limits::{MAX_CONSOLE_CHUNK, MAX_INSTANCES_PER_NODE, MAX_PREFETCH};
 use crate::node::{Inventory, Usage};
 use crate::spec::{InstanceSpec, InstanceState, PowerMode, PowerState};
 
@@ -232,6 +232,46 @@ pub enum AgentEvent {
         /// Why it failed, or what it waits for (empty when there is nothing to say).
         reason: Reason,
     },
+}
+
+/// The controller asks a node for an instance's console output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleRequest {
+    /// Matches the answer to the question.
+    pub request: u32,
+    /// Which instance.
+    pub id: InstanceId,
+    /// From this byte of the console log on (`None`: its last `lines` lines).
+    pub from: Option<u64>,
+    /// How many lines of the tail, when `from` is `None`.
+    pub lines: u16,
+}
+
+impl Message for ConsoleRequest {
+    const NAME: &'static str = "console-req";
+    const MAX_SIZE: usize = 32;
+}
+
+/// A node's answer: console bytes (control characters and terminal escapes removed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleChunk {
+    /// The request answered.
+    pub request: u32,
+    /// Which instance.
+    pub id: InstanceId,
+    /// Where in the log the bytes start.
+    pub start: u64,
+    /// Where the next request should start (the end of what was read).
+    pub next: u64,
+    /// The bytes, at most [`MAX_CONSOLE_CHUNK`].
+    pub data: heapless::Vec<u8, MAX_CONSOLE_CHUNK>,
+    /// Why there is nothing to read (no such instance here, no log yet).
+    pub error: Option<Reason>,
+}
+
+impl Message for ConsoleChunk {
+    const NAME: &'static str = "console";
+    const MAX_SIZE: usize = MAX_CONSOLE_CHUNK + 256;
 }
 
 /// Where one blob's download stands.

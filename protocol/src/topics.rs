@@ -35,17 +35,23 @@ pub enum Channel {
     /// [`crate::Holding`]: what the agent holds (after connecting, and when it refuses a
     /// desired state), so that a controller behind the node can adopt it.
     Holding,
+    /// [`crate::ConsoleRequest`]: the controller asks for an instance's console.
+    ConsoleRequest,
+    /// [`crate::ConsoleChunk`]: the node's answer.
+    Console,
 }
 
 impl Channel {
     /// Every channel.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::Status,
         Self::Inventory,
         Self::Report,
         Self::Event,
         Self::Desired,
         Self::Holding,
+        Self::ConsoleRequest,
+        Self::Console,
     ];
 
     /// The last topic level.
@@ -57,13 +63,15 @@ impl Channel {
             Self::Event => "event",
             Self::Desired => "desired",
             Self::Holding => "holding",
+            Self::ConsoleRequest => "console-req",
+            Self::Console => "console",
         }
     }
 
     /// Who publishes on it.
     pub const fn publisher(self) -> Side {
         match self {
-            Self::Desired => Side::Controller,
+            Self::Desired | Self::ConsoleRequest => Side::Controller,
             _ => Side::Agent,
         }
     }
@@ -90,6 +98,8 @@ impl Channel {
             Self::Event => "outpost/node/+/event",
             Self::Desired => "outpost/node/+/desired",
             Self::Holding => "outpost/node/+/holding",
+            Self::ConsoleRequest => "outpost/node/+/console-req",
+            Self::Console => "outpost/node/+/console",
         }
     }
 
@@ -169,11 +179,11 @@ mod tests {
     }
 
     #[test]
-    fn only_desired_comes_from_the_controller() {
+    fn only_desired_states_and_console_requests_come_from_the_controller() {
         for ch in Channel::ALL {
             assert_eq!(
                 ch.publisher() == Side::Controller,
-                ch == Channel::Desired,
+                matches!(ch, Channel::Desired | Channel::ConsoleRequest),
                 "{ch:?}"
             );
         }

@@ -290,7 +290,8 @@ fn record(seen: &Mutex<Seen>, topic: &str, payload: &[u8]) {
         Channel::Holding => Holding::decode(payload)
             .map(|m| upsert(&mut s.holding, node, m))
             .is_ok(),
-        Channel::Desired => true,
+        Channel::Console => ConsoleChunk::decode(payload).is_ok(),
+        Channel::Desired | Channel::ConsoleRequest => true,
     };
     if !ok {
         s.malformed += 1;

@@ -149,7 +149,11 @@ impl Fleet {
             )
         };
         self.instance_event(id, "requested", what);
-        self.instance_event(id, "scheduled", format!("on {node}: attempt 1: {placement}"));
+        self.instance_event(
+            id,
+            "scheduled",
+            format!("on {node}: attempt 1: {placement}"),
+        );
         Ok(id)
     }
 

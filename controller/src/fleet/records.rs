@@ -344,6 +344,9 @@ pub enum FleetError {
     /// A node may not fetch this blob (wrong token, or none of its instances needs it).
     #[error("not a blob this node may fetch")]
     BlobDenied,
+    /// The instance has no node (so no console).
+    #[error("instance {0} is on no node")]
+    NotPlaced(String),
     /// An instance's image has another architecture than the one asked.
     #[error("image {0} is {1}: it cannot run as {2}")]
     ImageArch(String, Arch, Arch),
