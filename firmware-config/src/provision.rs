@@ -283,6 +283,11 @@ impl Registry {
         Ok(secret)
     }
 
+    /// Writes the ACL of this build (every device: its own topics only).
+    pub fn write_acl(&self) -> Result<(), ProvisionError> {
+        write_file(&self.acl_path(), mosquitto_acl().as_bytes(), 0o644)
+    }
+
     /// A mosquitto configuration using this registry's password file and ACL; `listen` is
     /// `HOST:PORT`.
     pub fn mosquitto_conf(&self, listen: &str) -> String {

@@ -184,7 +184,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::MosquittoConf { registry, listen } => {
-            print!("{}", Registry::new(&registry).mosquitto_conf(&listen));
+            let reg = Registry::new(&registry);
+            // The ACL of this build (a registry made by an older one gains the new topics).
+            reg.write_acl()?;
+            print!("{}", reg.mosquitto_conf(&listen));
             Ok(())
         }
         Command::Install {
