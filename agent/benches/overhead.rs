@@ -100,6 +100,7 @@ fn main() {
         network: Network::None,
         restart: RestartPolicy::Never,
         labels: Labels::new(),
+        seed: None,
     };
     let kernel = std::path::absolute(images.join("vmlinuz")).unwrap();
     let bare_dir = std::path::absolute(dir.path().join("bare")).unwrap();
@@ -123,6 +124,7 @@ fn main() {
                 cmdline: "console=ttyS0 panic=-1",
             },
             disk: None,
+            seed: None,
             network: &spec.network,
             console_log: &console,
         });

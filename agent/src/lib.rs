@@ -16,6 +16,7 @@ pub mod hypervisor;
 pub mod images;
 pub mod link;
 pub mod reconcile;
+pub mod seed;
 pub mod shell;
 
 pub mod store;

@@ -257,7 +257,7 @@ impl Reconciler {
                     .instances
                     .iter()
                     .chain(&h.kept)
-                    .flat_map(|i| i.spec.boot.blobs().map(|b| b.digest))
+                    .flat_map(|i| i.spec.blobs().map(|b| b.digest))
                     .chain(h.desired.prefetch.iter().map(|b| b.digest))
             })
             .collect()
@@ -539,7 +539,7 @@ impl Reconciler {
         }
         *used = used.saturating_add(di.spec.resources());
         // Its images first: fetched and verified into the cache.
-        match fetches.want(out, di.spec.boot.blobs(), host, from) {
+        match fetches.want(out, di.spec.blobs(), host, from) {
             Err(why) => {
                 let reason = format!("fetching its image failed: {why}");
                 let kind = InstanceState::Error(ErrorKind::Fetch);

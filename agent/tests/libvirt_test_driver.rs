@@ -24,6 +24,7 @@ fn spec(boot: Boot, disk_gib: u32) -> InstanceSpec {
         network: Network::None,
         restart: RestartPolicy::OnFailure,
         labels: Labels::new(),
+        seed: None,
     }
 }
 

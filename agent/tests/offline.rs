@@ -50,6 +50,7 @@ async fn cold_boot_offline_restores_instances_from_disk() {
         network: Network::None,
         restart: RestartPolicy::Never,
         labels: Labels::new(),
+        seed: None,
     };
     let ids = [InstanceId::from_u64(1), InstanceId::from_u64(2)];
     let desired = DesiredState {

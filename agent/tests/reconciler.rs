@@ -43,6 +43,7 @@ fn spec(memory_mib: u32, restart: RestartPolicy) -> InstanceSpec {
         network: Network::None,
         restart,
         labels: Labels::new(),
+        seed: None,
     }
 }
 

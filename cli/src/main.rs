@@ -531,6 +531,25 @@ struct CreateArgs {
     /// The group's members share one node.
     #[arg(long, requires = "group")]
     affinity: bool,
+    /// cloud-init user-data (a cloud-config or a script, at most 64 KiB) on a NoCloud seed.
+    #[arg(long, value_name = "FILE")]
+    user_data: Option<std::path::PathBuf>,
+    /// An SSH public key file for the guest (one key per line; repeatable).
+    #[arg(long = "ssh-key", value_name = "FILE")]
+    ssh_keys: Vec<std::path::PathBuf>,
+    /// The guest's host name (default: the instance's name).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// cloud-init network-config (at most 64 KiB).
+    #[arg(long, value_name = "FILE")]
+    network_config: Option<std::path::PathBuf>,
+}
+
+/// A text file for the seed: UTF-8, read whole.
+fn seed_text(p: &std::path::Path, what: &str) -> anyhow::Result<String> {
+    let b = std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))?;
+    String::from_utf8(b)
+        .map_err(|_| anyhow::anyhow!("the {what} {} is not UTF-8 text", p.display()))
 }
 
 fn pairs(v: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
@@ -1240,6 +1259,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         selector: pairs(&a.selectors)?,
                         group: a.group,
                         group_policy: a.affinity.then(|| "affinity".to_owned()),
+                        user_data: a
+                            .user_data
+                            .as_deref()
+                            .map(|p| seed_text(p, "user-data"))
+                            .transpose()?,
+                        network_config: a
+                            .network_config
+                            .as_deref()
+                            .map(|p| seed_text(p, "network-config"))
+                            .transpose()?,
+                        ssh_keys: {
+                            let mut keys = Vec::new();
+                            for p in &a.ssh_keys {
+                                keys.extend(
+                                    seed_text(p, "ssh key file")?
+                                        .lines()
+                                        .map(str::trim)
+                                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                                        .map(str::to_owned),
+                                );
+                            }
+                            keys
+                        },
+                        hostname: a.hostname,
+                        seed: None,
                     };
                     let v = c.send("POST", "/v1/instances", Some(serde_json::to_value(body)?))?;
                     if w.wait {

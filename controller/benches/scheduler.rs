@@ -74,6 +74,7 @@ fn spec(k: usize) -> InstanceSpec {
         network: Network::None,
         restart: RestartPolicy::OnFailure,
         labels: Labels::new(),
+        seed: None,
     }
 }
 

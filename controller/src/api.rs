@@ -292,6 +292,67 @@ async fn add_url(api: &Api, b: UrlImage) -> Result<Json<Reply>, HttpError> {
     Ok(Json(reply))
 }
 
+/// Checks an instance's cloud-init parts and stores them as blobs (nodes fetch them like
+/// images), setting `b.seed`.
+async fn store_seed(api: &Api, b: &mut CreateBody) -> Result<(), HttpError> {
+    use crate::views::{MAX_USER_DATA, check_ssh_key};
+    for (what, text) in [
+        ("user-data", &b.user_data),
+        ("network-config", &b.network_config),
+    ] {
+        if let Some(t) = text
+            && t.len() > MAX_USER_DATA
+        {
+            return Err(bad(format!(
+                "{what} is {} bytes: at most {MAX_USER_DATA} (64 KiB)",
+                t.len()
+            )));
+        }
+    }
+    for (i, k) in b.ssh_keys.iter().enumerate() {
+        check_ssh_key(k).map_err(|e| bad(format!("ssh key {}: {e}", i + 1)))?;
+    }
+    if b.user_data.is_none()
+        && b.network_config.is_none()
+        && b.ssh_keys.is_empty()
+        && b.hostname.is_none()
+    {
+        return Ok(());
+    }
+    let keys = (!b.ssh_keys.is_empty()).then(|| b.ssh_keys.join("\n") + "\n");
+    let parts = [b.user_data.clone(), b.network_config.clone(), keys];
+    let blobs = api.blobs.clone();
+    let stored = tokio::task::spawn_blocking(move || -> Result<Vec<Option<BlobRef>>, BlobError> {
+        parts
+            .into_iter()
+            .map(|p| {
+                p.map(|text| {
+                    let mut w = blobs.writer()?;
+                    w.write(text.as_bytes())?;
+                    let (digest, size) = w.finish()?;
+                    Ok(BlobRef { digest, size })
+                })
+                .transpose()
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| {
+        HttpError(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!("the controller could not store the seed: {e}"),
+        )
+    })?;
+    b.seed = Some(outpost_protocol::Seed {
+        user_data: stored[0],
+        network_config: stored[1],
+        ssh_keys: stored[2],
+        hostname: None,
+    });
+    Ok(())
+}
+
 /// `GET /v1/events?since=SEQ&node=NODE&follow=true`.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -697,7 +758,10 @@ pub fn router(
             get(|State(a): State<Api>| async move { call(&a, Action::ListInstances).await })
                 .post(|State(a): State<Api>, body: Result<Json<CreateBody>, axum::extract::rejection::JsonRejection>| async move {
                     match body {
-                        Ok(Json(b)) => call(&a, Action::CreateInstance(Box::new(b))).await.map(|v| (StatusCode::CREATED, v)),
+                        Ok(Json(mut b)) => {
+                            store_seed(&a, &mut b).await?;
+                            call(&a, Action::CreateInstance(Box::new(b))).await.map(|v| (StatusCode::CREATED, v))
+                        }
                         Err(e) => Err(HttpError(StatusCode::BAD_REQUEST, e.body_text())),
                     }
                 }),

@@ -584,6 +584,53 @@ pub struct CreateBody {
     /// `affinity` or `anti-affinity` (default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_policy: Option<String>,
+    /// cloud-init `user-data` (at most 64 KiB), on a NoCloud seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+    /// cloud-init `network-config` (at most 64 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_config: Option<String>,
+    /// SSH public keys for the seed's `meta-data`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
+    /// The guest's host name (default: the instance's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The seed's parts once stored (set by the API from the fields above, never by a client).
+    #[serde(skip)]
+    pub seed: Option<outpost_protocol::Seed>,
+}
+
+/// The most cloud-init user-data (or network-config) an instance takes, as Nova's limit.
+pub const MAX_USER_DATA: usize = 64 * 1024;
+
+/// Checks an SSH public key line: `TYPE BASE64 [comment]`.
+pub fn check_ssh_key(k: &str) -> Result<(), String> {
+    const TYPES: [&str; 7] = [
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    ];
+    let mut f = k.split_whitespace();
+    let (Some(t), Some(b)) = (f.next(), f.next()) else {
+        return Err("expected `TYPE BASE64 [comment]`".into());
+    };
+    if !TYPES.contains(&t) {
+        return Err(format!("unknown key type {t:?}"));
+    }
+    let b64 = b.len() >= 16
+        && b.len() % 4 == 0
+        && b.trim_end_matches('=')
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/');
+    if !b64 {
+        return Err("its key is not base64".into());
+    }
+    Ok(())
 }
 
 /// Why a create request is malformed.
@@ -652,6 +699,9 @@ pub enum CreateError {
         /// The architecture asked.
         asked: Arch,
     },
+    /// The cloud-init seed is wrong.
+    #[error("{0}")]
+    Seed(String),
     /// The name breaks the naming rule.
     #[error(
         "name {name:?}: {source} (names are DNS labels: lowercase letters, digits and '-', a letter first, at most 63)"
@@ -770,6 +820,28 @@ impl CreateBody {
                 .map_err(|_| CreateError::TooManyLabels)?;
         }
         let disk_default = u32::from(matches!(boot, Boot::Disk { .. }));
+        let wants_seed = self.user_data.is_some()
+            || self.network_config.is_some()
+            || !self.ssh_keys.is_empty()
+            || self.hostname.is_some();
+        let seed = match (wants_seed, self.seed) {
+            (false, _) => None,
+            (true, None) => {
+                return Err(CreateError::Seed(
+                    "the seed's parts were not stored (the API stores them)".into(),
+                ));
+            }
+            (true, Some(mut s)) => {
+                let host = self.hostname.clone().or_else(|| self.name.clone());
+                if let Some(h) = host {
+                    s.hostname = Some(
+                        InstanceName::new(&h)
+                            .map_err(|e| CreateError::Seed(format!("hostname {h:?}: {e}")))?,
+                    );
+                }
+                Some(s)
+            }
+        };
         let spec = InstanceSpec {
             vcpus: self.vcpus.unwrap_or(DEFAULT_VCPUS),
             memory_mib: self.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
@@ -780,6 +852,7 @@ impl CreateBody {
             network,
             restart,
             labels: spec_labels,
+            seed,
         };
         let group = match (self.group, self.group_policy.as_deref()) {
             (None, None) => None,

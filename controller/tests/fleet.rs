@@ -42,6 +42,7 @@ fn spec(memory_mib: u32) -> InstanceSpec {
         network: Network::None,
         restart: RestartPolicy::OnFailure,
         labels: Labels::new(),
+        seed: None,
     }
 }
 

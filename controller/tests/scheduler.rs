@@ -39,6 +39,7 @@ fn spec(vcpus: u16, memory_mib: u32) -> InstanceSpec {
         network: Network::None,
         restart: RestartPolicy::OnFailure,
         labels: Labels::new(),
+        seed: None,
     }
 }
 

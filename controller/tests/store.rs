@@ -64,6 +64,7 @@ fn fleet_changes_survive_a_reopen() {
         network: Network::None,
         restart: RestartPolicy::Always,
         labels: Labels::new(),
+        seed: None,
     };
     f.create(
         2,
@@ -198,6 +199,7 @@ fn a_schema_3_store_from_wire_version_2_loads() {
         network: Network::None,
         restart: RestartPolicy::OnFailure,
         labels: Labels::new(),
+        seed: None,
     };
     // Version 2 named boot files only.
     let old = outpost_protocol::legacy::SpecV2 {

@@ -68,6 +68,7 @@ impl From<SpecV2> for InstanceSpec {
             network: s.network,
             restart: s.restart,
             labels: s.labels,
+            seed: None,
         }
     }
 }

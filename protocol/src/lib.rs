@@ -43,5 +43,5 @@ pub use messages::{
 pub use node::{Arch, HypervisorKind, Inventory, Resources, Usage};
 pub use spec::{
     Boot, ErrorKind, InstanceSpec, InstanceState, Network, PowerMode, PowerState, RestartPolicy,
-    SpecError,
+    Seed, SpecError,
 };

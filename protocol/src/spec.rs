@@ -5,7 +5,7 @@ use core::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::blob::{BlobRef, Image};
-use crate::ids::{Cmdline, ImageName, Labels, NetName};
+use crate::ids::{Cmdline, ImageName, InstanceName, Labels, NetName};
 use crate::node::{Arch, Resources};
 
 /// How an instance boots.
@@ -120,6 +120,31 @@ pub struct PowerMode {
     pub stop_timeout_secs: u16,
 }
 
+/// A cloud-init NoCloud seed: the agent writes its parts onto a small read-only disk labelled
+/// `cidata` (`user-data`, `meta-data` with the instance id and host name and the SSH keys,
+/// `network-config`). The parts travel as blobs, fetched like images.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seed {
+    /// `user-data` (a cloud-config, a script...), at most 64 KiB.
+    pub user_data: Option<BlobRef>,
+    /// `network-config`.
+    pub network_config: Option<BlobRef>,
+    /// SSH public keys, one per line, for `meta-data`'s `public-keys`.
+    pub ssh_keys: Option<BlobRef>,
+    /// `local-hostname` (default: the instance's name).
+    pub hostname: Option<InstanceName>,
+}
+
+impl Seed {
+    /// Its parts.
+    pub fn blobs(&self) -> impl Iterator<Item = &BlobRef> {
+        self.user_data
+            .iter()
+            .chain(&self.network_config)
+            .chain(&self.ssh_keys)
+    }
+}
+
 /// Everything an agent needs to build an instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceSpec {
@@ -141,6 +166,8 @@ pub struct InstanceSpec {
     pub restart: RestartPolicy,
     /// Its labels.
     pub labels: Labels,
+    /// A cloud-init NoCloud seed to attach (read-only, labelled `cidata`), if any.
+    pub seed: Option<Seed>,
 }
 
 /// Why an instance spec is impossible on its face (before any node is considered).
@@ -173,6 +200,13 @@ impl InstanceSpec {
             return Err(SpecError::NoDisk);
         }
         Ok(())
+    }
+
+    /// Every blob it needs on its node: its boot images and its seed's parts.
+    pub fn blobs(&self) -> impl Iterator<Item = &BlobRef> {
+        self.boot
+            .blobs()
+            .chain(self.seed.iter().flat_map(Seed::blobs))
     }
 
     /// The resources this instance claims on its node.

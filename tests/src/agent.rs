@@ -137,6 +137,7 @@ pub fn instance(id: u64, boot: Boot, memory_mib: u32) -> DesiredInstance {
             network: Network::None,
             restart: RestartPolicy::OnFailure,
             labels: Labels::new(),
+            seed: None,
         },
     }
 }

@@ -173,3 +173,74 @@ pub fn make_boot_disk(dir: &Path) -> std::path::PathBuf {
     );
     out
 }
+
+/// The test guest's kernel and an initrd (`initrd-seed.img`) whose init loads the virtio disk and
+/// FAT modules of that kernel, finds the volume labelled `CIDATA` (the cloud-init seed), mounts
+/// it and prints to its console the seed's device, the SHA-256 of its `user-data`, and its
+/// `meta-data` lines with the instance id and the SSH keys, each prefixed `SEED:`.
+pub fn install_seed_guest(image_dir: &Path) {
+    install_test_guest(image_dir);
+    let kernel = std::fs::read_dir("/boot")
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
+        .unwrap();
+    let version = kernel.trim_start_matches("vmlinuz-");
+    let mods = Path::new("/lib/modules").join(version).join("kernel");
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    for d in ["bin", "dev", "proc", "sys", "mnt", "lib/modules"] {
+        std::fs::create_dir_all(r.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", r.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", r.join("bin/sh")).unwrap();
+    let order = [
+        "drivers/virtio/virtio_ring.ko",
+        "drivers/virtio/virtio.ko",
+        "drivers/virtio/virtio_pci_legacy_dev.ko",
+        "drivers/virtio/virtio_pci_modern_dev.ko",
+        "drivers/virtio/virtio_pci.ko",
+        "drivers/block/virtio_blk.ko",
+        "fs/fat/fat.ko",
+        "fs/fat/vfat.ko",
+        "fs/nls/nls_cp437.ko",
+        "fs/nls/nls_ascii.ko",
+    ];
+    let mut load = String::new();
+    for m in order {
+        let name = Path::new(m)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        if std::fs::copy(mods.join(m), r.join("lib/modules").join(&name)).is_ok() {
+            load.push_str(&format!(
+                "/bin/busybox insmod /lib/modules/{name} 2>/dev/null\n"
+            ));
+        }
+    }
+    let init = format!(
+        "#!/bin/sh\n/bin/busybox mount -t proc proc /proc\n/bin/busybox mount -t devtmpfs dev /dev\n\
+         /bin/busybox mount -t sysfs sys /sys\n{load}\
+         echo {GUEST_MARKER} > /dev/ttyS0\n\
+         for i in 1 2 3 4 5 6 7 8 9 10; do D=$(/bin/busybox findfs LABEL=CIDATA 2>/dev/null) && break; /bin/busybox sleep 1; done\n\
+         if [ -n \"$D\" ] && /bin/busybox mount -t vfat -o ro \"$D\" /mnt; then\n\
+           echo \"SEED: device $D\" > /dev/ttyS0\n\
+           echo \"SEED: user-data $(/bin/busybox sha256sum /mnt/user-data)\" > /dev/ttyS0\n\
+           /bin/busybox sed 's/^/SEED: /' /mnt/meta-data > /dev/ttyS0\n\
+         else echo \"SEED: none; disks: $(/bin/busybox ls /dev/vd* 2>&1); $(/bin/busybox blkid 2>&1); modules: $(/bin/busybox cat /proc/modules | /bin/busybox cut -d' ' -f1 | /bin/busybox tr '\\n' ' ')\" > /dev/ttyS0; fi\n\
+         while true; do /bin/busybox sleep 3600; done\n"
+    );
+    std::fs::write(r.join("init"), init).unwrap();
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "chmod +x init && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
+            image_dir.join("initrd-seed.img").display()
+        ))
+        .current_dir(r)
+        .status()
+        .unwrap();
+    assert!(st.success(), "building the seed test initramfs failed");
+}

@@ -173,6 +173,39 @@ impl LibvirtHypervisor {
         self.lookup(id)?.ok_or(HypervisorError::NotFound(id))
     }
 
+    /// Writes the instance's cloud-init seed volume from its cached parts.
+    fn write_seed(
+        &self,
+        id: InstanceId,
+        seed: &outpost_protocol::Seed,
+        dir: &Path,
+    ) -> Result<PathBuf, HypervisorError> {
+        let cache = crate::images::Cache::new(&self.cfg.image_dir);
+        let part =
+            |b: &Option<outpost_protocol::BlobRef>| -> Result<Option<Vec<u8>>, HypervisorError> {
+                b.as_ref()
+                    .map(|b| {
+                        std::fs::read(cache.blob(&b.digest))
+                            .map_err(io(format!("reading the seed part {}", b.digest.short())))
+                    })
+                    .transpose()
+            };
+        let files = crate::seed::SeedFiles {
+            instance_id: format!("{id}-{}", self.cfg.node),
+            hostname: seed
+                .hostname
+                .as_ref()
+                .map_or_else(|| super::domain_name(id), ToString::to_string),
+            ssh_keys: String::from_utf8_lossy(&part(&seed.ssh_keys)?.unwrap_or_default())
+                .into_owned(),
+            user_data: part(&seed.user_data)?.unwrap_or_default(),
+            network_config: part(&seed.network_config)?,
+        };
+        let path = dir.join("seed.img");
+        crate::seed::write(&path, &files).map_err(io("writing the cloud-init seed"))?;
+        Ok(path)
+    }
+
     /// How long the guest has to act on the power button.
     fn grace(&self, mode: PowerMode) -> Duration {
         match mode.stop_timeout_secs {
@@ -424,6 +457,10 @@ impl Hypervisor for LibvirtHypervisor {
                     _ => BootDef::Disk,
                 };
                 let console = dir.join("console.log");
+                let seed = match &spec.seed {
+                    Some(s) => Some(self.write_seed(id, s, &dir)?),
+                    None => None,
+                };
                 let xml = domain_xml(&DomainDef {
                     id,
                     node: &self.cfg.node,
@@ -433,6 +470,7 @@ impl Hypervisor for LibvirtHypervisor {
                     memory_mib: spec.memory_mib,
                     boot,
                     disk: has_disk.then_some(disk.as_path()),
+                    seed: seed.as_deref(),
                     network: &spec.network,
                     console_log: &console,
                 });

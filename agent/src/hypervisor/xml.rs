@@ -53,6 +53,8 @@ pub struct DomainDef<'a> {
     pub boot: BootDef<'a>,
     /// The root (or data) disk, a qcow2 file.
     pub disk: Option<&'a Path>,
+    /// The cloud-init seed volume (raw FAT), attached read-only, if any.
+    pub seed: Option<&'a Path>,
     /// Network.
     pub network: &'a Network,
     /// Where the serial console is written.
@@ -136,6 +138,13 @@ pub fn domain_xml(d: &DomainDef<'_>) -> String {
             path(disk)
         );
     }
+    if let Some(seed) = d.seed {
+        let _ = writeln!(
+            x,
+            "    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vdb' bus='virtio'/><readonly/></disk>",
+            path(seed)
+        );
+    }
     match d.network {
         Network::None => {}
         Network::Libvirt { network } => {
@@ -182,6 +191,7 @@ mod tests {
             memory_mib: 256,
             boot,
             disk: None,
+            seed: None,
             network: net,
             console_log: Path::new("/var/lib/outpost/instances/x/console.log"),
         }

@@ -353,7 +353,7 @@ impl Fleet {
         }
         let needed = self
             .on_node(node)
-            .any(|i| i.spec.boot.blobs().any(|b| b.digest == *digest))
+            .any(|i| i.spec.blobs().any(|b| b.digest == *digest))
             || self
                 .nodes
                 .get(node)
@@ -361,13 +361,13 @@ impl Fleet {
         if !needed {
             return Err(FleetError::BlobDenied);
         }
+        // The controller's own copy first; a seed part has no catalogue entry: its own.
         let rec = self
             .images
             .values()
             .filter(|i| i.blob.digest == *digest)
-            .min_by_key(|i| i.url.is_some()) // the controller's own copy first
-            .ok_or(FleetError::BlobDenied)?;
-        Ok(match &rec.url {
+            .min_by_key(|i| i.url.is_some());
+        Ok(match rec.and_then(|r| r.url.as_ref()) {
             None => BlobSource::Local(*digest),
             Some(u) => BlobSource::Url(u.clone()),
         })

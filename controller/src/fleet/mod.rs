@@ -261,7 +261,6 @@ impl Fleet {
             return Vec::new();
         };
         i.spec
-            .boot
             .blobs()
             .filter_map(|b| {
                 self.fetches

@@ -63,6 +63,7 @@ pub fn spec() -> InstanceSpec {
         },
         restart: RestartPolicy::OnFailure,
         labels: labels(&["app=cam"]),
+        seed: None,
     }
 }
 
@@ -81,6 +82,12 @@ pub fn kernel_spec() -> InstanceSpec {
         network: Network::None,
         restart: RestartPolicy::Never,
         labels: Labels::new(),
+        seed: Some(Seed {
+            user_data: Some(blob(0x77)),
+            network_config: None,
+            ssh_keys: Some(blob(0x88)),
+            hostname: Some(InstanceName::new("fw").unwrap()),
+        }),
     }
 }
 
@@ -247,6 +254,21 @@ pub fn max_spec() -> InstanceSpec {
         },
         restart: RestartPolicy::Always,
         labels: max_labels(),
+        seed: Some(Seed {
+            user_data: Some(BlobRef {
+                digest: Digest([0xff; 32]),
+                size: u64::MAX,
+            }),
+            network_config: Some(BlobRef {
+                digest: Digest([0xfe; 32]),
+                size: u64::MAX,
+            }),
+            ssh_keys: Some(BlobRef {
+                digest: Digest([0xfd; 32]),
+                size: u64::MAX,
+            }),
+            hostname: Some(max_name()),
+        }),
     }
 }
 
@@ -485,6 +507,7 @@ pub fn arb_spec() -> impl Strategy<Value = InstanceSpec> {
                 network,
                 restart,
                 labels,
+                seed: None,
             },
         )
 }

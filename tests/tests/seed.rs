@@ -1,0 +1,105 @@
+//! cloud-init NoCloud: user-data, SSH keys and a host name given at create reach a real guest
+//! on a read-only volume labelled `cidata`, which the guest's init mounts by label and prints.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use outpost_tests::*;
+
+const BOOT: Duration = Duration::from_secs(120);
+
+#[test]
+fn the_guest_reads_its_seed() {
+    assert!(ensure_libvirtd(), "libvirtd could not be started");
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    let mut a = Agent::real(dir.path(), "seed-1", ctl.mqtt_port, "real");
+    install_seed_guest(&a.state_dir.join("images"));
+    a.start();
+    ctl.wait_nodes_up(1);
+    let user_data = dir.path().join("user-data");
+    std::fs::write(
+        &user_data,
+        "#cloud-config\nruncmd:\n  - echo hello from outpost\n",
+    )
+    .unwrap();
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f operator@laptop";
+    let keyfile = dir.path().join("id.pub");
+    std::fs::write(&keyfile, format!("# the operator's key\n{key}\n")).unwrap();
+
+    // Bad input first: a key that does not parse, user-data over the limit.
+    let bad = dir.path().join("bad.pub");
+    std::fs::write(&bad, "ssh-ed25519 not-base64!\n").unwrap();
+    let e = ctl
+        .create("s-bad", &["--ssh-key", bad.to_str().unwrap()])
+        .unwrap_err();
+    assert!(e.contains("ssh key 1") && e.contains("base64"), "{e}");
+    let big = dir.path().join("big");
+    std::fs::write(&big, "x".repeat(70_000)).unwrap();
+    let e = ctl
+        .create("s-big", &["--user-data", big.to_str().unwrap()])
+        .unwrap_err();
+    assert!(e.contains("at most 65536"), "{e}");
+    let binary = dir.path().join("binary");
+    std::fs::write(&binary, [0xffu8, 0xfe, 0x00]).unwrap();
+    let e = ctl
+        .create("s-bin", &["--user-data", binary.to_str().unwrap()])
+        .unwrap_err();
+    assert!(e.contains("not UTF-8"), "{e}");
+
+    let v = ctl
+        .cli(&[
+            "instances",
+            "create",
+            "seeded",
+            "--kernel",
+            "vmlinuz",
+            "--initrd",
+            "initrd-seed.img",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--memory",
+            "256",
+            "--user-data",
+            user_data.to_str().unwrap(),
+            "--ssh-key",
+            keyfile.to_str().unwrap(),
+            "--hostname",
+            "edge-web",
+            "--wait",
+            "--timeout",
+            "120",
+        ])
+        .unwrap();
+    assert_eq!(v["phase"], "running", "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let console = a.state_dir.join("instances").join(&id).join("console.log");
+    let text = wait_for(BOOT, "the guest's seed lines", || {
+        let t = std::fs::read_to_string(&console).ok()?;
+        (t.contains("operator@laptop") || t.contains("SEED: none")).then_some(t)
+    });
+    let digest = {
+        let out = std::process::Command::new("sha256sum")
+            .arg(&user_data)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    assert!(
+        text.contains(&format!("SEED: user-data {digest}")),
+        "{text}"
+    );
+    assert!(text.contains(key), "the key in meta-data: {text}");
+    assert!(text.contains("local-hostname: edge-web"), "{text}");
+    assert!(
+        text.contains(&format!("instance-id: {id}-seed-1")),
+        "{text}"
+    );
+    ctl.cli(&["instances", "delete", "seeded", "--wait", "--timeout", "60"])
+        .unwrap();
+}
