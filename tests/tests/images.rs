@@ -369,10 +369,12 @@ fn downloads_resume_after_a_cut_link_and_restarts() {
     assert!(v["downloads"].as_array().is_none_or(Vec::is_empty), "{v}");
     let cached = a.state_dir.join("images/sha256").join(&sha);
     assert_eq!(sha256(&cached), sha);
-    // Resumed, not restarted: the link carried little more than the image.
+    // Resumed, not restarted: the link carried the image, plus at most what the killed agent
+    // had received but not yet written (its 256 KiB batch and 256 KiB write buffer) and the
+    // requests' headers.
     let ratio = link.bytes() as f64 / size as f64;
     eprintln!("bytes over the link / image size: {ratio:.3}");
-    assert!(ratio < 1.05, "{ratio}");
+    assert!(link.bytes() <= size + (576 << 10), "{ratio}");
 }
 
 /// `outpost images prefetch` seeds the nodes a selector names, a few at a time, and `--wait`

@@ -20,8 +20,9 @@ use sha2::Digest as _;
 
 use super::cache::{Cache, free_bytes};
 
-/// Bytes handed to the writer and the hasher at a time.
-const BATCH: usize = 1 << 20;
+/// Bytes handed to the writer and the hasher at a time (with the writer's buffer, what an
+/// agent killed mid-download may lose and fetch again).
+const BATCH: usize = 256 << 10;
 
 /// Bytes written between two starts of the partial file's writeback.
 const WRITEBACK_EVERY: u64 = 32 << 20;
@@ -406,7 +407,7 @@ async fn attempt(
                 let _ = syncer.sync_data();
             }
         });
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        let mut w = std::io::BufWriter::with_capacity(BATCH, f);
         let (mut written, mut since_sync) = (have, 0u64);
         while let Some(chunk) = rx.blocking_recv() {
             w.write_all(&chunk)
