@@ -20,7 +20,9 @@ pub enum DecodeError {
         max: usize,
     },
     /// The payload was written by a protocol version this build does not speak.
-    #[error("unknown wire version {0}")]
+    #[error(
+        "wire version {0}, but this build speaks version {WIRE_VERSION}: upgrade the controller and the agents together"
+    )]
     UnknownVersion(u8),
     /// The body does not decode as this message (truncated, bad tag, bound exceeded, bad id).
     #[error("malformed body")]

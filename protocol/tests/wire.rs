@@ -171,6 +171,15 @@ fn unknown_version_is_refused() {
             Err(DecodeError::UnknownVersion(v))
         );
     }
+    // The message says what to do.
+    bytes[0] = 3;
+    let msg = NodeReport::decode(&bytes).unwrap_err().to_string();
+    assert!(
+        msg.contains("wire version 3")
+            && msg.contains("speaks version 4")
+            && msg.contains("upgrade"),
+        "{msg}"
+    );
 }
 
 #[test]
