@@ -63,7 +63,7 @@ impl Controller {
             .arg("5")
             .args(&self.args);
         self.proc = Some(Proc::spawn(cmd, self.data_dir.with_extension("log")));
-        wait_for(Duration::from_secs(20), "the controller's API", || {
+        wait_for(Duration::from_secs(60), "the controller's API", || {
             self.cli(&["nodes", "list"]).ok()
         });
     }
