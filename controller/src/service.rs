@@ -368,6 +368,7 @@ pub async fn serve(
     tracing::info!(listen = %cfg.api_listen, "HTTP API listening");
     let (events_tx, _) = tokio::sync::broadcast::channel::<crate::views::EventView>(4096);
     let consoles = Consoles::default();
+    let blob_store = crate::blobs::BlobStore::new(&cfg.data_dir);
     let app = crate::api::router(
         call_tx,
         cfg.api_token.clone(),
@@ -443,6 +444,11 @@ pub async fn serve(
                 for e in &changes.events {
                     // Nobody listening is fine.
                     let _ = events_tx.send(crate::views::EventView::from(e));
+                }
+                for d in &changes.dropped_blobs {
+                    if let Err(e) = blob_store.remove(d) {
+                        tracing::warn!(error = %e, "an unreferenced blob could not be removed");
+                    }
                 }
                 publish(&client, changes.publish).await;
                 for (reply, _, r) in replies.drain(..) {

@@ -100,6 +100,12 @@ fn the_guest_reads_its_seed() {
         text.contains(&format!("instance-id: {id}-seed-1")),
         "{text}"
     );
+    let stored = ctl.data_dir.join("blobs/sha256").join(&digest);
+    assert!(stored.exists(), "the user-data is a blob on the controller");
     ctl.cli(&["instances", "delete", "seeded", "--wait", "--timeout", "60"])
         .unwrap();
+    // Deleted with its instance: nothing refers to it any more.
+    wait_for(Duration::from_secs(10), "the seed's blobs removed", || {
+        (!stored.exists()).then_some(())
+    });
 }

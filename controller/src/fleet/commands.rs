@@ -251,6 +251,17 @@ impl Fleet {
             if let Some(g) = &i.group {
                 unindex(&mut self.by_group, g, id);
             }
+            // Its cloud-init parts, once nothing else refers to them: the shell deletes them.
+            for b in i.spec.seed.iter().flat_map(outpost_protocol::Seed::blobs) {
+                let used = self
+                    .instances
+                    .values()
+                    .any(|x| x.spec.blobs().any(|y| y.digest == b.digest))
+                    || self.images.values().any(|r| r.blob.digest == b.digest);
+                if !used && !self.journal.dropped_blobs.contains(&b.digest) {
+                    self.journal.dropped_blobs.push(b.digest);
+                }
+            }
         }
         self.journal.instances.remove(&id);
         self.journal.removed.insert(id);

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use outpost_protocol::limits::MAX_PREFETCH;
 use outpost_protocol::{
-    DesiredInstance, DesiredState, FetchFrom, InstanceId, InstanceName, NodeId, Version,
+    DesiredInstance, DesiredState, Digest, FetchFrom, InstanceId, InstanceName, NodeId, Version,
 };
 
 use super::events::EventRecord;
@@ -37,6 +37,8 @@ pub struct Journal {
     pub removed_images: BTreeSet<(String, String)>,
     /// Events to store.
     pub events: Vec<EventRecord>,
+    /// Blobs nothing refers to any more (deleted instances' seed parts).
+    pub dropped_blobs: Vec<Digest>,
 }
 
 /// What changed since the last [`Fleet::take_changes`]: store it, then publish.
@@ -63,6 +65,8 @@ pub struct Changes {
     pub removed_images: Vec<(String, String)>,
     /// Events to store (and stream once stored).
     pub events: Vec<EventRecord>,
+    /// Blobs to delete from the blob store once the rest is stored.
+    pub dropped_blobs: Vec<Digest>,
 }
 
 impl Changes {
@@ -162,6 +166,7 @@ impl Fleet {
                 .into_iter()
                 .collect(),
             events: std::mem::take(&mut self.journal.events),
+            dropped_blobs: std::mem::take(&mut self.journal.dropped_blobs),
             nodes: std::mem::take(&mut self.journal.nodes)
                 .iter()
                 .filter_map(|n| self.nodes.get(n).cloned())
@@ -211,6 +216,7 @@ impl Fleet {
         }
         self.journal.removed_images.extend(c.removed_images);
         self.journal.events.extend(c.events);
+        self.journal.dropped_blobs.extend(c.dropped_blobs);
         self.journal
             .publish
             .extend(c.publish.into_iter().map(|(n, _)| n));
