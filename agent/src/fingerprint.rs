@@ -29,16 +29,7 @@ pub fn scan_images(dir: &Path) -> BTreeSet<ImageName> {
 
 /// Free space (for unprivileged users) of the file system holding `dir`, in GiB.
 pub fn disk_free_gib(dir: &Path) -> u32 {
-    #[allow(
-        clippy::useless_conversion,
-        reason = "the C types are narrower on 32-bit targets"
-    )]
-    nix::sys::statvfs::statvfs(dir)
-        .map(|s| {
-            let bytes = u64::from(s.blocks_available()) * u64::from(s.fragment_size());
-            u32::try_from(bytes >> 30).unwrap_or(u32::MAX)
-        })
-        .unwrap_or(0)
+    u32::try_from(crate::images::cache::free_bytes(dir) >> 30).unwrap_or(u32::MAX)
 }
 
 /// The inventory and the admission facts of a host.

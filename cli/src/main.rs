@@ -988,19 +988,22 @@ fn event_rows(v: &Value) -> anyhow::Result<()> {
 }
 
 impl Client {
-    /// Prints an instance's console as it comes (Server-Sent Events), until interrupted or its
-    /// node stops answering (then a non-zero exit with the reason).
-    fn follow_console(&self, key: &str, lines: u16, json: bool) -> anyhow::Result<()> {
+    /// Opens a Server-Sent Events stream at `path` (no overall timeout: it lasts until
+    /// interrupted), calls `opened` once it is, and hands each message's event name and data to
+    /// `on`; `what` names the stream in errors.
+    fn stream(
+        &self,
+        path: &str,
+        what: &str,
+        opened: impl FnOnce(),
+        mut on: impl FnMut(&str, &str) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         use std::io::BufRead as _;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .build()
             .into();
-        let url = format!(
-            "{}/v1/instances/{}/console?lines={lines}&follow=true",
-            self.base.trim_end_matches('/'),
-            seg(key)
-        );
+        let url = format!("{}{path}", self.base.trim_end_matches('/'));
         let mut r = agent.get(&url).header("Accept", "text/event-stream");
         if let Some(t) = &self.token {
             r = r.header("Authorization", &format!("Bearer {t}"));
@@ -1016,78 +1019,71 @@ impl Client {
                 resp.status().as_u16()
             );
         }
+        opened();
         let reader = std::io::BufReader::new(resp.into_body().into_reader());
         let mut event = String::new();
         for line in reader.lines() {
-            let line = line.context("the console stream broke")?;
+            let line = line.with_context(|| format!("the {what} stream broke"))?;
             if let Some(e) = line.strip_prefix("event:") {
                 event = e.trim().to_owned();
-                continue;
-            }
-            let Some(data) = line.strip_prefix("data:") else {
-                continue;
-            };
-            let data = data.strip_prefix(' ').unwrap_or(data);
-            if event == "end" {
-                bail!("{data}");
-            }
-            let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
-            if json {
-                say!("{v}");
-            } else {
-                emit_raw(v["text"].as_str().unwrap_or_default());
+            } else if let Some(data) = line.strip_prefix("data:") {
+                on(&event, data.strip_prefix(' ').unwrap_or(data))?;
             }
         }
-        bail!("the controller closed the console stream")
+        bail!("the controller closed the {what} stream")
+    }
+
+    /// Prints an instance's console as it comes (Server-Sent Events), until interrupted or its
+    /// node stops answering (then a non-zero exit with the reason).
+    fn follow_console(&self, key: &str, lines: u16, json: bool) -> anyhow::Result<()> {
+        let path = format!(
+            "/v1/instances/{}/console?lines={lines}&follow=true",
+            seg(key)
+        );
+        self.stream(
+            &path,
+            "console",
+            || {},
+            |event, data| {
+                if event == "end" {
+                    bail!("{data}");
+                }
+                let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+                if json {
+                    say!("{v}");
+                } else {
+                    emit_raw(v["text"].as_str().unwrap_or_default());
+                }
+                Ok(())
+            },
+        )
     }
 
     /// Prints the fleet's events as they come (Server-Sent Events), until interrupted or the
     /// controller goes away.
     fn follow_events(&self, query: &str, json: bool) -> anyhow::Result<()> {
-        use std::io::BufRead as _;
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let url = format!(
-            "{}/v1/events?follow=true{query}",
-            self.base.trim_end_matches('/')
-        );
-        let mut r = agent.get(&url).header("Accept", "text/event-stream");
-        if let Some(t) = &self.token {
-            r = r.header("Authorization", &format!("Bearer {t}"));
-        }
-        let mut resp = r
-            .call()
-            .with_context(|| format!("cannot reach the controller at {}", self.base))?;
-        if !resp.status().is_success() {
-            let v: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
-            bail!(
-                "{} (HTTP {})",
-                v["error"].as_str().unwrap_or("request failed"),
-                resp.status().as_u16()
-            );
-        }
-        if !json {
-            say!("{}", EVENT_HEADERS.join("  "));
-        }
-        let reader = std::io::BufReader::new(resp.into_body().into_reader());
-        for line in reader.lines() {
-            let line = line.context("the event stream broke")?;
-            let Some(data) = line.strip_prefix("data:") else {
-                continue;
-            };
-            let Ok(e) = serde_json::from_str::<EventView>(data.trim()) else {
-                say!("{}", data.trim());
-                continue;
-            };
-            if json {
-                say!("{}", serde_json::to_string(&e)?);
-            } else {
-                say!("{}", event_row(&e).join("  "));
+        let header = || {
+            if !json {
+                say!("{}", EVENT_HEADERS.join("  "));
             }
-        }
-        bail!("the controller closed the event stream")
+        };
+        self.stream(
+            &format!("/v1/events?follow=true{query}"),
+            "event",
+            header,
+            |_, data| {
+                let Ok(e) = serde_json::from_str::<EventView>(data.trim()) else {
+                    say!("{}", data.trim());
+                    return Ok(());
+                };
+                if json {
+                    say!("{}", serde_json::to_string(&e)?);
+                } else {
+                    say!("{}", event_row(&e).join("  "));
+                }
+                Ok(())
+            },
+        )
     }
 }
 

@@ -108,6 +108,17 @@ async fn ask(api: &Api, action: Action) -> Result<Reply, HttpError> {
     Ok(rx.await.map_err(|_| ActionError::ShuttingDown)??)
 }
 
+/// The query of `uri` as `T`, if it has one (a malformed one: 400).
+fn query<T: serde::de::DeserializeOwned>(uri: &axum::http::Uri) -> Result<Option<T>, HttpError> {
+    uri.query()
+        .map(|_| {
+            Query::<T>::try_from_uri(uri)
+                .map(|q| q.0)
+                .map_err(|e| bad(e.body_text()))
+        })
+        .transpose()
+}
+
 fn bad(msg: impl Into<String>) -> HttpError {
     HttpError(StatusCode::BAD_REQUEST, msg.into())
 }
@@ -782,12 +793,8 @@ pub fn router(
                         .get(axum::http::header::CONTENT_TYPE)
                         .and_then(|v| v.to_str().ok())
                         .is_some_and(|t| t.starts_with("application/json"));
-                    let q = match uri.query() {
-                        None => None,
-                        Some(_) => Some(Query::<UploadQuery>::try_from_uri(&uri).map_err(|e| bad(e.body_text()))?),
-                    };
-                    let r = match (q, json) {
-                        (Some(Query(q)), _) => upload(&a, q, body).await,
+                    let r = match (query::<UploadQuery>(&uri)?, json) {
+                        (Some(q), _) => upload(&a, q, body).await,
                         (None, true) => {
                             let bytes = axum::body::to_bytes(body, 64 * 1024).await.map_err(|e| bad(e.to_string()))?;
                             let b: UrlImage = serde_json::from_slice(&bytes).map_err(|e| bad(format!("bad image: {e}")))?;
@@ -805,19 +812,11 @@ pub fn router(
                 .delete(|State(a): State<Api>, Path(k): Key| async move { delete_image(&a, k).await }),
         )
         .route("/v1/instances/{key}/console", get(|State(a): State<Api>, Path(k): Key, uri: axum::http::Uri| async move {
-            let q = match uri.query() {
-                None => ConsoleQuery::default(),
-                Some(_) => Query::<ConsoleQuery>::try_from_uri(&uri).map_err(|e| bad(e.body_text()))?.0,
-            };
-            console_http(&a, k, q).await
+            console_http(&a, k, query(&uri)?.unwrap_or_default()).await
         }))
         .route("/v1/instances/{key}/events", get(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::InstanceEvents(k)).await }))
         .route("/v1/events", get(|State(a): State<Api>, uri: axum::http::Uri| async move {
-            let q = match uri.query() {
-                None => EventsQuery::default(),
-                Some(_) => Query::<EventsQuery>::try_from_uri(&uri).map_err(|e| bad(e.body_text()))?.0,
-            };
-            events(&a, q).await
+            events(&a, query(&uri)?.unwrap_or_default()).await
         }))
         .route("/v1/images/{key}/prefetch", post(|State(a): State<Api>, Path(k): Key, body: Result<Json<PrefetchBody>, axum::extract::rejection::JsonRejection>| async move {
             let b = body.map_err(|e| bad(e.body_text()))?.0;

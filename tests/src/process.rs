@@ -157,3 +157,13 @@ impl Drop for Proc {
         self.kill();
     }
 }
+
+/// The SHA-256 of a file, in hex (by `sha256sum`, independent of the code under test).
+pub fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}

@@ -9,18 +9,6 @@ use outpost_tests::*;
 
 const T: Duration = Duration::from_secs(120);
 
-fn sha256(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 /// Appends a `[downloads]` section to an agent's config.
 fn downloads(a: &Agent, toml: &str) {
     let mut text = std::fs::read_to_string(&a.config).unwrap();

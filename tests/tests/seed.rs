@@ -79,17 +79,7 @@ fn the_guest_reads_its_seed() {
         let t = std::fs::read_to_string(&console).ok()?;
         (t.contains("operator@laptop") || t.contains("SEED: none")).then_some(t)
     });
-    let digest = {
-        let out = std::process::Command::new("sha256sum")
-            .arg(&user_data)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_owned()
-    };
+    let digest = sha256(&user_data);
     assert!(
         text.contains(&format!("SEED: user-data {digest}")),
         "{text}"
