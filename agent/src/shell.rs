@@ -8,11 +8,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outpost_protocol::limits::MAX_CONSOLE_CHUNK;
+use outpost_protocol::limits::{MAX_CONSOLE_CHUNK, MAX_NICS};
 use outpost_protocol::topics::{self, Channel};
 use outpost_protocol::{
-    AgentEvent, Backoff, BlobRef, ConsoleChunk, ConsoleRequest, DesiredState, ErrorKind, FetchFrom,
-    FetchState, InstanceId, Inventory, Message, NodeStatus, NoticeKind, Presence, Reason,
+    Addresses, AgentEvent, Backoff, BlobRef, ConsoleChunk, ConsoleRequest, DesiredState, ErrorKind,
+    FetchFrom, FetchState, InstanceId, InstanceNics, InstanceState, Inventory, Message, NodeStatus,
+    NoticeKind, Presence, Reason,
 };
 use rumqttc::{AsyncClient, ConnectionError, QoS};
 use tokio::sync::mpsc;
@@ -82,6 +83,11 @@ struct Shell {
     fetch_slots: Arc<tokio::sync::Semaphore>,
     /// The HTTP(S) client for downloads.
     http: crate::images::fetch::Client,
+    /// The instances' addresses as last read (published retained on every connect and change).
+    addresses: Addresses,
+    /// Reading the addresses: the result comes back here; at most one read at a time.
+    addr_tx: mpsc::UnboundedSender<Addresses>,
+    addr_busy: bool,
 }
 
 /// What a download tells the agent's loop.
@@ -318,6 +324,7 @@ impl Shell {
             self.publish_event(&ev);
         }
         self.publish_holding();
+        self.publish(Channel::Addresses, encode(&self.addresses));
         for (kind, reason) in self.notices.clone() {
             self.publish_event(&AgentEvent::Notice {
                 kind,
@@ -408,6 +415,55 @@ impl Shell {
                 );
             }
             _ => {}
+        }
+    }
+
+    /// Reads the running instances' addresses on a blocking thread (the answer comes back on
+    /// `addr_tx`); one read at a time.
+    fn read_addresses(&mut self) {
+        if self.addr_busy || self.hv_down {
+            return;
+        }
+        self.addr_busy = true;
+        let running: Vec<InstanceId> = self
+            .rec
+            .report()
+            .instances
+            .iter()
+            .filter(|i| i.state == InstanceState::Running)
+            .map(|i| i.id)
+            .collect();
+        let hv = Arc::clone(&self.hv);
+        let tx = self.addr_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Addresses::default();
+            for id in running {
+                let nics = match hv.addresses(id) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::debug!(%id, error = %e, "cannot read addresses");
+                        continue;
+                    }
+                };
+                if nics.is_empty() {
+                    continue;
+                }
+                let nics = nics.into_iter().take(MAX_NICS).collect();
+                let _ = out.instances.push(InstanceNics { id, nics });
+            }
+            let _ = tx.send(out);
+        });
+    }
+
+    /// Publishes the addresses read if they changed.
+    fn addresses_read(&mut self, a: Addresses) {
+        self.addr_busy = false;
+        if a != self.addresses {
+            tracing::info!(instances = a.instances.len(), "instance addresses changed");
+            self.addresses = a;
+            if self.connected {
+                self.publish(Channel::Addresses, encode(&self.addresses));
+            }
         }
     }
 
@@ -556,6 +612,7 @@ async fn run_loop(
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel();
+    let (addr_tx, mut addr_rx) = mpsc::unbounded_channel();
     let http = crate::images::fetch::Client::new(cfg.tls.as_ref().map(|t| t.ca_pem.as_slice()));
     let fetch_slots = Arc::new(tokio::sync::Semaphore::new(cfg.downloads.concurrent.max(1)));
     let desired_topic = topics::topic(&cfg.node_id, Channel::Desired);
@@ -597,6 +654,9 @@ async fn run_loop(
         fetch_tx,
         fetch_slots,
         http,
+        addresses: Addresses::default(),
+        addr_tx,
+        addr_busy: false,
     };
     let mut pass_due = true;
     tokio::pin!(shutdown);
@@ -670,11 +730,13 @@ async fn run_loop(
                 sh.apply(effects);
                 pass_due = true;
             }
+            Some(a) = addr_rx.recv() => sh.addresses_read(a),
             _ = reconcile_tick.tick() => pass_due = true,
             // The core said when it needs the next pass (a retry or a restart after back-off).
             () = wake_at(sh.rec.next_pass(Instant::now())) => pass_due = true,
             _ = report_tick.tick() => {
                 sh.refresh_host().await?;
+                sh.read_addresses();
                 if sh.connected && sh.synced {
                     // A live link to the fleet's broker counts as contact: while it is up, the
                     // controller sees this node and does not rebuild its instances elsewhere.

@@ -915,6 +915,14 @@ fn instance_detail(v: &Value) -> anyhow::Result<()> {
     );
     say!("boot          {}", i.boot);
     say!("network       {}", i.network);
+    for nic in &i.addresses {
+        let ips = if nic.ips.is_empty() {
+            "no IP address yet".to_owned()
+        } else {
+            nic.ips.join(", ")
+        };
+        say!("  interface   {}  {ips}", nic.mac);
+    }
     say!("restart       {}", i.restart);
     say!("labels        {}", i.labels.join(", "));
     say!("selector      {}", i.selector.join(", "));
@@ -1098,6 +1106,7 @@ fn instance_rows(v: &Value) -> anyhow::Result<()> {
             "NAME",
             "PHASE",
             "NODE",
+            "IP",
             "VCPUS",
             "MEMORY MIB",
             "IMAGE",
@@ -1110,6 +1119,7 @@ fn instance_rows(v: &Value) -> anyhow::Result<()> {
                     i.name,
                     i.phase,
                     i.node.unwrap_or_else(|| "-".into()),
+                    i.ip.unwrap_or_else(|| "-".into()),
                     i.vcpus.to_string(),
                     i.memory_mib.to_string(),
                     i.image,

@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use outpost_protocol::topics::{self, Channel};
 use outpost_protocol::{
-    AgentEvent, ConsoleChunk, FleetId, Holding, InstanceId, Inventory, Message, NodeId, NodeReport,
-    NodeStatus,
+    Addresses, AgentEvent, ConsoleChunk, FleetId, Holding, InstanceId, Inventory, Message, NodeId,
+    NodeReport, NodeStatus,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
 use tokio::sync::mpsc;
@@ -183,6 +183,9 @@ pub fn ingest(fleet: &mut Fleet, now: u64, topic: &str, payload: &[u8]) -> bool 
         Channel::Holding => Holding::decode(payload)
             .map(|h| fleet.on_holding(now, &node, h))
             .is_ok(),
+        Channel::Addresses => Addresses::decode(payload)
+            .map(|a| fleet.on_addresses(&node, a))
+            .is_ok(),
         // Answers to console requests go to the API (see `Consoles`); the controller's own.
         Channel::Desired | Channel::ConsoleRequest | Channel::Console => true,
     }
@@ -325,6 +328,7 @@ pub async fn serve(
                         Channel::Event,
                         Channel::Holding,
                         Channel::Console,
+                        Channel::Addresses,
                     ] {
                         let _ = sub.subscribe(ch.all_nodes(), QoS::AtLeastOnce).await;
                     }

@@ -131,6 +131,21 @@ pub struct InstanceView {
     /// Its images' downloads on its node, while they run (or after they failed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub downloads: Vec<DownloadView>,
+    /// Its first IP address (without prefix), once its node has found one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// Its network interfaces, as its node reports them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<NicView>,
+}
+
+/// A network interface as shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NicView {
+    /// Its MAC address.
+    pub mac: String,
+    /// Its IP addresses with their prefix lengths (`192.168.122.10/24`), IPv4 first.
+    pub ips: Vec<String>,
 }
 
 /// Resources as shown: named fields.
@@ -297,6 +312,8 @@ impl InstanceView {
             power_mode: None,
             placement: String::new(),
             downloads: Vec::new(),
+            ip: None,
+            addresses: Vec::new(),
         }
     }
 }
@@ -459,6 +476,19 @@ impl InstanceView {
         };
         v.image = image;
         v.boot = boot;
+        let nics = fleet.addresses_of(i);
+        v.ip = nics
+            .iter()
+            .flat_map(|n| n.ips.iter())
+            .next()
+            .map(|ip| ip.addr().to_string());
+        v.addresses = nics
+            .iter()
+            .map(|n| NicView {
+                mac: n.mac.to_string(),
+                ips: n.ips.iter().map(ToString::to_string).collect(),
+            })
+            .collect();
         v.downloads = fleet
             .fetches_of(i)
             .into_iter()

@@ -17,6 +17,7 @@ extern crate std;
 #[cfg(feature = "std")]
 extern crate alloc;
 
+mod addresses;
 pub mod backoff;
 mod blob;
 mod codec;
@@ -29,6 +30,7 @@ mod spec;
 pub mod topics;
 pub use topics::TopicError;
 
+pub use addresses::{Addresses, BadMac, InstanceNics, IpNet, Mac, Nic};
 pub use backoff::Backoff;
 pub use blob::{BaseUrl, BlobRef, Digest, FetchFrom, Image, ShortDigest};
 pub use codec::{DecodeError, EncodeError, Message, WIRE_VERSION};

@@ -33,5 +33,9 @@ pub const MAX_NET_NAME_LEN: usize = 15;
 pub const MAX_REASON_LEN: usize = 160;
 /// Most instances one node can be asked to run.
 pub const MAX_INSTANCES_PER_NODE: usize = 32;
+/// Most network interfaces reported per instance.
+pub const MAX_NICS: usize = 2;
+/// Most IP addresses reported per network interface.
+pub const MAX_IPS_PER_NIC: usize = 4;
 /// Longest topic this crate produces.
 pub const MAX_TOPIC_LEN: usize = 64;

@@ -39,11 +39,13 @@ pub enum Channel {
     ConsoleRequest,
     /// [`crate::ConsoleChunk`]: the node's answer.
     Console,
+    /// [`crate::Addresses`]: the MAC and IP addresses of the node's instances.
+    Addresses,
 }
 
 impl Channel {
     /// Every channel.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Status,
         Self::Inventory,
         Self::Report,
@@ -52,6 +54,7 @@ impl Channel {
         Self::Holding,
         Self::ConsoleRequest,
         Self::Console,
+        Self::Addresses,
     ];
 
     /// The last topic level.
@@ -65,6 +68,7 @@ impl Channel {
             Self::Holding => "holding",
             Self::ConsoleRequest => "console-req",
             Self::Console => "console",
+            Self::Addresses => "addresses",
         }
     }
 
@@ -86,7 +90,10 @@ impl Channel {
 
     /// Whether messages are published retained (the latest one is what a newcomer needs).
     pub const fn retained(self) -> bool {
-        matches!(self, Self::Status | Self::Inventory | Self::Desired)
+        matches!(
+            self,
+            Self::Status | Self::Inventory | Self::Desired | Self::Addresses
+        )
     }
 
     /// The subscription filter that matches this channel on every node (`outpost/node/+/report`).
@@ -100,6 +107,7 @@ impl Channel {
             Self::Holding => "outpost/node/+/holding",
             Self::ConsoleRequest => "outpost/node/+/console-req",
             Self::Console => "outpost/node/+/console",
+            Self::Addresses => "outpost/node/+/addresses",
         }
     }
 
@@ -114,7 +122,7 @@ pub type Topic = heapless::String<MAX_TOPIC_LEN>;
 /// The topic of `channel` in `node`'s namespace.
 pub fn topic(node: &NodeId, channel: Channel) -> Topic {
     let mut t = Topic::new();
-    // Cannot fail: prefix (13) + node id (<= 32) + '/' + channel name (<= 9) <= 64.
+    // Cannot fail: prefix (13) + node id (<= 32) + '/' + channel name (<= 11) <= 64.
     let _ = write!(t, "{NODE_PREFIX}{node}/{}", channel.name());
     t
 }

@@ -98,6 +98,8 @@ pub struct Seen {
     pub events: Vec<(NodeId, AgentEvent)>,
     /// Latest holding per node.
     pub holding: Vec<(NodeId, Holding)>,
+    /// Latest addresses per node.
+    pub addresses: Vec<(NodeId, Addresses)>,
     /// Payloads that did not decode.
     pub malformed: usize,
 }
@@ -226,6 +228,7 @@ impl TestController {
                             Channel::Report,
                             Channel::Event,
                             Channel::Holding,
+                            Channel::Addresses,
                         ] {
                             c.subscribe(ch.all_nodes(), QoS::AtLeastOnce).await.unwrap();
                         }
@@ -291,6 +294,9 @@ fn record(seen: &Mutex<Seen>, topic: &str, payload: &[u8]) {
             .map(|m| upsert(&mut s.holding, node, m))
             .is_ok(),
         Channel::Console => ConsoleChunk::decode(payload).is_ok(),
+        Channel::Addresses => Addresses::decode(payload)
+            .map(|m| upsert(&mut s.addresses, node, m))
+            .is_ok(),
         Channel::Desired | Channel::ConsoleRequest => true,
     };
     if !ok {

@@ -70,15 +70,25 @@ impl Controller {
 
     /// Runs the `outpost` CLI against this controller with `--json`; Ok(JSON) or Err(stderr).
     pub fn cli(&self, args: &[&str]) -> Result<serde_json::Value, String> {
+        let out = self.run_cli(&[&["--json"], args].concat())?;
+        serde_json::from_str(&out).map_err(|e| e.to_string())
+    }
+
+    /// Runs the `outpost` CLI against this controller as a person does (text); Ok(stdout) or
+    /// Err(stderr).
+    pub fn cli_text(&self, args: &[&str]) -> Result<String, String> {
+        self.run_cli(args)
+    }
+
+    fn run_cli(&self, args: &[&str]) -> Result<String, String> {
         let out = Command::new(bin("outpost"))
             .arg("--api")
             .arg(&self.api)
-            .arg("--json")
             .args(args)
             .output()
             .unwrap();
         if out.status.success() {
-            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
             Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }

@@ -42,6 +42,42 @@ pub fn ensure_libvirtd() -> bool {
     ok
 }
 
+/// The libvirt network the guest-access tests attach to: isolated (no forwarding), DHCP from
+/// libvirt's dnsmasq on 192.168.177.0/24. Created (transient) unless it is there.
+pub const TEST_NETWORK: &str = "outpost-test";
+
+/// Makes sure [`TEST_NETWORK`] exists and is active; panics with libvirt's answer if not.
+pub fn ensure_test_network() {
+    let active = Command::new("virsh")
+        .args(["-c", "qemu:///system", "net-info", TEST_NETWORK])
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("yes"));
+    if active {
+        return;
+    }
+    let xml = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        xml.path(),
+        format!(
+            "<network><name>{TEST_NETWORK}</name><bridge name='opbr0' stp='off'/>\
+             <ip address='192.168.177.1' netmask='255.255.255.0'>\
+             <dhcp><range start='192.168.177.10' end='192.168.177.99'/></dhcp></ip></network>"
+        ),
+    )
+    .unwrap();
+    let out = Command::new("virsh")
+        .args(["-c", "qemu:///system", "net-create"])
+        .arg(xml.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "creating the test network failed (scripts/setup installs dnsmasq-base and iptables; \
+         restart libvirtd after installing them): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `cp -a FROM TO`.
 pub fn copy_dir(from: &Path, to: &Path) {
     let st = Command::new("cp")
@@ -177,7 +213,8 @@ pub fn make_boot_disk(dir: &Path) -> std::path::PathBuf {
 /// The test guest's kernel and an initrd (`initrd-seed.img`) whose init loads the virtio disk and
 /// FAT modules of that kernel, finds the volume labelled `CIDATA` (the cloud-init seed), mounts
 /// it and prints to its console the seed's device, the SHA-256 of its `user-data`, and its
-/// `meta-data` lines with the instance id and the SSH keys, each prefixed `SEED:`.
+/// `meta-data` lines with the instance id and the SSH keys, each prefixed `SEED:`. With a
+/// network interface it also asks for a DHCP lease, configures it and prints `NET: bound IP`.
 pub fn install_seed_guest(image_dir: &Path) {
     install_test_guest(image_dir);
     let kernel = std::fs::read_dir("/boot")
@@ -206,6 +243,9 @@ pub fn install_seed_guest(image_dir: &Path) {
         "fs/fat/vfat.ko",
         "fs/nls/nls_cp437.ko",
         "fs/nls/nls_ascii.ko",
+        "net/core/failover.ko",
+        "drivers/net/net_failover.ko",
+        "drivers/net/virtio_net.ko",
     ];
     let mut load = String::new();
     for m in order {
@@ -230,13 +270,22 @@ pub fn install_seed_guest(image_dir: &Path) {
            echo \"SEED: user-data $(/bin/busybox sha256sum /mnt/user-data)\" > /dev/ttyS0\n\
            /bin/busybox sed 's/^/SEED: /' /mnt/meta-data > /dev/ttyS0\n\
          else echo \"SEED: none; disks: $(/bin/busybox ls /dev/vd* 2>&1); $(/bin/busybox blkid 2>&1); modules: $(/bin/busybox cat /proc/modules | /bin/busybox cut -d' ' -f1 | /bin/busybox tr '\\n' ' ')\" > /dev/ttyS0; fi\n\
+         if [ -e /sys/class/net/eth0 ]; then /bin/busybox ip link set eth0 up; /bin/busybox udhcpc -i eth0 -q -t 30 -s /bin/dhcp-bound >/dev/null 2>&1 & \
+         else echo \"NET: no eth0: $(/bin/busybox ls /sys/class/net)\" > /dev/ttyS0; fi\n\
          while true; do /bin/busybox sleep 3600; done\n"
     );
     std::fs::write(r.join("init"), init).unwrap();
+    // udhcpc's script: configures the lease it got and says so on the console.
+    std::fs::write(
+        r.join("bin/dhcp-bound"),
+        "#!/bin/sh\n[ \"$1\" = bound ] || exit 0\n/bin/busybox ip link set \"$interface\" up\n\
+         /bin/busybox ip addr add \"$ip/$mask\" dev \"$interface\"\necho \"NET: bound $ip\" > /dev/ttyS0\n",
+    )
+    .unwrap();
     let st = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "chmod +x init && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
+            "chmod +x init bin/dhcp-bound && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
             image_dir.join("initrd-seed.img").display()
         ))
         .current_dir(r)

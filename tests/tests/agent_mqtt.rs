@@ -54,17 +54,30 @@ fn agent_announces_converges_and_survives_bad_input() {
 
     // Desired state with two instances: accepted, built, running.
     let boot = kernel_boot("console=ttyS0");
-    let d1 = desired(
-        1,
-        vec![
-            instance(1, boot.clone(), 256),
-            instance(2, boot.clone(), 256),
-        ],
-    );
+    let mut networked = instance(2, boot.clone(), 256);
+    networked.spec.network = Network::Libvirt {
+        network: NetName::new("default").unwrap(),
+    };
+    let d1 = desired(1, vec![instance(1, boot.clone(), 256), networked.clone()]);
     ctl.publish_desired(&node, &d1);
     ctl.wait(T, "both running", |s| {
         (running(s, &node, 1) && running(s, &node, 2)).then_some(())
     });
+    // The networked one's interface is published (retained): the fake backend's made-up MAC
+    // and address; the one without a network has none.
+    let addrs = ctl.wait(T, "addresses", |s| {
+        s.addresses
+            .iter()
+            .find(|(n, a)| *n == node && !a.instances.is_empty())
+            .map(|(_, a)| a.clone())
+    });
+    assert_eq!(addrs.instances.len(), 1, "{addrs:?}");
+    assert_eq!(addrs.instances[0].id, InstanceId::from_u64(2));
+    assert_eq!(
+        addrs.instances[0].nics[0].mac.to_string(),
+        "52:54:00:00:00:02"
+    );
+    assert_eq!(addrs.instances[0].nics[0].ips[0].to_string(), "10.0.0.2/8");
     let seen = ctl.seen();
     assert_eq!(seen.acks(&node), vec![(1, AckResult::Accepted)]);
     assert_eq!(
@@ -99,14 +112,7 @@ fn agent_announces_converges_and_survives_bad_input() {
         ctl.publish_raw(&node, Channel::Desired, junk, false);
     }
     // The agent is alive, still holds generation 1, still running both, and takes a new state.
-    let d2 = desired_gone(
-        2,
-        vec![
-            instance(2, boot.clone(), 256),
-            instance(3, boot.clone(), 256),
-        ],
-        &[1],
-    );
+    let d2 = desired_gone(2, vec![networked, instance(3, boot.clone(), 256)], &[1]);
     ctl.publish_desired(&node, &d2);
     ctl.wait(T, "instance 3 running", |s| {
         running(s, &node, 3).then_some(())

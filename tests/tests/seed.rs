@@ -1,5 +1,7 @@
-//! cloud-init NoCloud: user-data, SSH keys and a host name given at create reach a real guest
-//! on a read-only volume labelled `cidata`, which the guest's init mounts by label and prints.
+//! Guest access on a real guest: cloud-init NoCloud (user-data, SSH keys and a host name given
+//! at create reach it on a read-only volume labelled `cidata`, which its init mounts by label
+//! and prints), and its address (a DHCP lease from a libvirt network, reported by its node and
+//! shown by `instances list` and `show`).
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -11,6 +13,7 @@ const BOOT: Duration = Duration::from_secs(120);
 #[test]
 fn the_guest_reads_its_seed() {
     assert!(ensure_libvirtd(), "libvirtd could not be started");
+    ensure_test_network();
     let dir = tempfile::tempdir().unwrap();
     let mut ctl = Controller::embedded(dir.path());
     ctl.start();
@@ -67,6 +70,8 @@ fn the_guest_reads_its_seed() {
             keyfile.to_str().unwrap(),
             "--hostname",
             "edge-web",
+            "--network",
+            TEST_NETWORK,
             "--wait",
             "--timeout",
             "120",
@@ -90,6 +95,53 @@ fn the_guest_reads_its_seed() {
         text.contains(&format!("instance-id: {id}-seed-1")),
         "{text}"
     );
+
+    // Its address: the guest took a lease; its node reads it from libvirt and the controller
+    // shows it.
+    let deadline = std::time::Instant::now() + BOOT;
+    let bound = loop {
+        let t = std::fs::read_to_string(&console).unwrap_or_default();
+        if let Some(ip) = t
+            .split("NET: bound ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+        {
+            break ip.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no DHCP lease in the guest: {t}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(bound.starts_with("192.168.177."), "{bound}");
+    let shown = wait_for(Duration::from_secs(30), "the address shown", || {
+        let v = ctl.cli(&["instances", "show", "seeded"]).ok()?;
+        (v["ip"] == bound.as_str()).then_some(v)
+    });
+    let nic = &shown["addresses"][0];
+    let mac = nic["mac"].as_str().unwrap();
+    assert!(mac.starts_with("52:54:00:"), "{shown}");
+    assert_eq!(nic["ips"][0], format!("{bound}/24"), "{shown}");
+    let leases = virsh(&["net-dhcp-leases", TEST_NETWORK]);
+    assert!(
+        leases.contains(mac) && leases.contains(&bound),
+        "libvirt's lease {leases}"
+    );
+    let list = ctl.cli_text(&["instances", "list"]).unwrap();
+    let header = list.lines().next().unwrap();
+    assert!(header.contains(" IP "), "{list}");
+    assert!(
+        list.lines()
+            .any(|l| l.contains("seeded") && l.contains(&bound)),
+        "{list}"
+    );
+    let show = ctl.cli_text(&["instances", "show", "seeded"]).unwrap();
+    assert!(
+        show.contains(&format!("interface   {mac}  {bound}/24")),
+        "{show}"
+    );
+
     let stored = ctl.data_dir.join("blobs/sha256").join(&digest);
     assert!(stored.exists(), "the user-data is a blob on the controller");
     ctl.cli(&["instances", "delete", "seeded", "--wait", "--timeout", "60"])

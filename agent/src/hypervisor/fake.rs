@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use outpost_protocol::{Arch, HypervisorKind, InstanceId, InstanceSpec, PowerMode};
+use outpost_protocol::{
+    Arch, HypervisorKind, InstanceId, InstanceSpec, IpNet, Mac, Network, Nic, PowerMode,
+};
 
 use super::{Domain, DomainState, HostInfo, Hypervisor, HypervisorError, Outcome};
 
@@ -28,6 +30,8 @@ pub enum Call {
 #[derive(Default)]
 struct State {
     domains: BTreeMap<InstanceId, DomainState>,
+    /// Domains created with a network interface.
+    nics: std::collections::BTreeSet<InstanceId>,
     fail_next: BTreeMap<Call, u32>,
     calls: BTreeMap<(Call, InstanceId), u32>,
     deaf: bool,
@@ -153,10 +157,13 @@ impl Hypervisor for FakeHypervisor {
     fn create(
         &self,
         id: InstanceId,
-        _spec: &InstanceSpec,
+        spec: &InstanceSpec,
         start: bool,
     ) -> Result<(), HypervisorError> {
         let mut st = self.enter(Call::Create, id)?;
+        if spec.network != Network::None {
+            st.nics.insert(id);
+        }
         let state = if start {
             DomainState::Running
         } else {
@@ -181,7 +188,25 @@ impl Hypervisor for FakeHypervisor {
     }
 
     fn delete(&self, id: InstanceId) -> Result<(), HypervisorError> {
-        self.enter(Call::Delete, id)?.domains.remove(&id);
+        let mut st = self.enter(Call::Delete, id)?;
+        st.domains.remove(&id);
+        st.nics.remove(&id);
         Ok(())
+    }
+
+    /// A made-up interface for a running domain with a network: MAC `52:54:00:` and IP
+    /// `10.` followed by the last three bytes of its id.
+    fn addresses(&self, id: InstanceId) -> Result<Vec<Nic>, HypervisorError> {
+        let st = self.lock();
+        if st.domains.get(&id) != Some(&DomainState::Running) || !st.nics.contains(&id) {
+            return Ok(Vec::new());
+        }
+        let [.., a, b, c] = id.0;
+        let mut ips = heapless::Vec::new();
+        let _ = ips.push(IpNet::V4([10, a, b, c], 8));
+        Ok(vec![Nic {
+            mac: Mac([0x52, 0x54, 0, a, b, c]),
+            ips,
+        }])
     }
 }

@@ -8,13 +8,16 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outpost_protocol::{
-    Arch, Boot, HypervisorKind, Image, InstanceId, InstanceSpec, NodeId, PowerMode,
+    Arch, Boot, HypervisorKind, Image, InstanceId, InstanceSpec, IpNet, Nic, NodeId, PowerMode,
 };
 use virt::connect::Connect;
 use virt::domain::{Domain as VirDomain, DomainShutoffReason, DomainState as VirState};
 use virt::enumutil::Enum;
 
-use super::xml::{BootDef, DomainDef, METADATA_NS, domain_xml, metadata_node};
+use super::xml::{
+    BootDef, DomainDef, METADATA_NS, domain_xml, guest_agent_connected, interface_macs,
+    metadata_node,
+};
 use super::{DOMAIN_PREFIX, Domain, DomainState, HostInfo, Hypervisor, HypervisorError, Outcome};
 use crate::config::KindChoice;
 
@@ -549,6 +552,54 @@ impl Hypervisor for LibvirtHypervisor {
             }
             _ => Ok(()),
         }
+    }
+
+    fn addresses(&self, id: InstanceId) -> Result<Vec<Nic>, HypervisorError> {
+        let dom = self.get(id)?;
+        let xml = dom.xml_desc(0).map_err(lv)?;
+        let mut nics: Vec<Nic> = interface_macs(&xml)
+            .into_iter()
+            .map(|mac| Nic {
+                mac,
+                ips: heapless::Vec::new(),
+            })
+            .collect();
+        // DHCP leases of libvirt networks, then the host's ARP table (bridges), then the guest
+        // agent (asked only while it is connected, so the call cannot hang on a silent guest).
+        let mut sources = vec![
+            virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+            virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP,
+        ];
+        if guest_agent_connected(&xml) {
+            sources.push(virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT);
+        }
+        for source in sources {
+            if nics.iter().all(|n| !n.ips.is_empty()) {
+                break;
+            }
+            let Ok(found) = dom.interface_addresses(source, 0) else {
+                continue;
+            };
+            for iface in found {
+                let Some(mac) = iface.hwaddr.and_then(|m| m.parse().ok()) else {
+                    continue;
+                };
+                let Some(nic) = nics.iter_mut().find(|n| n.mac == mac) else {
+                    continue;
+                };
+                for a in iface.addrs {
+                    let Ok(ip) = a.addr.parse::<std::net::IpAddr>() else {
+                        continue;
+                    };
+                    let net = IpNet::new(ip, u8::try_from(a.prefix).unwrap_or(u8::MAX));
+                    if !nic.ips.contains(&net) {
+                        let _ = nic.ips.push(net);
+                    }
+                }
+                nic.ips.sort_by_key(|ip| matches!(ip, IpNet::V6(..)));
+            }
+        }
+        Ok(nics)
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use outpost_protocol::{Arch, HypervisorKind, InstanceId, InstanceSpec, PowerMode};
+use outpost_protocol::{Arch, HypervisorKind, InstanceId, InstanceSpec, Nic, PowerMode};
 
 pub mod fake;
 #[cfg(feature = "libvirt")]
@@ -160,6 +160,10 @@ pub trait Hypervisor: Send + Sync {
 
     /// Removes the domain and its files. Idempotent: an absent domain is not an error.
     fn delete(&self, id: InstanceId) -> Result<(), HypervisorError>;
+
+    /// A running domain's network interfaces: each MAC with the IP addresses found for it
+    /// (none yet is normal while the guest boots).
+    fn addresses(&self, id: InstanceId) -> Result<Vec<Nic>, HypervisorError>;
 }
 
 impl HypervisorError {

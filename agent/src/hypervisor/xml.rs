@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use outpost_protocol::{Arch, InstanceId, Network, NodeId};
+use outpost_protocol::{Arch, InstanceId, Mac, Network, NodeId};
 
 /// The XML namespace of Outpost's domain metadata; a domain without it is not Outpost's, and
 /// one whose metadata names another node belongs to another agent on the same libvirt.
@@ -162,13 +162,40 @@ pub fn domain_xml(d: &DomainDef<'_>) -> String {
             );
         }
     }
+    // A PTY, so that `virsh console` works, logged by virtlogd (which rotates it by size).
     let _ = writeln!(
         x,
-        "    <serial type='file'><source path='{}' append='on'/><target port='0'/></serial>",
+        "    <serial type='pty'><log file='{}' append='on'/><target port='0'/></serial>",
         path(d.console_log)
     );
+    x.push_str("    <console type='pty'><target type='serial' port='0'/></console>\n");
+    // Where the guest runs qemu-guest-agent, it reports the guest's own addresses.
+    x.push_str("    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\n");
     x.push_str("    <memballoon model='none'/>\n  </devices>\n</domain>\n");
     x
+}
+
+/// The MAC addresses of a domain definition's interfaces, in order.
+pub fn interface_macs(xml: &str) -> Vec<Mac> {
+    xml.split("<interface")
+        .skip(1)
+        .filter_map(|rest| {
+            let body = &rest[..rest.find("</interface>").unwrap_or(rest.len())];
+            let at = body.find("<mac address=")? + "<mac address=".len();
+            let quoted = body.get(at..)?;
+            let q = quoted.chars().next()?;
+            let end = quoted[1..].find(q)?;
+            quoted[1..=end].parse().ok()
+        })
+        .collect()
+}
+
+/// Whether the domain's guest agent is connected (a live definition says so on its channel).
+pub fn guest_agent_connected(xml: &str) -> bool {
+    xml.split("<channel")
+        .skip(1)
+        .map(|c| &c[..c.find("</channel>").unwrap_or(c.len())])
+        .any(|c| c.contains("org.qemu.guest_agent.0") && c.contains("state='connected'"))
 }
 
 #[cfg(test)]
@@ -214,9 +241,10 @@ mod tests {
         assert!(x.contains("<kernel>/img/vmlinuz</kernel>"));
         assert!(x.contains("<initrd>/img/initrd.img</initrd>"));
         assert!(x.contains("<cmdline>console=ttyS0 quiet</cmdline>"));
-        assert!(x.contains(
-            "<serial type='file'><source path='/var/lib/outpost/instances/x/console.log'"
-        ));
+        assert!(
+            x.contains("<serial type='pty'><log file='/var/lib/outpost/instances/x/console.log'")
+        );
+        assert!(x.contains("name='org.qemu.guest_agent.0'"));
         assert!(x.contains(METADATA_NS));
         assert!(x.contains("node='edge-1'"));
         assert_eq!(
@@ -259,5 +287,22 @@ mod tests {
         ));
         assert!(x.contains("<kernel>/a&apos;b/k</kernel>"));
         assert!(x.contains("<cmdline>x=&lt;y&gt; &amp; &apos;z&apos;</cmdline>"));
+    }
+
+    #[test]
+    fn macs_and_the_guest_agent_are_read_from_a_live_definition() {
+        let live = "<domain><devices><disk/><interface type='network'>\n<mac address='52:54:00:0a:0b:0c'/>\n<source network='default'/></interface>\
+            <interface type=\"bridge\"><mac address=\"52:54:00:FF:00:01\"/></interface><interface type='user'></interface>\
+            <channel type='unix'><source mode='bind' path='/x'/><target type='virtio' name='org.qemu.guest_agent.0' state='connected'/></channel></devices></domain>";
+        let macs: Vec<String> = interface_macs(live)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(macs, ["52:54:00:0a:0b:0c", "52:54:00:ff:00:01"]);
+        assert!(guest_agent_connected(live));
+        assert!(!guest_agent_connected(
+            &live.replace("state='connected'", "state='disconnected'")
+        ));
+        assert!(interface_macs("<domain><devices/></domain>").is_empty());
     }
 }

@@ -1,11 +1,11 @@
 //! The fleet's records: what the store keeps of each node and instance, the settings, the
 //! requests and the refusals.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use outpost_protocol::{
     Arch, BaseUrl, BlobRef, FleetId, Holding, InstanceId, InstanceSpec, Inventory, Label, LabelKey,
-    LabelValue, NodeId, PowerMode, PowerState, Resources, SpecError, Version,
+    LabelValue, Nic, NodeId, PowerMode, PowerState, Resources, SpecError, Version,
 };
 
 use super::images::ImageRecord;
@@ -191,6 +191,8 @@ pub struct NodeRecord {
     pub used: Resources,
     /// Blobs it is asked to cache ahead of any instance (not stored).
     pub prefetch: Vec<BlobRef>,
+    /// Its instances' interfaces, as its agent last said (retained on the broker; not stored).
+    pub addresses: BTreeMap<InstanceId, Vec<Nic>>,
 }
 
 impl NodeRecord {
@@ -213,6 +215,7 @@ impl NodeRecord {
             replaces: None,
             reported: BTreeSet::new(),
             published_gone: Vec::new(),
+            addresses: BTreeMap::new(),
             notice: None,
             label_overrides: Vec::new(),
             used: Resources::default(),

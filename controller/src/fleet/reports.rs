@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 
 use outpost_protocol::{
-    AckResult, AgentEvent, DesiredInstance, Digest, ErrorKind, FetchState, Holding, InstanceId,
-    InstanceState, Inventory, NodeId, NodeReport, NodeStatus, Presence, Version,
+    AckResult, Addresses, AgentEvent, DesiredInstance, Digest, ErrorKind, FetchState, Holding,
+    InstanceId, InstanceState, Inventory, Nic, NodeId, NodeReport, NodeStatus, Presence, Version,
 };
 
 use super::records::{InstanceRecord, NodeRecord, Phase};
@@ -48,6 +48,27 @@ impl Fleet {
             };
             self.actor_as("node", |f| f.node_event(node, kind, String::new()));
         }
+    }
+
+    /// A node's instances' addresses (retained; each message replaces the one before). Shown
+    /// only with instances placed on that node, so a node cannot speak for another's.
+    pub fn on_addresses(&mut self, node: &NodeId, a: Addresses) {
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.addresses = a
+                .instances
+                .into_iter()
+                .map(|i| (i.id, i.nics.into_iter().collect()))
+                .collect();
+        }
+    }
+
+    /// An instance's interfaces, as its node last said.
+    pub fn addresses_of(&self, i: &InstanceRecord) -> &[Nic] {
+        i.node
+            .as_ref()
+            .and_then(|n| self.nodes.get(n))
+            .and_then(|n| n.addresses.get(&i.id))
+            .map_or(&[], Vec::as_slice)
     }
 
     /// A node's inventory.
