@@ -424,14 +424,59 @@ impl Client {
         }
     }
 
-    /// Polls node `id` until it is up, or the timeout.
+    /// Runs `check` now and again whenever the fleet's event stream (filtered by `query`)
+    /// brings an event, until it answers or `timeout_secs` pass (then `None`). The stream is
+    /// read on its own thread; should it be unavailable, `check` runs every
+    /// [`WAIT_FALLBACK`] instead.
+    fn wait_events<T>(
+        &self,
+        query: &str,
+        timeout_secs: u64,
+        mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+    ) -> anyhow::Result<Option<T>> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let me = self.clone();
+        let path = format!("/v1/events?follow=true&live=true{query}");
+        std::thread::spawn(move || {
+            let opened = tx.clone();
+            // Once open, one more check covers what happened before the stream did.
+            let _ = me.stream(
+                &path,
+                "event",
+                || {
+                    let _ = opened.send(());
+                },
+                |_, _| tx.send(()).map_err(|_| anyhow::anyhow!("the wait is over")),
+            );
+        });
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(timeout_secs);
+        loop {
+            if let Some(v) = check()? {
+                return Ok(Some(v));
+            }
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            match rx.recv_timeout(left.min(WAIT_FALLBACK)) {
+                Ok(()) => while rx.try_recv().is_ok() {},
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(left.min(WAIT_FALLBACK));
+                }
+            }
+        }
+    }
+
+    /// Waits until node `id` is up, or the timeout.
     fn wait_up(&self, id: &str, w: WaitArgs) -> anyhow::Result<Value> {
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(w.timeout);
         let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let mut last = String::new();
-        loop {
+        let query = format!("&node={}", seg(id));
+        let up = self.wait_events(&query, w.timeout, || {
             let state = match self.send("GET", &format!("/v1/nodes/{}", seg(id)), None) {
-                Ok(v) if v["state"] == "up" => return Ok(v),
+                Ok(v) if v["state"] == "up" => return Ok(Some(v)),
                 Ok(v) => v["state"].as_str().unwrap_or_default().to_owned(),
                 Err(e) if e.to_string().contains("HTTP 404") => "not registered yet".to_owned(),
                 Err(e) => return Err(e),
@@ -440,26 +485,24 @@ impl Client {
                 eprintln!("{id}: {state}...");
             }
             last = state;
-            if std::time::Instant::now() >= end {
-                bail!("{id}: still {last} after {} s", w.timeout);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(250));
-        }
+            Ok(None)
+        })?;
+        up.ok_or_else(|| anyhow::anyhow!("{id}: still {last} after {} s", w.timeout))
     }
 
-    /// Polls instance `key` until `until`, an error phase, or the timeout.
+    /// Waits until instance `key` is `until`, in an error phase, or the timeout.
     fn wait_for(&self, key: &str, until: Until, w: WaitArgs) -> anyhow::Result<Value> {
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(w.timeout);
         let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let mut last = String::new();
-        loop {
+        let query = format!("&instance={}", seg(key));
+        let done = self.wait_events(&query, w.timeout, || {
             let got = self.send("GET", &format!("/v1/instances/{}", seg(key)), None);
-            match (&got, until) {
+            match (got, until) {
                 (Err(e), Until::Gone) if e.to_string().contains("HTTP 404") => {
-                    return Ok(serde_json::json!({ "name": key, "phase": "deleted" }));
+                    Ok(Some(serde_json::json!({ "name": key, "phase": "deleted" })))
                 }
-                (Err(_), _) => return got,
-                (Ok(v), Until::Phase(p)) if v["phase"] == p => return got,
+                (Err(e), _) => Err(e),
+                (Ok(v), Until::Phase(p)) if v["phase"] == p => Ok(Some(v)),
                 (Ok(v), _) if v["phase"] == "error" => {
                     bail!("{key} failed: {}", v["reason"].as_str().unwrap_or_default())
                 }
@@ -469,15 +512,17 @@ impl Client {
                         eprintln!("{key}: {phase}...");
                     }
                     last = phase;
+                    Ok(None)
                 }
             }
-            if std::time::Instant::now() >= end {
-                bail!("{key}: still {last} after {} s", w.timeout);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(250));
-        }
+        })?;
+        done.ok_or_else(|| anyhow::anyhow!("{key}: still {last} after {} s", w.timeout))
     }
 }
+
+/// How often `--wait` looks again when no event arrives (the stream wakes it at once
+/// otherwise).
+const WAIT_FALLBACK: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug, clap::Args)]
 struct CreateArgs {
@@ -562,6 +607,7 @@ fn pairs(v: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
         .collect()
 }
 
+#[derive(Clone)]
 struct Client {
     agent: ureq::Agent,
     base: String,

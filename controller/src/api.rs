@@ -364,15 +364,32 @@ async fn store_seed(api: &Api, b: &mut CreateBody) -> Result<(), HttpError> {
     Ok(())
 }
 
-/// `GET /v1/events?since=SEQ&node=NODE&follow=true`.
+/// `GET /v1/events?since=SEQ&node=NODE&instance=NAME-OR-ID&follow=true&live=true`.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
     #[serde(default)]
     since: u64,
     node: Option<String>,
+    /// Only the events of this instance (its name or id).
+    instance: Option<String>,
     #[serde(default)]
     follow: bool,
+    /// With `follow`: only what happens from now on (no backlog), as `--wait` needs.
+    #[serde(default)]
+    live: bool,
+}
+
+impl EventsQuery {
+    fn keeps(&self, e: &EventView) -> bool {
+        self.node
+            .as_ref()
+            .is_none_or(|n| e.node.as_ref() == Some(n))
+            && self
+                .instance
+                .as_ref()
+                .is_none_or(|i| e.instance.as_ref() == Some(i) || e.instance_id.as_ref() == Some(i))
+    }
 }
 
 /// The fleet's history; with `follow`, a Server-Sent Events stream: what is kept after
@@ -383,23 +400,32 @@ async fn events(api: &Api, q: EventsQuery) -> Result<Response, HttpError> {
     use futures_util::StreamExt as _;
     // Listening before reading the backlog: an event stored in between is in one or the other.
     let rx = api.events.subscribe();
-    let backlog = match ask(
-        api,
-        Action::Events {
-            since: q.since,
-            node: q.node.clone(),
-        },
-    )
-    .await?
-    {
-        Reply::Events(v) => v,
-        _ => Vec::new(),
+    let backlog = if q.follow && q.live {
+        Vec::new()
+    } else {
+        match ask(
+            api,
+            Action::Events {
+                since: q.since,
+                node: q.node.clone(),
+            },
+        )
+        .await?
+        {
+            Reply::Events(v) => v.into_iter().filter(|e| q.keeps(e)).collect(),
+            _ => Vec::new(),
+        }
     };
     if !q.follow {
         return Ok(Json(backlog).into_response());
     }
-    let last = backlog.last().map_or(q.since, |e| e.seq);
-    let node = q.node;
+    // Live only: whatever the broadcast brings is new.
+    let last = if q.live {
+        0
+    } else {
+        backlog.last().map_or(q.since, |e| e.seq)
+    };
+    let q = std::sync::Arc::new(q);
     let sse = |e: &EventView| {
         Event::default()
             .id(e.seq.to_string())
@@ -409,12 +435,12 @@ async fn events(api: &Api, q: EventsQuery) -> Result<Response, HttpError> {
     };
     let first = futures_util::stream::iter(backlog.iter().map(sse).collect::<Vec<_>>());
     let live = futures_util::stream::unfold((rx, last), move |(mut rx, last)| {
-        let node = node.clone();
+        let q = std::sync::Arc::clone(&q);
         async move {
             loop {
                 match rx.recv().await {
                     Ok(e) if e.seq <= last => continue,
-                    Ok(e) if node.as_ref().is_some_and(|n| e.node.as_ref() != Some(n)) => continue,
+                    Ok(e) if !q.keeps(&e) => continue,
                     Ok(e) => {
                         let seq = e.seq;
                         return Some((sse(&e), (rx, seq)));

@@ -219,11 +219,15 @@ fn wait_filters_and_the_whole_node() {
         assert!(text.contains(want), "{want:?} missing in:\n{text}");
     }
 
-    let out = Command::new(bin("outpost"))
-        .args(["--api", &ctl.api, "nodes", "show", "day1-f1"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    // What it uses comes with its next report (every second here).
+    let text = wait_for(Duration::from_secs(20), "the node's usage reported", || {
+        let out = Command::new(bin("outpost"))
+            .args(["--api", &ctl.api, "nodes", "show", "day1-f1"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("used          1 vCPUs").then_some(text)
+    });
     for want in [
         "state         up (connected ",
         &format!("agent         {}", env!("CARGO_PKG_VERSION")),

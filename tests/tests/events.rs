@@ -106,6 +106,42 @@ fn instance_history_and_the_fleet_stream() {
         "no gap, no repeat: {seqs:?}"
     );
     assert!(text.contains("\"kind\":\"connected\""), "{text}");
+
+    // What `--wait` listens to: one instance's events from now on (no backlog).
+    let live_out = dir.path().join("live.sse");
+    let mut live = Command::new("curl");
+    live.args([
+        "-sNi",
+        &format!("{}/v1/events?follow=true&live=true&instance=web-2", ctl.api),
+    ]);
+    let _live = Proc::spawn(live, live_out.clone());
+    wait_for(T, "the live stream open", || {
+        std::fs::read_to_string(&live_out)
+            .ok()?
+            .contains("text/event-stream")
+            .then_some(())
+    });
+    for name in ["web-2", "web-3"] {
+        wait(&[
+            "instances",
+            "create",
+            name,
+            "--kernel",
+            "vmlinuz",
+            "--memory",
+            "64",
+        ]);
+    }
+    let sse = wait_for(T, "web-2 running in the live stream", || {
+        let t = std::fs::read_to_string(&live_out).ok()?;
+        t.contains("event: running").then_some(t)
+    });
+    assert!(sse.contains("event: requested"), "{sse}");
+    assert!(!sse.contains("web-3") && !sse.contains("web-1"), "{sse}");
+    assert!(!sse.contains("event: connected"), "no backlog: {sse}");
+    let (status, body) = ctl.http("GET", "/v1/events?follow=true&bogus=1", "");
+    assert_eq!(status, 400, "{body}");
+
     // A node that goes away: said in the stream.
     a.proc().kill();
     wait_for(T, "the node's disconnect in the stream", || {
