@@ -227,6 +227,24 @@ fn main() {
             }
         }
     }
+    // What the history costs: the events table's rows and pages in the store.
+    let db =
+        rusqlite::Connection::open(dir.path().join(outpost_controller::store::DB_FILE)).unwrap();
+    let (rows, payload): (i64, i64) = db
+        .query_row(
+            "SELECT count(*), sum(16 + length(coalesce(instance, '')) + length(coalesce(name, '')) \
+             + length(coalesce(node, '')) + length(kind) + length(detail) + length(actor)) FROM events",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let on_disk: Option<i64> = db
+        .query_row(
+            "SELECT sum(pgsize) FROM dbstat WHERE name = 'events'",
+            [],
+            |r| r.get(0),
+        )
+        .ok();
     let broker = if external > 0 {
         "mosquitto"
     } else {
@@ -245,5 +263,19 @@ fn main() {
         "| events: change asked to its SSE event (stored first) | {n} | {:.2} | {:.2} |",
         pct(&mut stream, 0.5),
         pct(&mut stream, 0.99)
+    );
+    let per_row = payload as f64 / rows as f64;
+    let disk = on_disk.map_or("dbstat not available".to_owned(), |b| {
+        format!(
+            "{:.0} bytes per event on disk (table pages)",
+            b as f64 / rows as f64
+        )
+    });
+    println!();
+    println!(
+        "event storage: {rows} events, {per_row:.0} bytes of fields per event, {disk}; \
+         an instance's life (requested, scheduled, building, running, stop/start, deleting, deleted: about 9 events) \
+         costs about {:.1} KB",
+        9.0 * on_disk.map_or(per_row, |b| b as f64 / rows as f64) / 1000.0
     );
 }
