@@ -84,6 +84,8 @@ enum What {
     /// The image catalogue: upload, add, list, show, delete.
     #[command(subcommand, visible_alias = "image")]
     Images(ImageCmd),
+    /// The controller's own state (broker, store, version) and the fleet in numbers.
+    Status,
     /// The fleet's history: `outpost events --follow --node edge-7`.
     Events {
         /// Only this node's (and its instances').
@@ -1141,6 +1143,61 @@ impl Client {
     }
 }
 
+/// `outpost status` as text.
+fn status_text(v: &Value) {
+    let yes = |b: &Value, good: &str, bad: &str| {
+        if b.as_bool() == Some(true) {
+            good.to_owned()
+        } else {
+            bad.to_owned()
+        }
+    };
+    let counts = |m: &Value| {
+        m.as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, n)| format!("{n} {k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "none".into())
+    };
+    say!(
+        "controller    {} ({}), up {} s",
+        v["version"].as_str().unwrap_or("?"),
+        yes(&v["ready"], "ready", "NOT READY"),
+        v["uptime_secs"]
+    );
+    say!(
+        "broker        {}",
+        yes(
+            &v["broker_connected"],
+            "connected",
+            "DISCONNECTED: nodes cannot be reached, their states below are as last seen"
+        )
+    );
+    say!(
+        "store         {}",
+        yes(
+            &v["store_writable"],
+            "writable",
+            "NOT WRITABLE: changes are refused"
+        )
+    );
+    say!("nodes         {}", counts(&v["nodes"]));
+    say!("instances     {}", counts(&v["instances"]));
+    let s = &v["scheduler"];
+    say!(
+        "scheduler     {} placed, {} refused since start",
+        s["placements"],
+        s["failures"]
+    );
+    if let Some(last) = s["last_refusals"].as_array().and_then(|a| a.last()) {
+        say!("last refusal  {}", last["why"].as_str().unwrap_or_default());
+    }
+}
+
 fn instance_rows(v: &Value) -> anyhow::Result<()> {
     let list: Vec<InstanceView> = match v {
         Value::Array(_) => serde_json::from_value(v.clone())?,
@@ -1216,7 +1273,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let (v, kind) = match cli.what {
         What::Nodes(cmd) => {
             let v = match cmd {
-                NodeCmd::List => c.send("GET", "/v1/nodes", None)?,
+                NodeCmd::List => {
+                    let v = c.send("GET", "/v1/nodes", None)?;
+                    // A controller cut off from its broker shows nodes as last seen: say so.
+                    if let Ok(s) = c.send("GET", "/v1/status", None)
+                        && s["broker_connected"] == false
+                    {
+                        eprintln!(
+                            "warning: the controller is not connected to its broker: node states are as last seen (outpost status)"
+                        );
+                    }
+                    v
+                }
                 NodeCmd::Show { id, w } => {
                     let v = if w.wait {
                         c.wait_up(&id, w)?
@@ -1448,6 +1516,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             (v, Kind::Instances)
+        }
+        What::Status => {
+            let v = c.send("GET", "/v1/status", None)?;
+            if !cli.json {
+                status_text(&v);
+                return Ok(());
+            }
+            (v, Kind::Events)
         }
         What::Events {
             node,

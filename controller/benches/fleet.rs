@@ -209,6 +209,7 @@ fn main() {
             mqtt_passwd: None,
             fleet: FleetConfig::default(),
             scheduler: SchedulerConfig::default(),
+            metrics_listen: None,
         },
         std::future::pending(),
     ));

@@ -148,6 +148,7 @@ fn main() {
             mqtt_passwd: None,
             fleet: FleetConfig::default(),
             scheduler: SchedulerConfig::default(),
+            metrics_listen: None,
         },
         std::future::pending(),
     ));

@@ -156,6 +156,7 @@ fn main() {
                 ..FleetConfig::default()
             },
             scheduler: SchedulerConfig::default(),
+            metrics_listen: None,
         },
         std::future::pending(),
     ));

@@ -67,6 +67,8 @@ pub enum Action {
     ConsoleTarget(String),
     /// The history of one instance (by name or id; kept after it is deleted).
     InstanceEvents(String),
+    /// The fleet at a glance: every node, instances by phase, the scheduler's decisions.
+    Overview,
     /// The fleet's history after sequence number `since`, optionally only one node's.
     Events {
         /// Only events after this one.
@@ -115,6 +117,7 @@ impl Action {
                 | Self::GetImage(_)
                 | Self::BlobAccess { .. }
                 | Self::InstanceEvents(_)
+                | Self::Overview
                 | Self::ConsoleTarget(_)
                 | Self::Events { .. }
         )
@@ -179,6 +182,8 @@ pub enum Reply {
     Blob(BlobSource),
     /// Events.
     Events(Vec<EventView>),
+    /// The fleet at a glance.
+    Overview(Box<crate::views::OverviewView>),
     /// Where an instance's console is.
     #[serde(skip)]
     ConsoleTarget {
@@ -227,8 +232,8 @@ pub enum ActionError {
 /// Where an action's answer goes.
 pub type Responder = oneshot::Sender<Result<Reply, ActionError>>;
 
-/// An action and where to send its answer.
-pub type Call = (Action, String, Responder);
+/// An action, who asks, where to send its answer, and when it arrived.
+pub type Call = (Action, String, Responder, std::time::Instant);
 
 fn node_id(s: &str) -> Result<NodeId, FleetError> {
     NodeId::new(s).map_err(|_| FleetError::NoNode(s.to_owned()))
@@ -403,6 +408,7 @@ pub fn execute(
             }
             Reply::Events(list)
         }
+        Action::Overview => Reply::Overview(Box::new(crate::views::OverviewView::of(fleet))),
         Action::Events { since, node } => Reply::Events(
             fleet
                 .history()

@@ -18,6 +18,7 @@ use crate::action::{Action, ActionError, Call, NewImage, Reply};
 use crate::blobs::{BlobError, BlobStore, BlobWriter};
 use crate::fleet::FleetError;
 use crate::fleet::images::{BlobSource, ImageFormat, sniff};
+use crate::metrics::{Metrics, RequestLabel};
 use crate::views::CreateBody;
 use crate::views::EventView;
 
@@ -41,6 +42,7 @@ struct Api {
     blobs: BlobStore,
     events: tokio::sync::broadcast::Sender<EventView>,
     console: ConsoleLink,
+    metrics: std::sync::Arc<Metrics>,
 }
 
 /// An HTTP error: a status and the `{"error": ...}` body.
@@ -101,11 +103,143 @@ async fn ask(api: &Api, action: Action) -> Result<Reply, HttpError> {
         (_, Some(_)) => "api-token".to_owned(),
         (_, None) => "local".to_owned(),
     };
+    let kind = if action.mutates() { "change" } else { "read" };
+    let t0 = std::time::Instant::now();
     api.calls
-        .send((action, actor, tx))
+        .send((action, actor, tx, t0))
         .await
         .map_err(|_| ActionError::ShuttingDown)?;
-    Ok(rx.await.map_err(|_| ActionError::ShuttingDown)??)
+    let r = rx.await.map_err(|_| ActionError::ShuttingDown)?;
+    Metrics::observe(
+        &api.metrics
+            .api_request
+            .get_or_create(&RequestLabel { kind }),
+        t0.elapsed(),
+    );
+    Ok(r?)
+}
+
+/// `GET /metrics`: OpenMetrics text.
+async fn scrape(api: &Api) -> Result<Response, HttpError> {
+    let Reply::Overview(o) = ask(api, Action::Overview).await? else {
+        return Err(HttpError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unexpected reply".into(),
+        ));
+    };
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        api.metrics.render(&o),
+    )
+        .into_response())
+}
+
+/// The controller's own state: what `/readyz` and `GET /v1/status` say.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Health {
+    /// The controller's version.
+    pub version: String,
+    /// Seconds since it started.
+    pub uptime_secs: u64,
+    /// Its MQTT client is connected to the broker.
+    pub broker_connected: bool,
+    /// The store can be written.
+    pub store_writable: bool,
+    /// Connected for long enough that the retained state of every node has arrived.
+    pub settled: bool,
+    /// All of the above: ready to take changes.
+    pub ready: bool,
+}
+
+fn health(m: &Metrics) -> Health {
+    let broker_connected = m.broker_connected.get() == 1;
+    let store_writable = m.store_writable.get() == 1;
+    let settled = m.broker_settled();
+    Health {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_secs: m.uptime().as_secs(),
+        broker_connected,
+        store_writable,
+        settled,
+        ready: broker_connected && store_writable && settled,
+    }
+}
+
+/// `GET /readyz`: 200 when ready, else 503 naming what is not.
+fn readyz(m: &Metrics) -> Response {
+    let h = health(m);
+    if h.ready {
+        return (StatusCode::OK, "ready\n").into_response();
+    }
+    let mut why = Vec::new();
+    if !h.broker_connected {
+        why.push("broker not connected");
+    }
+    if !h.store_writable {
+        why.push("store not writable");
+    }
+    if h.broker_connected && !h.settled {
+        why.push("starting up");
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("not ready: {}\n", why.join(", ")),
+    )
+        .into_response()
+}
+
+/// `GET /v1/status`: the controller's own state and the fleet in numbers.
+async fn fleet_status(api: &Api) -> Result<Json<serde_json::Value>, HttpError> {
+    let Reply::Overview(o) = ask(api, Action::Overview).await? else {
+        return Err(HttpError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "unexpected reply".into(),
+        ));
+    };
+    let mut nodes = std::collections::BTreeMap::<String, u64>::new();
+    for n in &o.nodes {
+        *nodes.entry(n.state.clone()).or_default() += 1;
+    }
+    let mut v = serde_json::to_value(health(&api.metrics)).unwrap_or_default();
+    v["nodes"] = json!(nodes);
+    v["instances"] = json!(
+        o.phases
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .collect::<std::collections::BTreeMap<_, _>>()
+    );
+    v["scheduler"] = json!(o.scheduler);
+    Ok(Json(v))
+}
+
+/// The routes of a metrics-only listener (`--metrics-listen`): `/metrics`, with the API's
+/// token rules.
+pub fn metrics_router(
+    calls: mpsc::Sender<Call>,
+    token: Option<String>,
+    metrics: std::sync::Arc<Metrics>,
+    console: ConsoleLink,
+    blobs: BlobStore,
+) -> Router {
+    let api = Api {
+        calls,
+        token,
+        blobs,
+        events: tokio::sync::broadcast::channel(1).0,
+        console,
+        metrics,
+    };
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(a): State<Api>| async move { scrape(&a).await }),
+        )
+        .layer(middleware::from_fn_with_state(api.clone(), auth))
+        .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "only /metrics here".into()) })
+        .with_state(api)
 }
 
 /// The query of `uri` as `T`, if it has one (a malformed one: 400).
@@ -664,7 +798,16 @@ async fn blob(api: &Api, node: String, sha: String, req: Request) -> Response {
             )
             .await
             {
-                Ok(r) => r.into_response(),
+                Ok(r) => {
+                    if r.status().is_success() {
+                        let len = axum::body::HttpBody::size_hint(r.body())
+                            .exact()
+                            .unwrap_or(0);
+                        api.metrics.blob_transfers.inc();
+                        api.metrics.blob_bytes.inc_by(len);
+                    }
+                    r.into_response()
+                }
                 Err(e) => {
                     HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
                 }
@@ -758,6 +901,7 @@ pub fn router(
     blobs: BlobStore,
     events_tx: tokio::sync::broadcast::Sender<EventView>,
     console: ConsoleLink,
+    metrics: std::sync::Arc<Metrics>,
 ) -> Router {
     let api = Api {
         calls,
@@ -765,13 +909,24 @@ pub fn router(
         blobs,
         events: events_tx,
         console,
+        metrics,
     };
     // Nodes fetch blobs with their own tokens, not the API's.
     let nodes = Router::new().route(
         "/v1/nodes/{node}/blobs/{sha256}",
         get(|State(a): State<Api>, Path((node, sha)): Path<(String, String)>, req: Request| async move { blob(&a, node, sha, req).await }),
     );
+    // Liveness and readiness, for load balancers and supervisors: no token, nothing but a word.
+    let health = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(a): State<Api>| async move { readyz(&a.metrics) }),
+        );
     Router::new()
+        .route("/metrics", get(|State(a): State<Api>| async move { scrape(&a).await }))
+        .route("/v1/status", get(|State(a): State<Api>| async move { fleet_status(&a).await }))
+        .route("/v1/overview", get(|State(a): State<Api>| async move { call(&a, Action::Overview).await }))
         .route("/v1/nodes", get(|State(a): State<Api>| async move { call(&a, Action::ListNodes).await }))
         .route(
             "/v1/nodes/{id}",
@@ -851,6 +1006,7 @@ pub fn router(
         }))
         .layer(middleware::from_fn_with_state(api.clone(), auth))
         .merge(nodes)
+        .merge(health)
         .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such endpoint (see README: HTTP API)".into()) })
         .with_state(api)
 }

@@ -13,6 +13,7 @@ pub mod broker;
 pub mod fleet;
 #[cfg(feature = "embedded-broker")]
 pub mod gate;
+pub mod metrics;
 pub mod scheduler;
 pub mod service;
 pub mod store;

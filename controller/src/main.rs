@@ -74,6 +74,10 @@ struct ServeArgs {
     /// Address of the HTTP API.
     #[arg(long, env = "OUTPOST_API_LISTEN", default_value = "127.0.0.1:8080")]
     api_listen: SocketAddr,
+    /// Also serve `/metrics` on this address (a listener for a Prometheus scraper; the API's
+    /// token rules apply: beyond loopback it needs --api-token).
+    #[arg(long, env = "OUTPOST_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// The URL nodes fetch images from: this controller's API as the nodes reach it
     /// (default: http://API-LISTEN, unless that is 0.0.0.0 or [::]).
     #[arg(long, env = "OUTPOST_IMAGE_URL")]
@@ -255,6 +259,7 @@ fn main() -> anyhow::Result<()> {
             ..FleetConfig::default()
         },
         scheduler,
+        metrics_listen: a.metrics_listen,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

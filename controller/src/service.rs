@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use outpost_protocol::topics::{self, Channel};
 use outpost_protocol::{
@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::action::{ActionError, Call, Reply, Responder, execute};
 use crate::fleet::{Fleet, FleetConfig};
+use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::store::{SqliteStore, Store, StoreError};
 
@@ -65,6 +66,8 @@ pub struct ServeConfig {
     pub fleet: FleetConfig,
     /// Scheduler settings.
     pub scheduler: SchedulerConfig,
+    /// A second listener serving only `/metrics` (same token rules as the API).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Why the controller stopped.
@@ -283,12 +286,20 @@ pub async fn serve(
     cfg: ServeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    if !cfg.api_listen.ip().is_loopback() && cfg.api_token.is_none() {
-        return Err(ServeError::Config(format!(
-            "the API listens on {} (not loopback): give --api-token",
-            cfg.api_listen
-        )));
+    for (what, addr) in [
+        ("API", Some(cfg.api_listen)),
+        ("metrics listener", cfg.metrics_listen),
+    ] {
+        if let Some(a) = addr
+            && !a.ip().is_loopback()
+            && cfg.api_token.is_none()
+        {
+            return Err(ServeError::Config(format!(
+                "the {what} listens on {a} (not loopback): give --api-token"
+            )));
+        }
     }
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
     // The address the controller's own client uses.
     let mut own = cfg.clone();
     if let BrokerChoice::Embedded(a) = cfg.broker {
@@ -313,6 +324,7 @@ pub async fn serve(
     let (client, mut el) = mqtt(&own);
     let (msg_tx, mut msg_rx) = mpsc::channel::<(String, Vec<u8>)>(10_000);
     let sub = client.clone();
+    let m = std::sync::Arc::clone(&metrics);
     tokio::spawn(async move {
         let mut backoff =
             outpost_protocol::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
@@ -320,6 +332,7 @@ pub async fn serve(
             match el.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff.reset();
+                    m.broker(true);
                     tracing::info!("connected to the broker");
                     for ch in [
                         Channel::Status,
@@ -340,6 +353,7 @@ pub async fn serve(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    m.broker(false);
                     let wait = backoff.next_jittered(fastrand::f64());
                     // Said at the first failures, then at each doubling of their count.
                     if backoff.failures().is_power_of_two() {
@@ -374,7 +388,7 @@ pub async fn serve(
     let consoles = Consoles::default();
     let blob_store = crate::blobs::BlobStore::new(&cfg.data_dir);
     let app = crate::api::router(
-        call_tx,
+        call_tx.clone(),
         cfg.api_token.clone(),
         crate::blobs::BlobStore::new(&cfg.data_dir),
         events_tx.clone(),
@@ -382,7 +396,29 @@ pub async fn serve(
             client: client.clone(),
             waiting: consoles.clone(),
         },
+        std::sync::Arc::clone(&metrics),
     );
+    if let Some(addr) = cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Listen { addr, source })?;
+        tracing::info!(listen = %addr, "metrics listening");
+        let app = crate::api::metrics_router(
+            call_tx.clone(),
+            cfg.api_token.clone(),
+            std::sync::Arc::clone(&metrics),
+            crate::api::ConsoleLink {
+                client: client.clone(),
+                waiting: consoles.clone(),
+            },
+            crate::blobs::BlobStore::new(&cfg.data_dir),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::error!(error = %e, "metrics listener stopped");
+            }
+        });
+    }
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "HTTP API stopped");
@@ -391,7 +427,7 @@ pub async fn serve(
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut malformed: u64 = 0;
-    let mut replies: Vec<(Responder, bool, Result<Reply, ActionError>)> = Vec::new();
+    let mut replies: Vec<(Responder, bool, Result<Reply, ActionError>, Instant)> = Vec::new();
     // Why the store cannot be written, while it cannot: changes are refused, reads answered,
     // the broker and liveness keep running, and the store is tried again every turn.
     let mut store_down: Option<String> = None;
@@ -407,20 +443,27 @@ pub async fn serve(
         };
         let now = now_ms();
         fleet.set_clock(now);
-        for input in batch(first, &mut call_rx, &mut msg_rx) {
+        let inputs = batch(first, &mut call_rx, &mut msg_rx);
+        let n_inputs = inputs.len();
+        for input in inputs {
             match input {
                 Input::Message((topic, payload)) => {
-                    let ok = match topics::parse(&topic) {
-                        Ok((node, Channel::Console)) => consoles.answer(&node, &payload),
+                    let parsed = topics::parse(&topic);
+                    let ok = match &parsed {
+                        Ok((node, Channel::Console)) => consoles.answer(node, &payload),
                         _ => ingest(&mut fleet, now, &topic, &payload),
                     };
+                    let channel = parsed.as_ref().map_or("other", |(_, c)| c.name());
+                    metrics.received(channel, ok);
                     if !ok {
                         malformed += 1;
                         tracing::warn!(%topic, len = payload.len(), malformed, "dropped a message that does not decode");
                     }
                 }
-                Input::Call((action, actor, reply)) => {
+                Input::Call((action, actor, reply, arrived)) => {
                     let mutates = action.mutates();
+                    let create = matches!(action, crate::action::Action::CreateInstance(_));
+                    let t = Instant::now();
                     let r = match &store_down {
                         Some(cause) if mutates => Err(ActionError::StoreDown(cause.clone())),
                         _ => {
@@ -432,7 +475,10 @@ pub async fn serve(
                             r
                         }
                     };
-                    replies.push((reply, mutates, r));
+                    if create {
+                        Metrics::observe(&metrics.placement_decision, t.elapsed());
+                    }
+                    replies.push((reply, mutates, r, arrived));
                 }
                 Input::Tick => fleet.tick(now),
             }
@@ -443,8 +489,19 @@ pub async fn serve(
             store_down = None;
         }
         let changes = fleet.take_changes();
-        match store.apply(&changes) {
+        let t = Instant::now();
+        let applied = store.apply(&changes);
+        Metrics::observe(&metrics.store_commit, t.elapsed());
+        metrics.batch_size.observe(n_inputs as f64);
+        metrics.store_writable.set(i64::from(applied.is_ok()));
+        match applied {
             Ok(()) => {
+                let durable = Instant::now();
+                for (_, mutates, _, arrived) in &replies {
+                    if *mutates {
+                        Metrics::observe(&metrics.request_durable, durable - *arrived);
+                    }
+                }
                 for e in &changes.events {
                     // Nobody listening is fine.
                     let _ = events_tx.send(crate::views::EventView::from(e));
@@ -454,8 +511,19 @@ pub async fn serve(
                         tracing::warn!(error = %e, "an unreferenced blob could not be removed");
                     }
                 }
+                let sent = changes.publish.len() as u64;
                 publish(&client, changes.publish).await;
-                for (reply, _, r) in replies.drain(..) {
+                metrics
+                    .mqtt_sent
+                    .get_or_create(&crate::metrics::ChannelLabel {
+                        channel: Channel::Desired.name(),
+                    })
+                    .inc_by(sent);
+                let dispatched = Instant::now();
+                for (reply, mutates, r, arrived) in replies.drain(..) {
+                    if mutates {
+                        Metrics::observe(&metrics.request_dispatch, dispatched - arrived);
+                    }
                     let _ = reply.send(r);
                 }
             }
@@ -466,7 +534,7 @@ pub async fn serve(
                 }
                 store_down = Some(cause.clone());
                 fleet.requeue(changes);
-                for (reply, mutates, r) in replies.drain(..) {
+                for (reply, mutates, r, _) in replies.drain(..) {
                     let r = match r {
                         Ok(_) if mutates => Err(ActionError::NotStored(cause.clone())),
                         other => other,
@@ -515,7 +583,12 @@ mod tests {
         }
         let (reply, _rx) = tokio::sync::oneshot::channel();
         call_tx
-            .try_send((crate::action::Action::ListNodes, "local".into(), reply))
+            .try_send((
+                crate::action::Action::ListNodes,
+                "local".into(),
+                reply,
+                Instant::now(),
+            ))
             .unwrap();
         let mut seen = Vec::new();
         let mut calls_seen = 0;

@@ -913,3 +913,76 @@ impl CreateBody {
         })
     }
 }
+
+/// The fleet at a glance (`GET /v1/overview`, the metrics and the status page): every node,
+/// instances by phase, and the scheduler's decisions since the controller started.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OverviewView {
+    /// Every node.
+    pub nodes: Vec<NodeView>,
+    /// How many instances are in each phase.
+    pub phases: BTreeMap<String, u64>,
+    /// The scheduler's decisions.
+    pub scheduler: SchedulerView,
+}
+
+/// The scheduler's decisions since the controller started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SchedulerView {
+    /// Instances placed (created or moved).
+    pub placements: u64,
+    /// Decisions where no host fitted.
+    pub failures: u64,
+    /// Per filter: failed decisions in which it removed hosts.
+    pub refusals: BTreeMap<String, u64>,
+    /// The latest refusals, newest last: when (ms since the epoch) and why.
+    pub last_refusals: Vec<RefusalView>,
+}
+
+/// One refusal.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusalView {
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+    /// Why no host fitted, filter by filter.
+    pub why: String,
+}
+
+impl OverviewView {
+    /// The overview of `fleet`.
+    pub fn of(fleet: &Fleet) -> Self {
+        let counts = fleet.instance_counts();
+        let mut phases: BTreeMap<String, u64> = crate::fleet::records::Phase::ALL
+            .iter()
+            .map(|p| (p.as_str().to_owned(), 0))
+            .collect();
+        for i in fleet.instances() {
+            *phases.entry(i.phase.as_str().to_owned()).or_default() += 1;
+        }
+        let s = fleet.scheduler_stats();
+        Self {
+            nodes: fleet
+                .nodes()
+                .map(|n| NodeView::of(n, fleet, counts.get(&n.id).copied().unwrap_or(0)))
+                .collect(),
+            phases,
+            scheduler: SchedulerView {
+                placements: s.placements,
+                failures: s.failures,
+                refusals: s
+                    .refusals
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), *v))
+                    .collect(),
+                last_refusals: s
+                    .last_refusals
+                    .iter()
+                    .map(|(at_ms, why)| RefusalView {
+                        at_ms: *at_ms,
+                        why: why.clone(),
+                    })
+                    .collect(),
+            },
+        }
+    }
+}

@@ -19,6 +19,8 @@ pub struct Controller {
     pub args: Vec<String>,
     /// The process.
     pub proc: Option<Proc>,
+    /// The API token the CLI calls carry (set it to the one given with `--api-token-file`).
+    pub token: Option<String>,
 }
 
 impl Controller {
@@ -48,6 +50,7 @@ impl Controller {
             data_dir: dir.join("controller-data"),
             args,
             proc: None,
+            token: None,
         }
     }
 
@@ -81,12 +84,12 @@ impl Controller {
     }
 
     fn run_cli(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(bin("outpost"))
-            .arg("--api")
-            .arg(&self.api)
-            .args(args)
-            .output()
-            .unwrap();
+        let mut cmd = Command::new(bin("outpost"));
+        cmd.arg("--api").arg(&self.api).args(args);
+        if let Some(t) = &self.token {
+            cmd.env("OUTPOST_API_TOKEN", t);
+        }
+        let out = cmd.output().unwrap();
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {

@@ -13,10 +13,12 @@ pub mod broker;
 pub mod controller;
 pub mod guest;
 pub mod http;
+pub mod metrics;
 pub mod process;
 
 pub use agent::*;
 pub use broker::*;
 pub use controller::*;
 pub use guest::*;
+pub use metrics::*;
 pub use process::*;

@@ -4,7 +4,7 @@
 use outpost_protocol::{Arch, InstanceId, InstanceSpec, Label, NodeId, PowerMode, PowerState};
 
 use super::records::{CreateRequest, FleetError, InstanceRecord, Phase};
-use super::{Fleet, index, unindex};
+use super::{Fleet, LAST_REFUSALS, index, unindex};
 use crate::scheduler::{GroupConstraint, GroupPolicy, NoValidHost, Request};
 
 /// How a stop or reboot was asked, in words.
@@ -68,6 +68,24 @@ impl Fleet {
         })
     }
 
+    /// Counts a placement decision (for the metrics and the status page).
+    fn tally(&mut self, outcome: Result<(), &NoValidHost>) {
+        let s = &mut self.stats;
+        match outcome {
+            Ok(()) => s.placements += 1,
+            Err(e) => {
+                s.failures += 1;
+                for (filter, _) in &e.removed {
+                    *s.refusals.entry(filter.name()).or_default() += 1;
+                }
+                if s.last_refusals.len() == LAST_REFUSALS {
+                    s.last_refusals.pop_front();
+                }
+                s.last_refusals.push_back((self.clock_ms, e.to_string()));
+            }
+        }
+    }
+
     /// Creates and places an instance, or says at once why nothing fits (nothing is stored).
     pub fn create(
         &mut self,
@@ -103,12 +121,19 @@ impl Fleet {
                         break;
                     }
                 }
-                let (n, spec) = found.ok_or(first)?;
+                let Some((n, spec)) = found else {
+                    self.tally(Err(&first));
+                    return Err(first.into());
+                };
                 req.spec = spec;
                 n
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                self.tally(Err(&e));
+                return Err(e.into());
+            }
         };
+        self.tally(Ok(()));
         if let Some((g, p)) = req.group.clone()
             && self.groups.insert(g.clone(), p).is_none()
         {
@@ -413,6 +438,9 @@ impl Fleet {
         } else {
             Some(self.choose(&i.spec, &i.selector, group, &exclude, Some(id)))
         };
+        if let Some(c) = &choice {
+            self.tally(c.as_ref().map(|_| ()));
+        }
         let i = self
             .instances
             .get_mut(&id)

@@ -66,6 +66,24 @@ pub struct Fleet {
     clock_ms: u64,
     /// Who the changes being made are for.
     actor: String,
+    /// Placement decisions so far (since this process started).
+    stats: SchedulerStats,
+}
+
+/// How many of the latest refusals [`SchedulerStats`] keeps.
+pub const LAST_REFUSALS: usize = 20;
+
+/// The scheduler's decisions since the controller started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    /// Instances placed (created or moved).
+    pub placements: u64,
+    /// Decisions where no host fitted.
+    pub failures: u64,
+    /// Per filter: failed decisions in which it removed hosts.
+    pub refusals: BTreeMap<&'static str, u64>,
+    /// The latest refusals: when (ms since the epoch) and why ("no host fits (3 hosts): ...").
+    pub last_refusals: std::collections::VecDeque<(u64, String)>,
 }
 
 /// A blob's download on one node, as last reported.
@@ -86,6 +104,11 @@ pub struct FetchProgress {
 }
 
 impl Fleet {
+    /// The scheduler's decisions since the controller started.
+    pub fn scheduler_stats(&self) -> &SchedulerStats {
+        &self.stats
+    }
+
     /// A fleet restored from the store (or empty), at `now_ms`. Every node's desired state is
     /// republished, and every node that had reported gets the liveness timeout from now to
     /// report again before it counts as down (as a new Nomad leader resets heartbeats).
@@ -123,6 +146,7 @@ impl Fleet {
             history: events::History::restore(events),
             clock_ms: now_ms,
             actor: "controller".to_owned(),
+            stats: SchedulerStats::default(),
         };
         for i in instances {
             f.by_name.insert(i.name.clone(), i.id);

@@ -65,6 +65,19 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase.
+    pub const ALL: [Self; 9] = [
+        Self::Pending,
+        Self::Scheduled,
+        Self::Downloading,
+        Self::Building,
+        Self::Running,
+        Self::Stopped,
+        Self::Crashed,
+        Self::Error,
+        Self::Deleting,
+    ];
+
     /// Lowercase name.
     pub const fn as_str(self) -> &'static str {
         match self {
