@@ -138,6 +138,8 @@ pub struct Config {
     pub stop_timeout: Duration,
     /// How images are downloaded and cached.
     pub downloads: Downloads,
+    /// Where to serve Prometheus metrics (loopback only; `--metrics-listen`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// How images are downloaded and cached.
@@ -283,6 +285,7 @@ impl Config {
                     attempts: dl.attempts.map_or(def.attempts, u32::from),
                 }
             },
+            metrics_listen: None,
         })
     }
 

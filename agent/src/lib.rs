@@ -15,6 +15,7 @@ pub mod fingerprint;
 pub mod hypervisor;
 pub mod images;
 pub mod link;
+pub mod metrics;
 pub mod reconcile;
 pub mod seed;
 pub mod shell;

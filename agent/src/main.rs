@@ -44,6 +44,10 @@ struct Cli {
     /// Seconds between usage reports.
     #[arg(long)]
     report_interval: Option<u16>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`; loopback only, e.g.
+    /// 127.0.0.1:9465).
+    #[arg(long, env = "OUTPOST_AGENT_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "OUTPOST_LOG", default_value = "info")]
     log_level: tracing::Level,
@@ -152,7 +156,9 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
         d.report_interval_secs = Some(r);
     }
     tracing::info!("config: {}", human::summary(&d));
-    Ok(Config::from_device(&d)?)
+    let mut cfg = Config::from_device(&d)?;
+    cfg.metrics_listen = cli.metrics_listen;
+    Ok(cfg)
 }
 
 fn open_hypervisor(cfg: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {

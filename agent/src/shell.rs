@@ -23,6 +23,7 @@ use crate::fingerprint;
 use crate::hypervisor::{Hypervisor, HypervisorError, Note, Op, execute};
 pub use crate::link::{CONNECT_TIMEOUT, KEEP_ALIVE, MAX_PACKET, RECONNECT_BASE, RECONNECT_MAX};
 use crate::link::{LinkEvent, encode, qos, wall_ms};
+use crate::metrics::{Metrics, MetricsError, StateLabel};
 use crate::reconcile::{Effect, HostFacts, Offer, Reconciler};
 use crate::store::{DesiredStore, StoreError};
 
@@ -38,6 +39,9 @@ pub enum AgentError {
     /// A blocking task panicked.
     #[error("a blocking hypervisor task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// The metrics listener could not start.
+    #[error("{0}")]
+    Metrics(#[from] MetricsError),
 }
 
 /// Counters of things that went wrong without stopping the agent.
@@ -88,6 +92,10 @@ struct Shell {
     /// Reading the addresses: the result comes back here; at most one read at a time.
     addr_tx: mpsc::UnboundedSender<Addresses>,
     addr_busy: bool,
+    /// What `--metrics-listen` serves.
+    metrics: Arc<Metrics>,
+    /// Downloads running: bytes received so far and their rate, by blob.
+    downloading: std::collections::HashMap<outpost_protocol::Digest, (u64, u32)>,
 }
 
 /// What a download tells the agent's loop.
@@ -109,6 +117,7 @@ impl Shell {
             .is_err()
         {
             self.counters.dropped_publishes += 1;
+            self.metrics.mqtt_dropped.inc();
         }
     }
 
@@ -126,8 +135,11 @@ impl Shell {
                     tracing::info!(%id, op = op.name(), "hypervisor");
                     let hv = Arc::clone(&self.hv);
                     let tx = self.done_tx.clone();
+                    let m = Arc::clone(&self.metrics);
                     tokio::task::spawn_blocking(move || {
+                        let t = Instant::now();
                         let r = execute(hv.as_ref(), id, &op);
+                        m.call(op.name(), t.elapsed(), r.is_ok());
                         if let Err((_, why)) = &r {
                             tracing::warn!(%id, op = op.name(), %why, "hypervisor call failed");
                         }
@@ -145,6 +157,7 @@ impl Shell {
             Ok(r) => r,
             Err(e) => {
                 self.counters.malformed += 1;
+                self.metrics.mqtt_malformed.inc();
                 tracing::warn!(error = %e, "dropped a console request that does not decode");
                 return;
             }
@@ -338,6 +351,7 @@ impl Shell {
             Ok(d) => Box::new(d),
             Err(e) => {
                 self.counters.malformed += 1;
+                self.metrics.mqtt_malformed.inc();
                 tracing::warn!(error = %e, count = self.counters.malformed, "dropped a desired state that does not decode");
                 return false;
             }
@@ -455,6 +469,41 @@ impl Shell {
         });
     }
 
+    /// Sets the instances-by-state gauges from what the reconciler reports.
+    fn count_instances(&self) {
+        self.metrics.instances.clear();
+        for i in &self.rec.report().instances {
+            self.metrics
+                .instances
+                .get_or_create(&StateLabel {
+                    state: i.state.as_str(),
+                })
+                .inc();
+        }
+    }
+
+    /// Counts a download's new bytes and its rate.
+    fn download_progress(&mut self, ev: &AgentEvent) {
+        if let AgentEvent::Fetch {
+            digest, done, rate, ..
+        } = ev
+        {
+            let before = self.downloading.get(digest).map_or(0, |d| d.0);
+            self.metrics
+                .download_bytes
+                .inc_by(done.saturating_sub(before));
+            self.downloading.insert(*digest, (*done, *rate));
+            self.set_download_rate();
+        }
+    }
+
+    fn set_download_rate(&self) {
+        let sum: u64 = self.downloading.values().map(|d| u64::from(d.1)).sum();
+        self.metrics
+            .download_rate
+            .set(i64::try_from(sum).unwrap_or(i64::MAX));
+    }
+
     /// Publishes the addresses read if they changed.
     fn addresses_read(&mut self, a: Addresses) {
         self.addr_busy = false;
@@ -469,11 +518,16 @@ impl Shell {
 
     async fn reconcile(&mut self) -> Result<(), AgentError> {
         let hv = Arc::clone(&self.hv);
-        match tokio::task::spawn_blocking(move || hv.list()).await? {
+        let t = Instant::now();
+        let listed = tokio::task::spawn_blocking(move || hv.list()).await?;
+        self.metrics.call("list", t.elapsed(), listed.is_ok());
+        match listed {
             Ok(domains) => {
                 self.hypervisor_health(Ok(()));
                 let effects = self.rec.observe(Instant::now(), &domains);
                 self.apply(effects);
+                self.metrics.passes.inc();
+                self.metrics.pass_seconds.observe(t.elapsed().as_secs_f64());
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list domains; will retry");
@@ -637,6 +691,10 @@ async fn run_loop(
         tracing::warn!("{why}");
         notices.push((NoticeKind::LeaseExpired, why.to_owned()));
     }
+    let metrics = Arc::new(Metrics::new(cfg.node_id.as_str()));
+    if let Some(addr) = cfg.metrics_listen {
+        crate::metrics::serve(addr, Arc::clone(&metrics)).await?;
+    }
     let mut sh = Shell {
         rec,
         cfg,
@@ -657,8 +715,11 @@ async fn run_loop(
         addresses: Addresses::default(),
         addr_tx,
         addr_busy: false,
+        metrics,
+        downloading: std::collections::HashMap::new(),
     };
     let mut pass_due = true;
+    let mut ever_connected = false;
     tokio::pin!(shutdown);
 
     loop {
@@ -670,6 +731,11 @@ async fn run_loop(
             () = &mut shutdown => break,
             Some(ev) = link_rx.recv() => match ev {
                 LinkEvent::Connected { session: s, broker } => {
+                    if ever_connected {
+                        sh.metrics.mqtt_reconnects.inc();
+                    }
+                    ever_connected = true;
+                    sh.metrics.mqtt_connected.set(1);
                     session = s;
                     tracing::info!(%broker, session, "connected");
                     sh.connected = true;
@@ -686,6 +752,7 @@ async fn run_loop(
                         sh.on_console(&p.payload);
                     } else {
                         sh.counters.malformed += 1;
+                        sh.metrics.mqtt_malformed.inc();
                         tracing::warn!(topic = %p.topic, "message on an unexpected topic dropped");
                     }
                 }
@@ -706,16 +773,20 @@ async fn run_loop(
                         tracing::warn!("protocol error from the broker side");
                     }
                     sh.connected = false;
+                    sh.metrics.mqtt_connected.set(0);
                 }
                 LinkEvent::Closed => {}
             },
             Some(msg) = fetch_rx.recv() => match msg {
                 FetchMsg::Progress(ev) => {
+                    sh.download_progress(&ev);
                     if sh.connected {
                         sh.publish_event(&ev);
                     }
                 }
                 FetchMsg::Done(blob, result) => {
+                    sh.downloading.remove(&blob.digest);
+                    sh.set_download_rate();
                     let ok = result.is_ok();
                     sh.rec.fetched(blob.digest, result);
                     if ok {
@@ -737,6 +808,7 @@ async fn run_loop(
             _ = report_tick.tick() => {
                 sh.refresh_host().await?;
                 sh.read_addresses();
+                sh.count_instances();
                 if sh.connected && sh.synced {
                     // A live link to the fleet's broker counts as contact: while it is up, the
                     // controller sees this node and does not rebuild its instances elsewhere.

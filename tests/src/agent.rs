@@ -22,6 +22,8 @@ pub struct Agent {
     pub config: PathBuf,
     /// The process, once started.
     pub proc: Option<Proc>,
+    /// Extra command-line arguments (`--metrics-listen ...`).
+    pub args: Vec<String>,
 }
 
 impl Agent {
@@ -44,6 +46,7 @@ impl Agent {
             state_dir,
             config,
             proc: None,
+            args: Vec::new(),
         }
     }
 
@@ -109,7 +112,8 @@ impl Agent {
         cmd.arg("--config")
             .arg(&self.config)
             .arg("--log-level")
-            .arg("debug");
+            .arg("debug")
+            .args(&self.args);
         self.proc = Some(Proc::spawn(cmd, self.state_dir.with_extension("log")));
     }
 

@@ -24,6 +24,8 @@ fn metrics_move_with_real_work() {
     let (status, body) = ctl.http("GET", "/healthz", "");
     assert_eq!((status, body.trim()), (200, "ok"));
     let mut a = Agent::fake(dir.path(), "obs-1", ctl.mqtt_port, 2048, "north");
+    let agent_port = free_port();
+    a.args = vec!["--metrics-listen".into(), format!("127.0.0.1:{agent_port}")];
     a.start();
     ctl.wait_nodes_up(1);
     wait_for(T, "ready", || {
@@ -159,6 +161,30 @@ fn metrics_move_with_real_work() {
     let e = scrape(&format!("http://127.0.0.1:{metrics_port}/v1/nodes"), None).unwrap_err();
     assert!(e.starts_with("HTTP 404"), "{e}");
 
+    // The agent's own metrics.
+    let agent_url = format!("http://127.0.0.1:{agent_port}/metrics");
+    let am = wait_for(T, "the agent counts its running instance", || {
+        let s = scrape(&agent_url, None).ok()?;
+        (s.value("outpost_agent_instances", &[("state", "running")]) == 1.0).then_some(s)
+    });
+    assert!(am.has("outpost_agent_build_info"), "{}", am.text);
+    assert_eq!(am.value("outpost_agent_mqtt_connected", &[]), 1.0);
+    assert!(am.value("outpost_agent_reconcile_passes_total", &[]) >= 1.0);
+    assert!(
+        am.value(
+            "outpost_agent_hypervisor_call_seconds_count",
+            &[("op", "create")]
+        ) >= 1.0,
+        "{}",
+        am.text
+    );
+    assert!(
+        am.value(
+            "outpost_agent_hypervisor_call_seconds_count",
+            &[("op", "list")]
+        ) >= 1.0
+    );
+
     // `outpost status`: the controller's own state and the fleet in numbers.
     let out = Command::new(bin("outpost"))
         .args(["--api", &ctl.api, "status"])
@@ -231,4 +257,19 @@ fn metrics_follow_the_api_token_and_health_needs_none() {
     assert_eq!(status, 200);
     let (status, body) = ctl.http("GET", "/v1/status", "");
     assert_eq!(status, 401, "{body}");
+}
+
+#[test]
+fn agent_metrics_stay_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Agent::fake(dir.path(), "obs-open", free_port(), 1024, "x");
+    let out = Command::new(bin("outpost-agent"))
+        .arg("--config")
+        .arg(&a.config)
+        .args(["--metrics-listen", "0.0.0.0:9465"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("only on loopback"), "{err}");
 }
