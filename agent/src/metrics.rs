@@ -200,7 +200,7 @@ pub async fn serve(addr: SocketAddr, m: Arc<Metrics>) -> Result<(), MetricsError
                 let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
                     let m = Arc::clone(&m);
                     async move {
-                        let r = if req.uri().path() == "/metrics" {
+                        if req.uri().path() == "/metrics" {
                             Response::builder()
                                 .header(
                                     "content-type",
@@ -211,8 +211,7 @@ pub async fn serve(addr: SocketAddr, m: Arc<Metrics>) -> Result<(), MetricsError
                             Response::builder()
                                 .status(StatusCode::NOT_FOUND)
                                 .body(Full::new(Bytes::from_static(b"only /metrics here\n")))
-                        };
-                        r
+                        }
                     }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
