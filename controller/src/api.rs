@@ -119,6 +119,29 @@ async fn ask(api: &Api, action: Action) -> Result<Reply, HttpError> {
     Ok(r?)
 }
 
+/// The status page (`/`): embedded in the binary, no build step, no CDN.
+const PAGE_HTML: &str = include_str!("ui/index.html");
+const PAGE_JS: &str = include_str!("ui/app.js");
+const PAGE_CSS: &str = include_str!("ui/style.css");
+
+/// One of the status page's files, with headers that keep it to itself.
+fn page(body: &'static str, content_type: &'static str) -> Response {
+    use axum::http::header;
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
 /// `GET /metrics`: OpenMetrics text.
 async fn scrape(api: &Api) -> Result<Response, HttpError> {
     let Reply::Overview(o) = ask(api, Action::Overview).await? else {
@@ -917,11 +940,25 @@ pub fn router(
         get(|State(a): State<Api>, Path((node, sha)): Path<(String, String)>, req: Request| async move { blob(&a, node, sha, req).await }),
     );
     // Liveness and readiness, for load balancers and supervisors: no token, nothing but a word.
-    let health = Router::new()
+    // The status page's files hold no data (it reads the API, with the token when there is
+    // one): no token either.
+    let open = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(|State(a): State<Api>| async move { readyz(&a.metrics) }),
+        )
+        .route(
+            "/",
+            get(|| async { page(PAGE_HTML, "text/html; charset=utf-8") }),
+        )
+        .route(
+            "/ui/app.js",
+            get(|| async { page(PAGE_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/ui/style.css",
+            get(|| async { page(PAGE_CSS, "text/css; charset=utf-8") }),
         );
     Router::new()
         .route("/metrics", get(|State(a): State<Api>| async move { scrape(&a).await }))
@@ -1006,7 +1043,7 @@ pub fn router(
         }))
         .layer(middleware::from_fn_with_state(api.clone(), auth))
         .merge(nodes)
-        .merge(health)
+        .merge(open)
         .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such endpoint (see README: HTTP API)".into()) })
         .with_state(api)
 }

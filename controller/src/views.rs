@@ -137,6 +137,9 @@ pub struct InstanceView {
     /// Its network interfaces, as its node reports them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<NicView>,
+    /// When it was created (ms since the epoch; 0 when not known).
+    #[serde(default)]
+    pub created_ms: u64,
 }
 
 /// A network interface as shown.
@@ -314,6 +317,7 @@ impl InstanceView {
             downloads: Vec::new(),
             ip: None,
             addresses: Vec::new(),
+            created_ms: 0,
         }
     }
 }
@@ -549,6 +553,7 @@ impl From<&InstanceRecord> for InstanceView {
                 } => Some(format!("stop timeout {stop_timeout_secs} s")),
             },
             placement: i.placement.clone(),
+            created_ms: i.created_ms,
             ..Self::of_spec(i.id, &i.name, &i.spec, i.power)
         }
     }

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod broker;
+pub mod browser;
 pub mod controller;
 pub mod guest;
 pub mod http;
@@ -18,6 +19,7 @@ pub mod process;
 
 pub use agent::*;
 pub use broker::*;
+pub use browser::*;
 pub use controller::*;
 pub use guest::*;
 pub use metrics::*;
