@@ -176,6 +176,9 @@ fn main() {
     // `--rate R`: offer R creates per second in all (open loop: each request has its slot, and
     // latency counts from the slot, so a late request is not forgiven); 0: as fast as answered.
     let rate = arg("--rate", 0);
+    // `--scrape-ms N`: scrape /metrics every N ms while the creates run (0: never), to measure
+    // what a Prometheus scraper costs the controller, side by side with a run without one.
+    let scrape_ms = arg("--scrape-ms", 0);
     let dir = tempfile::tempdir().unwrap();
     // `--broker-port P`: an external broker (say mosquitto) already listening on 127.0.0.1:P.
     let external = arg("--broker-port", 0);
@@ -254,6 +257,30 @@ fn main() {
     }
     let connect_time = t0.elapsed();
 
+    // A scraper, if asked.
+    let scraping = Arc::new(std::sync::atomic::AtomicBool::new(scrape_ms > 0));
+    let scraper = (scrape_ms > 0).then(|| {
+        let (http, base, on) = (http.clone(), base.clone(), Arc::clone(&scraping));
+        std::thread::spawn(move || {
+            let mut times = Vec::new();
+            let mut size = 0;
+            while on.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let text = http
+                    .get(&format!("{base}/metrics"))
+                    .call()
+                    .unwrap()
+                    .body_mut()
+                    .read_to_string()
+                    .unwrap();
+                times.push(t.elapsed());
+                size = text.len();
+                std::thread::sleep(Duration::from_millis(scrape_ms as u64));
+            }
+            (times, size)
+        })
+    });
+
     // Creates from `clients` threads.
     let sent: Arc<Mutex<HashMap<InstanceId, (Instant, Instant)>>> =
         Arc::new(Mutex::new(HashMap::new()));
@@ -295,6 +322,8 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let dispatched = start.elapsed();
+    scraping.store(false, std::sync::atomic::Ordering::Relaxed);
+    let scrapes = scraper.map(|t| t.join().unwrap());
     let sent = sent.lock().unwrap();
     let seen = seen.lock().unwrap();
     let mut commit: Vec<Duration> = sent.values().map(|(t, a)| *a - *t).collect();
@@ -328,5 +357,83 @@ fn main() {
         pct(&lat, 0.50),
         pct(&lat, 0.99),
         dispatched.as_secs_f64()
+    );
+    // `--page`: the status page's load in headless Chromium with this fleet (navigation to
+    // the first full render: status, overview and instances fetched and drawn).
+    if args.iter().any(|a| a == "--page") {
+        let browser = outpost_tests::Browser::start();
+        let mut page = browser.page();
+        page.viewport(1280, 900, false);
+        let mut loads = Vec::new();
+        for _ in 0..5 {
+            page.navigate("about:blank");
+            let t = Instant::now();
+            page.navigate(&format!("{base}/"));
+            let ms = page.wait(
+                Duration::from_secs(60),
+                "document.body.dataset.renderMs",
+                "document.body.innerText.slice(0, 500)",
+            );
+            loads.push((
+                t.elapsed(),
+                ms.as_str().unwrap_or("0").parse::<f64>().unwrap_or(0.0),
+            ));
+        }
+        let (o, i) = (
+            http.get(&format!("{base}/v1/overview"))
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_string()
+                .unwrap()
+                .len(),
+            http.get(&format!("{base}/v1/instances"))
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_string()
+                .unwrap()
+                .len(),
+        );
+        let mut render: Vec<f64> = loads.iter().map(|l| l.1).collect();
+        render.sort_by(f64::total_cmp);
+        println!(
+            "\nstatus page with {agents} nodes and {placed} instances: first full render {:.0} ms (median of 5; min {:.0}, max {:.0}) after navigation; overview {o} bytes, instances {i} bytes",
+            render[2], render[0], render[4]
+        );
+    }
+    if let Some((mut times, size)) = scrapes {
+        times.sort_unstable();
+        println!(
+            "\nmetrics scraped every {scrape_ms} ms during the run: {} scrapes of {size} bytes, scrape time p50 {:.2} ms, p99 {:.2} ms",
+            times.len(),
+            pct(&times, 0.50),
+            pct(&times, 0.99)
+        );
+    }
+    // What the instrumentation in the loop costs per turn: the calls one turn makes (a
+    // message counted, a commit and a batch observed, a request's durable and dispatch times,
+    // the API's request time), on their own.
+    let m = outpost_controller::metrics::Metrics::new();
+    let n = 1_000_000u32;
+    let t = Instant::now();
+    for k in 0..n {
+        m.received("report", k % 1000 != 0);
+        outpost_controller::metrics::Metrics::observe(&m.store_commit, Duration::from_micros(120));
+        m.batch_size.observe(f64::from(k % 64));
+        outpost_controller::metrics::Metrics::observe(
+            &m.request_durable,
+            Duration::from_micros(300),
+        );
+        outpost_controller::metrics::Metrics::observe(
+            &m.request_dispatch,
+            Duration::from_micros(350),
+        );
+    }
+    let per_turn = t.elapsed().as_secs_f64() * 1e9 / f64::from(n);
+    println!(
+        "instrumentation per loop turn (1 message, 1 commit, 1 change): {per_turn:.0} ns; at {:.0} committed/s that is {:.3}% of one core",
+        placed as f64 / committed.as_secs_f64(),
+        per_turn * 1e-9 * placed as f64 / committed.as_secs_f64() * 100.0
     );
 }

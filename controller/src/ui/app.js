@@ -136,6 +136,10 @@ async function refresh() {
     renderInstances();
     renderWhy(o);
     $("error").hidden = true;
+    if (!document.body.dataset.loaded) {
+      // Navigation to the first full render, for the page-load benchmark.
+      document.body.dataset.renderMs = String(Math.round(performance.now()));
+    }
     document.body.dataset.loaded = "true";
   } catch (e) {
     $("error").textContent = e.message;
