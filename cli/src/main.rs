@@ -94,6 +94,10 @@ enum What {
         /// Only events after this sequence number.
         #[arg(long, default_value_t = 0)]
         since: u64,
+        /// Only the changes this actor made: a token's name, `local`, or `node` / `controller`
+        /// for what they did.
+        #[arg(long)]
+        actor: Option<String>,
         /// Keep printing events as they happen (Server-Sent Events), until interrupted.
         #[arg(long, short = 'f')]
         follow: bool,
@@ -1528,11 +1532,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         What::Events {
             node,
             since,
+            actor,
             follow,
         } => {
             let mut q = format!("&since={since}");
             if let Some(n) = &node {
                 q.push_str(&format!("&node={}", seg(n)));
+            }
+            if let Some(a) = &actor {
+                q.push_str(&format!("&actor={}", seg(a)));
             }
             if follow {
                 return c.follow_events(&q, cli.json);

@@ -19,6 +19,7 @@ use crate::blobs::{BlobError, BlobStore, BlobWriter};
 use crate::fleet::FleetError;
 use crate::fleet::images::{BlobSource, ImageFormat, sniff};
 use crate::metrics::{Metrics, RequestLabel};
+use crate::tokens::{Role, Tokens, Verdict};
 use crate::views::CreateBody;
 use crate::views::EventView;
 
@@ -38,7 +39,8 @@ const CONSOLE_ANSWER: std::time::Duration = std::time::Duration::from_secs(3);
 #[derive(Clone)]
 struct Api {
     calls: mpsc::Sender<Call>,
-    token: Option<String>,
+    tokens: std::sync::Arc<Tokens>,
+    failures: std::sync::Arc<FailureLimiter>,
     blobs: BlobStore,
     events: tokio::sync::broadcast::Sender<EventView>,
     console: ConsoleLink,
@@ -98,10 +100,11 @@ async fn call(api: &Api, action: Action) -> Result<Json<Reply>, HttpError> {
 async fn ask(api: &Api, action: Action) -> Result<Reply, HttpError> {
     let (tx, rx) = oneshot::channel();
     // Who asks: the API token's holder, or a local user where the API has no token.
-    let actor = match (&action, &api.token) {
-        (Action::BlobAccess { node, .. }, _) => format!("node {node}"),
-        (_, Some(_)) => "api-token".to_owned(),
-        (_, None) => "local".to_owned(),
+    let actor = match &action {
+        Action::BlobAccess { node, .. } => format!("node {node}"),
+        _ => CALLER
+            .try_with(Clone::clone)
+            .unwrap_or_else(|_| "local".to_owned()),
     };
     let kind = if action.mutates() { "change" } else { "read" };
     let t0 = std::time::Instant::now();
@@ -242,14 +245,15 @@ async fn fleet_status(api: &Api) -> Result<Json<serde_json::Value>, HttpError> {
 /// token rules.
 pub fn metrics_router(
     calls: mpsc::Sender<Call>,
-    token: Option<String>,
+    tokens: std::sync::Arc<Tokens>,
     metrics: std::sync::Arc<Metrics>,
     console: ConsoleLink,
     blobs: BlobStore,
 ) -> Router {
     let api = Api {
         calls,
-        token,
+        tokens,
+        failures: std::sync::Arc::default(),
         blobs,
         events: tokio::sync::broadcast::channel(1).0,
         console,
@@ -530,6 +534,8 @@ struct EventsQuery {
     node: Option<String>,
     /// Only the events of this instance (its name or id).
     instance: Option<String>,
+    /// Only the events this actor caused (a token's name, `local`, `node`, `controller`).
+    actor: Option<String>,
     #[serde(default)]
     follow: bool,
     /// With `follow`: only what happens from now on (no backlog), as `--wait` needs.
@@ -546,6 +552,7 @@ impl EventsQuery {
                 .instance
                 .as_ref()
                 .is_none_or(|i| e.instance.as_ref() == Some(i) || e.instance_id.as_ref() == Some(i))
+            && self.actor.as_ref().is_none_or(|a| e.actor == *a)
     }
 }
 
@@ -853,22 +860,104 @@ fn hex32(s: &str) -> Option<[u8; 32]> {
     Digest::parse(s).map(|d| d.0)
 }
 
-async fn auth(State(api): State<Api>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    if let Some(token) = &api.token {
-        let ok = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| t == token);
-        if !ok {
-            return HttpError(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong bearer token".into(),
-            )
-            .into_response();
-        }
+tokio::task_local! {
+    /// Who the request being answered is for: a token's name, or `local`.
+    static CALLER: String;
+}
+
+/// The role a request needs: reading needs `read`; instances and cordoning, draining and
+/// labelling nodes need `operator`; everything else (removing and adopting nodes, images)
+/// needs `admin`.
+fn needed(method: &axum::http::Method, path: &str) -> Role {
+    use axum::http::Method;
+    if method == Method::GET || method == Method::HEAD {
+        return Role::Read;
     }
-    next.run(req).await
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["v1", "instances", ..] => Role::Operator,
+        ["v1", "nodes", _, "cordon" | "uncordon" | "drain" | "labels"] => Role::Operator,
+        _ => Role::Admin,
+    }
+}
+
+/// Failed authentications per address: past [`MAX_FAILURES`] in [`FAILURE_WINDOW`], the address
+/// is refused (429) until the window ends.
+#[derive(Default)]
+pub struct FailureLimiter {
+    seen: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u32)>>,
+}
+
+/// Failed authentications an address may make per window.
+pub const MAX_FAILURES: u32 = 10;
+/// The window.
+pub const FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl FailureLimiter {
+    fn blocked(&self, ip: std::net::IpAddr) -> Option<std::time::Duration> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, n) = seen.get(&ip)?;
+        let left = FAILURE_WINDOW.checked_sub(at.elapsed())?;
+        (*n >= MAX_FAILURES).then_some(left)
+    }
+
+    fn failed(&self, ip: std::net::IpAddr) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() > 10_000 {
+            seen.retain(|_, (at, _)| at.elapsed() < FAILURE_WINDOW);
+        }
+        let e = seen.entry(ip).or_insert((std::time::Instant::now(), 0));
+        if e.0.elapsed() >= FAILURE_WINDOW {
+            *e = (std::time::Instant::now(), 0);
+        }
+        e.1 += 1;
+    }
+}
+
+async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
+    if !api.tokens.required() {
+        return CALLER.scope("local".to_owned(), next.run(req)).await;
+    }
+    let ip = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    if let Some(left) = ip.and_then(|ip| api.failures.blocked(ip)) {
+        return HttpError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many failed authentications from this address: try again in {} s",
+                left.as_secs() + 1
+            ),
+        )
+        .into_response();
+    }
+    let secret = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let why = match secret.map(|s| api.tokens.check(s)) {
+        Some(Verdict::Valid { name, role }) => {
+            let need = needed(req.method(), req.uri().path());
+            if role < need {
+                return HttpError(
+                    StatusCode::FORBIDDEN,
+                    format!("this needs the {need} role; token {name} has the {role} role"),
+                )
+                .into_response();
+            }
+            return CALLER.scope(name, next.run(req)).await;
+        }
+        None => "missing bearer token".to_owned(),
+        Some(Verdict::Unknown) => "unknown or wrong bearer token".to_owned(),
+        Some(Verdict::Expired(n)) => format!("token {n} has expired"),
+        Some(Verdict::Revoked(n)) => format!("token {n} was revoked"),
+    };
+    if let Some(ip) = ip {
+        api.failures.failed(ip);
+    }
+    HttpError(StatusCode::UNAUTHORIZED, why).into_response()
 }
 
 type Key = Path<String>;
@@ -920,7 +1009,7 @@ fn power_mode(body: &[u8]) -> Result<PowerMode, HttpError> {
 /// The API's routes, under `/v1`; image content lives in `blobs`.
 pub fn router(
     calls: mpsc::Sender<Call>,
-    token: Option<String>,
+    tokens: std::sync::Arc<Tokens>,
     blobs: BlobStore,
     events_tx: tokio::sync::broadcast::Sender<EventView>,
     console: ConsoleLink,
@@ -928,7 +1017,8 @@ pub fn router(
 ) -> Router {
     let api = Api {
         calls,
-        token,
+        tokens,
+        failures: std::sync::Arc::default(),
         blobs,
         events: events_tx,
         console,

@@ -17,4 +17,5 @@ pub mod metrics;
 pub mod scheduler;
 pub mod service;
 pub mod store;
+pub mod tokens;
 pub mod views;

@@ -24,7 +24,106 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the controller.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Named API tokens with roles (read, operator, admin), kept in DATA_DIR/tokens.db; changes
+    /// take effect on a running controller within a second.
+    #[command(subcommand)]
+    Tokens(TokenCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Make a token and print its secret (once: only its hash is kept).
+    Create {
+        /// Its name (who it is in the history and the log): a-z, 0-9, '-' and '_'.
+        name: String,
+        /// read (sees everything, changes nothing), operator (instances; cordon, drain and
+        /// label nodes) or admin (also removes and adopts nodes, manages images).
+        #[arg(long)]
+        role: String,
+        /// It stops working after this long: 30d, 12h, 90m, 45s (default: never).
+        #[arg(long)]
+        expires: Option<String>,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// List the tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        dir: DataDir,
+    },
+    /// Revoke a token (kept in the list, so that the history still names it).
+    Revoke {
+        /// Its name.
+        name: String,
+        #[command(flatten)]
+        dir: DataDir,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct DataDir {
+    /// The controller's data directory.
+    #[arg(
+        long,
+        env = "OUTPOST_DATA_DIR",
+        default_value = "/var/lib/outpost-controller"
+    )]
+    data_dir: PathBuf,
+}
+
+fn tokens(cmd: TokenCmd) -> anyhow::Result<()> {
+    use outpost_controller::tokens::{Role, TokenDb, parse_duration};
+    let when = |ms: Option<u64>| ms.map_or("-".to_owned(), |ms| format!("{ms}"));
+    match cmd {
+        TokenCmd::Create {
+            name,
+            role,
+            expires,
+            dir,
+        } => {
+            let role = Role::parse(&role)
+                .with_context(|| format!("--role {role}: read, operator or admin"))?;
+            let valid_for = expires
+                .as_deref()
+                .map(|e| {
+                    parse_duration(e).with_context(|| {
+                        format!("--expires {e}: a number and a unit, as 30d, 12h, 90m or 45s")
+                    })
+                })
+                .transpose()?;
+            let db = TokenDb::open(&dir.data_dir)?;
+            let (secret, r) = db.create(&name, role, valid_for)?;
+            eprintln!(
+                "token {} ({}{}): its secret follows, shown only now",
+                r.name,
+                r.role,
+                r.expires_ms
+                    .map(|e| format!(", expires at {e} ms since the epoch"))
+                    .unwrap_or_default()
+            );
+            println!("{secret}");
+        }
+        TokenCmd::List { dir } => {
+            let db = TokenDb::open(&dir.data_dir)?;
+            println!("NAME  ROLE  CREATED_MS  EXPIRES_MS  REVOKED_MS");
+            for t in db.list()? {
+                println!(
+                    "{}  {}  {}  {}  {}",
+                    t.name,
+                    t.role,
+                    t.created_ms,
+                    when(t.expires_ms),
+                    when(t.revoked_ms)
+                );
+            }
+        }
+        TokenCmd::Revoke { name, dir } => {
+            TokenDb::open(&dir.data_dir)?.revoke(&name)?;
+            eprintln!("token {name} revoked: refused from now on (within a second)");
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -172,7 +271,10 @@ fn main() -> anyhow::Result<()> {
         )
         .with(filter)
         .init();
-    let Command::Serve(a) = cli.command;
+    let a = match cli.command {
+        Command::Serve(a) => *a,
+        Command::Tokens(t) => return tokens(t),
+    };
     raise_open_files();
     for flag in ["--api-token", "--broker-password"] {
         if on_command_line(flag) {

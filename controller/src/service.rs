@@ -286,16 +286,20 @@ pub async fn serve(
     cfg: ServeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let tokens = std::sync::Arc::new(
+        crate::tokens::Tokens::new(cfg.api_token.as_deref(), &cfg.data_dir, false)
+            .map_err(|e| ServeError::Config(e.to_string()))?,
+    );
     for (what, addr) in [
         ("API", Some(cfg.api_listen)),
         ("metrics listener", cfg.metrics_listen),
     ] {
         if let Some(a) = addr
             && !a.ip().is_loopback()
-            && cfg.api_token.is_none()
+            && !tokens.required()
         {
             return Err(ServeError::Config(format!(
-                "the {what} listens on {a} (not loopback): give --api-token"
+                "the {what} listens on {a} (not loopback): give --api-token-file, or make named tokens (outpost-controller tokens create)"
             )));
         }
     }
@@ -389,7 +393,7 @@ pub async fn serve(
     let blob_store = crate::blobs::BlobStore::new(&cfg.data_dir);
     let app = crate::api::router(
         call_tx.clone(),
-        cfg.api_token.clone(),
+        std::sync::Arc::clone(&tokens),
         crate::blobs::BlobStore::new(&cfg.data_dir),
         events_tx.clone(),
         crate::api::ConsoleLink {
@@ -405,7 +409,7 @@ pub async fn serve(
         tracing::info!(listen = %addr, "metrics listening");
         let app = crate::api::metrics_router(
             call_tx.clone(),
-            cfg.api_token.clone(),
+            std::sync::Arc::clone(&tokens),
             std::sync::Arc::clone(&metrics),
             crate::api::ConsoleLink {
                 client: client.clone(),
@@ -414,12 +418,14 @@ pub async fn serve(
             crate::blobs::BlobStore::new(&cfg.data_dir),
         );
         tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             if let Err(e) = axum::serve(l, app).await {
                 tracing::error!(error = %e, "metrics listener stopped");
             }
         });
     }
     tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "HTTP API stopped");
         }
@@ -463,6 +469,12 @@ pub async fn serve(
                 Input::Call((action, actor, reply, arrived)) => {
                     let mutates = action.mutates();
                     let create = matches!(action, crate::action::Action::CreateInstance(_));
+                    if mutates {
+                        // The audit trail: who asked for which change.
+                        let what = format!("{action:?}");
+                        let what = what.split(['(', ' ', '{']).next().unwrap_or_default();
+                        tracing::info!(actor = %actor, action = what, "change asked");
+                    }
                     let t = Instant::now();
                     let r = match &store_down {
                         Some(cause) if mutates => Err(ActionError::StoreDown(cause.clone())),
