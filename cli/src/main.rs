@@ -66,6 +66,26 @@ struct Cli {
         conflicts_with = "token"
     )]
     token_file: Option<std::path::PathBuf>,
+    /// CA certificate (PEM) an https:// controller's certificate must chain to (default: the
+    /// Mozilla roots).
+    #[arg(long, global = true, env = "OUTPOST_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for a controller that requires mutual TLS.
+    #[arg(
+        long,
+        global = true,
+        env = "OUTPOST_CLIENT_CERT",
+        requires = "client_key"
+    )]
+    client_cert: Option<std::path::PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(
+        long,
+        global = true,
+        env = "OUTPOST_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    client_key: Option<std::path::PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -618,6 +638,58 @@ struct Client {
     agent: ureq::Agent,
     base: String,
     token: Option<String>,
+    tls: ureq::tls::TlsConfig,
+}
+
+/// The TLS settings from `--ca-file`, `--client-cert` and `--client-key`.
+fn tls_config(cli: &Cli) -> anyhow::Result<ureq::tls::TlsConfig> {
+    use ureq::tls::{ClientCert, PemItem, RootCerts, TlsConfig, parse_pem};
+    let read = |p: &std::path::PathBuf, what: &str| {
+        std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))
+    };
+    let mut b = TlsConfig::builder();
+    if let Some(ca) = &cli.ca_file {
+        let pem = read(ca, "CA file")?;
+        let certs: Vec<_> = parse_pem(&pem)
+            .filter_map(|i| match i {
+                Ok(PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if certs.is_empty() {
+            bail!("--ca-file {}: no certificate in it", ca.display());
+        }
+        b = b.root_certs(RootCerts::new_with_certs(&certs));
+    }
+    if let (Some(cert), Some(key)) = (&cli.client_cert, &cli.client_key) {
+        let pem = read(cert, "client certificate")?;
+        let chain: Vec<_> = parse_pem(&pem)
+            .filter_map(|i| match i {
+                Ok(PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        let pem = read(key, "client key")?;
+        let key = parse_pem(&pem)
+            .find_map(|i| match i {
+                Ok(PemItem::PrivateKey(k)) => Some(k),
+                _ => None,
+            })
+            .with_context(|| format!("--client-key {}: no private key in it", key.display()))?;
+        b = b.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
+    }
+    Ok(b.build())
+}
+
+/// Why the controller could not be reached, with a hint for https.
+fn unreachable(base: &str) -> String {
+    if base.starts_with("https://") {
+        format!(
+            "cannot reach the controller at {base} (over TLS: its certificate must chain to --ca-file / OUTPOST_CA_FILE and name that host)"
+        )
+    } else {
+        format!("cannot reach the controller at {base}")
+    }
 }
 
 impl Client {
@@ -662,7 +734,7 @@ impl Client {
         base: &str,
         resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> anyhow::Result<Value> {
-        let mut resp = resp.with_context(|| format!("cannot reach the controller at {base}"))?;
+        let mut resp = resp.with_context(|| unreachable(base))?;
         let status = resp.status();
         let v: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
         if !status.is_success() {
@@ -1061,6 +1133,7 @@ impl Client {
         use std::io::BufRead as _;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            .tls_config(self.tls.clone())
             .build()
             .into();
         let url = format!("{}{path}", self.base.trim_end_matches('/'));
@@ -1068,9 +1141,7 @@ impl Client {
         if let Some(t) = &self.token {
             r = r.header("Authorization", &format!("Bearer {t}"));
         }
-        let mut resp = r
-            .call()
-            .with_context(|| format!("cannot reach the controller at {}", self.base))?;
+        let mut resp = r.call().with_context(|| unreachable(&self.base))?;
         if !resp.status().is_success() {
             let v: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
             bail!(
@@ -1255,9 +1326,11 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let tls = tls_config(&cli)?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .tls_config(tls.clone())
         .build()
         .into();
     let token = match &cli.token_file {
@@ -1273,6 +1346,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         agent,
         base: cli.api.clone(),
         token,
+        tls,
     };
     let (v, kind) = match cli.what {
         What::Nodes(cmd) => {

@@ -213,6 +213,8 @@ fn main() {
             fleet: FleetConfig::default(),
             scheduler: SchedulerConfig::default(),
             metrics_listen: None,
+            api_tls: None,
+            insecure_http: false,
         },
         std::future::pending(),
     ));

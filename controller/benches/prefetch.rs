@@ -157,6 +157,8 @@ fn main() {
             },
             scheduler: SchedulerConfig::default(),
             metrics_listen: None,
+            api_tls: None,
+            insecure_http: false,
         },
         std::future::pending(),
     ));

@@ -17,5 +17,6 @@ pub mod metrics;
 pub mod scheduler;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod tokens;
 pub mod views;

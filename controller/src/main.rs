@@ -173,6 +173,19 @@ struct ServeArgs {
     /// Address of the HTTP API.
     #[arg(long, env = "OUTPOST_API_LISTEN", default_value = "127.0.0.1:8080")]
     api_listen: SocketAddr,
+    /// Serve the API over TLS with this certificate chain (PEM; read again when it changes or
+    /// on SIGHUP, so it can be rotated without a restart).
+    #[arg(long, env = "OUTPOST_API_TLS_CERT", requires = "api_tls_key")]
+    api_tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "OUTPOST_API_TLS_KEY", requires = "api_tls_cert")]
+    api_tls_key: Option<PathBuf>,
+    /// Require client certificates that chain to this CA (PEM): mutual TLS.
+    #[arg(long, env = "OUTPOST_API_CLIENT_CA", requires = "api_tls_cert")]
+    api_client_ca: Option<PathBuf>,
+    /// Allow the API off loopback without TLS (its tokens then cross the network in clear).
+    #[arg(long)]
+    insecure_http: bool,
     /// Also serve `/metrics` on this address (a listener for a Prometheus scraper; the API's
     /// token rules apply: beyond loopback it needs --api-token).
     #[arg(long, env = "OUTPOST_METRICS_LISTEN")]
@@ -345,7 +358,16 @@ fn main() -> anyhow::Result<()> {
             );
             None
         }
-        None => outpost_protocol::BaseUrl::new(&format!("http://{}", a.api_listen)).ok(),
+        None => outpost_protocol::BaseUrl::new(&format!(
+            "{}://{}",
+            if a.api_tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            },
+            a.api_listen
+        ))
+        .ok(),
     };
     let cfg = ServeConfig {
         data_dir: a.data_dir,
@@ -362,6 +384,12 @@ fn main() -> anyhow::Result<()> {
         },
         scheduler,
         metrics_listen: a.metrics_listen,
+        api_tls: a.api_tls_cert.map(|cert| outpost_controller::tls::ApiTls {
+            cert,
+            key: a.api_tls_key.clone().unwrap_or_default(),
+            client_ca: a.api_client_ca.clone(),
+        }),
+        insecure_http: a.insecure_http,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

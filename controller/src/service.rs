@@ -68,6 +68,10 @@ pub struct ServeConfig {
     pub scheduler: SchedulerConfig,
     /// A second listener serving only `/metrics` (same token rules as the API).
     pub metrics_listen: Option<SocketAddr>,
+    /// The API over TLS.
+    pub api_tls: Option<crate::tls::ApiTls>,
+    /// Allow the API off loopback without TLS (tokens then cross the network in clear).
+    pub insecure_http: bool,
 }
 
 /// Why the controller stopped.
@@ -303,6 +307,18 @@ pub async fn serve(
             )));
         }
     }
+    if !cfg.api_listen.ip().is_loopback() && cfg.api_tls.is_none() && !cfg.insecure_http {
+        return Err(ServeError::Config(format!(
+            "the API listens on {} without TLS: its tokens would cross the network in clear. Give --api-tls-cert and --api-tls-key (or --insecure-http to accept that)",
+            cfg.api_listen
+        )));
+    }
+    let api_tls = cfg
+        .api_tls
+        .clone()
+        .map(crate::tls::Reloading::new)
+        .transpose()
+        .map_err(ServeError::Config)?;
     let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
     // The address the controller's own client uses.
     let mut own = cfg.clone();
@@ -424,12 +440,20 @@ pub async fn serve(
             }
         });
     }
-    tokio::spawn(async move {
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "HTTP API stopped");
+    match api_tls {
+        Some(tls) => {
+            tls.watch();
+            tokio::spawn(crate::tls::serve(listener, app, tls));
         }
-    });
+        None => {
+            tokio::spawn(async move {
+                let app = app.into_make_service_with_connect_info::<SocketAddr>();
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "HTTP API stopped");
+                }
+            });
+        }
+    }
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut malformed: u64 = 0;

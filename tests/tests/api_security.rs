@@ -49,11 +49,28 @@ fn api_off_loopback_requires_a_token() {
         token_file.display().to_string(),
     ]);
     ctl.api = format!("http://127.0.0.1:{port}");
+    // Off loopback without TLS is refused too, unless --insecure-http says so.
+    let out = Command::new(bin("outpost-controller"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path().join("d3"))
+        .args(["--mqtt-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--api-listen", &format!("0.0.0.0:{port}")])
+        .arg("--api-token-file")
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("without TLS") && err.contains("--insecure-http"),
+        "{err}"
+    );
     let mut cmd = Command::new(bin("outpost-controller"));
     cmd.arg("serve")
         .arg("--data-dir")
         .arg(&ctl.data_dir)
         .args(["--api-listen", &format!("0.0.0.0:{port}")])
+        .arg("--insecure-http")
         .args(&ctl.args);
     ctl.proc = Some(Proc::spawn(cmd, dir.path().join("ctl.log")));
     let with = |token: &str| {
