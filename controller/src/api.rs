@@ -30,7 +30,7 @@ pub struct ConsoleLink {
     /// The controller's MQTT client.
     pub client: rumqttc::AsyncClient,
     /// Requests waiting for their answer.
-    pub waiting: crate::service::Consoles,
+    pub waiting: crate::consoles::Consoles,
 }
 
 /// How long a node has to answer a console request.

@@ -10,6 +10,7 @@ pub mod api;
 pub mod blobs;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod consoles;
 pub mod fleet;
 #[cfg(feature = "embedded-broker")]
 pub mod gate;

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use outpost_protocol::topics::{self, Channel};
 use outpost_protocol::{
-    Addresses, AgentEvent, ConsoleChunk, FleetId, Holding, InstanceId, Inventory, Message, NodeId,
-    NodeReport, NodeStatus,
+    Addresses, AgentEvent, FleetId, Holding, InstanceId, Inventory, Message, NodeId, NodeReport,
+    NodeStatus,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
 use tokio::sync::mpsc;
 
 use crate::action::{ActionError, Call, Reply, Responder, execute};
+use crate::consoles::Consoles;
 use crate::fleet::{Fleet, FleetConfig};
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -195,54 +196,6 @@ pub fn ingest(fleet: &mut Fleet, now: u64, topic: &str, payload: &[u8]) -> bool 
             .is_ok(),
         // Answers to console requests go to the API (see `Consoles`); the controller's own.
         Channel::Desired | Channel::ConsoleRequest | Channel::Console => true,
-    }
-}
-
-/// Console requests waiting for their node's answer, by request number.
-#[derive(Clone, Default)]
-pub struct Consoles {
-    waiting: std::sync::Arc<
-        std::sync::Mutex<
-            std::collections::HashMap<u32, tokio::sync::oneshot::Sender<ConsoleChunk>>,
-        >,
-    >,
-    next: std::sync::Arc<std::sync::atomic::AtomicU32>,
-}
-
-impl Consoles {
-    /// A new request: its number and where its answer arrives.
-    pub fn ask(&self) -> (u32, tokio::sync::oneshot::Receiver<ConsoleChunk>) {
-        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.lock().insert(n, tx);
-        (n, rx)
-    }
-
-    /// Forgets a request (answered, or given up).
-    pub fn forget(&self, n: u32) {
-        self.lock().remove(&n);
-    }
-
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        std::collections::HashMap<u32, tokio::sync::oneshot::Sender<ConsoleChunk>>,
-    > {
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// An answer from a node: to whoever waits for it (an answer nobody waits for is dropped).
-    fn answer(&self, node: &NodeId, payload: &[u8]) -> bool {
-        let Ok(c) = ConsoleChunk::decode(payload) else {
-            return false;
-        };
-        if let Some(tx) = self.lock().remove(&c.request) {
-            let _ = tx.send(c);
-        } else {
-            tracing::debug!(%node, request = c.request, "a console answer nobody waits for");
-        }
-        true
     }
 }
 
