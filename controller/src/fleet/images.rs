@@ -5,7 +5,7 @@ use hmac::{KeyInit as _, Mac as _};
 use outpost_protocol::{Arch, BlobRef, Digest, Image, ImageName, NodeId};
 
 use super::Fleet;
-use super::records::FleetError;
+use super::error::FleetError;
 
 /// What kind of content an image is (checked against its first bytes on upload).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -17,6 +17,7 @@ use outpost_protocol::{Digest, FetchState, FleetId, InstanceId, InstanceName, No
 use crate::scheduler::{GroupPolicy, HostState, HostTable, Scheduler};
 
 pub mod commands;
+mod error;
 pub mod events;
 pub mod images;
 pub mod journal;

@@ -4,13 +4,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use outpost_protocol::{
-    Arch, BaseUrl, BlobRef, FleetId, Holding, InstanceId, InstanceSpec, Inventory, Label, LabelKey,
-    LabelValue, Nic, NodeId, PowerMode, PowerState, Resources, SpecError, Version,
+    BaseUrl, BlobRef, FleetId, Holding, InstanceId, InstanceSpec, Inventory, Label, LabelKey,
+    LabelValue, Nic, NodeId, PowerMode, PowerState, Resources, Version,
 };
 
+pub use super::error::FleetError;
 use super::images::ImageRecord;
 
-use crate::scheduler::{Availability, GroupPolicy, NoValidHost};
+use crate::scheduler::{Availability, GroupPolicy};
 
 /// Fleet settings.
 #[derive(Debug, Clone)]
@@ -305,67 +306,6 @@ pub fn format_label_override(key: &LabelKey, value: Option<&LabelValue>) -> Stri
         Some(v) => format!("{key}={v}"),
         None => format!("{key}-"),
     }
-}
-
-/// Why an API request was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FleetError {
-    /// The spec is impossible on its face.
-    #[error("invalid instance: {0}")]
-    Spec(#[from] SpecError),
-    /// Nothing fits.
-    #[error("{0}")]
-    NoValidHost(#[from] NoValidHost),
-    /// No such instance.
-    #[error("no instance {0}")]
-    NoInstance(String),
-    /// No such node.
-    #[error("no node {0}")]
-    NoNode(String),
-    /// The id or name is taken.
-    #[error("an instance named {0:?} already exists")]
-    Exists(String),
-    /// The group exists with the other policy.
-    #[error("group {0:?} exists with a different policy")]
-    GroupPolicy(String),
-    /// The instance is being deleted.
-    #[error("instance {0} is being deleted")]
-    Deleting(InstanceId),
-    /// A label change is not `key=value` or `key-`.
-    #[error("label {0:?}: {1} (give key=value to set, key- to remove)")]
-    BadLabel(String, String),
-    /// A node still holds instances: it is not removed.
-    #[error("node {0} still holds {1}: drain it first, or remove it with --force to move them")]
-    NodeNotEmpty(NodeId, String),
-    /// Adopt was asked of a node that is not bound to another fleet.
-    #[error("node {0} is not bound to another fleet: nothing to adopt")]
-    NotForeign(NodeId),
-    /// The catalogue has this `name:version` already.
-    #[error("image {0} exists: give another --version, or delete it first")]
-    ImageExists(String),
-    /// The catalogue has no such image.
-    #[error("no image {0} (outpost images list)")]
-    NoImage(String),
-    /// Instances boot from the image's content.
-    #[error("image {image} is used by {}: delete them first", users.join(", "))]
-    ImageInUse {
-        /// `name:version`.
-        image: String,
-        /// The instances' names.
-        users: Vec<String>,
-    },
-    /// A catalogue name or version breaks the rule.
-    #[error("{0}")]
-    BadImageName(String),
-    /// A node may not fetch this blob (wrong token, or none of its instances needs it).
-    #[error("not a blob this node may fetch")]
-    BlobDenied,
-    /// The instance has no node (so no console).
-    #[error("instance {0} is on no node")]
-    NotPlaced(String),
-    /// An instance's image has another architecture than the one asked.
-    #[error("image {0} is {1}: it cannot run as {2}")]
-    ImageArch(String, Arch, Arch),
 }
 
 /// Everything the store holds, as the fleet is restored from it.
