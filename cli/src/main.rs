@@ -647,28 +647,24 @@ fn tls_config(cli: &Cli) -> anyhow::Result<ureq::tls::TlsConfig> {
     let read = |p: &std::path::PathBuf, what: &str| {
         std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))
     };
-    let mut b = TlsConfig::builder();
-    if let Some(ca) = &cli.ca_file {
-        let pem = read(ca, "CA file")?;
-        let certs: Vec<_> = parse_pem(&pem)
+    let certs = |pem: &[u8]| -> Vec<_> {
+        parse_pem(pem)
             .filter_map(|i| match i {
                 Ok(PemItem::Certificate(c)) => Some(c),
                 _ => None,
             })
-            .collect();
+            .collect()
+    };
+    let mut b = TlsConfig::builder();
+    if let Some(ca) = &cli.ca_file {
+        let certs = certs(&read(ca, "CA file")?);
         if certs.is_empty() {
             bail!("--ca-file {}: no certificate in it", ca.display());
         }
         b = b.root_certs(RootCerts::new_with_certs(&certs));
     }
     if let (Some(cert), Some(key)) = (&cli.client_cert, &cli.client_key) {
-        let pem = read(cert, "client certificate")?;
-        let chain: Vec<_> = parse_pem(&pem)
-            .filter_map(|i| match i {
-                Ok(PemItem::Certificate(c)) => Some(c),
-                _ => None,
-            })
-            .collect();
+        let chain = certs(&read(cert, "client certificate")?);
         let pem = read(key, "client key")?;
         let key = parse_pem(&pem)
             .find_map(|i| match i {

@@ -366,38 +366,27 @@ fn main() {
         let browser = outpost_tests::Browser::start();
         let mut page = browser.page();
         page.viewport(1280, 900, false);
-        let mut loads = Vec::new();
+        let mut render = Vec::new();
         for _ in 0..5 {
             page.navigate("about:blank");
-            let t = Instant::now();
             page.navigate(&format!("{base}/"));
             let ms = page.wait(
                 Duration::from_secs(60),
                 "document.body.dataset.renderMs",
                 "document.body.innerText.slice(0, 500)",
             );
-            loads.push((
-                t.elapsed(),
-                ms.as_str().unwrap_or("0").parse::<f64>().unwrap_or(0.0),
-            ));
+            render.push(ms.as_str().unwrap_or("0").parse::<f64>().unwrap_or(0.0));
         }
-        let (o, i) = (
-            http.get(&format!("{base}/v1/overview"))
+        let size = |path: &str| {
+            http.get(&format!("{base}{path}"))
                 .call()
                 .unwrap()
                 .body_mut()
                 .read_to_string()
                 .unwrap()
-                .len(),
-            http.get(&format!("{base}/v1/instances"))
-                .call()
-                .unwrap()
-                .body_mut()
-                .read_to_string()
-                .unwrap()
-                .len(),
-        );
-        let mut render: Vec<f64> = loads.iter().map(|l| l.1).collect();
+                .len()
+        };
+        let (o, i) = (size("/v1/overview"), size("/v1/instances"));
         render.sort_by(f64::total_cmp);
         println!(
             "\nstatus page with {agents} nodes and {placed} instances: first full render {:.0} ms (median of 5; min {:.0}, max {:.0}) after navigation; overview {o} bytes, instances {i} bytes",

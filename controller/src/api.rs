@@ -145,14 +145,20 @@ fn page(body: &'static str, content_type: &'static str) -> Response {
         .into_response()
 }
 
-/// `GET /metrics`: OpenMetrics text.
-async fn scrape(api: &Api) -> Result<Response, HttpError> {
-    let Reply::Overview(o) = ask(api, Action::Overview).await? else {
-        return Err(HttpError(
+/// The fleet at a glance, from the service loop.
+async fn overview(api: &Api) -> Result<Box<crate::views::OverviewView>, HttpError> {
+    match ask(api, Action::Overview).await? {
+        Reply::Overview(o) => Ok(o),
+        _ => Err(HttpError(
             StatusCode::INTERNAL_SERVER_ERROR,
             "unexpected reply".into(),
-        ));
-    };
+        )),
+    }
+}
+
+/// `GET /metrics`: OpenMetrics text.
+async fn scrape(api: &Api) -> Result<Response, HttpError> {
+    let o = overview(api).await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
@@ -219,12 +225,7 @@ fn readyz(m: &Metrics) -> Response {
 
 /// `GET /v1/status`: the controller's own state and the fleet in numbers.
 async fn fleet_status(api: &Api) -> Result<Json<serde_json::Value>, HttpError> {
-    let Reply::Overview(o) = ask(api, Action::Overview).await? else {
-        return Err(HttpError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "unexpected reply".into(),
-        ));
-    };
+    let o = overview(api).await?;
     let mut nodes = std::collections::BTreeMap::<String, u64>::new();
     for n in &o.nodes {
         *nodes.entry(n.state.clone()).or_default() += 1;

@@ -38,15 +38,6 @@ pub enum BrokerError {
     Thread(std::io::Error),
 }
 
-/// Compares two secrets in time independent of where they differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
 /// The rumqttd configuration for one MQTT 3.1.1 listener. With `secret`, every connection must
 /// log in with it as its password (the gate and the controller's own client do; no other local
 /// process knows it).
@@ -61,7 +52,7 @@ pub fn config(listen: SocketAddr, secret: Option<String>) -> Config {
     };
     if let Some(secret) = secret {
         connections.set_auth_handler(move |_client, _user, password: String| {
-            let ok = same_secret(&password, &secret);
+            let ok = crate::tokens::same_secret(password.as_bytes(), secret.as_bytes());
             async move { ok }
         });
     }

@@ -57,20 +57,13 @@ for f in text_string_to_metric_families(sys.stdin.read()):
 /// GETs `url` (with `token` as a bearer token) and parses it; Err(status and body) when the
 /// answer is not a 200, panics when the text does not parse.
 pub fn scrape(url: &str, token: Option<&str>) -> Result<Scrape, String> {
-    let mut c = Command::new("curl");
-    c.args(["-s", "-w", "\n%{http_code}", url]);
-    if let Some(t) = token {
-        c.args(["-H", &format!("Authorization: Bearer {t}")]);
-    }
-    let out = c.output().unwrap();
-    let all = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (text, code) = all.rsplit_once('\n').unwrap_or(("", ""));
-    if code != "200" {
+    let (code, text) = crate::process::curl("GET", url, token, "");
+    if code != 200 {
         return Err(format!("HTTP {code}: {text}"));
     }
     Ok(Scrape {
-        samples: parse(text),
-        text: text.to_owned(),
+        samples: parse(&text),
+        text,
     })
 }
 

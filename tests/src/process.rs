@@ -167,3 +167,23 @@ pub fn sha256(path: &Path) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// An HTTP request with `curl` (`token` as a bearer token, `body` as JSON when not empty):
+/// its status (0 when there was no answer) and body.
+pub fn curl(method: &str, url: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut c = Command::new("curl");
+    c.args(["-s", "-w", "\n%{http_code}", "-X", method]);
+    if let Some(t) = token {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    if !body.is_empty() {
+        c.args(["-H", "Content-Type: application/json", "--data", body]);
+    }
+    let out = c
+        .arg(url)
+        .output()
+        .expect("curl (scripts/setup installs it)");
+    let all = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = all.rsplit_once('\n').unwrap_or(("", ""));
+    (code.parse().unwrap_or(0), body.to_owned())
+}

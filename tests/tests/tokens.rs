@@ -25,7 +25,7 @@ fn token(data_dir: &std::path::Path, name: &str, role: &str, extra: &[&str]) -> 
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-/// `curl` with a bearer token: (status, body).
+/// A request to the controller's API with `token`: (status, body).
 fn req(
     ctl: &Controller,
     token: Option<&str>,
@@ -33,26 +33,7 @@ fn req(
     path: &str,
     body: &str,
 ) -> (u16, String) {
-    let mut c = Command::new("curl");
-    c.args([
-        "-s",
-        "-w",
-        "\n%{http_code}",
-        "-X",
-        method,
-        "-H",
-        "Content-Type: application/json",
-    ]);
-    if let Some(t) = token {
-        c.args(["-H", &format!("Authorization: Bearer {t}")]);
-    }
-    if !body.is_empty() {
-        c.args(["--data", body]);
-    }
-    let out = c.arg(format!("{}{path}", ctl.api)).output().unwrap();
-    let all = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = all.rsplit_once('\n').unwrap();
-    (code.parse().unwrap(), body.to_owned())
+    curl(method, &format!("{}{path}", ctl.api), token, body)
 }
 
 #[test]

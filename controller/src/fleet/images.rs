@@ -346,8 +346,7 @@ impl Fleet {
     ) -> Result<BlobSource, FleetError> {
         let good = node_token(&self.blob_key, node);
         // Constant time: a wrong token says nothing about the right one.
-        let same = token.len() == good.len()
-            && token.iter().zip(good).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+        let same = crate::tokens::same_secret(token, &good);
         if !same || !self.nodes.contains_key(node) {
             return Err(FleetError::BlobDenied);
         }
