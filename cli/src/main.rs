@@ -46,7 +46,8 @@ macro_rules! say {
 #[derive(Debug, Parser)]
 #[command(name = "outpost", version)]
 struct Cli {
-    /// The controller's API.
+    /// The controller's API. Several, comma-separated, for controllers that stand by for one
+    /// another: the CLI uses the first that answers and follows a standby to the leader.
     #[arg(
         long,
         global = true,
@@ -636,7 +637,10 @@ fn pairs(v: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 #[derive(Clone)]
 struct Client {
     agent: ureq::Agent,
-    base: String,
+    /// The API URL that answered last (the leader, once found).
+    current: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Every API URL given (`--api A,B`).
+    bases: Vec<String>,
     token: Option<String>,
     tls: ureq::tls::TlsConfig,
 }
@@ -689,6 +693,14 @@ fn unreachable(base: &str) -> String {
 }
 
 impl Client {
+    /// The API URL that answered last.
+    fn base(&self) -> String {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Streams a file as the body of a POST.
     fn upload(&self, path: &str, file: &std::path::Path) -> anyhow::Result<Value> {
         let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
@@ -714,7 +726,7 @@ impl Client {
             shown: 0,
             tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         };
-        let url = format!("{}{path}", self.base.trim_end_matches('/'));
+        let url = format!("{}{path}", self.base().trim_end_matches('/'));
         let mut r = self
             .agent
             .post(&url)
@@ -723,7 +735,7 @@ impl Client {
             r = r.header("Authorization", &format!("Bearer {t}"));
         }
         let resp = r.send(ureq::SendBody::from_reader(&mut reader));
-        Self::answer(&self.base, resp)
+        Self::answer(&self.base(), resp)
     }
 
     fn answer(
@@ -743,10 +755,58 @@ impl Client {
         Ok(v)
     }
 
+    /// Sends to the controller that answered last, then to the others given, following a
+    /// standby's answer to the leader it names; remembers the one that answered.
     fn send(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.base.trim_end_matches('/'));
+        let first = self.base();
+        let mut todo: std::collections::VecDeque<String> = std::iter::once(first.clone())
+            .chain(self.bases.iter().filter(|b| **b != first).cloned())
+            .collect();
+        let mut tried = Vec::new();
+        let mut last = None;
+        while let Some(base) = todo.pop_front() {
+            if tried.contains(&base) {
+                continue;
+            }
+            tried.push(base.clone());
+            let resp = self.send_to(&base, method, path, body.clone());
+            match &resp {
+                Err(_) if !todo.is_empty() => {}
+                Ok(r) if r.status() == 503 => {
+                    let leader = r
+                        .headers()
+                        .get("x-outpost-leader")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    match leader {
+                        Some(l) if !tried.contains(&l) => todo.push_front(l),
+                        _ if !todo.is_empty() => {}
+                        _ => return Self::answer(&base, resp),
+                    }
+                }
+                _ => {
+                    base.clone_into(&mut self.current.lock().unwrap_or_else(|e| e.into_inner()));
+                    return Self::answer(&base, resp);
+                }
+            }
+            last = Some((base, resp));
+        }
+        match last {
+            Some((base, resp)) => Self::answer(&base, resp),
+            None => bail!("no controller API given"),
+        }
+    }
+
+    fn send_to(
+        &self,
+        base: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        let url = format!("{}{path}", base.trim_end_matches('/'));
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
-        let resp = match (method, body) {
+        match (method, body) {
             ("GET", _) => {
                 let mut r = self.agent.get(&url);
                 if let Some(a) = &auth {
@@ -771,8 +831,7 @@ impl Client {
                     None => r.send_empty(),
                 }
             }
-        };
-        Self::answer(&self.base, resp)
+        }
     }
 }
 
@@ -1132,12 +1191,12 @@ impl Client {
             .tls_config(self.tls.clone())
             .build()
             .into();
-        let url = format!("{}{path}", self.base.trim_end_matches('/'));
+        let url = format!("{}{path}", self.base().trim_end_matches('/'));
         let mut r = agent.get(&url).header("Accept", "text/event-stream");
         if let Some(t) = &self.token {
             r = r.header("Authorization", &format!("Bearer {t}"));
         }
-        let mut resp = r.call().with_context(|| unreachable(&self.base))?;
+        let mut resp = r.call().with_context(|| unreachable(&self.base()))?;
         if !resp.status().is_success() {
             let v: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
             bail!(
@@ -1338,9 +1397,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         None => cli.token.clone(),
     };
+    let bases: Vec<String> = cli
+        .api
+        .split(',')
+        .map(|b| b.trim().to_owned())
+        .filter(|b| !b.is_empty())
+        .collect();
     let c = Client {
         agent,
-        base: cli.api.clone(),
+        current: std::sync::Arc::new(std::sync::Mutex::new(
+            bases.first().cloned().unwrap_or_default(),
+        )),
+        bases,
         token,
         tls,
     };

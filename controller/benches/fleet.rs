@@ -29,6 +29,14 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+fn text_arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -215,6 +223,19 @@ fn main() {
             metrics_listen: None,
             api_tls: None,
             insecure_http: false,
+            // `--store postgres://USER@HOST:PORT/DB`: the PostgreSQL store (needs --broker-port).
+            store: match text_arg("--store") {
+                Some(url) => outpost_controller::store::StoreChoice::Postgres(
+                    outpost_controller::store::PgConfig {
+                        url,
+                        password: None,
+                        ca_pem: None,
+                    },
+                ),
+                None => outpost_controller::store::StoreChoice::Sqlite,
+            },
+            name: "bench".into(),
+            advertise_api: None,
         },
         std::future::pending(),
     ));

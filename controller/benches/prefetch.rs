@@ -159,6 +159,9 @@ fn main() {
             metrics_listen: None,
             api_tls: None,
             insecure_http: false,
+            store: outpost_controller::store::StoreChoice::Sqlite,
+            name: "bench".into(),
+            advertise_api: None,
         },
         std::future::pending(),
     ));

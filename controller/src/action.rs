@@ -224,9 +224,21 @@ pub enum ActionError {
         "the store cannot be written ({0}): this change is not stored yet, and is applied once it can be"
     )]
     NotStored(String),
+    /// This controller is a standby: another leads (its name and API URL, if known).
+    #[error("{}", not_leader(.0))]
+    NotLeader(Option<(String, String)>),
     /// The service loop is gone.
     #[error("the controller is shutting down")]
     ShuttingDown,
+}
+
+fn not_leader(leader: &Option<(String, String)>) -> String {
+    match leader {
+        Some((name, api)) => {
+            format!("this controller is a standby: the leader is {name} at {api}")
+        }
+        None => "this controller is a standby and no controller leads right now (a takeover is under way): try again in a few seconds".to_owned(),
+    }
 }
 
 /// Where an action's answer goes.

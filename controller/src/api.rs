@@ -81,9 +81,10 @@ fn status(e: &ActionError) -> StatusCode {
             | FleetError::ImageInUse { .. }
             | FleetError::NotPlaced(_),
         ) => StatusCode::CONFLICT,
-        ActionError::StoreDown(_) | ActionError::NotStored(_) | ActionError::ShuttingDown => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        ActionError::StoreDown(_)
+        | ActionError::NotStored(_)
+        | ActionError::NotLeader(_)
+        | ActionError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -182,21 +183,33 @@ pub struct Health {
     pub store_writable: bool,
     /// Connected for long enough that the retained state of every node has arrived.
     pub settled: bool,
-    /// All of the above: ready to take changes.
+    /// All of the above, and leading: ready to take changes.
     pub ready: bool,
+    /// `leader`, or `standby` (another controller leads; see `leader`).
+    pub role: String,
+    /// The lease epoch this controller leads in (0 with SQLite; absent on a standby).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// On a standby: the leader's name and API URL, if a live lease names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<(String, String)>,
 }
 
 fn health(m: &Metrics) -> Health {
     let broker_connected = m.broker_connected.get() == 1;
     let store_writable = m.store_writable.get() == 1;
     let settled = m.broker_settled();
+    let leading = m.leading.get() == 1;
     Health {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_secs: m.uptime().as_secs(),
         broker_connected,
         store_writable,
         settled,
-        ready: broker_connected && store_writable && settled,
+        ready: broker_connected && store_writable && settled && leading,
+        role: if leading { "leader" } else { "standby" }.to_owned(),
+        epoch: leading.then(|| u64::try_from(m.epoch.get()).unwrap_or(0)),
+        leader: if leading { None } else { m.leader() },
     }
 }
 
@@ -205,6 +218,17 @@ fn readyz(m: &Metrics) -> Response {
     let h = health(m);
     if h.ready {
         return (StatusCode::OK, "ready\n").into_response();
+    }
+    if h.role == "standby" {
+        let who = match &h.leader {
+            Some((name, url)) => format!("the leader is {name} at {url}"),
+            None => "no controller leads right now".to_owned(),
+        };
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: standby ({who})\n"),
+        )
+            .into_response();
     }
     let mut why = Vec::new();
     if !h.broker_connected {
@@ -1136,5 +1160,22 @@ pub fn router(
         .merge(nodes)
         .merge(open)
         .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such endpoint (see README: HTTP API)".into()) })
+        .layer(middleware::from_fn_with_state(api.clone(), name_leader))
         .with_state(api)
+}
+
+/// The header a standby's 503 answers carry: the leader's API URL, for clients to follow.
+pub const LEADER_HEADER: &str = "x-outpost-leader";
+
+/// On a standby, every 503 names the leader (when a live lease names one).
+async fn name_leader(State(api): State<Api>, req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    if resp.status() == StatusCode::SERVICE_UNAVAILABLE
+        && api.metrics.leading.get() == 0
+        && let Some((_, url)) = api.metrics.leader()
+        && let Ok(v) = axum::http::HeaderValue::from_str(&url)
+    {
+        resp.headers_mut().insert(LEADER_HEADER, v);
+    }
+    resp
 }

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use outpost_controller::fleet::FleetConfig;
 use outpost_controller::scheduler::SchedulerConfig;
 use outpost_controller::service::{BrokerChoice, BrokerTls, ServeConfig, serve};
+use outpost_controller::store::{PgConfig, StoreChoice};
 
 /// Outpost's controller: tracks the fleet, schedules instances onto nodes, and dispatches each
 /// node's desired state over MQTT. With no options it embeds its MQTT broker and its store.
@@ -201,6 +202,27 @@ struct ServeArgs {
     /// File holding the API's bearer token.
     #[arg(long, env = "OUTPOST_API_TOKEN_FILE", conflicts_with = "api_token")]
     api_token_file: Option<PathBuf>,
+    /// Store the fleet in PostgreSQL (postgres://USER@HOST:PORT/DB, `?sslmode=require` for
+    /// TLS) instead of DATA_DIR/outpost.db: several controllers may then share it, one leading
+    /// and the others standing by. The password comes from --store-password-file or
+    /// OUTPOST_STORE_PASSWORD / PGPASSWORD, never from the URL.
+    #[arg(long, env = "OUTPOST_STORE")]
+    store: Option<String>,
+    /// File holding the PostgreSQL password.
+    #[arg(long, env = "OUTPOST_STORE_PASSWORD_FILE")]
+    store_password_file: Option<PathBuf>,
+    /// CA certificate (PEM) the PostgreSQL server's certificate must chain to (default: the
+    /// system's roots).
+    #[arg(long, env = "OUTPOST_STORE_CA_FILE")]
+    store_ca_file: Option<PathBuf>,
+    /// This controller's name among those sharing a store (default: the host name). Each
+    /// controller needs its own.
+    #[arg(long, env = "OUTPOST_CONTROLLER_NAME")]
+    name: Option<String>,
+    /// The API URL that standbys name to clients while this controller leads (default:
+    /// http(s)://API-LISTEN).
+    #[arg(long, env = "OUTPOST_ADVERTISE_API")]
+    advertise_api: Option<String>,
     /// Seconds without a report after which a node is down.
     #[arg(long, default_value_t = FleetConfig::default().liveness_timeout_ms / 1000)]
     liveness_timeout: u64,
@@ -244,6 +266,34 @@ fn secret(
         anyhow::bail!("{what} is blank: give a non-empty secret");
     }
     Ok(v)
+}
+
+/// SQLite in the data directory, or the PostgreSQL database `--store` names.
+fn store_choice(a: &ServeArgs) -> anyhow::Result<StoreChoice> {
+    let Some(url) = &a.store else {
+        return Ok(StoreChoice::Sqlite);
+    };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        anyhow::bail!("--store {url}: expected postgres://USER@HOST:PORT/DATABASE");
+    }
+    let env = std::env::var("OUTPOST_STORE_PASSWORD")
+        .or_else(|_| std::env::var("PGPASSWORD"))
+        .ok();
+    let password = secret("the store password", env, a.store_password_file.as_ref())?;
+    let ca_pem = a
+        .store_ca_file
+        .as_ref()
+        .map(|f| {
+            std::fs::read(f).with_context(|| format!("reading --store-ca-file {}", f.display()))
+        })
+        .transpose()?;
+    let pg = PgConfig {
+        url: url.clone(),
+        password,
+        ca_pem,
+    };
+    pg.check().map_err(|e| anyhow::anyhow!(e))?;
+    Ok(StoreChoice::Postgres(pg))
 }
 
 /// Raises the soft open-file limit to the hard one: every device holds a connection (two
@@ -369,6 +419,7 @@ fn main() -> anyhow::Result<()> {
         ))
         .ok(),
     };
+    let store = store_choice(&a)?;
     let cfg = ServeConfig {
         data_dir: a.data_dir,
         broker,
@@ -390,6 +441,17 @@ fn main() -> anyhow::Result<()> {
             client_ca: a.api_client_ca.clone(),
         }),
         insecure_http: a.insecure_http,
+        store,
+        name: match &a.name {
+            Some(n) if !n.trim().is_empty() => n.trim().to_owned(),
+            Some(_) => anyhow::bail!("--name is blank"),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "controller".to_owned()),
+        },
+        advertise_api: a.advertise_api.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -107,6 +107,12 @@ pub struct Metrics {
     started: Instant,
     /// When the broker connection came up (ms after `started`, plus one); 0 while it is down.
     broker_since: AtomicU64,
+    /// 1 while this controller leads (always, on a store only one controller uses).
+    pub leading: Gauge,
+    /// The lease epoch this controller leads in (0 with SQLite).
+    pub epoch: Gauge,
+    /// The leader's name and API URL, while this controller is a standby.
+    leader: Mutex<Option<(String, String)>>,
 }
 
 /// How long after connecting the controller counts the nodes' retained state as arrived.
@@ -154,7 +160,20 @@ impl Metrics {
             exported: Mutex::new(Default::default()),
             started: Instant::now(),
             broker_since: AtomicU64::new(0),
+            leading: Gauge::default(),
+            epoch: Gauge::default(),
+            leader: Mutex::new(None),
         };
+        r.register(
+            "outpost_leader",
+            "1 while this controller leads the fleet, 0 while it is a standby",
+            m.leading.clone(),
+        );
+        r.register(
+            "outpost_leader_epoch",
+            "The lease epoch this controller leads in (0: a store only it uses)",
+            m.epoch.clone(),
+        );
         r.register(
             "outpost_build",
             "The controller's version",
@@ -272,6 +291,27 @@ impl Metrics {
         );
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = r;
         m
+    }
+
+    /// This controller leads in `epoch`.
+    pub fn lead(&self, epoch: u64) {
+        self.leading.set(1);
+        self.epoch.set(i64::try_from(epoch).unwrap_or(i64::MAX));
+        *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// This controller is a standby; `leader` leads, if a live lease names one.
+    pub fn standby(&self, leader: Option<(String, String)>) {
+        self.leading.set(0);
+        *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = leader;
+    }
+
+    /// The leader's name and API URL, while this controller is a standby.
+    pub fn leader(&self) -> Option<(String, String)> {
+        self.leader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Since the controller started.

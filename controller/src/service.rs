@@ -20,7 +20,7 @@ use crate::consoles::Consoles;
 use crate::fleet::{Fleet, FleetConfig};
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig};
-use crate::store::{SqliteStore, Store, StoreError};
+use crate::store::{PgStore, SqliteStore, Store, StoreError};
 
 /// Where the MQTT broker is.
 #[derive(Debug, Clone)]
@@ -73,6 +73,13 @@ pub struct ServeConfig {
     pub api_tls: Option<crate::tls::ApiTls>,
     /// Allow the API off loopback without TLS (tokens then cross the network in clear).
     pub insecure_http: bool,
+    /// Where the fleet is stored.
+    pub store: crate::store::StoreChoice,
+    /// This controller's name among those sharing a store (its lease holder name).
+    pub name: String,
+    /// The API URL standbys point clients at while this controller leads (default: from
+    /// `api_listen`).
+    pub advertise_api: Option<String>,
 }
 
 /// Why the controller stopped.
@@ -238,6 +245,69 @@ fn mqtt(cfg: &ServeConfig) -> (AsyncClient, rumqttc::EventLoop) {
     (client, el)
 }
 
+/// The channels the leader subscribes to (a standby subscribes to none).
+const SUBSCRIBED: [Channel; 7] = [
+    Channel::Status,
+    Channel::Inventory,
+    Channel::Report,
+    Channel::Event,
+    Channel::Holding,
+    Channel::Console,
+    Channel::Addresses,
+];
+
+/// How long the lease is counted on after the renewal that was sent at some instant: the
+/// store's clock starts the lease's [`LEASE_TTL`] after that instant, and this margin covers
+/// the two clocks' drift, so the leader stops before any standby may start.
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
+
+/// How often a standby asks whether it may lead.
+const STANDBY_POLL: Duration = Duration::from_millis(500);
+
+/// The longest a store call may take before the controller gives up on it (a standby's lease
+/// query, or the load at takeover).
+const STORE_WAIT: Duration = Duration::from_secs(60);
+
+use crate::store::{Candidate, LEASE_TTL, Lead, RENEW_EVERY, StoreChoice, StoreWorker};
+
+/// Opens the configured store on its own thread.
+async fn open_store(cfg: &ServeConfig) -> Result<StoreWorker, ServeError> {
+    let fleet = random_fleet()?;
+    let choice = cfg.store.clone();
+    let dir = cfg.data_dir.clone();
+    let name = cfg.name.clone();
+    Ok(StoreWorker::spawn(move || match choice {
+        StoreChoice::Sqlite => Ok(Box::new(SqliteStore::open(&dir, fleet)?) as Box<dyn Store>),
+        StoreChoice::Postgres(pg) => Ok(Box::new(PgStore::open(pg, &name, fleet)?)),
+    })
+    .await?)
+}
+
+/// How a leader's or a standby's turn ended.
+enum Ended {
+    /// Shut down.
+    Stop,
+    /// This controller may lead, in this epoch.
+    Lead(u64),
+    /// It lost the lease (or the store stopped answering): it is a standby again.
+    SteppedDown,
+}
+
+/// What the service loop owns besides the fleet.
+struct Shell {
+    cfg: ServeConfig,
+    me: Candidate,
+    store: StoreWorker,
+    client: AsyncClient,
+    leading: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    msgs: mpsc::Receiver<(String, Vec<u8>)>,
+    calls: mpsc::Receiver<Call>,
+    events_tx: tokio::sync::broadcast::Sender<crate::views::EventView>,
+    consoles: Consoles,
+    blob_store: crate::blobs::BlobStore,
+    metrics: std::sync::Arc<Metrics>,
+}
+
 /// Runs the controller until `shutdown` resolves.
 pub async fn serve(
     cfg: ServeConfig,
@@ -266,6 +336,13 @@ pub async fn serve(
             cfg.api_listen
         )));
     }
+    if matches!(cfg.store, StoreChoice::Postgres(_))
+        && matches!(cfg.broker, BrokerChoice::Embedded(_))
+    {
+        return Err(ServeError::Config(
+            "--store postgres://… is for several controllers, which must share one broker: give --broker (mosquitto, EMQX, VerneMQ)".into(),
+        ));
+    }
     let api_tls = cfg
         .api_tls
         .clone()
@@ -278,26 +355,14 @@ pub async fn serve(
     if let BrokerChoice::Embedded(a) = cfg.broker {
         own.broker = embedded(a, cfg.mqtt_passwd.as_deref()).await?;
     }
-    let mut store = SqliteStore::open(&cfg.data_dir, random_fleet()?)?;
-    let snap = store.load()?;
-    tracing::info!(
-        fleet = %snap.fleet, nodes = snap.nodes.len(), instances = snap.instances.len(),
-        db = %cfg.data_dir.join(crate::store::DB_FILE).display(), "store opened"
-    );
-    if snap.nodes.is_empty() && snap.instances.is_empty() {
-        tracing::warn!(fleet = %snap.fleet, "the store is empty: a new fleet. Agents bound to another fleet keep their instances and wait for `outpost nodes adopt NODE`");
-    }
-    let mut fleet = Fleet::new(
-        Scheduler::new(cfg.scheduler.clone()),
-        cfg.fleet.clone(),
-        snap,
-        now_ms(),
-    );
+    let store = open_store(&cfg).await?;
 
     let (client, mut el) = mqtt(&own);
-    let (msg_tx, mut msg_rx) = mpsc::channel::<(String, Vec<u8>)>(10_000);
+    let (msg_tx, msg_rx) = mpsc::channel::<(String, Vec<u8>)>(10_000);
     let sub = client.clone();
     let m = std::sync::Arc::clone(&metrics);
+    let leading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lead_flag = std::sync::Arc::clone(&leading);
     tokio::spawn(async move {
         let mut backoff =
             outpost_protocol::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
@@ -307,16 +372,9 @@ pub async fn serve(
                     backoff.reset();
                     m.broker(true);
                     tracing::info!("connected to the broker");
-                    for ch in [
-                        Channel::Status,
-                        Channel::Inventory,
-                        Channel::Report,
-                        Channel::Event,
-                        Channel::Holding,
-                        Channel::Console,
-                        Channel::Addresses,
-                    ] {
-                        let _ = sub.subscribe(ch.all_nodes(), QoS::AtLeastOnce).await;
+                    // A standby listens to nothing: it subscribes when it takes over.
+                    if lead_flag.load(std::sync::atomic::Ordering::SeqCst) {
+                        subscribe(&sub).await;
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -349,7 +407,7 @@ pub async fn serve(
         }
     });
 
-    let (call_tx, mut call_rx) = mpsc::channel::<Call>(1024);
+    let (call_tx, call_rx) = mpsc::channel::<Call>(1024);
     let listener = tokio::net::TcpListener::bind(cfg.api_listen)
         .await
         .map_err(|source| ServeError::Listen {
@@ -359,7 +417,6 @@ pub async fn serve(
     tracing::info!(listen = %cfg.api_listen, "HTTP API listening");
     let (events_tx, _) = tokio::sync::broadcast::channel::<crate::views::EventView>(4096);
     let consoles = Consoles::default();
-    let blob_store = crate::blobs::BlobStore::new(&cfg.data_dir);
     let app = crate::api::router(
         call_tx.clone(),
         std::sync::Arc::clone(&tokens),
@@ -408,133 +465,374 @@ pub async fn serve(
         }
     }
 
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut malformed: u64 = 0;
-    let mut replies: Vec<(Responder, bool, Result<Reply, ActionError>, Instant)> = Vec::new();
-    // Why the store cannot be written, while it cannot: changes are refused, reads answered,
-    // the broker and liveness keep running, and the store is tried again every turn.
-    let mut store_down: Option<String> = None;
+    let me = Candidate {
+        name: cfg.name.clone(),
+        api: cfg.advertise_api.clone().unwrap_or_else(|| {
+            let scheme = if cfg.api_tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}", cfg.api_listen)
+        }),
+    };
+    let mut shell = Shell {
+        blob_store: crate::blobs::BlobStore::new(&cfg.data_dir),
+        cfg,
+        me,
+        store,
+        client,
+        leading,
+        msgs: msg_rx,
+        calls: call_rx,
+        events_tx,
+        consoles,
+        metrics,
+    };
     tokio::pin!(shutdown);
     loop {
-        // Wait for one input, then take what else is already queued (group commit): one
-        // transaction and at most one desired state per node cover the whole batch.
-        let first = tokio::select! {
-            () = &mut shutdown => break,
-            Some(m) = msg_rx.recv() => Input::Message(m),
-            Some(c) = call_rx.recv() => Input::Call(c),
-            _ = tick.tick() => Input::Tick,
+        let epoch = match shell.standby(&mut shutdown).await {
+            Ended::Lead(epoch) => epoch,
+            _ => break,
         };
-        let now = now_ms();
-        fleet.set_clock(now);
-        let inputs = batch(first, &mut call_rx, &mut msg_rx);
-        let n_inputs = inputs.len();
-        for input in inputs {
-            match input {
-                Input::Message((topic, payload)) => {
-                    let parsed = topics::parse(&topic);
-                    let ok = match &parsed {
-                        Ok((node, Channel::Console)) => consoles.answer(node, &payload),
-                        _ => ingest(&mut fleet, now, &topic, &payload),
-                    };
-                    let channel = parsed.as_ref().map_or("other", |(_, c)| c.name());
-                    metrics.received(channel, ok);
-                    if !ok {
-                        malformed += 1;
-                        tracing::warn!(%topic, len = payload.len(), malformed, "dropped a message that does not decode");
-                    }
+        match shell.lead(epoch, &mut shutdown).await {
+            Ended::SteppedDown => continue,
+            _ => {
+                // A clean stop hands the lease over at once.
+                let r =
+                    tokio::time::timeout(Duration::from_secs(2), shell.store.run(|s| s.resign()))
+                        .await;
+                if let Ok(Ok(Err(e))) = r {
+                    tracing::warn!(error = %e, "could not give the lease up: a standby takes over when it runs out");
                 }
-                Input::Call((action, actor, reply, arrived)) => {
-                    let mutates = action.mutates();
-                    let create = matches!(action, crate::action::Action::CreateInstance(_));
-                    if mutates {
-                        // The audit trail: who asked for which change.
-                        let what = format!("{action:?}");
-                        let what = what.split(['(', ' ', '{']).next().unwrap_or_default();
-                        tracing::info!(actor = %actor, action = what, "change asked");
-                    }
-                    let t = Instant::now();
-                    let r = match &store_down {
-                        Some(cause) if mutates => Err(ActionError::StoreDown(cause.clone())),
-                        _ => {
-                            // Ids come from here, so that executing an action is deterministic.
-                            let id = InstanceId::from_u64(fastrand::u64(..));
-                            fleet.set_actor(&actor);
-                            let r = execute(&mut fleet, now, id, action);
-                            fleet.set_actor("controller");
-                            r
-                        }
-                    };
-                    if create {
-                        Metrics::observe(&metrics.placement_decision, t.elapsed());
-                    }
-                    replies.push((reply, mutates, r, arrived));
-                }
-                Input::Tick => fleet.tick(now),
-            }
-        }
-        // Durable before answered, and before published.
-        if store_down.is_some() && store.check_writable().is_ok() {
-            tracing::warn!("the store can be written again: changes are accepted");
-            store_down = None;
-        }
-        let changes = fleet.take_changes();
-        let t = Instant::now();
-        let applied = store.apply(&changes);
-        Metrics::observe(&metrics.store_commit, t.elapsed());
-        metrics.batch_size.observe(n_inputs as f64);
-        metrics.store_writable.set(i64::from(applied.is_ok()));
-        match applied {
-            Ok(()) => {
-                let durable = Instant::now();
-                for (_, mutates, _, arrived) in &replies {
-                    if *mutates {
-                        Metrics::observe(&metrics.request_durable, durable - *arrived);
-                    }
-                }
-                for e in &changes.events {
-                    // Nobody listening is fine.
-                    let _ = events_tx.send(crate::views::EventView::from(e));
-                }
-                for d in &changes.dropped_blobs {
-                    if let Err(e) = blob_store.remove(d) {
-                        tracing::warn!(error = %e, "an unreferenced blob could not be removed");
-                    }
-                }
-                let sent = changes.publish.len() as u64;
-                publish(&client, changes.publish).await;
-                metrics
-                    .mqtt_sent
-                    .get_or_create(&crate::metrics::ChannelLabel {
-                        channel: Channel::Desired.name(),
-                    })
-                    .inc_by(sent);
-                let dispatched = Instant::now();
-                for (reply, mutates, r, arrived) in replies.drain(..) {
-                    if mutates {
-                        Metrics::observe(&metrics.request_dispatch, dispatched - arrived);
-                    }
-                    let _ = reply.send(r);
-                }
-            }
-            Err(e) => {
-                let cause = e.to_string();
-                if store_down.is_none() {
-                    tracing::error!(error = %cause, "cannot write the store: refusing changes until it can be written; the broker and liveness keep running");
-                }
-                store_down = Some(cause.clone());
-                fleet.requeue(changes);
-                for (reply, mutates, r, _) in replies.drain(..) {
-                    let r = match r {
-                        Ok(_) if mutates => Err(ActionError::NotStored(cause.clone())),
-                        other => other,
-                    };
-                    let _ = reply.send(r);
-                }
+                break;
             }
         }
     }
     tracing::info!("controller stopped");
     Ok(())
+}
+
+async fn subscribe(client: &AsyncClient) {
+    for ch in SUBSCRIBED {
+        let _ = client.subscribe(ch.all_nodes(), QoS::AtLeastOnce).await;
+    }
+}
+
+impl Shell {
+    /// Waits for the lease (at once with a store only this controller uses), answering every
+    /// call with the leader's whereabouts meanwhile.
+    async fn standby(&mut self, shutdown: &mut (impl Future<Output = ()> + Unpin)) -> Ended {
+        self.leading
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut poll = tokio::time::interval(STANDBY_POLL);
+        let mut said: Option<Option<(String, String)>> = None;
+        loop {
+            tokio::select! {
+                () = &mut *shutdown => return Ended::Stop,
+                Some(_) = self.msgs.recv() => {} // left from a lost lease: not ours to act on
+                Some((_, _, reply, _)) = self.calls.recv() => {
+                    let _ = reply.send(Err(ActionError::NotLeader(self.metrics.leader())));
+                }
+                _ = poll.tick() => {
+                    let me = self.me.clone();
+                    let r = tokio::time::timeout(STORE_WAIT, self.store.run(move |s| s.lead(&me))).await;
+                    match r {
+                        Ok(Ok(Ok(Lead::Leader { epoch }))) => return Ended::Lead(epoch),
+                        Ok(Ok(Ok(Lead::Standby { leader }))) => {
+                            if said.as_ref() != Some(&leader) {
+                                match &leader {
+                                    Some((name, api)) => tracing::info!(leader = %name, %api, "standby: another controller leads"),
+                                    None => tracing::info!("standby: no controller leads; waiting for the lease"),
+                                }
+                                said = Some(leader.clone());
+                            }
+                            self.metrics.standby(leader);
+                        }
+                        Ok(Ok(Err(e))) => {
+                            tracing::warn!(error = %e, "standby: cannot reach the store");
+                            self.metrics.standby(None);
+                        }
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "the store's thread is gone; opening the store again");
+                            self.replace_store().await;
+                        }
+                        Err(_) => {
+                            tracing::warn!("standby: the store did not answer; opening it again");
+                            self.replace_store().await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives up on a store thread that hangs (a database behind a dead link) and opens the
+    /// store again on a new one.
+    async fn replace_store(&mut self) {
+        match open_store(&self.cfg).await {
+            Ok(s) => self.store = s,
+            Err(e) => tracing::warn!(error = %e, "cannot open the store yet; will retry"),
+        }
+    }
+
+    /// Leads in `epoch` until shutdown or until the lease is lost.
+    async fn lead(
+        &mut self,
+        epoch: u64,
+        shutdown: &mut (impl Future<Output = ()> + Unpin),
+    ) -> Ended {
+        let t0 = Instant::now();
+        let sqlite = matches!(self.cfg.store, StoreChoice::Sqlite);
+        // The lease holds until this instant (none with a store only this controller uses).
+        let mut lease_until = (!sqlite).then(|| t0 + LEASE_TTL - LEASE_MARGIN);
+        let snap = match tokio::time::timeout(STORE_WAIT, self.store.run(|s| s.load())).await {
+            Ok(Ok(Ok(snap))) => snap,
+            Ok(Ok(Err(e))) => {
+                tracing::error!(error = %e, "cannot load the fleet from the store");
+                if sqlite {
+                    return Ended::Stop;
+                }
+                return Ended::SteppedDown;
+            }
+            _ => {
+                self.replace_store().await;
+                return Ended::SteppedDown;
+            }
+        };
+        tracing::info!(
+            fleet = %snap.fleet, epoch, nodes = snap.nodes.len(), instances = snap.instances.len(),
+            load_ms = t0.elapsed().as_millis() as u64, "store opened; leading"
+        );
+        if snap.nodes.is_empty() && snap.instances.is_empty() {
+            tracing::warn!(fleet = %snap.fleet, "the store is empty: a new fleet. Agents bound to another fleet keep their instances and wait for `outpost nodes adopt NODE`");
+        }
+        // Every node gets a fresh liveness grace (a takeover does not declare nodes lost).
+        let mut fleet = Fleet::new(
+            Scheduler::new(self.cfg.scheduler.clone()),
+            self.cfg.fleet.clone(),
+            snap,
+            now_ms(),
+        );
+        fleet.set_epoch(epoch);
+        self.metrics.lead(epoch);
+        self.leading
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        subscribe(&self.client).await;
+        let metrics = std::sync::Arc::clone(&self.metrics);
+        let mut renewed_at = t0;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut malformed: u64 = 0;
+        let mut replies: Vec<(Responder, bool, Result<Reply, ActionError>, Instant)> = Vec::new();
+        // Why the store cannot be written, while it cannot: changes are refused, reads answered,
+        // the broker and liveness keep running, and the store is tried again every turn.
+        let mut store_down: Option<String> = None;
+        let ended = loop {
+            // Wait for one input, then take what else is already queued (group commit): one
+            // transaction and at most one desired state per node cover the whole batch.
+            let first = tokio::select! {
+                () = &mut *shutdown => break Ended::Stop,
+                Some(m) = self.msgs.recv() => Input::Message(m),
+                Some(c) = self.calls.recv() => Input::Call(c),
+                _ = tick.tick() => Input::Tick,
+            };
+            if let Some(until) = lease_until {
+                if Instant::now() >= until {
+                    tracing::error!(
+                        epoch,
+                        "the lease could not be renewed in time: stepping down (no more writes or publishing)"
+                    );
+                    break Ended::SteppedDown;
+                }
+                if renewed_at.elapsed() >= RENEW_EVERY {
+                    let sent = Instant::now();
+                    let me = self.me.clone();
+                    let r =
+                        tokio::time::timeout_at(until.into(), self.store.run(move |s| s.lead(&me)))
+                            .await;
+                    match r {
+                        Ok(Ok(Ok(Lead::Leader { epoch: e }))) if e == epoch => {
+                            renewed_at = sent;
+                            lease_until = Some(sent + LEASE_TTL - LEASE_MARGIN);
+                        }
+                        Ok(Ok(Ok(_))) => {
+                            tracing::error!(
+                                epoch,
+                                "another controller took the lease over: stepping down"
+                            );
+                            break Ended::SteppedDown;
+                        }
+                        Ok(Ok(Err(e))) => {
+                            renewed_at = sent;
+                            tracing::warn!(error = %e, "cannot renew the lease; retrying");
+                        }
+                        Ok(Err(_)) | Err(_) => {
+                            tracing::error!(
+                                epoch,
+                                "the store did not answer the lease renewal in time: stepping down"
+                            );
+                            break Ended::SteppedDown;
+                        }
+                    }
+                }
+            }
+            let now = now_ms();
+            fleet.set_clock(now);
+            let inputs = batch(first, &mut self.calls, &mut self.msgs);
+            let n_inputs = inputs.len();
+            for input in inputs {
+                match input {
+                    Input::Message((topic, payload)) => {
+                        let parsed = topics::parse(&topic);
+                        let ok = match &parsed {
+                            Ok((node, Channel::Console)) => self.consoles.answer(node, &payload),
+                            _ => ingest(&mut fleet, now, &topic, &payload),
+                        };
+                        let channel = parsed.as_ref().map_or("other", |(_, c)| c.name());
+                        metrics.received(channel, ok);
+                        if !ok {
+                            malformed += 1;
+                            tracing::warn!(%topic, len = payload.len(), malformed, "dropped a message that does not decode");
+                        }
+                    }
+                    Input::Call((action, actor, reply, arrived)) => {
+                        let mutates = action.mutates();
+                        let create = matches!(action, crate::action::Action::CreateInstance(_));
+                        if mutates {
+                            // The audit trail: who asked for which change.
+                            let what = format!("{action:?}");
+                            let what = what.split(['(', ' ', '{']).next().unwrap_or_default();
+                            tracing::info!(actor = %actor, action = what, "change asked");
+                        }
+                        let t = Instant::now();
+                        let r = match &store_down {
+                            Some(cause) if mutates => Err(ActionError::StoreDown(cause.clone())),
+                            _ => {
+                                // Ids come from here, so that executing an action is deterministic.
+                                let id = InstanceId::from_u64(fastrand::u64(..));
+                                fleet.set_actor(&actor);
+                                let r = execute(&mut fleet, now, id, action);
+                                fleet.set_actor("controller");
+                                r
+                            }
+                        };
+                        if create {
+                            Metrics::observe(&metrics.placement_decision, t.elapsed());
+                        }
+                        replies.push((reply, mutates, r, arrived));
+                    }
+                    Input::Tick => fleet.tick(now),
+                }
+            }
+            // Durable before answered, and before published.
+            if store_down.is_some() {
+                let r =
+                    tokio::time::timeout(STORE_WAIT, self.store.run(|s| s.check_writable())).await;
+                if let Ok(Ok(Ok(()))) = r {
+                    tracing::warn!("the store can be written again: changes are accepted");
+                    store_down = None;
+                }
+            }
+            let changes = fleet.take_changes();
+            let t = Instant::now();
+            let deadline = lease_until.unwrap_or(t + STORE_WAIT);
+            let applied = tokio::time::timeout_at(
+                deadline.into(),
+                self.store.run(move |s| {
+                    let r = s.apply(&changes);
+                    (changes, r)
+                }),
+            )
+            .await;
+            let (changes, applied) = match applied {
+                Ok(Ok(done)) => done,
+                _ => {
+                    // The store hangs or its thread is gone: what this turn changed may or may
+                    // not be stored. A leader steps down (the next one loads what is stored);
+                    // a sole controller opens the store again and reloads.
+                    let cause = "the store did not answer in time".to_owned();
+                    tracing::error!(epoch, "{cause}: stepping down");
+                    for (reply, mutates, r, _) in replies.drain(..) {
+                        let r = match r {
+                            Ok(_) if mutates => Err(ActionError::NotStored(cause.clone())),
+                            other => other,
+                        };
+                        let _ = reply.send(r);
+                    }
+                    self.replace_store().await;
+                    break Ended::SteppedDown;
+                }
+            };
+            Metrics::observe(&metrics.store_commit, t.elapsed());
+            metrics.batch_size.observe(n_inputs as f64);
+            metrics.store_writable.set(i64::from(applied.is_ok()));
+            match applied {
+                Ok(()) => {
+                    let durable = Instant::now();
+                    for (_, mutates, _, arrived) in &replies {
+                        if *mutates {
+                            Metrics::observe(&metrics.request_durable, durable - *arrived);
+                        }
+                    }
+                    for e in &changes.events {
+                        // Nobody listening is fine.
+                        let _ = self.events_tx.send(crate::views::EventView::from(e));
+                    }
+                    for d in &changes.dropped_blobs {
+                        if let Err(e) = self.blob_store.remove(d) {
+                            tracing::warn!(error = %e, "an unreferenced blob could not be removed");
+                        }
+                    }
+                    let sent = changes.publish.len() as u64;
+                    publish(&self.client, changes.publish).await;
+                    metrics
+                        .mqtt_sent
+                        .get_or_create(&crate::metrics::ChannelLabel {
+                            channel: Channel::Desired.name(),
+                        })
+                        .inc_by(sent);
+                    let dispatched = Instant::now();
+                    for (reply, mutates, r, arrived) in replies.drain(..) {
+                        if mutates {
+                            Metrics::observe(&metrics.request_dispatch, dispatched - arrived);
+                        }
+                        let _ = reply.send(r);
+                    }
+                }
+                Err(e) => {
+                    let fenced = matches!(e, StoreError::Fenced { .. });
+                    let cause = e.to_string();
+                    if fenced {
+                        tracing::error!(error = %cause, "stepping down: another controller leads");
+                    } else if store_down.is_none() {
+                        tracing::error!(error = %cause, "cannot write the store: refusing changes until it can be written; the broker and liveness keep running");
+                    }
+                    store_down = Some(cause.clone());
+                    fleet.requeue(changes);
+                    for (reply, mutates, r, _) in replies.drain(..) {
+                        let r = match r {
+                            Ok(_) if mutates => Err(ActionError::NotStored(cause.clone())),
+                            other => other,
+                        };
+                        let _ = reply.send(r);
+                    }
+                    if fenced {
+                        break Ended::SteppedDown;
+                    }
+                }
+            }
+        };
+        if let Ended::SteppedDown = ended {
+            // Stop listening: the next leader owns the nodes' messages now.
+            self.leading
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            self.metrics.standby(None);
+            for ch in SUBSCRIBED {
+                let _ = self.client.unsubscribe(ch.all_nodes()).await;
+            }
+        }
+        ended
+    }
 }
 
 async fn publish(client: &AsyncClient, states: Vec<(NodeId, outpost_protocol::DesiredState)>) {

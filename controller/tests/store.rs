@@ -1,9 +1,12 @@
-//! The SQLite store: what the fleet changes survives a reopen exactly.
+//! The stores (SQLite, and PostgreSQL started by the test): what the fleet changes survives a
+//! reopen exactly; PostgreSQL's lease fences a stale leader.
 #![allow(clippy::unwrap_used)]
 
 use outpost_controller::fleet::*;
 use outpost_controller::scheduler::{GroupPolicy, Scheduler};
-use outpost_controller::store::{SqliteStore, Store};
+use outpost_controller::store::{
+    Candidate, Lead, PgConfig, PgStore, SqliteStore, Store, StoreError,
+};
 use outpost_protocol::*;
 
 fn empty_fleet() -> Fleet {
@@ -21,7 +24,107 @@ fn empty_fleet() -> Fleet {
 #[test]
 fn fleet_changes_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = SqliteStore::open(dir.path(), FleetId(7)).unwrap();
+    survives_a_reopen(&|| Box::new(SqliteStore::open(dir.path(), FleetId(7)).unwrap()));
+}
+
+fn pg_config(pg: &outpost_tests::Postgres) -> PgConfig {
+    PgConfig {
+        url: pg.url(),
+        password: Some(outpost_tests::PG_PASSWORD.into()),
+        ca_pem: None,
+    }
+}
+
+fn me(name: &str) -> Candidate {
+    Candidate {
+        name: name.into(),
+        api: format!("http://{name}:8080"),
+    }
+}
+
+/// The same suite on PostgreSQL: the schema is created by the first open, every record comes
+/// back exactly, and a second open finds the same fleet.
+#[test]
+fn fleet_changes_survive_a_reopen_on_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = outpost_tests::Postgres::start(dir.path());
+    survives_a_reopen(&|| {
+        let mut s = PgStore::open(pg_config(&pg), "a", FleetId(7)).unwrap();
+        assert!(matches!(s.lead(&me("a")).unwrap(), Lead::Leader { .. }));
+        Box::new(s)
+    });
+    assert_eq!(
+        pg.sql("SELECT max(version) FROM schema_migrations"),
+        "1",
+        "migrations are numbered and recorded"
+    );
+}
+
+/// Leadership on PostgreSQL: one leader at a time; a standby sees who leads; the epoch grows
+/// with each takeover; a stale leader's writes are refused (fenced); a clean resignation hands
+/// over at once; a leader whose session is gone is replaced without waiting for the lease.
+#[test]
+fn the_postgres_lease_fences_a_stale_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = outpost_tests::Postgres::start(dir.path());
+    let mut a = PgStore::open(pg_config(&pg), "a", FleetId(7)).unwrap();
+    let mut b = PgStore::open(pg_config(&pg), "b", FleetId(8)).unwrap();
+    let Lead::Leader { epoch: e1 } = a.lead(&me("a")).unwrap() else {
+        panic!("the first candidate leads")
+    };
+    assert_eq!(
+        b.lead(&me("b")).unwrap(),
+        Lead::Standby {
+            leader: Some(("a".into(), "http://a:8080".into()))
+        }
+    );
+    assert_eq!(
+        a.lead(&me("a")).unwrap(),
+        Lead::Leader { epoch: e1 },
+        "renewed"
+    );
+    assert!(b.apply(&some_change()).is_err(), "a standby cannot write");
+    a.apply(&some_change()).unwrap();
+    // The lease taken over behind a's back (as if it had run out while a was frozen).
+    pg.sql("UPDATE lease SET expires = now() - interval '1 second'");
+    let Lead::Leader { epoch: e2 } = b.lead(&me("b")).unwrap() else {
+        panic!("b takes the expired lease")
+    };
+    assert!(e2 > e1);
+    match a.apply(&some_change()) {
+        Err(StoreError::Fenced { ours, current }) => assert_eq!((ours, current), (e1, e2)),
+        other => panic!("a stale leader's write must be fenced: {other:?}"),
+    }
+    assert!(matches!(a.lead(&me("a")).unwrap(), Lead::Standby { .. }));
+    // Same fleet for both (the first open made it).
+    assert_eq!(a.fleet().unwrap(), b.fleet().unwrap());
+    // A clean resignation: a takes over at once.
+    b.resign().unwrap();
+    let Lead::Leader { epoch: e3 } = a.lead(&me("a")).unwrap() else {
+        panic!("a takes the resigned lease")
+    };
+    assert!(e3 > e2);
+    // A leader whose session is gone (killed): replaced without waiting for the lease.
+    drop(a);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(matches!(b.lead(&me("b")).unwrap(), Lead::Leader { epoch } if epoch > e3));
+}
+
+fn some_change() -> Changes {
+    let mut f = empty_fleet();
+    f.on_status(
+        1,
+        &NodeId::new("edge-1").unwrap(),
+        NodeStatus {
+            presence: Presence::Online,
+            session: 5,
+        },
+    );
+    f.take_changes()
+}
+
+fn survives_a_reopen(open: &dyn Fn() -> Box<dyn Store>) {
+    let mut store = open();
     let mut f = empty_fleet();
     let n = NodeId::new("edge-1").unwrap();
     f.on_status(
@@ -89,7 +192,7 @@ fn fleet_changes_survive_a_reopen() {
     store.apply(&f.take_changes()).unwrap();
     drop(store);
 
-    let mut store = SqliteStore::open(dir.path(), FleetId(7)).unwrap();
+    let mut store = open();
     let snap = store.load().unwrap();
     assert_eq!(
         snap.groups,

@@ -39,8 +39,9 @@ pub use ids::{
     LabelValue, Labels, NetName, NodeId, Reason,
 };
 pub use messages::{
-    AckResult, AgentEvent, ConsoleChunk, ConsoleRequest, DesiredInstance, DesiredState, FetchState,
-    Holding, InstanceReport, NodeReport, NodeStatus, NoticeKind, Presence, Version,
+    AckResult, AgentEvent, ConsoleChunk, ConsoleRequest, DesiredInstance, DesiredState,
+    EPOCH_SHIFT, FetchState, Holding, InstanceReport, NodeReport, NodeStatus, NoticeKind, Presence,
+    Version, epoch_floor,
 };
 pub use node::{Arch, HypervisorKind, Inventory, Resources, Usage};
 pub use spec::{

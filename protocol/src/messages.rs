@@ -58,6 +58,17 @@ pub struct DesiredInstance {
     pub spec: InstanceSpec,
 }
 
+/// How far a generation's leader epoch is shifted: the high 24 bits of a generation are the
+/// epoch of the controller that wrote it (0 for a fleet with one controller), the low 40 bits
+/// count changes within that epoch. A state from an older leader is therefore always older
+/// than one from a newer leader, and agents (which never take an older generation) refuse it.
+pub const EPOCH_SHIFT: u32 = 40;
+
+/// The lowest generation a leader of `epoch` writes.
+pub const fn epoch_floor(epoch: u64) -> u64 {
+    epoch << EPOCH_SHIFT
+}
+
 /// Which desired state: the fleet that wrote it and its generation there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Version {
@@ -98,6 +109,13 @@ pub struct DesiredState {
     pub fetch: Option<FetchFrom>,
     /// Blobs to cache ahead of any instance (`outpost images prefetch`).
     pub prefetch: heapless::Vec<BlobRef, MAX_PREFETCH>,
+}
+
+impl Version {
+    /// The leader epoch it was written in (see [`EPOCH_SHIFT`]).
+    pub const fn epoch(&self) -> u64 {
+        self.generation >> EPOCH_SHIFT
+    }
 }
 
 impl DesiredState {

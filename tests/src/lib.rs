@@ -15,6 +15,7 @@ pub mod controller;
 pub mod guest;
 pub mod http;
 pub mod metrics;
+pub mod postgres;
 pub mod process;
 
 pub use agent::*;
@@ -23,4 +24,5 @@ pub use browser::*;
 pub use controller::*;
 pub use guest::*;
 pub use metrics::*;
+pub use postgres::*;
 pub use process::*;

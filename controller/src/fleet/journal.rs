@@ -70,6 +70,19 @@ pub struct Changes {
 }
 
 impl Changes {
+    /// Something to write to the store (anything but desired states to publish).
+    pub fn stores_anything(&self) -> bool {
+        !(self.nodes.is_empty()
+            && self.instances.is_empty()
+            && self.removed.is_empty()
+            && self.groups.is_empty()
+            && self.tombstones.is_empty()
+            && self.removed_nodes.is_empty()
+            && self.images.is_empty()
+            && self.removed_images.is_empty()
+            && self.events.is_empty())
+    }
+
     /// Nothing to store or publish.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
@@ -226,11 +239,17 @@ impl Fleet {
         self.journal.instances.insert(id);
     }
 
+    /// The leader epoch the next generations are written in (see
+    /// [`outpost_protocol::EPOCH_SHIFT`]).
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
     /// A node's desired state changed: new generation, publish it.
     pub(super) fn bump(&mut self, node: &NodeId) {
         if let Some(n) = self.nodes.get_mut(node) {
             match n.generation.checked_add(1) {
-                Some(g) => n.generation = g,
+                Some(g) => n.generation = g.max(outpost_protocol::epoch_floor(self.epoch)),
                 None => {
                     // Start over from 1, replacing what the node holds by name: the node takes
                     // it because it names exactly the state held.

@@ -69,6 +69,9 @@ pub struct Fleet {
     actor: String,
     /// Placement decisions so far (since this process started).
     stats: SchedulerStats,
+    /// The leader epoch this controller writes in: every generation it gives is at least
+    /// [`outpost_protocol::epoch_floor`] of it.
+    epoch: u64,
 }
 
 /// How many of the latest refusals [`SchedulerStats`] keeps.
@@ -148,6 +151,7 @@ impl Fleet {
             clock_ms: now_ms,
             actor: "controller".to_owned(),
             stats: SchedulerStats::default(),
+            epoch: 0,
         };
         for i in instances {
             f.by_name.insert(i.name.clone(), i.id);
@@ -164,7 +168,10 @@ impl Fleet {
             // then a node that had reported keeps its place for one liveness timeout.
             n.online = n.inventory.is_some();
             n.last_seen_ms = now_ms;
-            f.journal.publish.insert(n.id.clone());
+            // What the node has confirmed holding is current: published again only if not.
+            if n.reported_generation < n.generation {
+                f.journal.publish.insert(n.id.clone());
+            }
             let id = n.id.clone();
             f.nodes.insert(id.clone(), n);
             f.sync_host(&id, 0);

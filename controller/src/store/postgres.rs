@@ -1,0 +1,568 @@
+//! The PostgreSQL store: one database shared by every controller of a fleet, one of them the
+//! leader. The schema is created and migrated by the controller (numbered migrations, applied
+//! under a transaction-scoped advisory lock so that two controllers starting together do not
+//! race). Leadership is a lease row with a monotonic epoch, kept by PostgreSQL's clock:
+//!
+//! - a controller takes the lease when it has expired, when its holder's session is gone from
+//!   `pg_stat_activity` (a killed leader), or when it names this controller (a restart), and
+//!   the epoch grows by one;
+//! - the leader renews it every [`RENEW_EVERY`]; it expires [`LEASE_TTL`] after the last renewal;
+//! - every write transaction first reads the lease row `FOR SHARE` and fails unless the epoch
+//!   is still this controller's ([`StoreError::Fenced`]), so a stale leader cannot write, and
+//!   the takeover waits for a write already under way.
+//!
+//! The lease is a row, not a session advisory lock, so it works through connection poolers.
+
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use outpost_protocol::FleetId;
+use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use postgres::{Client, Row, Transaction};
+
+use super::rows::{
+    Cols, EVENT_COLS, IMAGE_COLS, INSTANCE_COLS, NODE_COLS, Val, corrupt, event_from, event_row,
+    image_from, image_row, instance_from, instance_row, node_from, node_row,
+};
+use super::{Candidate, Lead, Snapshot, Store, StoreError};
+use crate::fleet::Changes;
+use crate::fleet::events::MAX_EVENTS;
+use crate::scheduler::GroupPolicy;
+
+/// How long a lease lasts after its last renewal.
+pub const LEASE_TTL: Duration = Duration::from_secs(10);
+/// How often the leader renews it.
+pub const RENEW_EVERY: Duration = Duration::from_secs(2);
+
+/// The schema, as numbered migrations: a database at version N gets N+1.. applied in order.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+     CREATE TABLE nodes (
+        id TEXT PRIMARY KEY, inventory BYTEA, session BIGINT NOT NULL, cordoned BOOLEAN NOT NULL,
+        draining BOOLEAN NOT NULL, generation BIGINT NOT NULL,
+        reported_generation BIGINT NOT NULL, last_seen_ms BIGINT NOT NULL,
+        failures TEXT NOT NULL, labels TEXT NOT NULL);
+     CREATE TABLE instances (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, spec BYTEA NOT NULL,
+        selector TEXT NOT NULL, grp TEXT, power BOOLEAN NOT NULL, reboot_count BIGINT NOT NULL,
+        phase TEXT NOT NULL, node TEXT, failures TEXT NOT NULL, reason TEXT NOT NULL,
+        created_ms BIGINT NOT NULL, power_force BOOLEAN NOT NULL, power_grace BIGINT NOT NULL,
+        placement TEXT NOT NULL);
+     CREATE TABLE groups (name TEXT PRIMARY KEY, policy TEXT NOT NULL);
+     CREATE TABLE tombstones (id TEXT PRIMARY KEY);
+     CREATE TABLE images (
+        name TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL, size BIGINT NOT NULL,
+        arch TEXT, format TEXT NOT NULL, url TEXT, created_ms BIGINT NOT NULL,
+        PRIMARY KEY (name, version));
+     CREATE TABLE secrets (name TEXT PRIMARY KEY, value BYTEA NOT NULL);
+     CREATE TABLE events (
+        seq BIGINT PRIMARY KEY, at_ms BIGINT NOT NULL, instance TEXT, name TEXT, node TEXT,
+        kind TEXT NOT NULL, detail TEXT NOT NULL, actor TEXT NOT NULL);
+     CREATE TABLE lease (
+        id INTEGER PRIMARY KEY CHECK (id = 1), epoch BIGINT NOT NULL, holder TEXT NOT NULL,
+        api TEXT NOT NULL, backend INTEGER NOT NULL, expires TIMESTAMPTZ NOT NULL);
+     INSERT INTO lease VALUES (1, 0, '', '', 0, 'epoch');",
+)];
+
+/// Where the database is and how to log in.
+#[derive(Clone)]
+pub struct PgConfig {
+    /// `postgres://USER@HOST:PORT/DB?sslmode=…` (no password in it).
+    pub url: String,
+    /// The password (from a file or the environment, never the command line).
+    pub password: Option<String>,
+    /// CA certificates (PEM) the server's certificate must chain to; none: the system's.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for PgConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "…"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgConfig {
+    /// Checks the URL: it parses, and carries no password (that belongs in a file).
+    pub fn check(&self) -> Result<(), String> {
+        let c = postgres::Config::from_str(&self.url)
+            .map_err(|e| format!("--store {}: {e}", self.url))?;
+        if c.get_password().is_some() {
+            return Err(
+                "--store: the URL holds a password; put it in --store-password-file (or OUTPOST_STORE_PASSWORD) so that it is not on a command line".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    cfg: PgConfig,
+    /// This controller's name in `application_name` and the lease.
+    name: String,
+    /// None after a connection failure: made again at the next call.
+    client: Option<Client>,
+    new_fleet: FleetId,
+    /// The epoch this controller leads in, while it does.
+    epoch: Option<u64>,
+}
+
+impl ToSql for Val {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Val::Int(v) => v.to_sql(ty, out),
+            Val::Flag(v) => v.to_sql(ty, out),
+            Val::Text(v) => v.to_sql(ty, out),
+            Val::OptText(v) => v.to_sql(ty, out),
+            Val::Bytes(v) => v.to_sql(ty, out),
+            Val::OptBytes(v) => v.to_sql(ty, out),
+        }
+    }
+    fn accepts(ty: &Type) -> bool {
+        [Type::INT8, Type::BOOL, Type::TEXT, Type::BYTEA].contains(ty)
+    }
+    to_sql_checked!();
+}
+
+struct PgRow<'a>(&'a Row);
+
+impl Cols for PgRow<'_> {
+    type Error = postgres::Error;
+    fn int(&self, i: usize) -> Result<i64, postgres::Error> {
+        self.0.try_get(i)
+    }
+    fn flag(&self, i: usize) -> Result<bool, postgres::Error> {
+        self.0.try_get(i)
+    }
+    fn text(&self, i: usize) -> Result<String, postgres::Error> {
+        self.0.try_get(i)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, postgres::Error> {
+        self.0.try_get(i)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, postgres::Error> {
+        self.0.try_get(i)
+    }
+    fn opt_bytes(&self, i: usize) -> Result<Option<Vec<u8>>, postgres::Error> {
+        self.0.try_get(i)
+    }
+}
+
+/// The most rows in one multi-row statement (PostgreSQL takes at most 65,535 parameters).
+const ROWS_PER_STATEMENT: usize = 1000;
+
+/// Upserts `rows` into `table` in as few statements as the parameter limit allows.
+fn upsert_rows(
+    tx: &mut Transaction<'_>,
+    table: &str,
+    cols: &str,
+    key: &str,
+    rows: &[Vec<Val>],
+) -> Result<(), StoreError> {
+    let names: Vec<&str> = cols.split(',').map(str::trim).collect();
+    let set: Vec<String> = names
+        .iter()
+        .filter(|c| !key.split(',').any(|k| k.trim() == **c))
+        .map(|c| format!("{c} = EXCLUDED.{c}"))
+        .collect();
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = format!("INSERT INTO {table} ({cols}) VALUES ");
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        for (r, row) in chunk.iter().enumerate() {
+            sql.push_str(if r == 0 { "(" } else { ", (" });
+            for (c, v) in row.iter().enumerate() {
+                if c > 0 {
+                    sql.push_str(", ");
+                }
+                params.push(v);
+                sql.push_str(&format!("${}", params.len()));
+            }
+            sql.push(')');
+        }
+        sql.push_str(&format!(
+            " ON CONFLICT ({key}) DO UPDATE SET {}",
+            set.join(", ")
+        ));
+        tx.execute(sql.as_str(), &params)?;
+    }
+    Ok(())
+}
+
+/// Every row of `sql`, decoded by `f`.
+fn rows<T>(
+    c: &mut Client,
+    sql: &str,
+    args: &[&(dyn ToSql + Sync)],
+    f: impl Fn(&PgRow<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    c.query(sql, args)?.iter().map(|r| f(&PgRow(r))).collect()
+}
+
+impl PgStore {
+    /// Connects, creates or migrates the schema, and gives a new database `new_fleet` as its
+    /// identity. `name` is this controller's (in the lease and `application_name`).
+    pub fn open(cfg: PgConfig, name: &str, new_fleet: FleetId) -> Result<Self, StoreError> {
+        cfg.check().map_err(StoreError::Postgres)?;
+        let mut s = Self {
+            cfg,
+            name: name.to_owned(),
+            client: None,
+            new_fleet,
+            epoch: None,
+        };
+        s.client()?;
+        Ok(s)
+    }
+
+    /// The connection, made (and the schema brought up to date) if there is none.
+    fn client(&mut self) -> Result<&mut Client, StoreError> {
+        if self.client.as_ref().is_some_and(Client::is_closed) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            let mut c = self.connect()?;
+            migrate(&mut c, self.new_fleet)?;
+            self.client = Some(c);
+        }
+        self.client
+            .as_mut()
+            .ok_or_else(|| StoreError::Postgres("no connection".into()))
+    }
+
+    fn connect(&self) -> Result<Client, StoreError> {
+        let mut c = postgres::Config::from_str(&self.cfg.url)
+            .map_err(|e| StoreError::Postgres(format!("{}: {e}", self.cfg.url)))?;
+        if let Some(p) = &self.cfg.password {
+            c.password(p);
+        }
+        // A dead link is noticed in seconds, not the kernel's two hours; a transaction left
+        // open by a vanished controller gives its locks back within the lease; a takeover
+        // never waits long on a lock.
+        c.application_name(&format!("outpost-controller/{}", self.name))
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_user_timeout(Duration::from_secs(5))
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(5))
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(3)
+            .options(
+                "-c idle_in_transaction_session_timeout=5000 -c lock_timeout=2000 -c statement_timeout=60000",
+            );
+        let client = match c.get_ssl_mode() {
+            postgres::config::SslMode::Disable => c.connect(postgres::NoTls)?,
+            _ => c.connect(tls_connector(self.cfg.ca_pem.as_deref())?)?,
+        };
+        Ok(client)
+    }
+
+    /// Runs `f` on the connection; a failed connection is dropped, to be made again next time.
+    fn with<T>(
+        &mut self,
+        f: impl FnOnce(&mut Client, Option<u64>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let epoch = self.epoch;
+        let r = f(self.client()?, epoch);
+        if let Err(StoreError::Postgres(_)) = &r
+            && self.client.as_ref().is_some_and(Client::is_closed)
+        {
+            self.client = None;
+        }
+        r
+    }
+
+    /// This store's fleet identity.
+    pub fn fleet(&mut self) -> Result<FleetId, StoreError> {
+        self.with(|c, _| {
+            let v: i64 = c
+                .query_one("SELECT value FROM meta WHERE key = 'fleet'", &[])?
+                .try_get(0)?;
+            Ok(FleetId(v as u64))
+        })
+    }
+}
+
+fn tls_connector(
+    ca_pem: Option<&[u8]>,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_pem {
+        Some(pem) => {
+            for cert in rustls_pemfile::certs(&mut &pem[..]) {
+                let cert = cert.map_err(|e| StoreError::Postgres(format!("CA file: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| StoreError::Postgres(format!("CA file: {e}")))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// Applies the migrations the database lacks, one transaction each, under an advisory lock.
+fn migrate(c: &mut Client, new_fleet: FleetId) -> Result<(), StoreError> {
+    let mut tx = c.transaction()?;
+    // A transaction-scoped lock: controllers starting together migrate one after the other.
+    tx.execute("SELECT pg_advisory_xact_lock(7078656)", &[])?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )?;
+    let have: i64 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            &[],
+        )?
+        .try_get(0)?;
+    let newest = MIGRATIONS.last().map_or(0, |m| m.0);
+    if have > newest {
+        return Err(StoreError::Schema(have));
+    }
+    for (v, sql) in MIGRATIONS.iter().filter(|m| m.0 > have) {
+        tx.batch_execute(sql)?;
+        tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[v])?;
+        tracing::info!(version = v, "store schema migrated");
+    }
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('fleet', $1) ON CONFLICT DO NOTHING",
+        &[&(new_fleet.0 as i64)],
+    )?;
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| corrupt("secrets", format!("no randomness: {e}")))?;
+    tx.execute(
+        "INSERT INTO secrets (name, value) VALUES ('blob_key', $1) ON CONFLICT DO NOTHING",
+        &[&key.to_vec()],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Fails unless `ours` is still the lease's epoch; holds the row (shared) until the end of
+/// `tx`, so that a takeover waits for this write.
+fn fence(tx: &mut Transaction<'_>, ours: Option<u64>) -> Result<(), StoreError> {
+    let current: i64 = tx
+        .query_one("SELECT epoch FROM lease WHERE id = 1 FOR SHARE", &[])?
+        .try_get(0)?;
+    match ours {
+        Some(e) if e == current as u64 => Ok(()),
+        _ => Err(StoreError::Fenced {
+            ours: ours.unwrap_or(0),
+            current: current as u64,
+        }),
+    }
+}
+
+impl Store for PgStore {
+    fn check_writable(&mut self) -> Result<(), StoreError> {
+        self.with(|c, epoch| {
+            let mut tx = c.transaction()?;
+            fence(&mut tx, epoch)?;
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('probe', $1)
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                &[&fastrand::i64(..)],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn load(&mut self) -> Result<Snapshot, StoreError> {
+        let fleet = self.fleet()?;
+        self.with(|c, _| {
+            // One consistent view of every table.
+            c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+            let r = load_all(c, fleet);
+            c.batch_execute(if r.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
+            r
+        })
+    }
+
+    fn apply(&mut self, ch: &Changes) -> Result<(), StoreError> {
+        self.with(|c, epoch| {
+            let mut tx = c.transaction()?;
+            fence(&mut tx, epoch)?;
+            if !ch.stores_anything() {
+                return Ok(());
+            }
+            // Removals first: a new instance may take a removed one's name in the same batch.
+            let ids: Vec<String> = ch.removed.iter().map(ToString::to_string).collect();
+            tx.execute("DELETE FROM instances WHERE id = ANY($1)", &[&ids])?;
+            let ids: Vec<&str> = ch.removed_nodes.iter().map(|n| n.as_str()).collect();
+            tx.execute("DELETE FROM nodes WHERE id = ANY($1)", &[&ids])?;
+            for (name, version) in &ch.removed_images {
+                tx.execute(
+                    "DELETE FROM images WHERE name = $1 AND version = $2",
+                    &[name, version],
+                )?;
+            }
+            let nodes = ch.nodes.iter().map(node_row).collect::<Result<Vec<_>, _>>()?;
+            upsert_rows(&mut tx, "nodes", NODE_COLS, "id", &nodes)?;
+            let instances = ch
+                .instances
+                .iter()
+                .map(instance_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            upsert_rows(&mut tx, "instances", INSTANCE_COLS, "id", &instances)?;
+            let groups: Vec<Vec<Val>> = ch
+                .groups
+                .iter()
+                .map(|(n, p)| vec![Val::Text(n.clone()), Val::Text(p.as_str().to_owned())])
+                .collect();
+            upsert_rows(&mut tx, "groups", "name, policy", "name", &groups)?;
+            let ids: Vec<String> = ch.tombstones.iter().map(ToString::to_string).collect();
+            tx.execute(
+                "INSERT INTO tombstones (id) SELECT * FROM unnest($1::text[]) ON CONFLICT DO NOTHING",
+                &[&ids],
+            )?;
+            let images: Vec<Vec<Val>> = ch.images.iter().map(image_row).collect();
+            upsert_rows(&mut tx, "images", IMAGE_COLS, "name, version", &images)?;
+            let events: Vec<Vec<Val>> = ch.events.iter().map(event_row).collect();
+            upsert_rows(&mut tx, "events", EVENT_COLS, "seq", &events)?;
+            if let Some(last) = ch.events.last() {
+                // Bounded: the oldest go.
+                tx.execute(
+                    "DELETE FROM events WHERE seq <= $1",
+                    &[&(last.seq as i64 - MAX_EVENTS as i64)],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn lead(&mut self, me: &Candidate) -> Result<Lead, StoreError> {
+        let ttl = format!("{} seconds", LEASE_TTL.as_secs());
+        let held = self.epoch;
+        let r = self.with(|c, _| {
+            if let Some(e) = held {
+                let renewed = c.query_opt(
+                    "UPDATE lease SET expires = now() + $1::text::interval
+                      WHERE id = 1 AND epoch = $2 AND holder = $3 RETURNING epoch",
+                    &[&ttl, &(e as i64), &me.name],
+                )?;
+                if renewed.is_some() {
+                    return Ok(Lead::Leader { epoch: e });
+                }
+                tracing::warn!(
+                    epoch = e,
+                    "the lease was taken over: this controller no longer leads"
+                );
+            }
+            // Take it if it has run out, if its holder's session is gone (a killed leader),
+            // or if it names this controller (a restart).
+            let taken = c.query_opt(
+                "UPDATE lease SET epoch = epoch + 1, holder = $2, api = $3,
+                        backend = pg_backend_pid(), expires = now() + $1::text::interval
+                  WHERE id = 1 AND (expires < now() OR holder = '' OR holder = $2
+                        OR NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = lease.backend))
+                  RETURNING epoch",
+                &[&ttl, &me.name, &me.api],
+            )?;
+            if let Some(row) = taken {
+                let e: i64 = row.try_get(0)?;
+                return Ok(Lead::Leader { epoch: e as u64 });
+            }
+            let row = c.query_one(
+                "SELECT holder, api, expires > now() FROM lease WHERE id = 1",
+                &[],
+            )?;
+            let live: bool = row.try_get(2)?;
+            Ok(Lead::Standby {
+                leader: live
+                    .then(|| Ok::<_, postgres::Error>((row.try_get(0)?, row.try_get(1)?)))
+                    .transpose()?,
+            })
+        });
+        self.epoch = match &r {
+            Ok(Lead::Leader { epoch }) => Some(*epoch),
+            _ => None,
+        };
+        r
+    }
+
+    fn resign(&mut self) -> Result<(), StoreError> {
+        let Some(e) = self.epoch.take() else {
+            return Ok(());
+        };
+        self.with(|c, _| {
+            c.execute(
+                "UPDATE lease SET expires = now() - interval '1 second', holder = ''
+                  WHERE id = 1 AND epoch = $1",
+                &[&(e as i64)],
+            )?;
+            Ok(())
+        })
+    }
+}
+
+fn load_all(c: &mut Client, fleet: FleetId) -> Result<Snapshot, StoreError> {
+    let key: Vec<u8> = c
+        .query_one("SELECT value FROM secrets WHERE name = 'blob_key'", &[])?
+        .try_get(0)?;
+    Ok(Snapshot {
+        fleet,
+        blob_key: key
+            .try_into()
+            .map_err(|_| corrupt("secrets", "blob_key is not 32 bytes"))?,
+        nodes: rows(
+            c,
+            &format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"),
+            &[],
+            |r| node_from(r),
+        )?,
+        instances: rows(
+            c,
+            &format!("SELECT {INSTANCE_COLS} FROM instances ORDER BY id"),
+            &[],
+            |r| instance_from(r),
+        )?,
+        groups: rows(
+            c,
+            "SELECT name, policy FROM groups ORDER BY name",
+            &[],
+            |r| {
+                let policy = r.text(1)?;
+                let p = GroupPolicy::parse(&policy)
+                    .ok_or_else(|| corrupt("groups", format!("policy {policy}")))?;
+                Ok((r.text(0)?, p))
+            },
+        )?,
+        images: rows(
+            c,
+            &format!("SELECT {IMAGE_COLS} FROM images ORDER BY name, version"),
+            &[],
+            |r| image_from(r),
+        )?,
+        events: rows(
+            c,
+            &format!(
+                "SELECT {EVENT_COLS} FROM
+                   (SELECT * FROM events ORDER BY seq DESC LIMIT $1) e ORDER BY seq"
+            ),
+            &[&(MAX_EVENTS as i64)],
+            |r| event_from(r),
+        )?,
+        tombstones: rows(c, "SELECT id FROM tombstones", &[], |r| {
+            r.text(0)?
+                .parse()
+                .map_err(|e: outpost_protocol::IdError| corrupt("tombstones", e.to_string()))
+        })?,
+    })
+}
