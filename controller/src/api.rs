@@ -147,9 +147,17 @@ fn page(body: &'static str, content_type: &'static str) -> Response {
 }
 
 /// The fleet at a glance, from the service loop.
+/// The fleet at a glance; empty on a standby (its own state is in [`health`]; the fleet's is
+/// the leader's to tell).
 async fn overview(api: &Api) -> Result<Box<crate::views::OverviewView>, HttpError> {
-    match ask(api, Action::Overview).await? {
-        Reply::Overview(o) => Ok(o),
+    if api.metrics.leading.get() == 0 {
+        return Ok(Box::default());
+    }
+    match ask(api, Action::Overview).await {
+        Ok(Reply::Overview(o)) => Ok(o),
+        // Stepped down while asked.
+        Err(_) if api.metrics.leading.get() == 0 => Ok(Box::default()),
+        Err(e) => Err(e),
         _ => Err(HttpError(
             StatusCode::INTERNAL_SERVER_ERROR,
             "unexpected reply".into(),

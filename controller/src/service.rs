@@ -536,7 +536,7 @@ impl Shell {
                 }
                 _ = poll.tick() => {
                     let me = self.me.clone();
-                    let r = tokio::time::timeout(STORE_WAIT, self.store.run(move |s| s.lead(&me))).await;
+                    let r = tokio::time::timeout(LEASE_TTL / 2, self.store.run(move |s| s.lead(&me))).await;
                     match r {
                         Ok(Ok(Ok(Lead::Leader { epoch }))) => return Ended::Lead(epoch),
                         Ok(Ok(Ok(Lead::Standby { leader }))) => {
@@ -563,6 +563,56 @@ impl Shell {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Renews the lease when due; true if it is lost (taken over, or not renewed in time).
+    async fn renew(
+        &mut self,
+        epoch: u64,
+        until: Instant,
+        renewed_at: &mut Instant,
+        lease_until: &mut Option<Instant>,
+    ) -> bool {
+        if Instant::now() >= until {
+            tracing::error!(
+                epoch,
+                "the lease could not be renewed in time: stepping down (no more writes or publishing)"
+            );
+            return true;
+        }
+        if renewed_at.elapsed() < RENEW_EVERY {
+            return false;
+        }
+        let sent = Instant::now();
+        let me = self.me.clone();
+        let r = tokio::time::timeout_at(until.into(), self.store.run(move |s| s.lead(&me))).await;
+        match r {
+            Ok(Ok(Ok(Lead::Leader { epoch: e }))) if e == epoch => {
+                *renewed_at = sent;
+                *lease_until = Some(sent + LEASE_TTL - LEASE_MARGIN);
+                false
+            }
+            Ok(Ok(Ok(_))) => {
+                tracing::error!(
+                    epoch,
+                    "another controller took the lease over: stepping down"
+                );
+                true
+            }
+            Ok(Ok(Err(e))) => {
+                *renewed_at = sent;
+                tracing::warn!(error = %e, "cannot renew the lease; retrying");
+                false
+            }
+            Ok(Err(_)) | Err(_) => {
+                tracing::error!(
+                    epoch,
+                    "the store did not answer the lease renewal in time: stepping down"
+                );
+                self.replace_store().await;
+                true
             }
         }
     }
@@ -637,43 +687,14 @@ impl Shell {
                 _ = tick.tick() => Input::Tick,
             };
             if let Some(until) = lease_until {
-                if Instant::now() >= until {
-                    tracing::error!(
-                        epoch,
-                        "the lease could not be renewed in time: stepping down (no more writes or publishing)"
-                    );
-                    break Ended::SteppedDown;
-                }
-                if renewed_at.elapsed() >= RENEW_EVERY {
-                    let sent = Instant::now();
-                    let me = self.me.clone();
-                    let r =
-                        tokio::time::timeout_at(until.into(), self.store.run(move |s| s.lead(&me)))
-                            .await;
-                    match r {
-                        Ok(Ok(Ok(Lead::Leader { epoch: e }))) if e == epoch => {
-                            renewed_at = sent;
-                            lease_until = Some(sent + LEASE_TTL - LEASE_MARGIN);
-                        }
-                        Ok(Ok(Ok(_))) => {
-                            tracing::error!(
-                                epoch,
-                                "another controller took the lease over: stepping down"
-                            );
-                            break Ended::SteppedDown;
-                        }
-                        Ok(Ok(Err(e))) => {
-                            renewed_at = sent;
-                            tracing::warn!(error = %e, "cannot renew the lease; retrying");
-                        }
-                        Ok(Err(_)) | Err(_) => {
-                            tracing::error!(
-                                epoch,
-                                "the store did not answer the lease renewal in time: stepping down"
-                            );
-                            break Ended::SteppedDown;
-                        }
+                let lost = self
+                    .renew(epoch, until, &mut renewed_at, &mut lease_until)
+                    .await;
+                if lost {
+                    if let Input::Call((_, _, reply, _)) = first {
+                        let _ = reply.send(Err(ActionError::NotLeader(None)));
                     }
+                    break Ended::SteppedDown;
                 }
             }
             let now = now_ms();

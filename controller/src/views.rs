@@ -921,7 +921,7 @@ impl CreateBody {
 
 /// The fleet at a glance (`GET /v1/overview`, the metrics and the status page): every node,
 /// instances by phase, and the scheduler's decisions since the controller started.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct OverviewView {
     /// Every node.
     pub nodes: Vec<NodeView>,

@@ -43,6 +43,54 @@ impl Controller {
         )
     }
 
+    /// A controller named `name` sharing the PostgreSQL store at `store_url` (password in
+    /// `password_file`) and the broker on `port` with others: one leads, the rest stand by.
+    pub fn ha(dir: &Path, name: &str, port: u16, store_url: &str, password_file: &Path) -> Self {
+        let mut c = Self::external(dir, port);
+        c.data_dir = dir.join(format!("controller-{name}"));
+        c.args.extend([
+            "--store".into(),
+            store_url.into(),
+            "--store-password-file".into(),
+            password_file.display().to_string(),
+            "--name".into(),
+            name.into(),
+        ]);
+        c
+    }
+
+    /// The CLI pointed at several controllers (`--api A,B`): it finds the leader.
+    pub fn any_of(controllers: &[&Controller]) -> Self {
+        let mut c = Self::new(
+            Path::new("/nonexistent"),
+            controllers[0].mqtt_port,
+            Vec::new(),
+        );
+        c.api = controllers
+            .iter()
+            .map(|c| c.api.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        c.token = controllers[0].token.clone();
+        c
+    }
+
+    /// Starts (or restarts) the process and waits for its API to answer `/healthz` (a standby
+    /// answers that, not the fleet's calls).
+    pub fn start_standby(&mut self) {
+        self.spawn();
+        wait_for(Duration::from_secs(60), "the controller's API", || {
+            (self.http("GET", "/healthz", "").0 == 200).then_some(())
+        });
+    }
+
+    /// `GET /v1/status` as JSON (its `role`, `epoch`, `leader`).
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = self.http("GET", "/v1/status", "");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
     fn new(dir: &Path, mqtt_port: u16, args: Vec<String>) -> Self {
         Self {
             api: format!("http://127.0.0.1:{}", free_port()),
@@ -56,6 +104,13 @@ impl Controller {
 
     /// Starts (or restarts) the process and waits for its API.
     pub fn start(&mut self) {
+        self.spawn();
+        wait_for(Duration::from_secs(60), "the controller's API", || {
+            self.cli(&["nodes", "list"]).ok()
+        });
+    }
+
+    fn spawn(&mut self) {
         let mut cmd = Command::new(bin("outpost-controller"));
         cmd.arg("serve")
             .arg("--data-dir")
@@ -66,9 +121,6 @@ impl Controller {
             .arg("5")
             .args(&self.args);
         self.proc = Some(Proc::spawn(cmd, self.data_dir.with_extension("log")));
-        wait_for(Duration::from_secs(60), "the controller's API", || {
-            self.cli(&["nodes", "list"]).ok()
-        });
     }
 
     /// Runs the `outpost` CLI against this controller with `--json`; Ok(JSON) or Err(stderr).
@@ -101,7 +153,9 @@ impl Controller {
     pub fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
         use std::io::{Read as _, Write as _};
         let host = self.api.trim_start_matches("http://");
-        let mut s = std::net::TcpStream::connect(host).unwrap();
+        let Ok(mut s) = std::net::TcpStream::connect(host) else {
+            return (0, "connection refused".into());
+        };
         write!(
             s,
             "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
