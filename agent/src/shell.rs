@@ -394,11 +394,14 @@ impl Shell {
                 return true;
             }
             Offer::Refused(ack) => {
+                let held = self.rec.held().map(|h| h.desired.version());
                 tracing::warn!(
                     fleet = %d.fleet,
                     generation = d.generation,
-                    held = ?self.rec.held().map(|h| h.desired.version()),
-                    "refused a desired state that is older than, or from another fleet than, the one held"
+                    epoch = d.version().epoch(),
+                    held_epoch = held.map(|h| h.epoch()),
+                    ?held,
+                    "refused a desired state that is older than, or from another fleet than, the one held (an older epoch: from a controller that no longer leads)"
                 );
                 self.publish_event(&ack);
                 self.publish_holding();

@@ -216,7 +216,13 @@ fn mqtt(cfg: &ServeConfig) -> (AsyncClient, rumqttc::EventLoop) {
             tls,
         } => (host.clone(), *port, credentials.clone(), tls.clone()),
     };
-    let mut o = MqttOptions::new("outpost-controller", host, port);
+    // Controllers sharing a fleet each need their own client id (one id, two clients: the
+    // broker throws one off each time the other connects).
+    let id = match cfg.store {
+        StoreChoice::Sqlite => "outpost-controller".to_owned(),
+        StoreChoice::Postgres(_) => format!("outpost-controller-{}", cfg.name),
+    };
+    let mut o = MqttOptions::new(id, host, port);
     o.set_keep_alive(Duration::from_secs(10))
         .set_clean_session(false)
         .set_max_packet_size(1 << 20, 1 << 20)

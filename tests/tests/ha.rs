@@ -148,6 +148,19 @@ fn a_killed_leader_is_replaced_and_no_acknowledged_create_is_lost() {
     b.start_standby();
     a.wait_nodes_up(2);
 
+    // Each controller has its own MQTT session: neither throws the other off the broker.
+    holds_for(Duration::from_secs(2), "one broker connection each", || {
+        a.proc()
+            .log_text()
+            .matches("connected to the broker")
+            .count()
+            == 1
+            && b.proc()
+                .log_text()
+                .matches("connected to the broker")
+                .count()
+                == 1
+    });
     // The standby says who leads; its readiness is 503 (not for a load balancer's traffic).
     let (code, body) = b.http("GET", "/readyz", "");
     assert_eq!(code, 503);
@@ -278,6 +291,12 @@ fn a_leader_cut_from_postgres_steps_down_and_agents_refuse_its_epoch() {
         b.phase("x").as_deref() == Some("running") && b.phase("y").as_deref() == Some("running")
     });
     assert_eq!(f.agents[0].ops("delete", Some(&x.to_string())), 0);
+    let log =
+        std::fs::read_to_string(f.agents[0].state_dir.with_extension("log")).unwrap_or_default();
+    assert!(
+        log.contains("from a controller that no longer leads"),
+        "{log}"
+    );
     // b's next change to the node is accepted (the retained message a stale leader could
     // have left is superseded).
     b.cli(&["instances", "stop", "y"]).unwrap();

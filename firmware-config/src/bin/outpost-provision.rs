@@ -31,6 +31,10 @@ enum Command {
         /// The registry directory.
         #[arg(long, default_value = "outpost-registry")]
         registry: PathBuf,
+        /// A further controller of the same fleet (high availability): its own broker login,
+        /// outpost-controller-NAME, with the controller's rights.
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Print a mosquitto configuration that uses the registry's password file and ACL.
     MosquittoConf {
@@ -177,10 +181,13 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Device(a) => device(a),
-        Command::Controller { registry } => {
+        Command::Controller { registry, name } => {
             let reg = Registry::new(&registry);
-            let pw = reg.controller_password()?;
-            println!("username {}\npassword {pw}", provision::CONTROLLER_USER);
+            let pw = reg.controller_password_for(name.as_deref())?;
+            println!(
+                "username {}\npassword {pw}",
+                provision::controller_user(name.as_deref())
+            );
             Ok(())
         }
         Command::MosquittoConf { registry, listen } => {
