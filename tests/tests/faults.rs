@@ -76,6 +76,98 @@ fn domains() -> BTreeMap<String, bool> {
 }
 
 impl World {
+    /// Creates a fake-zone instance (a third of them in an anti-affinity group).
+    fn create_fake(&mut self, rng: &mut Rng, next: &mut usize) -> String {
+        *next += 1;
+        let name = format!("r{next}");
+        let anti = rng.below(3) == 0;
+        let mem = (64 + rng.below(8) * 64).to_string();
+        let mut args = vec![
+            "instances",
+            "create",
+            &name,
+            "--kernel",
+            "vmlinuz",
+            "--memory",
+            &mem,
+            "--selector",
+            "zone=fake",
+        ];
+        if anti {
+            args.extend(["--group", "spread"]);
+        }
+        match self.ctl.cli(&args) {
+            Ok(_) => {
+                self.wanted.insert(name.clone(), anti);
+            }
+            // Refusals must be the scheduler's clear answer, never a failure.
+            Err(e) => assert!(
+                e.contains("no host fits"),
+                "seed {}: create {name}: {e}",
+                self.seed
+            ),
+        }
+        format!("create {name} (anti-affinity: {anti})")
+    }
+
+    /// Deletes a wanted instance at random; true if there was one.
+    fn delete_one(&mut self, rng: &mut Rng) -> Option<String> {
+        let name = self
+            .wanted
+            .keys()
+            .nth(rng.below(self.wanted.len().max(1) as u64) as usize)
+            .cloned()?;
+        self.ctl.cli(&["instances", "delete", &name]).unwrap();
+        self.wanted.remove(&name);
+        if let Some(id) = self.real.remove(&name) {
+            self.real_deleted.insert(id);
+        }
+        Some(format!("delete {name}"))
+    }
+
+    /// Three small creates in a row (the faults that follow hit them in flight).
+    fn burst(&mut self, next: &mut usize) {
+        for _ in 0..3 {
+            *next += 1;
+            let name = format!("r{next}");
+            if self
+                .ctl
+                .cli(&[
+                    "instances",
+                    "create",
+                    &name,
+                    "--kernel",
+                    "vmlinuz",
+                    "--memory",
+                    "64",
+                    "--selector",
+                    "zone=fake",
+                ])
+                .is_ok()
+            {
+                self.wanted.insert(name, false);
+            }
+        }
+    }
+
+    /// kill -9 of an agent at random, restarted at once.
+    fn kill_agent(&mut self, rng: &mut Rng) -> String {
+        let i = rng.below(self.agents.len() as u64) as usize;
+        self.agents[i].proc().kill();
+        self.agents[i].start();
+        format!("kill -9 of agent {}", self.agents[i].node)
+    }
+
+    /// An agent frozen (SIGSTOP) for up to 6.5 s.
+    fn freeze_agent(&mut self, rng: &mut Rng) -> String {
+        let i = rng.below(self.agents.len() as u64) as usize;
+        let pid = self.agents[i].proc().pid().to_string();
+        Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+        std::thread::sleep(Duration::from_millis(500 + rng.below(6000)));
+        Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+        format!("agent {} cut off for a while", self.agents[i].node)
+    }
+
     /// A store that lost its rows adopts instances from their nodes without their server
     /// group: from then on they count as ungrouped.
     fn forget_groups(&mut self) {
@@ -199,7 +291,9 @@ fn randomized_faults_on_mosquitto_converge_without_loss_or_duplicates() {
     fault_run(true);
 }
 
-fn fault_run(on_mosquitto: bool) {
+/// The seed (OUTPOST_FAULT_SEED, or the clock) and the number of rounds
+/// (OUTPOST_FAULT_ROUNDS, default 10).
+fn seed_and_rounds() -> (u64, usize) {
     let seed: u64 = std::env::var("OUTPOST_FAULT_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -215,6 +309,116 @@ fn fault_run(on_mosquitto: bool) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     eprintln!("fault run: seed {seed}, {rounds} rounds (replay with OUTPOST_FAULT_SEED={seed})");
+    (seed, rounds)
+}
+
+/// `n` fake agents named `f{tag}-{i}` on the broker at `port` (not started).
+fn fake_agents(dir: &std::path::Path, tag: &str, n: usize, port: u16) -> Vec<Agent> {
+    (0..n)
+        .map(|i| {
+            let a = Agent::configure(
+                dir,
+                &format!("f{tag}-{i}"),
+                port,
+                "[labels]\nzone = \"fake\"\n[hypervisor]\nbackend = \"fake\"\nfake_memory_mib = 4096\n",
+            );
+            std::fs::write(a.state_dir.join("images/vmlinuz"), b"x").unwrap();
+            a
+        })
+        .collect()
+}
+
+/// The same mix with two controllers on PostgreSQL (each reaching it through a link the test
+/// can cut) and mosquitto: the faults are kill -9 of the leader in a burst, a clean stop of
+/// the leader, the leader's link to PostgreSQL cut for a while, PostgreSQL restarted in a
+/// burst, and the agents' faults. The CLI is given both controllers.
+#[test]
+fn randomized_faults_with_two_controllers_converge_without_loss_or_duplicates() {
+    let (seed, rounds) = seed_and_rounds();
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut pg = Postgres::start(dir.path());
+    let broker = Mosquitto::start(dir.path());
+    let pw = dir.path().join("store-password");
+    std::fs::write(&pw, PG_PASSWORD).unwrap();
+    let links = [Link::new(pg.port), Link::new(pg.port)];
+    let mut ctls: Vec<Controller> = ["a", "b"]
+        .iter()
+        .zip(&links)
+        .map(|(name, link)| {
+            let mut c = Controller::ha(dir.path(), name, broker.port, &pg.url_via(link.port), &pw);
+            c.args
+                .extend(["--lost-after".to_owned(), "3600".to_owned()]);
+            c
+        })
+        .collect();
+    ctls[0].start();
+    ctls[1].start_standby();
+    let leader = |ctls: &[Controller]| {
+        wait_for(CONVERGE, "a leader", || {
+            ctls.iter().position(|c| {
+                let (code, body) = c.http("GET", "/v1/status", "");
+                code == 200 && body.contains("\"role\":\"leader\"")
+            })
+        })
+    };
+    let fakes = 3;
+    let mut w = World {
+        seed,
+        ctl: Controller::any_of(&[&ctls[0], &ctls[1]]),
+        agents: fake_agents(dir.path(), "h", fakes, broker.port),
+        observer: TestController::connect(broker.port),
+        wanted: BTreeMap::new(),
+        real: BTreeMap::new(),
+        real_deleted: BTreeSet::new(),
+    };
+    for a in &mut w.agents {
+        a.start();
+    }
+    w.ctl.wait_nodes_up(fakes);
+    let mut next = 0;
+    for round in 0..rounds {
+        let what = match rng.below(12) {
+            0..=3 => w.create_fake(&mut rng, &mut next),
+            4 => w
+                .delete_one(&mut rng)
+                .unwrap_or_else(|| "nothing to delete".into()),
+            5 | 6 => {
+                w.burst(&mut next);
+                let l = leader(&ctls);
+                ctls[l].proc().kill();
+                ctls[l].start_standby();
+                "burst + kill -9 of the leader".into()
+            }
+            7 => {
+                let l = leader(&ctls);
+                ctls[l].proc().terminate();
+                ctls[l].start_standby();
+                "clean stop of the leader".into()
+            }
+            8 => {
+                let l = leader(&ctls);
+                links[l].cut();
+                std::thread::sleep(Duration::from_millis(2000 + rng.below(8000)));
+                links[l].restore();
+                "the leader's link to PostgreSQL cut for a while".into()
+            }
+            9 => {
+                w.burst(&mut next);
+                pg.restart();
+                "burst + restart of PostgreSQL".into()
+            }
+            10 => w.kill_agent(&mut rng),
+            _ => w.freeze_agent(&mut rng),
+        };
+        eprintln!("round {round}: {what}");
+        w.check(&what);
+    }
+    eprintln!("fault run with two controllers: seed {seed}: converged after every round");
+}
+
+fn fault_run(on_mosquitto: bool) {
+    let (seed, rounds) = seed_and_rounds();
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
     let mut broker = on_mosquitto.then(|| Mosquitto::start(dir.path()));
@@ -235,19 +439,7 @@ fn fault_run(on_mosquitto: bool) {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    let mut agents: Vec<Agent> = (0..fakes)
-        .map(|n| format!("f{tag}-{n}"))
-        .map(|n| {
-            let a = Agent::configure(
-                dir.path(),
-                &n,
-                ctl.mqtt_port,
-                "[labels]\nzone = \"fake\"\n[hypervisor]\nbackend = \"fake\"\nfake_memory_mib = 4096\n",
-            );
-            std::fs::write(a.state_dir.join("images/vmlinuz"), b"x").unwrap();
-            a
-        })
-        .collect();
+    let mut agents = fake_agents(dir.path(), tag, fakes, ctl.mqtt_port);
     let real = Agent::configure(
         dir.path(),
         &format!("f{tag}-real"),
@@ -386,76 +578,17 @@ fn fault_run(on_mosquitto: bool) {
                     }
                 }
             }
-            0..=3 => {
-                next += 1;
-                let name = format!("r{next}");
-                let anti = rng.below(3) == 0;
-                let mem = (64 + rng.below(8) * 64).to_string();
-                let mut args = vec![
-                    "instances",
-                    "create",
-                    &name,
-                    "--kernel",
-                    "vmlinuz",
-                    "--memory",
-                    &mem,
-                    "--selector",
-                    "zone=fake",
-                ];
-                if anti {
-                    args.extend(["--group", "spread"]);
-                }
-                match w.ctl.cli(&args) {
-                    Ok(_) => {
-                        w.wanted.insert(name.clone(), anti);
-                    }
-                    // Refusals must be the scheduler's clear answer, never a failure.
-                    Err(e) => assert!(
-                        e.contains("no host fits"),
-                        "seed {seed}: create {name}: {e}"
-                    ),
-                }
-                format!("create {name} (anti-affinity: {anti})")
-            }
-            4 => match w
-                .wanted
-                .keys()
-                .nth(rng.below(w.wanted.len().max(1) as u64) as usize)
-                .cloned()
-            {
-                Some(name) => {
+            0..=3 => w.create_fake(&mut rng, &mut next),
+            4 => match w.delete_one(&mut rng) {
+                Some(what) => {
                     snapshot_clean = false;
-                    w.ctl.cli(&["instances", "delete", &name]).unwrap();
-                    w.wanted.remove(&name);
-                    if let Some(id) = w.real.remove(&name) {
-                        w.real_deleted.insert(id);
-                    }
-                    format!("delete {name}")
+                    what
                 }
                 None => "nothing to delete".into(),
             },
             5 | 6 => {
                 // A burst, then kill -9 the controller in the middle of it.
-                for _ in 0..3 {
-                    next += 1;
-                    let name = format!("r{next}");
-                    if w.ctl
-                        .cli(&[
-                            "instances",
-                            "create",
-                            &name,
-                            "--kernel",
-                            "vmlinuz",
-                            "--memory",
-                            "64",
-                            "--selector",
-                            "zone=fake",
-                        ])
-                        .is_ok()
-                    {
-                        w.wanted.insert(name, false);
-                    }
-                }
+                w.burst(&mut next);
                 match broker.as_mut() {
                     Some(b) if rng.below(2) == 0 => {
                         b.restart();
@@ -468,20 +601,8 @@ fn fault_run(on_mosquitto: bool) {
                     }
                 }
             }
-            7 | 8 => {
-                let i = rng.below(w.agents.len() as u64) as usize;
-                w.agents[i].proc().kill();
-                w.agents[i].start();
-                format!("kill -9 of agent {}", w.agents[i].node)
-            }
-            _ => {
-                let i = rng.below(w.agents.len() as u64) as usize;
-                let pid = w.agents[i].proc().pid().to_string();
-                Command::new("kill").args(["-STOP", &pid]).status().unwrap();
-                std::thread::sleep(Duration::from_millis(500 + rng.below(6000)));
-                Command::new("kill").args(["-CONT", &pid]).status().unwrap();
-                format!("agent {} cut off for a while", w.agents[i].node)
-            }
+            7 | 8 => w.kill_agent(&mut rng),
+            _ => w.freeze_agent(&mut rng),
         };
         eprintln!("round {round}: {what}");
         w.check(&what);
