@@ -71,10 +71,39 @@ struct DataDir {
         default_value = "/var/lib/outpost-controller"
     )]
     data_dir: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+impl DataDir {
+    /// The token table: DATA_DIR/tokens.db, or the shared PostgreSQL store's.
+    fn tokens(&self) -> anyhow::Result<outpost_controller::tokens::TokenDb> {
+        Ok(outpost_controller::tokens::TokenDb::open_for(
+            &store_choice(&self.store)?,
+            &self.data_dir,
+        )?)
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// Store the fleet in PostgreSQL (postgres://USER@HOST:PORT/DB, `?sslmode=require` for
+    /// TLS) instead of DATA_DIR/outpost.db: several controllers may then share it, one leading
+    /// and the others standing by. The password comes from --store-password-file or
+    /// OUTPOST_STORE_PASSWORD / PGPASSWORD, never from the URL.
+    #[arg(long, env = "OUTPOST_STORE")]
+    store: Option<String>,
+    /// File holding the PostgreSQL password.
+    #[arg(long, env = "OUTPOST_STORE_PASSWORD_FILE")]
+    store_password_file: Option<PathBuf>,
+    /// CA certificate (PEM) the PostgreSQL server's certificate must chain to (default: the
+    /// system's roots).
+    #[arg(long, env = "OUTPOST_STORE_CA_FILE")]
+    store_ca_file: Option<PathBuf>,
 }
 
 fn tokens(cmd: TokenCmd) -> anyhow::Result<()> {
-    use outpost_controller::tokens::{Role, TokenDb, parse_duration};
+    use outpost_controller::tokens::{Role, parse_duration};
     let when = |ms: Option<u64>| ms.map_or("-".to_owned(), |ms| format!("{ms}"));
     match cmd {
         TokenCmd::Create {
@@ -93,7 +122,7 @@ fn tokens(cmd: TokenCmd) -> anyhow::Result<()> {
                     })
                 })
                 .transpose()?;
-            let db = TokenDb::open(&dir.data_dir)?;
+            let db = dir.tokens()?;
             let (secret, r) = db.create(&name, role, valid_for)?;
             eprintln!(
                 "token {} ({}{}): its secret follows, shown only now",
@@ -106,7 +135,7 @@ fn tokens(cmd: TokenCmd) -> anyhow::Result<()> {
             println!("{secret}");
         }
         TokenCmd::List { dir } => {
-            let db = TokenDb::open(&dir.data_dir)?;
+            let db = dir.tokens()?;
             println!("NAME  ROLE  CREATED_MS  EXPIRES_MS  REVOKED_MS");
             for t in db.list()? {
                 println!(
@@ -120,7 +149,7 @@ fn tokens(cmd: TokenCmd) -> anyhow::Result<()> {
             }
         }
         TokenCmd::Revoke { name, dir } => {
-            TokenDb::open(&dir.data_dir)?.revoke(&name)?;
+            dir.tokens()?.revoke(&name)?;
             eprintln!("token {name} revoked: refused from now on (within a second)");
         }
     }
@@ -202,19 +231,8 @@ struct ServeArgs {
     /// File holding the API's bearer token.
     #[arg(long, env = "OUTPOST_API_TOKEN_FILE", conflicts_with = "api_token")]
     api_token_file: Option<PathBuf>,
-    /// Store the fleet in PostgreSQL (postgres://USER@HOST:PORT/DB, `?sslmode=require` for
-    /// TLS) instead of DATA_DIR/outpost.db: several controllers may then share it, one leading
-    /// and the others standing by. The password comes from --store-password-file or
-    /// OUTPOST_STORE_PASSWORD / PGPASSWORD, never from the URL.
-    #[arg(long, env = "OUTPOST_STORE")]
-    store: Option<String>,
-    /// File holding the PostgreSQL password.
-    #[arg(long, env = "OUTPOST_STORE_PASSWORD_FILE")]
-    store_password_file: Option<PathBuf>,
-    /// CA certificate (PEM) the PostgreSQL server's certificate must chain to (default: the
-    /// system's roots).
-    #[arg(long, env = "OUTPOST_STORE_CA_FILE")]
-    store_ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
     /// This controller's name among those sharing a store (default: the host name). Each
     /// controller needs its own.
     #[arg(long, env = "OUTPOST_CONTROLLER_NAME")]
@@ -269,7 +287,7 @@ fn secret(
 }
 
 /// SQLite in the data directory, or the PostgreSQL database `--store` names.
-fn store_choice(a: &ServeArgs) -> anyhow::Result<StoreChoice> {
+fn store_choice(a: &StoreArgs) -> anyhow::Result<StoreChoice> {
     let Some(url) = &a.store else {
         return Ok(StoreChoice::Sqlite);
     };
@@ -419,7 +437,7 @@ fn main() -> anyhow::Result<()> {
         ))
         .ok(),
     };
-    let store = store_choice(&a)?;
+    let store = store_choice(&a.store)?;
     let cfg = ServeConfig {
         data_dir: a.data_dir,
         broker,

@@ -320,8 +320,13 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let tokens = std::sync::Arc::new(
-        crate::tokens::Tokens::new(cfg.api_token.as_deref(), &cfg.data_dir, false)
-            .map_err(|e| ServeError::Config(e.to_string()))?,
+        crate::tokens::Tokens::for_store(
+            cfg.api_token.as_deref(),
+            &cfg.store,
+            &cfg.data_dir,
+            false,
+        )
+        .map_err(|e| ServeError::Config(e.to_string()))?,
     );
     for (what, addr) in [
         ("API", Some(cfg.api_listen)),

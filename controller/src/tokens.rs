@@ -1,9 +1,10 @@
 //! Named API tokens with roles. Each token is a name, a role (`read`, `operator`, `admin`), an
 //! optional expiry and the SHA-256 of its secret (the secret itself is printed once and never
-//! stored). They live in `DATA_DIR/tokens.db` (SQLite, 0600), written by `outpost-controller
-//! tokens create|revoke` on the controller's host, and read by the running controller, which
-//! looks a token up again after [`RECHECK`], so that a revocation or an expiry takes effect
-//! without a restart.
+//! stored). They live in `DATA_DIR/tokens.db` (SQLite, 0600), or, for controllers sharing a
+//! PostgreSQL store, in its `tokens` table (so that every controller of the fleet knows them).
+//! `outpost-controller tokens create|revoke` writes them; the running controller looks a token
+//! up again after [`RECHECK`], so that a revocation or an expiry takes effect without a
+//! restart.
 
 use std::collections::HashMap;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -101,6 +102,15 @@ pub enum TokenError {
     /// No randomness.
     #[error("no randomness for a secret: {0}")]
     Random(String),
+    /// The PostgreSQL store.
+    #[error("token table: {0}")]
+    Store(String),
+}
+
+impl From<postgres::Error> for TokenError {
+    fn from(e: postgres::Error) -> Self {
+        Self::Store(crate::store::StoreError::from(e).to_string())
+    }
 }
 
 /// Compares two secrets in time independent of where they differ (a wrong guess says nothing
@@ -123,10 +133,119 @@ fn now_ms() -> u64 {
 
 /// The token database.
 pub struct TokenDb {
-    conn: Connection,
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite(Connection),
+    Postgres(PgThread),
+}
+
+type PgJob = Box<dyn FnOnce(&mut postgres::Client) + Send>;
+
+/// A PostgreSQL connection on a thread of its own: the API checks tokens from async tasks,
+/// where the blocking client may not run.
+struct PgThread {
+    jobs: std::sync::mpsc::Sender<PgJob>,
+}
+
+impl PgThread {
+    fn start(cfg: &crate::store::PgConfig) -> Result<Self, TokenError> {
+        let cfg = cfg.clone();
+        let (jobs, rx) = std::sync::mpsc::channel::<PgJob>();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("tokens".into())
+            .spawn(move || {
+                let mut fleet = [0u8; 8];
+                let _ = getrandom::fill(&mut fleet);
+                let client = cfg.connect("tokens").and_then(|mut c| {
+                    crate::store::migrate(
+                        &mut c,
+                        outpost_protocol::FleetId(u64::from_le_bytes(fleet).max(1)),
+                    )?;
+                    Ok(c)
+                });
+                let mut client = match client {
+                    Ok(c) => {
+                        let _ = ready_tx.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                while let Ok(job) = rx.recv() {
+                    if client.is_closed() {
+                        match cfg.connect("tokens") {
+                            Ok(c) => client = c,
+                            Err(e) => tracing::warn!(error = %e, "cannot reach the token table"),
+                        }
+                    }
+                    job(&mut client);
+                }
+            })
+            .map_err(|e| TokenError::Store(e.to_string()))?;
+        ready
+            .recv()
+            .map_err(|_| TokenError::Store("the token thread stopped".into()))?
+            .map_err(TokenError::Store)?;
+        Ok(Self { jobs })
+    }
+
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut postgres::Client) -> Result<T, TokenError> + Send + 'static,
+    ) -> Result<T, TokenError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.jobs
+            .send(Box::new(move |c| {
+                let _ = tx.send(f(c));
+            }))
+            .map_err(|_| TokenError::Store("the token thread stopped".into()))?;
+        rx.recv_timeout(Duration::from_secs(10))
+            .map_err(|_| TokenError::Store("the token table did not answer".into()))?
+    }
+}
+
+fn pg_record(r: &postgres::Row) -> Result<TokenRecord, TokenError> {
+    let role: String = r.try_get(1)?;
+    Ok(TokenRecord {
+        name: r.try_get(0)?,
+        role: Role::parse(&role).unwrap_or(Role::Read),
+        created_ms: r.try_get::<_, i64>(2)? as u64,
+        expires_ms: r.try_get::<_, Option<i64>>(3)?.map(|v| v as u64),
+        revoked_ms: r.try_get::<_, Option<i64>>(4)?.map(|v| v as u64),
+    })
 }
 
 impl TokenDb {
+    /// The token table of `store`: `DIR/tokens.db` with SQLite, the shared store's own table
+    /// with PostgreSQL.
+    pub fn open_for(store: &crate::store::StoreChoice, dir: &Path) -> Result<Self, TokenError> {
+        match store {
+            crate::store::StoreChoice::Sqlite => Self::open(dir),
+            crate::store::StoreChoice::Postgres(pg) => Ok(Self {
+                backend: Backend::Postgres(PgThread::start(pg)?),
+            }),
+        }
+    }
+
+    /// Whether any token was ever made.
+    fn any(&self) -> Result<bool, TokenError> {
+        match &self.backend {
+            Backend::Sqlite(c) => {
+                Ok(c.query_row("SELECT count(*) FROM tokens", [], |r| r.get::<_, i64>(0))? > 0)
+            }
+            Backend::Postgres(pg) => pg.run(|c| {
+                Ok(c.query_one("SELECT count(*) FROM tokens", &[])?
+                    .try_get::<_, i64>(0)?
+                    > 0)
+            }),
+        }
+    }
+
     /// Opens (or creates, 0600) `DIR/tokens.db`.
     pub fn open(dir: &Path) -> Result<Self, TokenError> {
         let path = dir.join(TOKENS_FILE);
@@ -144,7 +263,9 @@ impl TokenDb {
                 name TEXT PRIMARY KEY, role TEXT NOT NULL, hash BLOB NOT NULL UNIQUE,
                 created_ms INTEGER NOT NULL, expires_ms INTEGER, revoked_ms INTEGER);",
         )?;
-        Ok(Self { conn })
+        Ok(Self {
+            backend: Backend::Sqlite(conn),
+        })
     }
 
     /// Makes a token; returns its secret (shown once) and its record.
@@ -171,25 +292,39 @@ impl TokenDb {
         let created_ms = now_ms();
         let expires_ms = valid_for
             .map(|d| created_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)));
-        let r = self.conn.execute(
-            "INSERT INTO tokens (name, role, hash, created_ms, expires_ms, revoked_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
-            rusqlite::params![
-                name,
-                role.as_str(),
-                hash(&secret).to_vec(),
-                created_ms as i64,
-                expires_ms.map(|v| v as i64)
-            ],
-        );
-        match r {
-            Ok(_) => {}
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
-                return Err(TokenError::Exists(name.to_owned()));
+        let h = hash(&secret).to_vec();
+        let expires = expires_ms.map(|v| v as i64);
+        let taken = match &self.backend {
+            Backend::Sqlite(c) => {
+                let r = c.execute(
+                    "INSERT INTO tokens (name, role, hash, created_ms, expires_ms, revoked_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, NULL)",
+                    rusqlite::params![name, role.as_str(), h, created_ms as i64, expires],
+                );
+                match r {
+                    Ok(_) => false,
+                    Err(rusqlite::Error::SqliteFailure(e, _))
+                        if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                    {
+                        true
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
-            Err(e) => return Err(e.into()),
+            Backend::Postgres(pg) => {
+                let name = name.to_owned();
+                pg.run(move |c| {
+                    let n = c.execute(
+                        "INSERT INTO tokens (name, role, hash, created_ms, expires_ms, revoked_ms)
+                         VALUES ($1, $2, $3, $4, $5, NULL) ON CONFLICT DO NOTHING",
+                        &[&name, &role.as_str(), &h, &(created_ms as i64), &expires],
+                    )?;
+                    Ok(n == 0)
+                })?
+            }
+        };
+        if taken {
+            return Err(TokenError::Exists(name.to_owned()));
         }
         Ok((
             secret,
@@ -205,19 +340,36 @@ impl TokenDb {
 
     /// Every token, by name.
     pub fn list(&self) -> Result<Vec<TokenRecord>, TokenError> {
-        let mut st = self.conn.prepare(
-            "SELECT name, role, created_ms, expires_ms, revoked_ms FROM tokens ORDER BY name",
-        )?;
-        let rows = st.query_map([], row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        const SQL: &str =
+            "SELECT name, role, created_ms, expires_ms, revoked_ms FROM tokens ORDER BY name";
+        match &self.backend {
+            Backend::Sqlite(c) => {
+                let mut st = c.prepare(SQL)?;
+                let rows = st.query_map([], row)?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            }
+            Backend::Postgres(pg) => pg.run(|c| c.query(SQL, &[])?.iter().map(pg_record).collect()),
+        }
     }
 
     /// Revokes a token (kept, so that the history still names it).
     pub fn revoke(&self, name: &str) -> Result<(), TokenError> {
-        let n = self.conn.execute(
-            "UPDATE tokens SET revoked_ms = ?2 WHERE name = ?1 AND revoked_ms IS NULL",
-            rusqlite::params![name, now_ms() as i64],
-        )?;
+        let now = now_ms() as i64;
+        let n = match &self.backend {
+            Backend::Sqlite(c) => c.execute(
+                "UPDATE tokens SET revoked_ms = ?2 WHERE name = ?1 AND revoked_ms IS NULL",
+                rusqlite::params![name, now],
+            )? as u64,
+            Backend::Postgres(pg) => {
+                let name = name.to_owned();
+                pg.run(move |c| {
+                    Ok(c.execute(
+                        "UPDATE tokens SET revoked_ms = $2 WHERE name = $1 AND revoked_ms IS NULL",
+                        &[&name, &now],
+                    )?)
+                })?
+            }
+        };
         if n == 0 {
             return Err(TokenError::NoToken(name.to_owned()));
         }
@@ -226,14 +378,27 @@ impl TokenDb {
 
     /// The token whose secret hashes to `h`.
     pub fn find(&self, h: &[u8; 32]) -> Result<Option<TokenRecord>, TokenError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT name, role, created_ms, expires_ms, revoked_ms FROM tokens WHERE hash = ?1",
-                [h.to_vec()],
-                row,
-            )
-            .optional()?)
+        match &self.backend {
+            Backend::Sqlite(c) => Ok(c
+                .query_row(
+                    "SELECT name, role, created_ms, expires_ms, revoked_ms FROM tokens WHERE hash = ?1",
+                    [h.to_vec()],
+                    row,
+                )
+                .optional()?),
+            Backend::Postgres(pg) => {
+                let h = h.to_vec();
+                pg.run(move |c| {
+                    c.query_opt(
+                        "SELECT name, role, created_ms, expires_ms, revoked_ms FROM tokens WHERE hash = $1",
+                        &[&h],
+                    )?
+                    .as_ref()
+                    .map(pg_record)
+                    .transpose()
+                })
+            }
+        }
     }
 }
 
@@ -281,10 +446,23 @@ impl Tokens {
     /// The API's tokens: `single` (from `--api-token`), and those of `DIR/tokens.db` if it exists
     /// or `named` is set.
     pub fn new(single: Option<&str>, dir: &Path, named: bool) -> Result<Self, TokenError> {
-        let db = if named || dir.join(TOKENS_FILE).exists() {
-            Some(Mutex::new(TokenDb::open(dir)?))
-        } else {
-            None
+        Self::for_store(single, &crate::store::StoreChoice::Sqlite, dir, named)
+    }
+
+    /// The API's tokens: `single`, and the named tokens of `store` (the data directory's
+    /// `tokens.db` if it exists, the shared store's table if it holds any) or if `named` is set.
+    pub fn for_store(
+        single: Option<&str>,
+        store: &crate::store::StoreChoice,
+        dir: &Path,
+        named: bool,
+    ) -> Result<Self, TokenError> {
+        let db = match store {
+            crate::store::StoreChoice::Sqlite if !named && !dir.join(TOKENS_FILE).exists() => None,
+            _ => {
+                let db = TokenDb::open_for(store, dir)?;
+                (named || db.any()?).then(|| Mutex::new(db))
+            }
         };
         Ok(Self {
             single: single.map(hash),

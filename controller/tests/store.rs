@@ -54,8 +54,8 @@ fn fleet_changes_survive_a_reopen_on_postgres() {
         Box::new(s)
     });
     assert_eq!(
-        pg.sql("SELECT max(version) FROM schema_migrations"),
-        "1",
+        pg.sql("SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations"),
+        "1,2",
         "migrations are numbered and recorded"
     );
 }

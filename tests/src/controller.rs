@@ -86,7 +86,10 @@ impl Controller {
 
     /// `GET /v1/status` as JSON (its `role`, `epoch`, `leader`).
     pub fn status(&self) -> serde_json::Value {
-        let (code, body) = self.http("GET", "/v1/status", "");
+        let (code, body) = match &self.token {
+            Some(t) => crate::process::curl("GET", &format!("{}/v1/status", self.api), Some(t), ""),
+            None => self.http("GET", "/v1/status", ""),
+        };
         assert_eq!(code, 200, "{body}");
         serde_json::from_str(&body).unwrap()
     }

@@ -340,3 +340,50 @@ fn postgres_restarted_mid_burst_and_both_controllers_restarted_lose_nothing() {
     });
     drop(f);
 }
+
+/// Named tokens live in the shared store: a token made once works on whichever controller
+/// leads, before and after a failover, and a revocation reaches every controller.
+#[test]
+fn named_tokens_are_shared_by_every_controller() {
+    let f = fleet(1);
+    let tokens = |args: &[&str]| {
+        let out = std::process::Command::new(bin("outpost-controller"))
+            .arg("tokens")
+            .args(args)
+            .args(["--store", &f.pg.url(), "--store-password-file"])
+            .arg(&f.pw)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let secret = tokens(&["create", "ops", "--role", "operator"]);
+    assert!(tokens(&["list"]).contains("ops  operator"));
+    let mut a = f.controller("a", &f.pg.url());
+    a.token = Some(secret.clone());
+    a.start();
+    let mut b = f.controller("b", &f.pg.url());
+    b.token = Some(secret);
+    b.start_standby();
+    let both = Controller::any_of(&[&a, &b]);
+    both.wait_nodes_up(1);
+    both.create("x", &["--memory", "16"]).unwrap();
+    // No token: refused by either.
+    assert_eq!(a.http("GET", "/v1/instances", "").0, 401);
+    a.proc().kill();
+    wait_for(T, "b leading", || (role(&b) == "leader").then_some(()));
+    both.create("y", &["--memory", "16"]).unwrap();
+    let events = both.cli(&["events", "--actor", "ops"]).unwrap();
+    assert!(events.to_string().contains("\"y\""), "{events}");
+    tokens(&["revoke", "ops"]);
+    wait_for(Duration::from_secs(10), "the revocation on b", || {
+        both.cli(&["instances", "list"])
+            .err()
+            .filter(|e| e.contains("revoked"))
+    });
+    drop(f);
+}

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use crate::fleet::Changes;
 pub use crate::fleet::Snapshot;
-pub use postgres::{LEASE_TTL, PgConfig, PgStore, RENEW_EVERY};
+pub use postgres::{LEASE_TTL, PgConfig, PgStore, RENEW_EVERY, migrate};
 pub use sqlite::{CHECKPOINT_EVERY, DB_FILE, SqliteStore};
 pub use worker::StoreWorker;
 

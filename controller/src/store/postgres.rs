@@ -36,9 +36,10 @@ pub const LEASE_TTL: Duration = Duration::from_secs(10);
 pub const RENEW_EVERY: Duration = Duration::from_secs(2);
 
 /// The schema, as numbered migrations: a database at version N gets N+1.. applied in order.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
      CREATE TABLE nodes (
         id TEXT PRIMARY KEY, inventory BYTEA, session BIGINT NOT NULL, cordoned BOOLEAN NOT NULL,
         draining BOOLEAN NOT NULL, generation BIGINT NOT NULL,
@@ -64,7 +65,14 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         id INTEGER PRIMARY KEY CHECK (id = 1), epoch BIGINT NOT NULL, holder TEXT NOT NULL,
         api TEXT NOT NULL, backend INTEGER NOT NULL, expires TIMESTAMPTZ NOT NULL);
      INSERT INTO lease VALUES (1, 0, '', '', 0, 'epoch');",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE tokens (
+            name TEXT PRIMARY KEY, role TEXT NOT NULL, hash BYTEA NOT NULL UNIQUE,
+            created_ms BIGINT NOT NULL, expires_ms BIGINT, revoked_ms BIGINT);",
+    ),
+];
 
 /// Where the database is and how to log in.
 #[derive(Clone)]
@@ -97,6 +105,34 @@ impl PgConfig {
             );
         }
         Ok(())
+    }
+
+    /// A connection (as controller `name`, in `application_name`); see [`migrate`] for the
+    /// schema.
+    pub fn connect(&self, name: &str) -> Result<Client, StoreError> {
+        let mut c = postgres::Config::from_str(&self.url)
+            .map_err(|e| StoreError::Postgres(format!("{}: {e}", self.url)))?;
+        if let Some(p) = &self.password {
+            c.password(p);
+        }
+        // A dead link is noticed in seconds, not the kernel's two hours; a transaction left
+        // open by a vanished controller gives its locks back within the lease; a takeover
+        // never waits long on a lock.
+        c.application_name(&format!("outpost-controller/{name}"))
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_user_timeout(Duration::from_secs(5))
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(5))
+            .keepalives_interval(Duration::from_secs(1))
+            .keepalives_retries(3)
+            .options(
+                "-c idle_in_transaction_session_timeout=5000 -c lock_timeout=2000 -c statement_timeout=60000",
+            );
+        let client = match c.get_ssl_mode() {
+            postgres::config::SslMode::Disable => c.connect(postgres::NoTls)?,
+            _ => c.connect(tls_connector(self.ca_pem.as_deref())?)?,
+        };
+        Ok(client)
     }
 }
 
@@ -239,29 +275,7 @@ impl PgStore {
     }
 
     fn connect(&self) -> Result<Client, StoreError> {
-        let mut c = postgres::Config::from_str(&self.cfg.url)
-            .map_err(|e| StoreError::Postgres(format!("{}: {e}", self.cfg.url)))?;
-        if let Some(p) = &self.cfg.password {
-            c.password(p);
-        }
-        // A dead link is noticed in seconds, not the kernel's two hours; a transaction left
-        // open by a vanished controller gives its locks back within the lease; a takeover
-        // never waits long on a lock.
-        c.application_name(&format!("outpost-controller/{}", self.name))
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_user_timeout(Duration::from_secs(5))
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(5))
-            .keepalives_interval(Duration::from_secs(1))
-            .keepalives_retries(3)
-            .options(
-                "-c idle_in_transaction_session_timeout=5000 -c lock_timeout=2000 -c statement_timeout=60000",
-            );
-        let client = match c.get_ssl_mode() {
-            postgres::config::SslMode::Disable => c.connect(postgres::NoTls)?,
-            _ => c.connect(tls_connector(self.cfg.ca_pem.as_deref())?)?,
-        };
-        Ok(client)
+        self.cfg.connect(&self.name)
     }
 
     /// Runs `f` on the connection; a failed connection is dropped, to be made again next time.
@@ -315,8 +329,9 @@ fn tls_connector(
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
-/// Applies the migrations the database lacks, one transaction each, under an advisory lock.
-fn migrate(c: &mut Client, new_fleet: FleetId) -> Result<(), StoreError> {
+/// Applies the migrations the database lacks, in one transaction under an advisory lock, and
+/// gives a new database `new_fleet` as its identity.
+pub fn migrate(c: &mut Client, new_fleet: FleetId) -> Result<(), StoreError> {
     let mut tx = c.transaction()?;
     // A transaction-scoped lock: controllers starting together migrate one after the other.
     tx.execute("SELECT pg_advisory_xact_lock(7078656)", &[])?;
