@@ -389,3 +389,36 @@ fn a_schema_3_store_from_wire_version_2_loads() {
     assert_eq!(i.power_mode, PowerMode::default());
     assert_eq!(i.placement, "");
 }
+
+/// PostgreSQL over TLS: with `sslmode=require` the server's certificate must chain to the CA
+/// given; a server that requires TLS refuses a plain connection.
+#[test]
+fn the_postgres_store_speaks_tls_and_checks_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    outpost_tests::make_pki(&pki, "outpost-test-ca");
+    let mut pg = outpost_tests::Postgres::start(dir.path());
+    pg.require_tls(&pki);
+    let cfg = |query: &str, ca: bool| PgConfig {
+        url: format!("{}?{query}", pg.url()),
+        password: Some(outpost_tests::PG_PASSWORD.into()),
+        ca_pem: ca.then(|| std::fs::read(pki.join("ca.pem")).unwrap()),
+    };
+    let mut s = PgStore::open(cfg("sslmode=require", true), "a", FleetId(7)).unwrap();
+    assert!(matches!(s.lead(&me("a")).unwrap(), Lead::Leader { .. }));
+    s.apply(&some_change()).unwrap();
+    let err = PgStore::open(cfg("sslmode=require", false), "a", FleetId(7))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    let err = PgStore::open(cfg("sslmode=disable", true), "a", FleetId(7))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("no encryption") || err.contains("rejects"),
+        "{err}"
+    );
+}

@@ -184,6 +184,32 @@ impl Postgres {
         self.run();
     }
 
+    /// Turns TLS on with `server.pem` and `server.key` from `pki` (see [`crate::make_pki`]) and
+    /// refuses connections without it; restarts the server.
+    pub fn require_tls(&mut self, pki: &Path) {
+        for f in ["server.pem", "server.key"] {
+            let to = self.data.join(f);
+            std::fs::copy(pki.join(f), &to).unwrap();
+            std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            if nix_is_root() {
+                Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&to)
+                    .status()
+                    .unwrap();
+            }
+        }
+        let conf = self.data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str("\nssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).unwrap();
+        let hba = self.data.join("pg_hba.conf");
+        let text = std::fs::read_to_string(&hba).unwrap();
+        std::fs::write(&hba, format!("hostnossl all all 0.0.0.0/0 reject\n{text}")).unwrap();
+        self.restart();
+    }
+
     /// Its log.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()

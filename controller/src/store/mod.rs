@@ -72,7 +72,17 @@ impl From<::postgres::Error> for StoreError {
         // The server's message (with its code), not only "db error".
         match e.as_db_error() {
             Some(db) => Self::Postgres(format!("{} ({})", db.message(), db.code().code())),
-            None => Self::Postgres(e.to_string()),
+            None => {
+                // The cause too ("error performing TLS handshake: invalid peer certificate…").
+                let mut msg = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    msg.push_str(": ");
+                    msg.push_str(&c.to_string());
+                    cause = c.source();
+                }
+                Self::Postgres(msg)
+            }
         }
     }
 }
