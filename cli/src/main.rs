@@ -1385,6 +1385,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(std::time::Duration::from_secs(30)))
+        // A controller that accepts but does not answer (a frozen one, say a standby's stale
+        // idea of the leader) is given up on sooner, and the next --api URL tried.
+        .timeout_connect(Some(std::time::Duration::from_secs(5)))
+        .timeout_recv_response(Some(std::time::Duration::from_secs(10)))
         .tls_config(tls.clone())
         .build()
         .into();

@@ -6,6 +6,7 @@
 //! it) and request-to-running (request sent to the controller seeing it running).
 //!
 //!     cargo bench -p outpost-controller --bench fleet -- --agents 1000 --instances 4000
+//!     cargo bench -p outpost-controller --bench fleet -- --agents 5000 --broker-port P --store postgres
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::collections::HashMap;
@@ -196,6 +197,12 @@ fn main() {
         free_port()
     };
     let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let pg = (text_arg("--store").as_deref() == Some("postgres"))
+        .then(|| outpost_tests::Postgres::start(dir.path()));
+    eprintln!(
+        "store: {}",
+        if pg.is_some() { "PostgreSQL" } else { "SQLite" }
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -223,12 +230,12 @@ fn main() {
             metrics_listen: None,
             api_tls: None,
             insecure_http: false,
-            // `--store postgres://USER@HOST:PORT/DB`: the PostgreSQL store (needs --broker-port).
-            store: match text_arg("--store") {
-                Some(url) => outpost_controller::store::StoreChoice::Postgres(
+            // `--store postgres`: a throwaway PostgreSQL started here (needs --broker-port).
+            store: match &pg {
+                Some(pg) => outpost_controller::store::StoreChoice::Postgres(
                     outpost_controller::store::PgConfig {
-                        url,
-                        password: None,
+                        url: pg.url(),
+                        password: Some(outpost_tests::PG_PASSWORD.into()),
                         ca_pem: None,
                     },
                 ),

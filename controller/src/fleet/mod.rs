@@ -186,7 +186,14 @@ impl Fleet {
         let Some(inv) = &n.inventory else { return };
         let claimed = match self.table.index_of(id) {
             Some(_) => self.claimed(id),
-            None => self.claims().get(id).copied().unwrap_or_default(),
+            // From this node's own instances (the index), not the whole fleet's: a fleet
+            // loaded at start-up enters the table one node at a time.
+            None => self
+                .on_node(id)
+                .filter(|i| i.holds())
+                .fold(Resources::default(), |r, i| {
+                    r.saturating_add(i.spec.resources())
+                }),
         };
         let host = HostState {
             id: id.clone(),

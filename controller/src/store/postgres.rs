@@ -19,7 +19,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use outpost_protocol::FleetId;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
-use postgres::{Client, Row, Transaction};
+use std::collections::HashMap;
+
+use postgres::{Client, Row, Statement, Transaction};
 
 use super::rows::{
     Cols, EVENT_COLS, IMAGE_COLS, INSTANCE_COLS, NODE_COLS, Val, corrupt, event_from, event_row,
@@ -72,7 +74,25 @@ const MIGRATIONS: &[(i64, &str)] = &[
             name TEXT PRIMARY KEY, role TEXT NOT NULL, hash BYTEA NOT NULL UNIQUE,
             created_ms BIGINT NOT NULL, expires_ms BIGINT, revoked_ms BIGINT);",
     ),
+    (
+        3,
+        // The fence as a function, so that a whole batch can be one statement: it takes the
+        // lease row FOR SHARE (a takeover waits for the statement) and fails the statement,
+        // and so everything it writes, unless the epoch is still the writer's.
+        "CREATE FUNCTION outpost_fence(ours BIGINT) RETURNS BIGINT LANGUAGE plpgsql AS $$
+         DECLARE current BIGINT;
+         BEGIN
+           SELECT epoch INTO current FROM lease WHERE id = 1 FOR SHARE;
+           IF current IS DISTINCT FROM ours THEN
+             RAISE EXCEPTION 'fenced: epoch % leads, not %', current, ours USING ERRCODE = 'OPFEN';
+           END IF;
+           RETURN current;
+         END $$;",
+    ),
 ];
+
+/// The SQLSTATE `outpost_fence` fails with.
+const FENCED: &str = "OPFEN";
 
 /// Where the database is and how to log in.
 #[derive(Clone)]
@@ -143,6 +163,8 @@ pub struct PgStore {
     name: String,
     /// None after a connection failure: made again at the next call.
     client: Option<Client>,
+    /// Its prepared statements.
+    stmts: Statements,
     new_fleet: FleetId,
     /// The epoch this controller leads in, while it does.
     epoch: Option<u64>,
@@ -193,43 +215,311 @@ impl Cols for PgRow<'_> {
     }
 }
 
-/// The most rows in one multi-row statement (PostgreSQL takes at most 65,535 parameters).
-const ROWS_PER_STATEMENT: usize = 1000;
+/// One column of a batch of rows, as a PostgreSQL array (`unnest` turns the arrays back into
+/// rows): one statement per table whatever the batch's size, prepared once per connection.
+#[derive(Debug)]
+enum Column {
+    Int(Vec<i64>),
+    Flag(Vec<bool>),
+    Text(Vec<Option<String>>),
+    Bytes(Vec<Option<Vec<u8>>>),
+}
 
-/// Upserts `rows` into `table` in as few statements as the parameter limit allows.
+impl Column {
+    fn sql_type(&self) -> &'static str {
+        match self {
+            Self::Int(_) => "int8[]",
+            Self::Flag(_) => "bool[]",
+            Self::Text(_) => "text[]",
+            Self::Bytes(_) => "bytea[]",
+        }
+    }
+
+    fn push(&mut self, v: &Val) {
+        match (self, v) {
+            (Self::Int(c), Val::Int(x)) => c.push(*x),
+            (Self::Flag(c), Val::Flag(x)) => c.push(*x),
+            (Self::Text(c), Val::Text(x)) => c.push(Some(x.clone())),
+            (Self::Text(c), Val::OptText(x)) => c.push(x.clone()),
+            (Self::Bytes(c), Val::Bytes(x)) => c.push(Some(x.clone())),
+            (Self::Bytes(c), Val::OptBytes(x)) => c.push(x.clone()),
+            // A column's values are all of one kind (rows.rs makes them).
+            _ => {}
+        }
+    }
+
+    fn of(v: &Val) -> Self {
+        match v {
+            Val::Int(_) => Self::Int(Vec::new()),
+            Val::Flag(_) => Self::Flag(Vec::new()),
+            Val::Text(_) | Val::OptText(_) => Self::Text(Vec::new()),
+            Val::Bytes(_) | Val::OptBytes(_) => Self::Bytes(Vec::new()),
+        }
+    }
+}
+
+impl ToSql for Column {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Self::Int(v) => v.to_sql(ty, out),
+            Self::Flag(v) => v.to_sql(ty, out),
+            Self::Text(v) => v.to_sql(ty, out),
+            Self::Bytes(v) => v.to_sql(ty, out),
+        }
+    }
+    fn accepts(ty: &Type) -> bool {
+        [
+            Type::INT8_ARRAY,
+            Type::BOOL_ARRAY,
+            Type::TEXT_ARRAY,
+            Type::BYTEA_ARRAY,
+        ]
+        .contains(ty)
+    }
+    to_sql_checked!();
+}
+
+/// Prepared statements of one connection, by their text.
+type Statements = HashMap<String, Statement>;
+
+/// Runs `sql` prepared (once per connection).
+fn exec(
+    c: &mut Client,
+    stmts: &mut Statements,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, StoreError> {
+    let st = match stmts.get(sql) {
+        Some(st) => st.clone(),
+        None => {
+            let st = c.prepare(sql)?;
+            stmts.insert(sql.to_owned(), st.clone());
+            st
+        }
+    };
+    Ok(c.execute(&st, params)?)
+}
+
+/// Upserts `rows` (each of `cols`, in order) into `table`, in one statement.
 fn upsert_rows(
-    tx: &mut Transaction<'_>,
+    c: &mut Client,
+    stmts: &mut Statements,
     table: &str,
     cols: &str,
     key: &str,
     rows: &[Vec<Val>],
 ) -> Result<(), StoreError> {
-    let names: Vec<&str> = cols.split(',').map(str::trim).collect();
-    let set: Vec<String> = names
-        .iter()
-        .filter(|c| !key.split(',').any(|k| k.trim() == **c))
+    if let Some((sql, columns)) = upsert_sql(table, cols, key, rows, 1) {
+        let params: Vec<&(dyn ToSql + Sync)> =
+            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        exec(c, stmts, &sql, &params)?;
+    }
+    Ok(())
+}
+
+/// Events are trimmed to the newest [`MAX_EVENTS`] when a batch crosses a multiple of this
+/// (not in every transaction: one statement fewer per batch).
+const TRIM_EVENTS_EVERY: u64 = 256;
+
+/// The `INSERT … SELECT * FROM unnest(…) ON CONFLICT … DO UPDATE` of `rows`, its array
+/// parameters numbered from `$first`.
+fn upsert_sql(
+    table: &str,
+    cols: &str,
+    key: &str,
+    rows: &[Vec<Val>],
+    first: usize,
+) -> Option<(String, Vec<Column>)> {
+    let head = rows.first()?;
+    let mut columns: Vec<Column> = head.iter().map(Column::of).collect();
+    for row in rows {
+        for (col, v) in columns.iter_mut().zip(row) {
+            col.push(v);
+        }
+    }
+    let set: Vec<String> = cols
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !key.split(',').any(|k| k.trim() == *c))
         .map(|c| format!("{c} = EXCLUDED.{c}"))
         .collect();
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-        let mut sql = format!("INSERT INTO {table} ({cols}) VALUES ");
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-        for (r, row) in chunk.iter().enumerate() {
-            sql.push_str(if r == 0 { "(" } else { ", (" });
-            for (c, v) in row.iter().enumerate() {
-                if c > 0 {
-                    sql.push_str(", ");
-                }
-                params.push(v);
-                sql.push_str(&format!("${}", params.len()));
-            }
-            sql.push(')');
+    let arrays: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(k, col)| format!("${}::{}", first + k, col.sql_type()))
+        .collect();
+    let on_conflict = if set.is_empty() {
+        "DO NOTHING".to_owned()
+    } else {
+        format!("DO UPDATE SET {}", set.join(", "))
+    };
+    let sql = format!(
+        "INSERT INTO {table} ({cols}) SELECT * FROM unnest({}) ON CONFLICT ({key}) {on_conflict}",
+        arrays.join(", "),
+    );
+    Some((sql, columns))
+}
+
+/// A batch without removals as one statement (its own transaction: one round trip): the
+/// fence, then each table's upsert as a data-modifying CTE. Fails whole if fenced.
+fn apply_in_one_statement(
+    c: &mut Client,
+    stmts: &mut Statements,
+    epoch: u64,
+    ch: &Changes,
+) -> Result<(), StoreError> {
+    let nodes = ch
+        .nodes
+        .iter()
+        .map(node_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let instances = ch
+        .instances
+        .iter()
+        .map(instance_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let groups: Vec<Vec<Val>> = ch
+        .groups
+        .iter()
+        .map(|(n, p)| vec![Val::Text(n.clone()), Val::Text(p.as_str().to_owned())])
+        .collect();
+    let tombstones: Vec<Vec<Val>> = ch
+        .tombstones
+        .iter()
+        .map(|id| vec![Val::Text(id.to_string())])
+        .collect();
+    let images: Vec<Vec<Val>> = ch.images.iter().map(image_row).collect();
+    let events: Vec<Vec<Val>> = ch.events.iter().map(event_row).collect();
+    let mut ctes = vec!["f AS (SELECT outpost_fence($1) AS epoch)".to_owned()];
+    let mut columns: Vec<Column> = Vec::new();
+    for (table, cols, key, rows) in [
+        ("nodes", NODE_COLS, "id", &nodes),
+        ("instances", INSTANCE_COLS, "id", &instances),
+        ("groups", "name, policy", "name", &groups),
+        ("tombstones", "id", "id", &tombstones),
+        ("images", IMAGE_COLS, "name, version", &images),
+        ("events", EVENT_COLS, "seq", &events),
+    ] {
+        if let Some((sql, cols)) = upsert_sql(table, cols, key, rows, columns.len() + 2) {
+            ctes.push(format!("w_{table} AS ({sql})"));
+            columns.extend(cols);
         }
-        sql.push_str(&format!(
-            " ON CONFLICT ({key}) DO UPDATE SET {}",
-            set.join(", ")
-        ));
-        tx.execute(sql.as_str(), &params)?;
     }
+    let epoch = epoch as i64;
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&epoch];
+    params.extend(columns.iter().map(|c| c as &(dyn ToSql + Sync)));
+    let trim = match (ch.events.first(), ch.events.last()) {
+        (Some(first), Some(last))
+            if first.seq / TRIM_EVENTS_EVERY != last.seq / TRIM_EVENTS_EVERY =>
+        {
+            Some(last.seq as i64 - MAX_EVENTS as i64)
+        }
+        _ => None,
+    };
+    if let Some(bound) = &trim {
+        ctes.push(format!(
+            "w_trim AS (DELETE FROM events WHERE seq <= ${})",
+            params.len() + 1
+        ));
+        params.push(bound);
+    }
+    let sql = format!("WITH {} SELECT epoch FROM f", ctes.join(", "));
+    exec(c, stmts, &sql, &params)?;
+    Ok(())
+}
+
+/// One batch in one transaction: the transaction's start and the fence in one round trip,
+/// then one prepared statement per kind of row, then the commit.
+fn apply_batch(
+    c: &mut Client,
+    stmts: &mut Statements,
+    epoch: Option<u64>,
+    ch: &Changes,
+) -> Result<(), StoreError> {
+    let msgs = c.simple_query("BEGIN; SELECT epoch FROM lease WHERE id = 1 FOR SHARE")?;
+    let current = msgs
+        .iter()
+        .find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse::<u64>().ok()),
+            _ => None,
+        })
+        .ok_or_else(|| corrupt("lease", "no lease row"))?;
+    if epoch != Some(current) {
+        return Err(StoreError::Fenced {
+            ours: epoch.unwrap_or(0),
+            current,
+        });
+    }
+    if !ch.stores_anything() {
+        c.batch_execute("COMMIT")?;
+        return Ok(());
+    }
+    // Removals first: a new instance may take a removed one's name in the same batch.
+    if !ch.removed.is_empty() {
+        let ids: Vec<String> = ch.removed.iter().map(ToString::to_string).collect();
+        exec(
+            c,
+            stmts,
+            "DELETE FROM instances WHERE id = ANY($1)",
+            &[&ids],
+        )?;
+    }
+    if !ch.removed_nodes.is_empty() {
+        let ids: Vec<&str> = ch.removed_nodes.iter().map(|n| n.as_str()).collect();
+        exec(c, stmts, "DELETE FROM nodes WHERE id = ANY($1)", &[&ids])?;
+    }
+    for (name, version) in &ch.removed_images {
+        exec(
+            c,
+            stmts,
+            "DELETE FROM images WHERE name = $1 AND version = $2",
+            &[name, version],
+        )?;
+    }
+    let nodes = ch
+        .nodes
+        .iter()
+        .map(node_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    upsert_rows(c, stmts, "nodes", NODE_COLS, "id", &nodes)?;
+    let instances = ch
+        .instances
+        .iter()
+        .map(instance_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    upsert_rows(c, stmts, "instances", INSTANCE_COLS, "id", &instances)?;
+    let groups: Vec<Vec<Val>> = ch
+        .groups
+        .iter()
+        .map(|(n, p)| vec![Val::Text(n.clone()), Val::Text(p.as_str().to_owned())])
+        .collect();
+    upsert_rows(c, stmts, "groups", "name, policy", "name", &groups)?;
+    let tombstones: Vec<Vec<Val>> = ch
+        .tombstones
+        .iter()
+        .map(|id| vec![Val::Text(id.to_string())])
+        .collect();
+    upsert_rows(c, stmts, "tombstones", "id", "id", &tombstones)?;
+    let images: Vec<Vec<Val>> = ch.images.iter().map(image_row).collect();
+    upsert_rows(c, stmts, "images", IMAGE_COLS, "name, version", &images)?;
+    let events: Vec<Vec<Val>> = ch.events.iter().map(event_row).collect();
+    upsert_rows(c, stmts, "events", EVENT_COLS, "seq", &events)?;
+    if let (Some(first), Some(last)) = (ch.events.first(), ch.events.last())
+        && first.seq / TRIM_EVENTS_EVERY != last.seq / TRIM_EVENTS_EVERY
+    {
+        // Bounded: the oldest go.
+        exec(
+            c,
+            stmts,
+            "DELETE FROM events WHERE seq <= $1",
+            &[&(last.seq as i64 - MAX_EVENTS as i64)],
+        )?;
+    }
+    c.batch_execute("COMMIT")?;
     Ok(())
 }
 
@@ -252,6 +542,7 @@ impl PgStore {
             cfg,
             name: name.to_owned(),
             client: None,
+            stmts: Statements::new(),
             new_fleet,
             epoch: None,
         };
@@ -265,6 +556,7 @@ impl PgStore {
             self.client = None;
         }
         if self.client.is_none() {
+            self.stmts.clear();
             let mut c = self.connect()?;
             migrate(&mut c, self.new_fleet)?;
             self.client = Some(c);
@@ -281,10 +573,14 @@ impl PgStore {
     /// Runs `f` on the connection; a failed connection is dropped, to be made again next time.
     fn with<T>(
         &mut self,
-        f: impl FnOnce(&mut Client, Option<u64>) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut Client, &mut Statements, Option<u64>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let epoch = self.epoch;
-        let r = f(self.client()?, epoch);
+        self.client()?;
+        let Some(client) = self.client.as_mut() else {
+            return Err(StoreError::Postgres("no connection".into()));
+        };
+        let r = f(client, &mut self.stmts, epoch);
         if let Err(StoreError::Postgres(_)) = &r
             && self.client.as_ref().is_some_and(Client::is_closed)
         {
@@ -295,7 +591,7 @@ impl PgStore {
 
     /// This store's fleet identity.
     pub fn fleet(&mut self) -> Result<FleetId, StoreError> {
-        self.with(|c, _| {
+        self.with(|c, _, _| {
             let v: i64 = c
                 .query_one("SELECT value FROM meta WHERE key = 'fleet'", &[])?
                 .try_get(0)?;
@@ -385,7 +681,7 @@ fn fence(tx: &mut Transaction<'_>, ours: Option<u64>) -> Result<(), StoreError> 
 
 impl Store for PgStore {
     fn check_writable(&mut self) -> Result<(), StoreError> {
-        self.with(|c, epoch| {
+        self.with(|c, _, epoch| {
             let mut tx = c.transaction()?;
             fence(&mut tx, epoch)?;
             tx.execute(
@@ -400,7 +696,7 @@ impl Store for PgStore {
 
     fn load(&mut self) -> Result<Snapshot, StoreError> {
         let fleet = self.fleet()?;
-        self.with(|c, _| {
+        self.with(|c, _, _| {
             // One consistent view of every table.
             c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
             let r = load_all(c, fleet);
@@ -410,62 +706,42 @@ impl Store for PgStore {
     }
 
     fn apply(&mut self, ch: &Changes) -> Result<(), StoreError> {
-        self.with(|c, epoch| {
-            let mut tx = c.transaction()?;
-            fence(&mut tx, epoch)?;
-            if !ch.stores_anything() {
-                return Ok(());
-            }
-            // Removals first: a new instance may take a removed one's name in the same batch.
-            let ids: Vec<String> = ch.removed.iter().map(ToString::to_string).collect();
-            tx.execute("DELETE FROM instances WHERE id = ANY($1)", &[&ids])?;
-            let ids: Vec<&str> = ch.removed_nodes.iter().map(|n| n.as_str()).collect();
-            tx.execute("DELETE FROM nodes WHERE id = ANY($1)", &[&ids])?;
-            for (name, version) in &ch.removed_images {
-                tx.execute(
-                    "DELETE FROM images WHERE name = $1 AND version = $2",
-                    &[name, version],
-                )?;
-            }
-            let nodes = ch.nodes.iter().map(node_row).collect::<Result<Vec<_>, _>>()?;
-            upsert_rows(&mut tx, "nodes", NODE_COLS, "id", &nodes)?;
-            let instances = ch
-                .instances
-                .iter()
-                .map(instance_row)
-                .collect::<Result<Vec<_>, _>>()?;
-            upsert_rows(&mut tx, "instances", INSTANCE_COLS, "id", &instances)?;
-            let groups: Vec<Vec<Val>> = ch
-                .groups
-                .iter()
-                .map(|(n, p)| vec![Val::Text(n.clone()), Val::Text(p.as_str().to_owned())])
-                .collect();
-            upsert_rows(&mut tx, "groups", "name, policy", "name", &groups)?;
-            let ids: Vec<String> = ch.tombstones.iter().map(ToString::to_string).collect();
-            tx.execute(
-                "INSERT INTO tombstones (id) SELECT * FROM unnest($1::text[]) ON CONFLICT DO NOTHING",
-                &[&ids],
-            )?;
-            let images: Vec<Vec<Val>> = ch.images.iter().map(image_row).collect();
-            upsert_rows(&mut tx, "images", IMAGE_COLS, "name, version", &images)?;
-            let events: Vec<Vec<Val>> = ch.events.iter().map(event_row).collect();
-            upsert_rows(&mut tx, "events", EVENT_COLS, "seq", &events)?;
-            if let Some(last) = ch.events.last() {
-                // Bounded: the oldest go.
-                tx.execute(
-                    "DELETE FROM events WHERE seq <= $1",
-                    &[&(last.seq as i64 - MAX_EVENTS as i64)],
-                )?;
-            }
-            tx.commit()?;
-            Ok(())
+        self.with(|c, stmts, epoch| {
+            let simple = ch.removed.is_empty()
+                && ch.removed_nodes.is_empty()
+                && ch.removed_images.is_empty();
+            let r = match epoch {
+                // The common batch (creates, reports, events): one statement, one round trip.
+                Some(e) if simple => match apply_in_one_statement(c, stmts, e, ch) {
+                    Err(StoreError::Postgres(m)) if m.contains(FENCED) => {
+                        let current: i64 = c
+                            .query_one("SELECT epoch FROM lease WHERE id = 1", &[])?
+                            .try_get(0)?;
+                        Err(StoreError::Fenced {
+                            ours: e,
+                            current: current as u64,
+                        })
+                    }
+                    r => r,
+                },
+                // Removals go first, in a transaction of several statements.
+                _ => {
+                    let r = apply_batch(c, stmts, epoch, ch);
+                    if r.is_err() && !c.is_closed() {
+                        // Whatever the failure, the transaction ends here.
+                        let _ = c.batch_execute("ROLLBACK");
+                    }
+                    r
+                }
+            };
+            r
         })
     }
 
     fn lead(&mut self, me: &Candidate) -> Result<Lead, StoreError> {
         let ttl = format!("{} seconds", LEASE_TTL.as_secs());
         let held = self.epoch;
-        let r = self.with(|c, _| {
+        let r = self.with(|c, _, _| {
             if let Some(e) = held {
                 let renewed = c.query_opt(
                     "UPDATE lease SET expires = now() + $1::text::interval
@@ -516,7 +792,7 @@ impl Store for PgStore {
         let Some(e) = self.epoch.take() else {
             return Ok(());
         };
-        self.with(|c, _| {
+        self.with(|c, _, _| {
             c.execute(
                 "UPDATE lease SET expires = now() - interval '1 second', holder = ''
                   WHERE id = 1 AND epoch = $1",
