@@ -710,7 +710,7 @@ impl Store for PgStore {
             let simple = ch.removed.is_empty()
                 && ch.removed_nodes.is_empty()
                 && ch.removed_images.is_empty();
-            let r = match epoch {
+            match epoch {
                 // The common batch (creates, reports, events): one statement, one round trip.
                 Some(e) if simple => match apply_in_one_statement(c, stmts, e, ch) {
                     Err(StoreError::Postgres(m)) if m.contains(FENCED) => {
@@ -733,8 +733,7 @@ impl Store for PgStore {
                     }
                     r
                 }
-            };
-            r
+            }
         })
     }
 
