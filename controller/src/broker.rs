@@ -52,7 +52,7 @@ pub fn config(listen: SocketAddr, secret: Option<String>) -> Config {
     };
     if let Some(secret) = secret {
         connections.set_auth_handler(move |_client, _user, password: String| {
-            let ok = crate::tokens::same_secret(password.as_bytes(), secret.as_bytes());
+            let ok = crate::secret::same_secret(password.as_bytes(), secret.as_bytes());
             async move { ok }
         });
     }

@@ -16,6 +16,7 @@ pub mod fleet;
 pub mod gate;
 pub mod metrics;
 pub mod scheduler;
+pub mod secret;
 pub mod service;
 pub mod store;
 pub mod tls;

@@ -113,12 +113,7 @@ impl From<postgres::Error> for TokenError {
     }
 }
 
-/// Compares two secrets in time independent of where they differ (a wrong guess says nothing
-/// about the right one). The API's tokens, the nodes' blob tokens and the broker's passwords
-/// are all compared with it.
-pub fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+pub use crate::secret::same_secret;
 
 /// The SHA-256 of a secret.
 pub fn hash(secret: &str) -> [u8; 32] {

@@ -346,7 +346,7 @@ impl Fleet {
     ) -> Result<BlobSource, FleetError> {
         let good = node_token(&self.blob_key, node);
         // Constant time: a wrong token says nothing about the right one.
-        let same = crate::tokens::same_secret(token, &good);
+        let same = crate::secret::same_secret(token, &good);
         if !same || !self.nodes.contains_key(node) {
             return Err(FleetError::BlobDenied);
         }
