@@ -163,6 +163,35 @@ fn takeovers(open: &dyn Fn() -> Box<dyn Store>, runs: usize) -> (Vec<f64>, Vec<f
     (load, build)
 }
 
+/// This process's resident memory, in bytes.
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// The controller's memory for a fleet: what loading it from a SQLite store and building the
+/// fleet (records, indexes, the scheduler's table, history) adds to the process, in bytes.
+fn fleet_memory(dir: &std::path::Path, nodes: usize, instances: usize) -> (u64, f64) {
+    let path = dir.join(format!("mem-{nodes}-{instances}"));
+    let mut s = SqliteStore::open(&path, FleetId(7)).unwrap();
+    s.apply(&big_fleet(nodes, instances)).unwrap();
+    drop(s);
+    let mut s = SqliteStore::open(&path, FleetId(7)).unwrap();
+    let before = rss();
+    let t = Instant::now();
+    let snap = s.load().unwrap();
+    let f = Fleet::new(Scheduler::default(), FleetConfig::default(), snap, 3);
+    let took = t.elapsed().as_secs_f64();
+    let after = rss();
+    drop(f);
+    (after.saturating_sub(before), took)
+}
+
 fn range(v: &[f64]) -> String {
     let min = v.iter().copied().fold(f64::INFINITY, f64::min);
     let max = v.iter().copied().fold(0.0, f64::max);
@@ -231,6 +260,26 @@ fn main() {
         range(&sl),
         range(&sb),
         sqlite_write.as_secs_f64()
+    );
+
+    // Memory per node and per instance (5,000 nodes; then with 50,000 instances).
+    let mem_nodes = arg("--mem-nodes", 5_000);
+    let mem_instances = arg("--mem-instances", 50_000);
+    let (n_only, t_nodes) = fleet_memory(dir.path(), mem_nodes, 0);
+    let (full, t_full) = fleet_memory(dir.path(), mem_nodes, mem_instances);
+    println!(
+        "\n| controller memory (RSS added by loading and building the fleet) | MB | start-up load + build (s) | per node | per instance |"
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| {mem_nodes} nodes | {:.1} | {t_nodes:.2} | {:.1} KB | |",
+        n_only as f64 / 1e6,
+        n_only as f64 / mem_nodes as f64 / 1e3
+    );
+    println!(
+        "| {mem_nodes} nodes, {mem_instances} instances | {:.1} | {t_full:.2} | | {:.2} KB |",
+        full as f64 / 1e6,
+        full.saturating_sub(n_only) as f64 / mem_instances as f64 / 1e3
     );
 
     // One loop turn's commit: 8 creates on 8 nodes (their node rows, instance rows, events).
