@@ -188,7 +188,7 @@ pub struct NodeRecord {
     pub held: Option<Version>,
     /// Bound to another fleet, with what it holds: no placements, nothing published that it
     /// would take, until an operator adopts it (not stored).
-    pub foreign: Option<Holding>,
+    pub foreign: Option<Box<Holding>>,
     /// The state its agent holds that our next desired state replaces (an adoption, or a
     /// generation past ours); not stored.
     pub replaces: Option<Version>,

@@ -175,7 +175,7 @@ impl Fleet {
                     tracing::warn!(%node, held = %v.fleet, ours = %fleet, instances = h.instances.len(),
                         "node is bound to another fleet: held for an operator (outpost nodes adopt)");
                 }
-                n.foreign = Some(h);
+                n.foreign = Some(Box::new(h));
                 self.journal.nodes.insert(node.clone());
                 self.sync_availability(node);
                 return;
@@ -329,10 +329,10 @@ impl Fleet {
                     && n.foreign.is_none()
                 {
                     n.held = Some(*held);
-                    n.foreign = Some(Holding {
+                    n.foreign = Some(Box::new(Holding {
                         held: Some(*held),
                         ..Holding::default()
-                    });
+                    }));
                     self.journal.nodes.insert(node.clone());
                     self.sync_availability(node);
                 }
