@@ -175,21 +175,38 @@ fn rss() -> u64 {
 }
 
 /// The controller's memory for a fleet: what loading it from a SQLite store and building the
-/// fleet (records, indexes, the scheduler's table, history) adds to the process, in bytes.
+/// fleet (records, indexes, the scheduler's table, history) adds to a fresh process (this
+/// bench run again with `--measure-memory DIR`, so that nothing freed earlier is reused), in
+/// bytes, and the time it took.
 fn fleet_memory(dir: &std::path::Path, nodes: usize, instances: usize) -> (u64, f64) {
     let path = dir.join(format!("mem-{nodes}-{instances}"));
     let mut s = SqliteStore::open(&path, FleetId(7)).unwrap();
     s.apply(&big_fleet(nodes, instances)).unwrap();
     drop(s);
-    let mut s = SqliteStore::open(&path, FleetId(7)).unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--bench", "--measure-memory"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace();
+    let bytes = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let secs = it.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    (bytes, secs)
+}
+
+/// In the fresh process: load and build the fleet in `path`; print the bytes added and the
+/// seconds taken.
+fn measure_memory(path: &std::path::Path) {
+    let mut s = SqliteStore::open(path, FleetId(7)).unwrap();
     let before = rss();
     let t = Instant::now();
     let snap = s.load().unwrap();
     let f = Fleet::new(Scheduler::default(), FleetConfig::default(), snap, 3);
     let took = t.elapsed().as_secs_f64();
     let after = rss();
+    println!("{} {took}", after.saturating_sub(before));
     drop(f);
-    (after.saturating_sub(before), took)
 }
 
 fn range(v: &[f64]) -> String {
@@ -202,6 +219,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--list") || !args.iter().any(|a| a == "--bench") {
         return; // test runners: nothing to run; `cargo bench` passes --bench.
+    }
+    if let Some(i) = args.iter().position(|a| a == "--measure-memory") {
+        measure_memory(std::path::Path::new(&args[i + 1]));
+        return;
     }
     let nodes = arg("--nodes", 10_000);
     let instances = arg("--instances", 50_000);
