@@ -388,6 +388,49 @@ fn main() {
         pct(&lat, 0.99),
         dispatched.as_secs_f64()
     );
+    // Where a request's time goes (means over the run, from the controller's own histograms
+    // and this bench's end-to-end times): the floor is visible.
+    let metrics = http
+        .get(&format!("{base}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let mean = |name: &str| {
+        let get = |suffix: &str| {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}_{suffix} ")))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        get("sum") / get("count").max(1.0)
+    };
+    let durable = mean("outpost_request_durable_seconds") * 1e3;
+    let commit_ms = mean("outpost_store_commit_seconds") * 1e3;
+    let queued = mean("outpost_request_dispatch_seconds") * 1e3;
+    let end_to_end =
+        lat.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e3 / lat.len().max(1) as f64;
+    println!("\n| a request's time (means over the run) | ms |");
+    println!("|---|---|");
+    println!(
+        "| queue wait (the batch in flight, then this batch's execution) | {:.2} |",
+        (durable - commit_ms).max(0.0)
+    );
+    println!(
+        "| batch commit (one transaction, {:.1} inputs a batch) | {commit_ms:.2} |",
+        mean("outpost_store_batch_size")
+    );
+    println!(
+        "| durable to desired state queued for publishing | {:.2} |",
+        (queued - durable).max(0.0)
+    );
+    println!(
+        "| queued to the agent holding it (broker, agent) | {:.2} |",
+        (end_to_end - queued).max(0.0)
+    );
+    println!("| request to the agent holding it (this bench) | {end_to_end:.2} |");
     // `--page`: the status page's load in headless Chromium with this fleet (navigation to
     // the first full render: status, overview and instances fetched and drawn).
     if args.iter().any(|a| a == "--page") {
