@@ -319,6 +319,15 @@ pub async fn serve(
     cfg: ServeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    if matches!(cfg.store, StoreChoice::Postgres(_))
+        && matches!(cfg.broker, BrokerChoice::Embedded(_))
+    {
+        return Err(ServeError::Config(
+            "--store postgres://… is for several controllers, which must share one broker: give --broker (mosquitto, EMQX, VerneMQ)".into(),
+        ));
+    }
+    // The store first: the first thing a controller needs, and the clearest error if missing.
+    let store = open_store(&cfg).await?;
     let tokens = std::sync::Arc::new(
         crate::tokens::Tokens::for_store(
             cfg.api_token.as_deref(),
@@ -347,13 +356,6 @@ pub async fn serve(
             cfg.api_listen
         )));
     }
-    if matches!(cfg.store, StoreChoice::Postgres(_))
-        && matches!(cfg.broker, BrokerChoice::Embedded(_))
-    {
-        return Err(ServeError::Config(
-            "--store postgres://… is for several controllers, which must share one broker: give --broker (mosquitto, EMQX, VerneMQ)".into(),
-        ));
-    }
     let api_tls = cfg
         .api_tls
         .clone()
@@ -366,7 +368,6 @@ pub async fn serve(
     if let BrokerChoice::Embedded(a) = cfg.broker {
         own.broker = embedded(a, cfg.mqtt_passwd.as_deref()).await?;
     }
-    let store = open_store(&cfg).await?;
 
     let (client, mut el) = mqtt(&own);
     let (msg_tx, msg_rx) = mpsc::channel::<(String, Vec<u8>)>(10_000);

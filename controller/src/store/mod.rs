@@ -69,20 +69,24 @@ pub enum StoreError {
 
 impl From<::postgres::Error> for StoreError {
     fn from(e: ::postgres::Error) -> Self {
-        // The server's message (with its code), not only "db error".
-        match e.as_db_error() {
-            Some(db) => Self::Postgres(format!("{} ({})", db.message(), db.code().code())),
-            None => {
-                // The cause too ("error performing TLS handshake: invalid peer certificate…").
-                let mut msg = e.to_string();
-                let mut cause = std::error::Error::source(&e);
-                while let Some(c) = cause {
-                    msg.push_str(": ");
-                    msg.push_str(&c.to_string());
-                    cause = c.source();
-                }
-                Self::Postgres(msg)
+        Self::Postgres(pg_message(&e))
+    }
+}
+
+/// A PostgreSQL error in words: the server's message with its code (not only "db error"), or
+/// the client's with its causes ("error performing TLS handshake: invalid peer certificate…").
+pub fn pg_message(e: &::postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => {
+            let mut msg = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                msg.push_str(": ");
+                msg.push_str(&c.to_string());
+                cause = c.source();
             }
+            msg
         }
     }
 }

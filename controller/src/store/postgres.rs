@@ -149,10 +149,11 @@ impl PgConfig {
                 "-c idle_in_transaction_session_timeout=5000 -c lock_timeout=2000 -c statement_timeout=60000",
             );
         let client = match c.get_ssl_mode() {
-            postgres::config::SslMode::Disable => c.connect(postgres::NoTls)?,
-            _ => c.connect(tls_connector(self.ca_pem.as_deref())?)?,
+            postgres::config::SslMode::Disable => c.connect(postgres::NoTls),
+            _ => c.connect(tls_connector(self.ca_pem.as_deref())?),
         };
-        Ok(client)
+        // Which database could not be reached, with why.
+        client.map_err(|e| StoreError::Postgres(format!("{}: {}", self.url, super::pg_message(&e))))
     }
 }
 
