@@ -95,6 +95,16 @@ fn the_postgres_lease_fences_a_stale_leader() {
         Err(StoreError::Fenced { ours, current }) => assert_eq!((ours, current), (e1, e2)),
         other => panic!("a stale leader's write must be fenced: {other:?}"),
     }
+    // A batch with a removal goes through a transaction: fenced the same way.
+    let removal = Changes {
+        removed: vec![InstanceId::from_u64(1)],
+        ..Changes::default()
+    };
+    match a.apply(&removal) {
+        Err(StoreError::Fenced { ours, current }) => assert_eq!((ours, current), (e1, e2)),
+        other => panic!("a stale leader's removal must be fenced: {other:?}"),
+    }
+    assert!(matches!(a.check_writable(), Err(StoreError::Fenced { .. })));
     assert!(matches!(a.lead(&me("a")).unwrap(), Lead::Standby { .. }));
     // Same fleet for both (the first open made it).
     assert_eq!(a.fleet().unwrap(), b.fleet().unwrap());

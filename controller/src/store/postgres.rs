@@ -7,9 +7,10 @@
 //!   `pg_stat_activity` (a killed leader), or when it names this controller (a restart), and
 //!   the epoch grows by one;
 //! - the leader renews it every [`RENEW_EVERY`]; it expires [`LEASE_TTL`] after the last renewal;
-//! - every write transaction first reads the lease row `FOR SHARE` and fails unless the epoch
-//!   is still this controller's ([`StoreError::Fenced`]), so a stale leader cannot write, and
-//!   the takeover waits for a write already under way.
+//! - every write goes through `outpost_fence(epoch)` (migration 3), which reads the lease row
+//!   `FOR SHARE` and fails the write unless the epoch is still this controller's
+//!   ([`StoreError::Fenced`]), so a stale leader cannot write, and the takeover waits for a
+//!   write already under way.
 //!
 //! The lease is a row, not a session advisory lock, so it works through connection poolers.
 
@@ -21,7 +22,7 @@ use outpost_protocol::FleetId;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use std::collections::HashMap;
 
-use postgres::{Client, Row, Statement, Transaction};
+use postgres::{Client, Row, Statement};
 
 use super::rows::{
     Cols, EVENT_COLS, IMAGE_COLS, INSTANCE_COLS, NODE_COLS, Val, corrupt, event_from, event_row,
@@ -309,10 +310,7 @@ fn exec(
 fn upsert_rows(
     c: &mut Client,
     stmts: &mut Statements,
-    table: &str,
-    cols: &str,
-    key: &str,
-    rows: &[Vec<Val>],
+    (table, cols, key, rows): &Upsert,
 ) -> Result<(), StoreError> {
     if let Some((sql, columns)) = upsert_sql(table, cols, key, rows, 1) {
         let params: Vec<&(dyn ToSql + Sync)> =
@@ -322,9 +320,75 @@ fn upsert_rows(
     Ok(())
 }
 
+/// One table's upsert: its name, its columns, its key and the rows.
+type Upsert = (&'static str, &'static str, &'static str, Vec<Vec<Val>>);
+
+/// Every upsert a batch makes, table by table (both write paths use them).
+fn upserts(ch: &Changes) -> Result<[Upsert; 6], StoreError> {
+    Ok([
+        (
+            "nodes",
+            NODE_COLS,
+            "id",
+            ch.nodes.iter().map(node_row).collect::<Result<_, _>>()?,
+        ),
+        (
+            "instances",
+            INSTANCE_COLS,
+            "id",
+            ch.instances
+                .iter()
+                .map(instance_row)
+                .collect::<Result<_, _>>()?,
+        ),
+        (
+            "groups",
+            "name, policy",
+            "name",
+            ch.groups
+                .iter()
+                .map(|(n, p)| vec![Val::Text(n.clone()), Val::Text(p.as_str().to_owned())])
+                .collect(),
+        ),
+        (
+            "tombstones",
+            "id",
+            "id",
+            ch.tombstones
+                .iter()
+                .map(|id| vec![Val::Text(id.to_string())])
+                .collect(),
+        ),
+        (
+            "images",
+            IMAGE_COLS,
+            "name, version",
+            ch.images.iter().map(image_row).collect(),
+        ),
+        (
+            "events",
+            EVENT_COLS,
+            "seq",
+            ch.events.iter().map(event_row).collect(),
+        ),
+    ])
+}
+
 /// Events are trimmed to the newest [`MAX_EVENTS`] when a batch crosses a multiple of this
 /// (not in every transaction: one statement fewer per batch).
 const TRIM_EVENTS_EVERY: u64 = 256;
+
+/// The sequence number at and below which events go, if this batch trims them.
+fn events_trim(ch: &Changes) -> Option<i64> {
+    match (ch.events.first(), ch.events.last()) {
+        (Some(first), Some(last))
+            if first.seq / TRIM_EVENTS_EVERY != last.seq / TRIM_EVENTS_EVERY =>
+        {
+            Some(last.seq as i64 - MAX_EVENTS as i64)
+        }
+        _ => None,
+    }
+}
 
 /// The `INSERT … SELECT * FROM unnest(…) ON CONFLICT … DO UPDATE` of `rows`, its array
 /// parameters numbered from `$first`.
@@ -370,57 +434,20 @@ fn upsert_sql(
 fn apply_in_one_statement(
     c: &mut Client,
     stmts: &mut Statements,
-    epoch: u64,
+    epoch: Option<i64>,
     ch: &Changes,
 ) -> Result<(), StoreError> {
-    let nodes = ch
-        .nodes
-        .iter()
-        .map(node_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    let instances = ch
-        .instances
-        .iter()
-        .map(instance_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    let groups: Vec<Vec<Val>> = ch
-        .groups
-        .iter()
-        .map(|(n, p)| vec![Val::Text(n.clone()), Val::Text(p.as_str().to_owned())])
-        .collect();
-    let tombstones: Vec<Vec<Val>> = ch
-        .tombstones
-        .iter()
-        .map(|id| vec![Val::Text(id.to_string())])
-        .collect();
-    let images: Vec<Vec<Val>> = ch.images.iter().map(image_row).collect();
-    let events: Vec<Vec<Val>> = ch.events.iter().map(event_row).collect();
     let mut ctes = vec!["f AS (SELECT outpost_fence($1) AS epoch)".to_owned()];
     let mut columns: Vec<Column> = Vec::new();
-    for (table, cols, key, rows) in [
-        ("nodes", NODE_COLS, "id", &nodes),
-        ("instances", INSTANCE_COLS, "id", &instances),
-        ("groups", "name, policy", "name", &groups),
-        ("tombstones", "id", "id", &tombstones),
-        ("images", IMAGE_COLS, "name, version", &images),
-        ("events", EVENT_COLS, "seq", &events),
-    ] {
-        if let Some((sql, cols)) = upsert_sql(table, cols, key, rows, columns.len() + 2) {
+    for (table, cols, key, rows) in upserts(ch)? {
+        if let Some((sql, cols)) = upsert_sql(table, cols, key, &rows, columns.len() + 2) {
             ctes.push(format!("w_{table} AS ({sql})"));
             columns.extend(cols);
         }
     }
-    let epoch = epoch as i64;
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&epoch];
     params.extend(columns.iter().map(|c| c as &(dyn ToSql + Sync)));
-    let trim = match (ch.events.first(), ch.events.last()) {
-        (Some(first), Some(last))
-            if first.seq / TRIM_EVENTS_EVERY != last.seq / TRIM_EVENTS_EVERY =>
-        {
-            Some(last.seq as i64 - MAX_EVENTS as i64)
-        }
-        _ => None,
-    };
+    let trim = events_trim(ch);
     if let Some(bound) = &trim {
         ctes.push(format!(
             "w_trim AS (DELETE FROM events WHERE seq <= ${})",
@@ -433,33 +460,16 @@ fn apply_in_one_statement(
     Ok(())
 }
 
-/// One batch in one transaction: the transaction's start and the fence in one round trip,
-/// then one prepared statement per kind of row, then the commit.
-fn apply_batch(
+/// A batch with removals: a transaction of several statements, the fence first, removals
+/// before the upserts (a new instance may take a removed one's name in the same batch).
+fn apply_in_a_transaction(
     c: &mut Client,
     stmts: &mut Statements,
-    epoch: Option<u64>,
+    epoch: Option<i64>,
     ch: &Changes,
 ) -> Result<(), StoreError> {
-    let msgs = c.simple_query("BEGIN; SELECT epoch FROM lease WHERE id = 1 FOR SHARE")?;
-    let current = msgs
-        .iter()
-        .find_map(|m| match m {
-            postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse::<u64>().ok()),
-            _ => None,
-        })
-        .ok_or_else(|| corrupt("lease", "no lease row"))?;
-    if epoch != Some(current) {
-        return Err(StoreError::Fenced {
-            ours: epoch.unwrap_or(0),
-            current,
-        });
-    }
-    if !ch.stores_anything() {
-        c.batch_execute("COMMIT")?;
-        return Ok(());
-    }
-    // Removals first: a new instance may take a removed one's name in the same batch.
+    c.batch_execute("BEGIN")?;
+    exec(c, stmts, "SELECT outpost_fence($1)", &[&epoch])?;
     if !ch.removed.is_empty() {
         let ids: Vec<String> = ch.removed.iter().map(ToString::to_string).collect();
         exec(
@@ -481,47 +491,39 @@ fn apply_batch(
             &[name, version],
         )?;
     }
-    let nodes = ch
-        .nodes
-        .iter()
-        .map(node_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    upsert_rows(c, stmts, "nodes", NODE_COLS, "id", &nodes)?;
-    let instances = ch
-        .instances
-        .iter()
-        .map(instance_row)
-        .collect::<Result<Vec<_>, _>>()?;
-    upsert_rows(c, stmts, "instances", INSTANCE_COLS, "id", &instances)?;
-    let groups: Vec<Vec<Val>> = ch
-        .groups
-        .iter()
-        .map(|(n, p)| vec![Val::Text(n.clone()), Val::Text(p.as_str().to_owned())])
-        .collect();
-    upsert_rows(c, stmts, "groups", "name, policy", "name", &groups)?;
-    let tombstones: Vec<Vec<Val>> = ch
-        .tombstones
-        .iter()
-        .map(|id| vec![Val::Text(id.to_string())])
-        .collect();
-    upsert_rows(c, stmts, "tombstones", "id", "id", &tombstones)?;
-    let images: Vec<Vec<Val>> = ch.images.iter().map(image_row).collect();
-    upsert_rows(c, stmts, "images", IMAGE_COLS, "name, version", &images)?;
-    let events: Vec<Vec<Val>> = ch.events.iter().map(event_row).collect();
-    upsert_rows(c, stmts, "events", EVENT_COLS, "seq", &events)?;
-    if let (Some(first), Some(last)) = (ch.events.first(), ch.events.last())
-        && first.seq / TRIM_EVENTS_EVERY != last.seq / TRIM_EVENTS_EVERY
-    {
+    for u in &upserts(ch)? {
+        upsert_rows(c, stmts, u)?;
+    }
+    if let Some(bound) = events_trim(ch) {
         // Bounded: the oldest go.
-        exec(
-            c,
-            stmts,
-            "DELETE FROM events WHERE seq <= $1",
-            &[&(last.seq as i64 - MAX_EVENTS as i64)],
-        )?;
+        exec(c, stmts, "DELETE FROM events WHERE seq <= $1", &[&bound])?;
     }
     c.batch_execute("COMMIT")?;
     Ok(())
+}
+
+/// Ends the transaction a failed write may have left open.
+fn end_failed<T>(c: &mut Client, r: &Result<T, StoreError>) {
+    if r.is_err() && !c.is_closed() {
+        let _ = c.batch_execute("ROLLBACK");
+    }
+}
+
+/// `r`, with a write that `outpost_fence` refused as [`StoreError::Fenced`] (naming the
+/// epoch that leads now).
+fn fenced<T>(c: &mut Client, ours: Option<u64>, r: Result<T, StoreError>) -> Result<T, StoreError> {
+    match r {
+        Err(StoreError::Postgres(m)) if m.contains(FENCED) => {
+            let current: i64 = c
+                .query_one("SELECT epoch FROM lease WHERE id = 1", &[])?
+                .try_get(0)?;
+            Err(StoreError::Fenced {
+                ours: ours.unwrap_or(0),
+                current: current as u64,
+            })
+        }
+        r => r,
+    }
 }
 
 /// Every row of `sql`, decoded by `f`.
@@ -665,33 +667,23 @@ pub fn migrate(c: &mut Client, new_fleet: FleetId) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Fails unless `ours` is still the lease's epoch; holds the row (shared) until the end of
-/// `tx`, so that a takeover waits for this write.
-fn fence(tx: &mut Transaction<'_>, ours: Option<u64>) -> Result<(), StoreError> {
-    let current: i64 = tx
-        .query_one("SELECT epoch FROM lease WHERE id = 1 FOR SHARE", &[])?
-        .try_get(0)?;
-    match ours {
-        Some(e) if e == current as u64 => Ok(()),
-        _ => Err(StoreError::Fenced {
-            ours: ours.unwrap_or(0),
-            current: current as u64,
-        }),
-    }
-}
-
 impl Store for PgStore {
     fn check_writable(&mut self) -> Result<(), StoreError> {
-        self.with(|c, _, epoch| {
-            let mut tx = c.transaction()?;
-            fence(&mut tx, epoch)?;
-            tx.execute(
-                "INSERT INTO meta (key, value) VALUES ('probe', $1)
-                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                &[&fastrand::i64(..)],
-            )?;
-            tx.commit()?;
-            Ok(())
+        self.with(|c, stmts, epoch| {
+            let ours = epoch.map(|e| e as i64);
+            let r = (|| {
+                c.batch_execute("BEGIN")?;
+                exec(c, stmts, "SELECT outpost_fence($1)", &[&ours])?;
+                c.execute(
+                    "INSERT INTO meta (key, value) VALUES ('probe', $1)
+                     ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    &[&fastrand::i64(..)],
+                )?;
+                c.batch_execute("COMMIT")?;
+                Ok(())
+            })();
+            end_failed(c, &r);
+            fenced(c, epoch, r)
         })
     }
 
@@ -708,33 +700,18 @@ impl Store for PgStore {
 
     fn apply(&mut self, ch: &Changes) -> Result<(), StoreError> {
         self.with(|c, stmts, epoch| {
-            let simple = ch.removed.is_empty()
+            let ours = epoch.map(|e| e as i64);
+            let r = if ch.removed.is_empty()
                 && ch.removed_nodes.is_empty()
-                && ch.removed_images.is_empty();
-            match epoch {
+                && ch.removed_images.is_empty()
+            {
                 // The common batch (creates, reports, events): one statement, one round trip.
-                Some(e) if simple => match apply_in_one_statement(c, stmts, e, ch) {
-                    Err(StoreError::Postgres(m)) if m.contains(FENCED) => {
-                        let current: i64 = c
-                            .query_one("SELECT epoch FROM lease WHERE id = 1", &[])?
-                            .try_get(0)?;
-                        Err(StoreError::Fenced {
-                            ours: e,
-                            current: current as u64,
-                        })
-                    }
-                    r => r,
-                },
-                // Removals go first, in a transaction of several statements.
-                _ => {
-                    let r = apply_batch(c, stmts, epoch, ch);
-                    if r.is_err() && !c.is_closed() {
-                        // Whatever the failure, the transaction ends here.
-                        let _ = c.batch_execute("ROLLBACK");
-                    }
-                    r
-                }
-            }
+                apply_in_one_statement(c, stmts, ours, ch)
+            } else {
+                apply_in_a_transaction(c, stmts, ours, ch)
+            };
+            end_failed(c, &r);
+            fenced(c, epoch, r)
         })
     }
 
