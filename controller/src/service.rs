@@ -282,8 +282,10 @@ async fn open_store(cfg: &ServeConfig) -> Result<StoreWorker, ServeError> {
     let choice = cfg.store.clone();
     let dir = cfg.data_dir.clone();
     let name = cfg.name.clone();
-    Ok(StoreWorker::spawn(move || match choice {
-        StoreChoice::Sqlite => Ok(Box::new(SqliteStore::open(&dir, fleet)?) as Box<dyn Store>),
+    Ok(StoreWorker::spawn("store", move || match choice {
+        StoreChoice::Sqlite => {
+            Ok::<_, StoreError>(Box::new(SqliteStore::open(&dir, fleet)?) as Box<dyn Store>)
+        }
         StoreChoice::Postgres(pg) => Ok(Box::new(PgStore::open(pg, &name, fleet)?)),
     })
     .await?)
@@ -689,6 +691,8 @@ impl Shell {
         // Why the store cannot be written, while it cannot: changes are refused, reads answered,
         // the broker and liveness keep running, and the store is tried again every turn.
         let mut store_down: Option<String> = None;
+        // A call taken when the lease turned out lost: answered once this controller stands by.
+        let mut unanswered: Option<Responder> = None;
         let ended = loop {
             // Wait for one input, then take what else is already queued (group commit): one
             // transaction and at most one desired state per node cover the whole batch.
@@ -704,7 +708,7 @@ impl Shell {
                     .await;
                 if lost {
                     if let Input::Call((_, _, reply, _)) = first {
-                        let _ = reply.send(Err(ActionError::NotLeader(None)));
+                        unanswered = Some(reply);
                     }
                     break Ended::SteppedDown;
                 }
@@ -856,10 +860,14 @@ impl Shell {
             }
         };
         if let Ended::SteppedDown = ended {
-            // Stop listening: the next leader owns the nodes' messages now.
+            // Standby before anyone is told so (the API reads the role), then stop listening:
+            // the next leader owns the nodes' messages now.
             self.leading
                 .store(false, std::sync::atomic::Ordering::SeqCst);
             self.metrics.standby(None);
+            if let Some(reply) = unanswered {
+                let _ = reply.send(Err(ActionError::NotLeader(None)));
+            }
             for ch in SUBSCRIBED {
                 let _ = self.client.unsubscribe(ch.all_nodes()).await;
             }

@@ -107,6 +107,18 @@ pub enum TokenError {
     Store(String),
 }
 
+impl From<crate::store::StoreError> for TokenError {
+    fn from(e: crate::store::StoreError) -> Self {
+        Self::Store(e.to_string())
+    }
+}
+
+impl From<crate::store::Gone> for TokenError {
+    fn from(_: crate::store::Gone) -> Self {
+        Self::Store("the token table did not answer".into())
+    }
+}
+
 impl From<postgres::Error> for TokenError {
     fn from(e: postgres::Error) -> Self {
         Self::Store(crate::store::StoreError::from(e).to_string())
@@ -133,75 +145,50 @@ pub struct TokenDb {
 
 enum Backend {
     Sqlite(Connection),
-    Postgres(PgThread),
+    Postgres(crate::store::Worker<PgTokens>),
 }
 
-type PgJob = Box<dyn FnOnce(&mut postgres::Client) + Send>;
-
-/// A PostgreSQL connection on a thread of its own: the API checks tokens from async tasks,
-/// where the blocking client may not run.
-struct PgThread {
-    jobs: std::sync::mpsc::Sender<PgJob>,
+/// The token table's PostgreSQL connection (made again when it breaks), kept on a worker
+/// thread: the API checks tokens from async tasks, where the blocking client may not run.
+struct PgTokens {
+    cfg: crate::store::PgConfig,
+    client: postgres::Client,
 }
 
-impl PgThread {
-    fn start(cfg: &crate::store::PgConfig) -> Result<Self, TokenError> {
+impl PgTokens {
+    /// Connects (bringing the schema up to date) on a new worker thread.
+    fn start(cfg: &crate::store::PgConfig) -> Result<crate::store::Worker<Self>, TokenError> {
         let cfg = cfg.clone();
-        let (jobs, rx) = std::sync::mpsc::channel::<PgJob>();
-        let (ready_tx, ready) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("tokens".into())
-            .spawn(move || {
-                let mut fleet = [0u8; 8];
-                let _ = getrandom::fill(&mut fleet);
-                let client = cfg.connect("tokens").and_then(|mut c| {
-                    crate::store::migrate(
-                        &mut c,
-                        outpost_protocol::FleetId(u64::from_le_bytes(fleet).max(1)),
-                    )?;
-                    Ok(c)
-                });
-                let mut client = match client {
-                    Ok(c) => {
-                        let _ = ready_tx.send(Ok(()));
-                        c
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                while let Ok(job) = rx.recv() {
-                    if client.is_closed() {
-                        match cfg.connect("tokens") {
-                            Ok(c) => client = c,
-                            Err(e) => tracing::warn!(error = %e, "cannot reach the token table"),
-                        }
-                    }
-                    job(&mut client);
-                }
-            })
-            .map_err(|e| TokenError::Store(e.to_string()))?;
-        ready
-            .recv()
-            .map_err(|_| TokenError::Store("the token thread stopped".into()))?
-            .map_err(TokenError::Store)?;
-        Ok(Self { jobs })
+        crate::store::Worker::spawn_blocking("tokens", move || {
+            let mut fleet = [0u8; 8];
+            getrandom::fill(&mut fleet).map_err(|e| TokenError::Random(e.to_string()))?;
+            let mut client = cfg.connect("tokens")?;
+            crate::store::migrate(
+                &mut client,
+                outpost_protocol::FleetId(u64::from_le_bytes(fleet).max(1)),
+            )?;
+            Ok(Box::new(Self { cfg, client }))
+        })
     }
 
-    fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut postgres::Client) -> Result<T, TokenError> + Send + 'static,
-    ) -> Result<T, TokenError> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.jobs
-            .send(Box::new(move |c| {
-                let _ = tx.send(f(c));
-            }))
-            .map_err(|_| TokenError::Store("the token thread stopped".into()))?;
-        rx.recv_timeout(Duration::from_secs(10))
-            .map_err(|_| TokenError::Store("the token table did not answer".into()))?
+    /// The connection, made again if it broke.
+    fn client(&mut self) -> &mut postgres::Client {
+        if self.client.is_closed() {
+            match self.cfg.connect("tokens") {
+                Ok(c) => self.client = c,
+                Err(e) => tracing::warn!(error = %e, "cannot reach the token table"),
+            }
+        }
+        &mut self.client
     }
+}
+
+/// Runs `f` on the token table's connection, waiting at most 10 s for the answer.
+fn on_pg<T: Send + 'static>(
+    pg: &crate::store::Worker<PgTokens>,
+    f: impl FnOnce(&mut postgres::Client) -> Result<T, TokenError> + Send + 'static,
+) -> Result<T, TokenError> {
+    pg.run_blocking(Duration::from_secs(10), move |t| f(t.client()))?
 }
 
 fn pg_record(r: &postgres::Row) -> Result<TokenRecord, TokenError> {
@@ -222,7 +209,7 @@ impl TokenDb {
         match store {
             crate::store::StoreChoice::Sqlite => Self::open(dir),
             crate::store::StoreChoice::Postgres(pg) => Ok(Self {
-                backend: Backend::Postgres(PgThread::start(pg)?),
+                backend: Backend::Postgres(PgTokens::start(pg)?),
             }),
         }
     }
@@ -233,7 +220,7 @@ impl TokenDb {
             Backend::Sqlite(c) => {
                 Ok(c.query_row("SELECT count(*) FROM tokens", [], |r| r.get::<_, i64>(0))? > 0)
             }
-            Backend::Postgres(pg) => pg.run(|c| {
+            Backend::Postgres(pg) => on_pg(pg, |c| {
                 Ok(c.query_one("SELECT count(*) FROM tokens", &[])?
                     .try_get::<_, i64>(0)?
                     > 0)
@@ -308,7 +295,7 @@ impl TokenDb {
             }
             Backend::Postgres(pg) => {
                 let name = name.to_owned();
-                pg.run(move |c| {
+                on_pg(pg, move |c| {
                     let n = c.execute(
                         "INSERT INTO tokens (name, role, hash, created_ms, expires_ms, revoked_ms)
                          VALUES ($1, $2, $3, $4, $5, NULL) ON CONFLICT DO NOTHING",
@@ -343,7 +330,9 @@ impl TokenDb {
                 let rows = st.query_map([], row)?;
                 Ok(rows.collect::<Result<_, _>>()?)
             }
-            Backend::Postgres(pg) => pg.run(|c| c.query(SQL, &[])?.iter().map(pg_record).collect()),
+            Backend::Postgres(pg) => {
+                on_pg(pg, |c| c.query(SQL, &[])?.iter().map(pg_record).collect())
+            }
         }
     }
 
@@ -357,7 +346,7 @@ impl TokenDb {
             )? as u64,
             Backend::Postgres(pg) => {
                 let name = name.to_owned();
-                pg.run(move |c| {
+                on_pg(pg, move |c| {
                     Ok(c.execute(
                         "UPDATE tokens SET revoked_ms = $2 WHERE name = $1 AND revoked_ms IS NULL",
                         &[&name, &now],
@@ -383,7 +372,7 @@ impl TokenDb {
                 .optional()?),
             Backend::Postgres(pg) => {
                 let h = h.to_vec();
-                pg.run(move |c| {
+                on_pg(pg, move |c| {
                     c.query_opt(
                         "SELECT name, role, created_ms, expires_ms, revoked_ms FROM tokens WHERE hash = $1",
                         &[&h],

@@ -17,7 +17,7 @@ use crate::fleet::Changes;
 pub use crate::fleet::Snapshot;
 pub use postgres::{LEASE_TTL, PgConfig, PgStore, RENEW_EVERY, migrate};
 pub use sqlite::{CHECKPOINT_EVERY, DB_FILE, SqliteStore};
-pub use worker::StoreWorker;
+pub use worker::{Gone, StoreWorker, Worker};
 
 /// The schema version this build writes (2: the fleet's identity and tombstones; 3: node
 /// labels set on the controller; 4: how a power change is carried out).
@@ -88,6 +88,12 @@ pub fn pg_message(e: &::postgres::Error) -> String {
             }
             msg
         }
+    }
+}
+
+impl From<Gone> for StoreError {
+    fn from(e: Gone) -> Self {
+        Self::Thread(e.to_string())
     }
 }
 
