@@ -25,13 +25,12 @@ use std::collections::HashMap;
 use postgres::{Client, Row, Statement};
 
 use super::rows::{
-    Cols, EVENT_COLS, IMAGE_COLS, INSTANCE_COLS, NODE_COLS, Val, corrupt, event_from, event_row,
-    image_from, image_row, instance_from, instance_row, node_from, node_row,
+    Cols, EVENT_COLS, IMAGE_COLS, INSTANCE_COLS, NODE_COLS, Reader, Val, corrupt, event_row,
+    image_row, instance_row, node_row, snapshot,
 };
 use super::{Candidate, Lead, Snapshot, Store, StoreError};
 use crate::fleet::Changes;
 use crate::fleet::events::MAX_EVENTS;
-use crate::scheduler::GroupPolicy;
 
 /// How long a lease lasts after its last renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
@@ -193,7 +192,7 @@ impl ToSql for Val {
     to_sql_checked!();
 }
 
-struct PgRow<'a>(&'a Row);
+pub(super) struct PgRow<'a>(&'a Row);
 
 impl Cols for PgRow<'_> {
     type Error = postgres::Error;
@@ -526,14 +525,20 @@ fn fenced<T>(c: &mut Client, ours: Option<u64>, r: Result<T, StoreError>) -> Res
     }
 }
 
-/// Every row of `sql`, decoded by `f`.
-fn rows<T>(
-    c: &mut Client,
-    sql: &str,
-    args: &[&(dyn ToSql + Sync)],
-    f: impl Fn(&PgRow<'_>) -> Result<T, StoreError>,
-) -> Result<Vec<T>, StoreError> {
-    c.query(sql, args)?.iter().map(|r| f(&PgRow(r))).collect()
+impl Reader for Client {
+    type Row<'r> = PgRow<'r>;
+    fn each<T>(
+        &mut self,
+        sql: &str,
+        bound: Option<i64>,
+        f: impl Fn(&Self::Row<'_>) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let rows = match &bound {
+            Some(b) => self.query(sql, &[b])?,
+            None => self.query(sql, &[])?,
+        };
+        rows.iter().map(|r| f(&PgRow(r))).collect()
+    }
 }
 
 impl PgStore {
@@ -784,53 +789,5 @@ fn load_all(c: &mut Client, fleet: FleetId) -> Result<Snapshot, StoreError> {
     let key: Vec<u8> = c
         .query_one("SELECT value FROM secrets WHERE name = 'blob_key'", &[])?
         .try_get(0)?;
-    Ok(Snapshot {
-        fleet,
-        blob_key: key
-            .try_into()
-            .map_err(|_| corrupt("secrets", "blob_key is not 32 bytes"))?,
-        nodes: rows(
-            c,
-            &format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"),
-            &[],
-            |r| node_from(r),
-        )?,
-        instances: rows(
-            c,
-            &format!("SELECT {INSTANCE_COLS} FROM instances ORDER BY id"),
-            &[],
-            |r| instance_from(r),
-        )?,
-        groups: rows(
-            c,
-            "SELECT name, policy FROM groups ORDER BY name",
-            &[],
-            |r| {
-                let policy = r.text(1)?;
-                let p = GroupPolicy::parse(&policy)
-                    .ok_or_else(|| corrupt("groups", format!("policy {policy}")))?;
-                Ok((r.text(0)?, p))
-            },
-        )?,
-        images: rows(
-            c,
-            &format!("SELECT {IMAGE_COLS} FROM images ORDER BY name, version"),
-            &[],
-            |r| image_from(r),
-        )?,
-        events: rows(
-            c,
-            &format!(
-                "SELECT {EVENT_COLS} FROM
-                   (SELECT * FROM events ORDER BY seq DESC LIMIT $1) e ORDER BY seq"
-            ),
-            &[&(MAX_EVENTS as i64)],
-            |r| event_from(r),
-        )?,
-        tombstones: rows(c, "SELECT id FROM tombstones", &[], |r| {
-            r.text(0)?
-                .parse()
-                .map_err(|e: outpost_protocol::IdError| corrupt("tombstones", e.to_string()))
-        })?,
-    })
+    snapshot(c, fleet, key)
 }

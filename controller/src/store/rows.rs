@@ -8,11 +8,14 @@ use outpost_protocol::{
     PowerState,
 };
 
-use super::StoreError;
+use super::{Snapshot, StoreError};
 use crate::fleet::events::EventRecord;
+use crate::fleet::events::MAX_EVENTS;
 use crate::fleet::images::{ImageFormat, ImageRecord};
 use crate::fleet::records::{format_label_override, parse_label_override};
 use crate::fleet::{InstanceRecord, NodeRecord, Phase};
+use crate::scheduler::GroupPolicy;
+use outpost_protocol::FleetId;
 
 /// One column's value.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +50,71 @@ pub trait Cols {
     fn bytes(&self, i: usize) -> Result<Vec<u8>, Self::Error>;
     /// Bytes or NULL.
     fn opt_bytes(&self, i: usize) -> Result<Option<Vec<u8>>, Self::Error>;
+}
+
+/// A backend's reads: each row of a query, decoded by `f`. `bound` is the query's one
+/// parameter (`$1`), if it has one.
+pub(super) trait Reader {
+    /// A row as the backend gives it.
+    type Row<'r>: Cols;
+    /// Every row of `sql`, decoded by `f`.
+    fn each<T>(
+        &mut self,
+        sql: &str,
+        bound: Option<i64>,
+        f: impl Fn(&Self::Row<'_>) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError>;
+}
+
+/// Everything stored, read through `r` (the same queries for every backend), for a fleet
+/// whose identity and blob key have been read.
+pub(super) fn snapshot<R: Reader>(
+    r: &mut R,
+    fleet: FleetId,
+    blob_key: Vec<u8>,
+) -> Result<Snapshot, StoreError> {
+    let err = |e: <R::Row<'_> as Cols>::Error| -> StoreError { e.into() };
+    Ok(Snapshot {
+        fleet,
+        blob_key: blob_key
+            .try_into()
+            .map_err(|_| corrupt("secrets", "blob_key is not 32 bytes"))?,
+        nodes: r.each(
+            &format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"),
+            None,
+            |x| node_from(x),
+        )?,
+        instances: r.each(
+            &format!("SELECT {INSTANCE_COLS} FROM instances ORDER BY id"),
+            None,
+            |x| instance_from(x),
+        )?,
+        groups: r.each("SELECT name, policy FROM groups ORDER BY name", None, |x| {
+            let policy = x.text(1).map_err(err)?;
+            let p = GroupPolicy::parse(&policy)
+                .ok_or_else(|| corrupt("groups", format!("policy {policy}")))?;
+            Ok((x.text(0).map_err(err)?, p))
+        })?,
+        images: r.each(
+            &format!("SELECT {IMAGE_COLS} FROM images ORDER BY name, version"),
+            None,
+            |x| image_from(x),
+        )?,
+        events: r.each(
+            &format!(
+                "SELECT {EVENT_COLS} FROM
+                   (SELECT * FROM events ORDER BY seq DESC LIMIT $1) e ORDER BY seq"
+            ),
+            Some(MAX_EVENTS as i64),
+            |x| event_from(x),
+        )?,
+        tombstones: r.each("SELECT id FROM tombstones", None, |x| {
+            x.text(0)
+                .map_err(err)?
+                .parse()
+                .map_err(|e: outpost_protocol::IdError| corrupt("tombstones", e.to_string()))
+        })?,
+    })
 }
 
 pub(super) fn corrupt(table: &'static str, what: impl Into<String>) -> StoreError {

@@ -11,13 +11,12 @@ use outpost_protocol::FleetId;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::rows::{
-    Cols, EVENT_COLS, IMAGE_COLS, INSTANCE_COLS, NODE_COLS, Val, corrupt, event_from, event_row,
-    image_from, image_row, instance_from, instance_row, node_from, node_row,
+    Cols, EVENT_COLS, IMAGE_COLS, INSTANCE_COLS, NODE_COLS, Reader, Val, corrupt, event_row,
+    image_row, instance_row, node_row, snapshot,
 };
 use super::{SCHEMA_VERSION, Snapshot, Store, StoreError};
 use crate::fleet::Changes;
 use crate::fleet::events::MAX_EVENTS;
-use crate::scheduler::GroupPolicy;
 
 /// The SQLite store.
 pub struct SqliteStore {
@@ -179,7 +178,7 @@ fn checkpointer(conn: Connection) -> Result<std::sync::mpsc::Sender<()>, StoreEr
     Ok(tx)
 }
 
-struct SqlRow<'a, 'b>(&'a rusqlite::Row<'b>);
+pub(super) struct SqlRow<'a, 'b>(&'a rusqlite::Row<'b>);
 
 impl Cols for SqlRow<'_, '_> {
     type Error = rusqlite::Error;
@@ -216,20 +215,25 @@ impl rusqlite::ToSql for Val {
     }
 }
 
-/// Every row of `sql`, decoded by `f`.
-fn rows<T>(
-    conn: &Connection,
-    sql: &str,
-    args: impl rusqlite::Params,
-    f: impl Fn(&SqlRow<'_, '_>) -> Result<T, StoreError>,
-) -> Result<Vec<T>, StoreError> {
-    let mut st = conn.prepare(sql)?;
-    let mut out = Vec::new();
-    let mut q = st.query(args)?;
-    while let Some(r) = q.next()? {
-        out.push(f(&SqlRow(r))?);
+impl Reader for Connection {
+    type Row<'r> = SqlRow<'r, 'r>;
+    fn each<T>(
+        &mut self,
+        sql: &str,
+        bound: Option<i64>,
+        f: impl Fn(&Self::Row<'_>) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut st = self.prepare(sql)?;
+        let mut q = match bound {
+            Some(b) => st.query(params![b])?,
+            None => st.query([])?,
+        };
+        let mut out = Vec::new();
+        while let Some(r) = q.next()? {
+            out.push(f(&SqlRow(r))?);
+        }
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// `INSERT OR REPLACE INTO table (cols) VALUES (?1, …)`.
@@ -259,56 +263,8 @@ impl Store for SqliteStore {
             [],
             |r| r.get(0),
         )?;
-        let c = &self.conn;
-        Ok(Snapshot {
-            fleet: self.fleet()?,
-            blob_key: key
-                .try_into()
-                .map_err(|_| corrupt("secrets", "blob_key is not 32 bytes"))?,
-            nodes: rows(
-                c,
-                &format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"),
-                [],
-                |r| node_from(r),
-            )?,
-            instances: rows(
-                c,
-                &format!("SELECT {INSTANCE_COLS} FROM instances ORDER BY id"),
-                [],
-                |r| instance_from(r),
-            )?,
-            groups: rows(
-                c,
-                "SELECT name, policy FROM groups ORDER BY name",
-                [],
-                |r| {
-                    let policy = r.text(1)?;
-                    let p = GroupPolicy::parse(&policy)
-                        .ok_or_else(|| corrupt("groups", format!("policy {policy}")))?;
-                    Ok((r.text(0)?, p))
-                },
-            )?,
-            images: rows(
-                c,
-                &format!("SELECT {IMAGE_COLS} FROM images ORDER BY name, version"),
-                [],
-                |r| image_from(r),
-            )?,
-            events: rows(
-                c,
-                &format!(
-                    "SELECT {EVENT_COLS} FROM
-                       (SELECT * FROM events ORDER BY seq DESC LIMIT ?1) ORDER BY seq"
-                ),
-                params![MAX_EVENTS as i64],
-                |r| event_from(r),
-            )?,
-            tombstones: rows(c, "SELECT id FROM tombstones", [], |r| {
-                r.text(0)?
-                    .parse()
-                    .map_err(|e: outpost_protocol::IdError| corrupt("tombstones", e.to_string()))
-            })?,
-        })
+        let fleet = self.fleet()?;
+        snapshot(&mut self.conn, fleet, key)
     }
 
     fn apply(&mut self, c: &Changes) -> Result<(), StoreError> {
