@@ -30,6 +30,16 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The body of a GET.
+fn get_text(http: &ureq::Agent, url: &str) -> String {
+    http.get(url)
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
 fn text_arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -296,13 +306,7 @@ fn main() {
             let mut size = 0;
             while on.load(std::sync::atomic::Ordering::Relaxed) {
                 let t = Instant::now();
-                let text = http
-                    .get(&format!("{base}/metrics"))
-                    .call()
-                    .unwrap()
-                    .body_mut()
-                    .read_to_string()
-                    .unwrap();
+                let text = get_text(&http, &format!("{base}/metrics"));
                 times.push(t.elapsed());
                 size = text.len();
                 std::thread::sleep(Duration::from_millis(scrape_ms as u64));
@@ -390,13 +394,7 @@ fn main() {
     );
     // Where a request's time goes (means over the run, from the controller's own histograms
     // and this bench's end-to-end times): the floor is visible.
-    let metrics = http
-        .get(&format!("{base}/metrics"))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
+    let metrics = get_text(&http, &format!("{base}/metrics"));
     let mean = |name: &str| {
         let get = |suffix: &str| {
             metrics
@@ -448,15 +446,7 @@ fn main() {
             );
             render.push(ms.as_str().unwrap_or("0").parse::<f64>().unwrap_or(0.0));
         }
-        let size = |path: &str| {
-            http.get(&format!("{base}{path}"))
-                .call()
-                .unwrap()
-                .body_mut()
-                .read_to_string()
-                .unwrap()
-                .len()
-        };
+        let size = |path: &str| get_text(&http, &format!("{base}{path}")).len();
         let (o, i) = (size("/v1/overview"), size("/v1/instances"));
         render.sort_by(f64::total_cmp);
         println!(
