@@ -459,3 +459,90 @@ proptest! {
         }
     }
 }
+
+/// Hosts of a few hardware models (capacity classes), as real fleets are: what lets a decision
+/// walk the hosts ranked by weight instead of weighing every one.
+fn arb_models_fleet() -> impl Strategy<Value = Vec<HostState>> {
+    let models = [
+        (4u16, 4096u32, 50u32),
+        (8, 8192, 100),
+        (16, 16384, 100),
+        (16, 8192, 400),
+    ];
+    (1usize..400, prop::collection::vec(0usize..4, 400)).prop_flat_map(move |(n, pick)| {
+        (0..n)
+            .map(|i| {
+                let (vcpus, memory_mib, disk_gib) = models[pick[i]];
+                arb_host(i).prop_map(move |mut h| {
+                    h.capacity = Resources {
+                        vcpus,
+                        memory_mib,
+                        disk_gib,
+                    };
+                    h
+                })
+            })
+            .collect::<Vec<_>>()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// The ranked decision (request shapes tracked, hosts walked best bound first) chooses
+    /// exactly what the reference scan chooses, with the same candidate count, as claims,
+    /// releases and failures change the hosts one at a time, whatever the weights (packing
+    /// ones included), alternates and image policy.
+    #[test]
+    fn ranked_decisions_agree_with_the_reference_scan(
+        hosts in arb_models_fleet(),
+        asks in arb_asks(),
+        members in prop::collection::vec(0usize..400, 0..20),
+        weights in (-2.0f64..2.0, -2.0f64..2.0, -2.0f64..2.0, -3.0f64..3.0, -10.0f64..10.0),
+        changes in prop::collection::vec((0usize..400, 0u8..3, 0u32..4), 0..60),
+        require_image in any::<bool>(),
+        alternates in 0usize..3,
+    ) {
+        let (cpu, memory, disk, image, failure) = weights;
+        let mut sched = Scheduler::default();
+        sched.config.weights = Weights { cpu, memory, disk, image, failure };
+        sched.config.require_image = require_image;
+        sched.config.alternates = alternates;
+        let mut table = HostTable::from_hosts(sched.ratios(), &hosts);
+        table.weigh_by(sched.config.weights);
+        for a in &asks {
+            table.track(a.spec.resources());
+        }
+        let members: Vec<HostIdx> = members.into_iter().filter(|&i| i < table.len()).collect();
+        let mut changes = changes.into_iter();
+        for a in &asks {
+            let sel: Vec<Label> = a
+                .zone
+                .map(|z| Label::parse(&format!("zone={z}")).unwrap())
+                .into_iter()
+                .collect();
+            let r = Request {
+                spec: &a.spec,
+                selector: &sel,
+                group: a.anti.then_some(GroupConstraint {
+                    policy: GroupPolicy::AntiAffinity,
+                    members_on: &members,
+                }),
+                exclude: &[],
+            };
+            let placed = sched.place(&table, &r);
+            prop_assert_eq!(&placed, &sched.place_by_scan(&table, &r));
+            if let Ok(p) = placed {
+                table.claim(p.host, a.spec.resources());
+            }
+            // Something else changes on some host meanwhile.
+            if let Some((i, what, n)) = changes.next().filter(|c| c.0 < table.len()) {
+                match what {
+                    0 => table.set_failures(i, n),
+                    1 => table.release(i, a.spec.resources()),
+                    _ => table.set_availability(i, Availability::Cordoned),
+                }
+            }
+        }
+    }
+}

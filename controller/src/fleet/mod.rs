@@ -130,7 +130,7 @@ impl Fleet {
         let mut f = Self {
             id: fleet,
             tombstones: tombstones.into_iter().collect(),
-            table: HostTable::new(scheduler.ratios()),
+            table: scheduler.table(),
             scheduler,
             cfg,
             nodes: BTreeMap::new(),

@@ -8,13 +8,19 @@
 //! Built for 100,000 hosts: [`table`] keeps hosts as a struct of arrays (capacities after
 //! allocation ratios, claims, flags) and interns labels and images into one bitset per distinct
 //! value, so the per-host work of a decision in [`place`] is a few integer comparisons and bit
-//! tests.
+//! tests. The table also keeps, one host at a time as claims change, which hosts have room for
+//! each request size recently claimed and every host's rank by the request-independent part of
+//! its weight (`order`): a decision counts its candidates 64 hosts a word and weighs only the
+//! best-ranked ones until none left can win. It chooses exactly what weighing every candidate
+//! would (a property test holds both equal to the host-by-host scan).
 
+mod order;
 pub mod place;
 pub mod table;
 
+pub use order::Weights;
 pub use place::{
     Filter, GroupConstraint, GroupPolicy, NoValidHost, Placement, Request, Scheduler,
-    SchedulerConfig, Weights,
+    SchedulerConfig,
 };
 pub use table::{Availability, HostIdx, HostState, HostTable, Ratios};

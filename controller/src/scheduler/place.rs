@@ -5,6 +5,7 @@ use std::fmt;
 
 use outpost_protocol::{Arch, InstanceSpec, Label};
 
+use super::order::Weights;
 use super::table::{Bits, HostIdx, HostTable, Ratios};
 
 /// Server-group policy.
@@ -53,34 +54,6 @@ pub struct Request<'a> {
     pub group: Option<GroupConstraint<'a>>,
     /// Hosts already tried for this instance (a retry goes elsewhere).
     pub exclude: &'a [HostIdx],
-}
-
-/// Weigher multipliers. Positive resource multipliers spread (prefer emptier hosts), negative
-/// ones pack (prefer fuller hosts).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Weights {
-    /// Free vCPU fraction.
-    pub cpu: f64,
-    /// Free memory fraction.
-    pub memory: f64,
-    /// Free disk fraction.
-    pub disk: f64,
-    /// Bonus for a host that already has the instance's images (when not required).
-    pub image: f64,
-    /// Penalty per recent build failure on the host.
-    pub failure: f64,
-}
-
-impl Default for Weights {
-    fn default() -> Self {
-        Self {
-            cpu: 1.0,
-            memory: 1.0,
-            disk: 0.5,
-            image: 2.0,
-            failure: 10.0,
-        }
-    }
 }
 
 /// Scheduler settings.
@@ -271,6 +244,14 @@ impl Scheduler {
         }
     }
 
+    /// An empty host table for this scheduler (its allocation ratios, hosts ranked for its
+    /// weights).
+    pub fn table(&self) -> HostTable {
+        let mut t = HostTable::new(self.ratios());
+        t.weigh_by(self.config.weights);
+        t
+    }
+
     fn prepare<'a>(&self, t: &'a HostTable, req: &Request<'_>) -> Prepared<'a> {
         let s = req.spec;
         Prepared {
@@ -388,9 +369,8 @@ impl Scheduler {
         images: &[&Bits],
         req: &Request<'_>,
     ) -> Result<Placement, NoValidHost> {
-        let mut best = Best::new(1 + self.config.alternates);
-        let mut candidates = 0;
-        for w in 0..t.len().div_ceil(64) {
+        // Hosts passing every filter but capacity, 64 at a time.
+        let mask = |w: usize| {
             let mut m = t.up.word(w) & arch.word(w) & !p.exclude.word(w);
             if p.kvm {
                 m &= t.kvm.word(w);
@@ -403,20 +383,22 @@ impl Scheduler {
                 Some((GroupPolicy::Affinity, true, b)) => m &= b.word(w),
                 _ => {}
             }
-            while m != 0 {
-                let i = w * 64 + m.trailing_zeros() as usize;
-                m &= m - 1;
-                if capacity_filter(&t.headroom[i], &p.want).is_some() {
-                    continue;
-                }
-                candidates += 1;
-                let score = self.weigh(t, i, p);
-                if score >= best.floor {
-                    best.offer(t, score, i);
-                }
+            m
+        };
+        let room = if t.order.walkable(&self.config.weights) {
+            t.shapes.room(&p.want)
+        } else {
+            None
+        };
+        let placed = match room {
+            Some(room) => self.place_ranked(t, p, &mask, room),
+            None => {
+                let mut best = Best::new(1 + self.config.alternates);
+                let n = self.offer_all(t, p, &mut best, mask, true);
+                best.into_placement(n)
             }
-        }
-        best.into_placement(candidates).map_or_else(
+        };
+        placed.map_or_else(
             || {
                 let refused = self.place_by_scan(t, req);
                 debug_assert!(refused.is_err(), "the fast path missed a host");
@@ -424,6 +406,133 @@ impl Scheduler {
             },
             Ok,
         )
+    }
+
+    /// Weighs every host of `mask` (checking capacity first when `check` is set) and offers
+    /// it to `best`; returns how many were weighed.
+    fn offer_all(
+        &self,
+        t: &HostTable,
+        p: &Prepared<'_>,
+        best: &mut Best,
+        mask: impl Fn(usize) -> u64,
+        check: bool,
+    ) -> usize {
+        let mut weighed = 0;
+        for w in 0..t.len().div_ceil(64) {
+            let mut m = mask(w);
+            while m != 0 {
+                let i = w * 64 + m.trailing_zeros() as usize;
+                m &= m - 1;
+                if check && capacity_filter(&t.headroom[i], &p.want).is_some() {
+                    continue;
+                }
+                weighed += 1;
+                let score = self.weigh(t, i, p);
+                if score >= best.floor {
+                    best.offer(t, score, i);
+                }
+            }
+        }
+        weighed
+    }
+
+    /// Word `w` of the hosts whose image bonus may lift them above the walk's bound: those
+    /// with a positive bonus that not every host gets.
+    fn bonus_word(&self, p: &Prepared<'_>, w: usize) -> u64 {
+        if self.config.weights.image <= 0.0 {
+            return 0;
+        }
+        let all = |sets: &[&Bits]| sets.iter().fold(!0u64, |m, b| m & b.word(w));
+        let mut m = 0;
+        if let Some(c) = &p.cached {
+            m |= all(c);
+        }
+        if !p.require_images
+            && let Some(i) = p.images.as_deref().filter(|i| !i.is_empty())
+        {
+            m |= all(i);
+        }
+        m
+    }
+
+    /// A decision for a request shape the table tracks: candidates counted 64 hosts at a
+    /// time (filters and room), then the hosts walked best bound first (see
+    /// [`super::order`]) until no host left can beat the ones kept; hosts with an image bonus
+    /// are weighed up front. Chooses exactly what scoring every candidate would.
+    fn place_ranked(
+        &self,
+        t: &HostTable,
+        p: &Prepared<'_>,
+        mask: &impl Fn(usize) -> u64,
+        room: &Bits,
+    ) -> Option<Placement> {
+        let keep = 1 + self.config.alternates;
+        let mut best = Best::new(keep);
+        let mut candidates = 0;
+        for w in 0..t.len().div_ceil(64) {
+            let m = mask(w) & room.word(w);
+            candidates += m.count_ones() as usize;
+            let bonus = m & self.bonus_word(p, w);
+            if bonus != 0 {
+                self.offer_all_in_word(t, p, &mut best, w, bonus);
+            }
+        }
+        if candidates == 0 {
+            return None;
+        }
+        let rest = |w: usize| mask(w) & room.word(w) & !self.bonus_word(p, w);
+        if candidates * DIRECT_BELOW < t.len() {
+            // Few candidates: weighing them all costs less than a walk past the others.
+            self.offer_all(t, p, &mut best, rest, false);
+            return best.into_placement(candidates);
+        }
+        // What every host gets (the image bonus when the request names no image).
+        let flat = if !p.require_images && p.images.as_ref().is_some_and(Vec::is_empty) {
+            self.config.weights.image
+        } else {
+            0.0
+        };
+        // A walk costs several times what weighing one candidate does: past this many hosts
+        // (the best-ranked ones filtered out, as a selector on a busy zone does), weighing
+        // every candidate is cheaper.
+        let limit = (candidates / WALK_SHARE).max(16);
+        for (visited, (bound, i)) in t.order.walk(&p.want, p.arch, p.kvm).enumerate() {
+            if bound + flat < best.floor {
+                return best.into_placement(candidates);
+            }
+            if visited == limit {
+                // An unlucky order (the best-ranked hosts all filtered out): weigh them all.
+                let mut best = Best::new(keep);
+                self.offer_all(t, p, &mut best, |w| mask(w) & room.word(w), false);
+                return best.into_placement(candidates);
+            }
+            if rest(i / 64) >> (i % 64) & 1 == 1 {
+                let score = self.weigh(t, i, p);
+                if score >= best.floor {
+                    best.offer(t, score, i);
+                }
+            }
+        }
+        best.into_placement(candidates)
+    }
+
+    fn offer_all_in_word(
+        &self,
+        t: &HostTable,
+        p: &Prepared<'_>,
+        best: &mut Best,
+        w: usize,
+        mut m: u64,
+    ) {
+        while m != 0 {
+            let i = w * 64 + m.trailing_zeros() as usize;
+            m &= m - 1;
+            let score = self.weigh(t, i, p);
+            if score >= best.floor {
+                best.offer(t, score, i);
+            }
+        }
     }
 
     /// The reference placement: every host through every filter one at a time, counting which
@@ -456,6 +565,14 @@ impl Scheduler {
         })
     }
 }
+
+/// Below one candidate in this many hosts, a ranked decision weighs every candidate instead
+/// of walking.
+const DIRECT_BELOW: usize = 64;
+
+/// A ranked decision walks at most one host per this many candidates before it weighs every
+/// candidate instead.
+const WALK_SHARE: usize = 8;
 
 /// The best few hosts so far, highest score first, ties broken by node id.
 struct Best {

@@ -4,6 +4,8 @@
 
 use outpost_protocol::{Arch, Digest, HypervisorKind, ImageName, Label, NodeId, Resources};
 
+use super::order::{Kind, Order, Ranked, Shapes, Weights};
+
 /// Index of a host in the slice given to [`Scheduler::place`].
 pub type HostIdx = usize;
 
@@ -189,6 +191,10 @@ pub struct HostTable {
     pub(super) up: Bits,
     pub(super) kvm: Bits,
     pub(super) arch_bits: Vec<(Arch, Bits)>,
+    /// Hosts ranked by the request-independent part of their weight.
+    pub(super) order: Order,
+    /// Which hosts have room for each request shape recently claimed.
+    pub(super) shapes: Shapes,
 }
 
 /// The ordering key of a node id (its first 16 bytes, zero-padded, big-endian).
@@ -206,7 +212,8 @@ fn scaled(v: u32, ratio: f64) -> u64 {
 }
 
 impl HostTable {
-    /// An empty table with these allocation ratios.
+    /// An empty table with these allocation ratios, ranking hosts for the default weights
+    /// (see [`HostTable::weigh_by`]).
     pub fn new(ratios: Ratios) -> Self {
         Self {
             ratios,
@@ -225,7 +232,34 @@ impl HostTable {
             up: Bits::default(),
             kvm: Bits::default(),
             arch_bits: Vec::new(),
+            order: Order::new(Weights::default()),
+            shapes: Shapes::default(),
         }
+    }
+
+    /// Ranks hosts for a scheduler with these weights (decisions by a scheduler with other
+    /// weights are still exact, but score every candidate).
+    pub fn weigh_by(&mut self, weights: Weights) {
+        self.order = self.order.reweighed(weights, |i| self.ranked(i));
+    }
+
+    /// Host `idx` as the order ranks it.
+    fn ranked(&self, idx: HostIdx) -> Ranked {
+        Ranked {
+            kind: self.up.get(idx).then(|| Kind {
+                arch: self.arch[idx],
+                kvm: self.kvm.get(idx),
+            }),
+            headroom: self.headroom[idx],
+            inverse: self.inverse[idx],
+            failures: self.failures[idx],
+        }
+    }
+
+    /// Ranks host `idx` anew.
+    fn rank(&mut self, idx: HostIdx) {
+        let r = self.ranked(idx);
+        self.order.set(idx, r);
     }
 
     /// A table of these hosts (index = position in the slice).
@@ -278,8 +312,8 @@ impl HostTable {
             u64::from(h.claimed.memory_mib),
             u64::from(h.claimed.disk_gib),
         ];
-        self.sync_headroom(idx);
         self.failures[idx] = h.recent_failures;
+        self.sync_headroom(idx);
         self.labels.set_host(idx, &h.labels);
         let mut images = h.images.clone();
         images.sort();
@@ -313,11 +347,19 @@ impl HostTable {
     /// Sets a host's availability.
     pub fn set_availability(&mut self, idx: HostIdx, a: Availability) {
         self.up.set(idx, a == Availability::Up);
+        self.rank(idx);
     }
 
     /// Sets a host's recent build failures.
     pub fn set_failures(&mut self, idx: HostIdx, n: u32) {
         self.failures[idx] = n;
+        self.rank(idx);
+    }
+
+    /// Keeps track of which hosts have room for requests of this size (done for every claim;
+    /// a decision for a size tracked counts its candidates 64 hosts at a time).
+    pub fn track(&mut self, r: Resources) {
+        self.shapes.keep(want(r), &self.headroom);
     }
 
     /// Adds a claim on a host.
@@ -327,13 +369,17 @@ impl HostTable {
         c[1] += u64::from(r.memory_mib);
         c[2] += u64::from(r.disk_gib);
         self.sync_headroom(idx);
+        self.track(r);
     }
 
     fn sync_headroom(&mut self, idx: HostIdx) {
         let (e, c) = (self.effective[idx], self.claimed[idx]);
-        self.headroom[idx] = [0, 1, 2].map(|k| {
+        let h = [0, 1, 2].map(|k| {
             i64::try_from(e[k]).unwrap_or(i64::MAX) - i64::try_from(c[k]).unwrap_or(i64::MAX)
         });
+        self.headroom[idx] = h;
+        self.rank(idx);
+        self.shapes.set(idx, &h);
     }
 
     /// Removes a claim from a host.
@@ -354,6 +400,15 @@ impl HostTable {
     pub fn claimed(&self, idx: HostIdx) -> Resources {
         resources(self.claimed[idx])
     }
+}
+
+/// What a request of `r` asks of a host's headroom: vCPUs, MiB, GiB.
+pub(super) fn want(r: Resources) -> [i64; 3] {
+    [
+        i64::from(r.vcpus),
+        i64::from(r.memory_mib),
+        i64::from(r.disk_gib),
+    ]
 }
 
 /// A vCPUs/MiB/GiB triple as [`Resources`] (saturating at each field's bound).
