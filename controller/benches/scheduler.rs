@@ -93,7 +93,7 @@ fn bench(c: &mut Criterion) {
             let mut hosts = HostTable::from_hosts(sched.ratios(), &fleet(n));
             let members: Vec<usize> = (0..20).map(|i| i * (n / 20)).collect();
             let s = spec(0);
-            // As after the first claim of this size.
+            // As the controller does before each decision.
             hosts.track(s.resources());
             let req = Request {
                 spec: &s,
@@ -162,6 +162,7 @@ fn percentiles(ranked: bool) {
                 exclude: &[],
             };
             let t = Instant::now();
+            hosts.track(s.resources());
             let r = sched.place(&hosts, &req);
             times.push(t.elapsed());
             if let Ok(p) = r {

@@ -510,9 +510,6 @@ proptest! {
         sched.config.alternates = alternates;
         let mut table = HostTable::from_hosts(sched.ratios(), &hosts);
         table.weigh_by(sched.config.weights);
-        for a in &asks {
-            table.track(a.spec.resources());
-        }
         let members: Vec<HostIdx> = members.into_iter().filter(|&i| i < table.len()).collect();
         let mut changes = changes.into_iter();
         for a in &asks {
@@ -530,6 +527,7 @@ proptest! {
                 }),
                 exclude: &[],
             };
+            table.track(a.spec.resources()); // as the fleet does before deciding
             let placed = sched.place(&table, &r);
             prop_assert_eq!(&placed, &sched.place_by_scan(&table, &r));
             if let Ok(p) = placed {

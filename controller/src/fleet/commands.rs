@@ -101,6 +101,7 @@ impl Fleet {
         {
             return Err(FleetError::GroupPolicy(g.clone()));
         }
+        self.table.track(req.spec.resources());
         let group = req.group.clone();
         let group = group.as_ref().map(|(g, p)| (g.as_str(), *p));
         let (node, placement) = match self.choose(&req.spec, &req.selector, group, &[], None) {
@@ -421,6 +422,10 @@ impl Fleet {
         id: InstanceId,
         failed_on: Option<(NodeId, String)>,
     ) -> Result<(), FleetError> {
+        let Some(size) = self.instances.get(&id).map(|i| i.spec.resources()) else {
+            return Ok(());
+        };
+        self.table.track(size);
         let Some(i) = self.instances.get(&id) else {
             return Ok(());
         };

@@ -8,7 +8,7 @@
 //!   class, hosts ordered by base are ordered by score; walking the classes' orders merged by
 //!   `base − request term` visits hosts best bound first, and the walk stops once the bound
 //!   falls below the worst score kept. Kept up to date one host at a time, O(log n) a change.
-//! - [`Shapes`]: for the request shapes (vCPUs, MiB, GiB) recently claimed, one bit per host
+//! - [`Shapes`]: for the request shapes (vCPUs, MiB, GiB) recently asked for, one bit per host
 //!   that has room for it, so that the hosts passing every filter are counted exactly with
 //!   popcounts, 64 hosts a word.
 
@@ -252,7 +252,7 @@ impl Iterator for Walk<'_> {
     }
 }
 
-/// The most request shapes kept (least recently claimed goes first).
+/// The most request shapes kept (the least recently asked for goes first).
 pub const MAX_SHAPES: usize = 64;
 
 #[derive(Debug, Clone)]
@@ -262,7 +262,7 @@ struct Shape {
     used: u64,
 }
 
-/// For the request shapes recently claimed: which hosts have room for one more.
+/// For the request shapes recently asked for: which hosts have room for one more.
 #[derive(Debug, Clone, Default)]
 pub struct Shapes {
     shapes: Vec<Shape>,
@@ -278,8 +278,8 @@ impl Shapes {
             .map(|s| &s.room)
     }
 
-    /// Keeps shape `want` (a claim of it was just made): built from every host's headroom
-    /// when new, replacing the least recently claimed one when full.
+    /// Keeps shape `want` (a request of it is about to be decided): built from every host's
+    /// headroom when new, replacing the least recently asked for when full.
     pub fn keep(&mut self, want: [i64; 3], headroom: &[[i64; 3]]) {
         self.clock += 1;
         if let Some(s) = self.shapes.iter_mut().find(|s| s.want == want) {

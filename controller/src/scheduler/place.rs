@@ -398,6 +398,11 @@ impl Scheduler {
                 best.into_placement(n)
             }
         };
+        #[cfg(debug_assertions)]
+        if let Some(p) = &placed {
+            // Debug builds (every test) hold each decision to the reference scan's.
+            debug_assert_eq!(Ok(p), self.place_by_scan(t, req).as_ref());
+        }
         placed.map_or_else(
             || {
                 let refused = self.place_by_scan(t, req);

@@ -356,8 +356,10 @@ impl HostTable {
         self.rank(idx);
     }
 
-    /// Keeps track of which hosts have room for requests of this size (done for every claim;
-    /// a decision for a size tracked counts its candidates 64 hosts at a time).
+    /// Keeps track of which hosts have room for requests of this size, from now on (the
+    /// fleet does so before each decision; a decision for a size tracked counts its
+    /// candidates 64 hosts at a time and walks the ranked hosts). At most
+    /// [`MAX_SHAPES`](super::order::MAX_SHAPES) sizes, the least recently asked for go first.
     pub fn track(&mut self, r: Resources) {
         self.shapes.keep(want(r), &self.headroom);
     }
@@ -369,7 +371,6 @@ impl HostTable {
         c[1] += u64::from(r.memory_mib);
         c[2] += u64::from(r.disk_gib);
         self.sync_headroom(idx);
-        self.track(r);
     }
 
     fn sync_headroom(&mut self, idx: HostIdx) {
