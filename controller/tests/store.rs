@@ -216,6 +216,7 @@ fn survives_a_reopen(open: &dyn Fn() -> Box<dyn Store>) {
     assert_eq!(restored.desired_for(&n), f.desired_for(&n));
 
     // Deletion is stored too.
+    let web1 = restored.instances().next().cloned().unwrap();
     let mut f = restored;
     f.take_changes();
     f.delete("web-1").unwrap();
@@ -229,6 +230,26 @@ fn survives_a_reopen(open: &dyn Fn() -> Box<dyn Store>) {
     );
     store.apply(&f.take_changes()).unwrap();
     assert!(store.load().unwrap().instances.is_empty());
+
+    // One batch that removes an instance and stores another of the same name.
+    store
+        .apply(&Changes {
+            instances: vec![web1.clone()],
+            ..Default::default()
+        })
+        .unwrap();
+    let again = InstanceRecord {
+        id: InstanceId::from_u64(43),
+        ..web1.clone()
+    };
+    store
+        .apply(&Changes {
+            removed: vec![web1.id],
+            instances: vec![again.clone()],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(store.load().unwrap().instances, vec![again]);
 }
 
 /// Commits never checkpoint (that would stall them); the background checkpointer folds the
