@@ -687,28 +687,103 @@ impl Shell {
         let mut renewed_at = t0;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut malformed: u64 = 0;
-        let mut replies: Vec<(Responder, bool, Result<Reply, ActionError>, Instant)> = Vec::new();
+        // Calls executed since the last commit was sent, and how many inputs that was.
+        let mut replies: Vec<Answer> = Vec::new();
+        let mut executed = 0usize;
+        // The commit under way on the store's thread, at most one (pipelined group commit):
+        // while it syncs, the next inputs are taken and executed, and their changes go to the
+        // store the moment it lands. Nothing is published or answered before its own commit
+        // has landed.
+        let mut inflight: Option<InFlight> = None;
         // Why the store cannot be written, while it cannot: changes are refused, reads answered,
         // the broker and liveness keep running, and the store is tried again every turn.
         let mut store_down: Option<String> = None;
-        // A call taken when the lease turned out lost: answered once this controller stands by.
-        let mut unanswered: Option<Responder> = None;
+        // Calls taken when the lease turned out lost: answered once this controller stands by.
+        let mut unanswered: Vec<Responder> = Vec::new();
+        let mut stopping = false;
         let ended = loop {
+            if inflight.is_none() && executed > 0 {
+                if store_down.is_some() {
+                    let r =
+                        tokio::time::timeout(STORE_WAIT, self.store.run(|s| s.check_writable()))
+                            .await;
+                    if let Ok(Ok(Ok(()))) = r {
+                        tracing::warn!("the store can be written again: changes are accepted");
+                        store_down = None;
+                    }
+                }
+                let changes = fleet.take_changes();
+                let sent = Instant::now();
+                let submitted = self.store.submit(move |s| {
+                    let r = s.apply(&changes);
+                    (changes, r)
+                });
+                let batch = std::mem::take(&mut replies);
+                let inputs = std::mem::take(&mut executed);
+                match submitted {
+                    Ok(rx) => {
+                        inflight = Some(InFlight {
+                            rx,
+                            replies: batch,
+                            inputs,
+                            sent,
+                            deadline: lease_until.unwrap_or(sent + STORE_WAIT),
+                        });
+                    }
+                    Err(_) => break self.store_gone(epoch, batch).await,
+                }
+            }
+            if stopping && inflight.is_none() {
+                break Ended::Stop;
+            }
             // Wait for one input, then take what else is already queued (group commit): one
             // transaction and at most one desired state per node cover the whole batch.
             let first = tokio::select! {
-                () = &mut *shutdown => break Ended::Stop,
-                Some(m) = self.msgs.recv() => Input::Message(m),
-                Some(c) = self.calls.recv() => Input::Call(c),
-                _ = tick.tick() => Input::Tick,
+                () = &mut *shutdown, if !stopping => {
+                    // What is taken is still stored, published and answered.
+                    stopping = true;
+                    continue;
+                }
+                landed = landing(&mut inflight) => {
+                    let Some(f) = inflight.take() else { continue };
+                    match self.land(f, landed, &mut fleet, &mut store_down, &mut replies, epoch).await {
+                        Some(end) => break end,
+                        None => continue,
+                    }
+                }
+                Some(m) = self.msgs.recv(), if !stopping => Input::Message(m),
+                Some(c) = self.calls.recv(), if !stopping => Input::Call(c),
+                _ = tick.tick(), if !stopping => Input::Tick,
             };
-            if let Some(until) = lease_until {
+            if let Some(until) = lease_until
+                && (Instant::now() >= until || renewed_at.elapsed() >= RENEW_EVERY)
+            {
+                // The commit in flight lands first: none is left in flight if the lease is lost.
+                if inflight.is_some() {
+                    let landed = landing(&mut inflight).await;
+                    if let Some(f) = inflight.take()
+                        && let Some(end) = self
+                            .land(f, landed, &mut fleet, &mut store_down, &mut replies, epoch)
+                            .await
+                    {
+                        break end;
+                    }
+                }
                 let lost = self
                     .renew(epoch, until, &mut renewed_at, &mut lease_until)
                     .await;
                 if lost {
                     if let Input::Call((_, _, reply, _)) = first {
-                        unanswered = Some(reply);
+                        unanswered.push(reply);
+                    }
+                    // Executed but never stored: the changes go with this controller's lead.
+                    for (reply, mutates, r, _) in replies.drain(..) {
+                        match r {
+                            Ok(_) if mutates => unanswered.push(reply),
+                            r => {
+                                let _ = reply.send(r);
+                            }
+                        }
                     }
                     break Ended::SteppedDown;
                 }
@@ -716,7 +791,7 @@ impl Shell {
             let now = now_ms();
             fleet.set_clock(now);
             let inputs = batch(first, &mut self.calls, &mut self.msgs);
-            let n_inputs = inputs.len();
+            executed += inputs.len();
             for input in inputs {
                 match input {
                     Input::Message((topic, payload)) => {
@@ -761,103 +836,6 @@ impl Shell {
                     Input::Tick => fleet.tick(now),
                 }
             }
-            // Durable before answered, and before published.
-            if store_down.is_some() {
-                let r =
-                    tokio::time::timeout(STORE_WAIT, self.store.run(|s| s.check_writable())).await;
-                if let Ok(Ok(Ok(()))) = r {
-                    tracing::warn!("the store can be written again: changes are accepted");
-                    store_down = None;
-                }
-            }
-            let changes = fleet.take_changes();
-            let t = Instant::now();
-            let deadline = lease_until.unwrap_or(t + STORE_WAIT);
-            let applied = tokio::time::timeout_at(
-                deadline.into(),
-                self.store.run(move |s| {
-                    let r = s.apply(&changes);
-                    (changes, r)
-                }),
-            )
-            .await;
-            let (changes, applied) = match applied {
-                Ok(Ok(done)) => done,
-                _ => {
-                    // The store hangs or its thread is gone: what this turn changed may or may
-                    // not be stored. A leader steps down (the next one loads what is stored);
-                    // a sole controller opens the store again and reloads.
-                    let cause = "the store did not answer in time".to_owned();
-                    tracing::error!(epoch, "{cause}: stepping down");
-                    for (reply, mutates, r, _) in replies.drain(..) {
-                        let r = match r {
-                            Ok(_) if mutates => Err(ActionError::NotStored(cause.clone())),
-                            other => other,
-                        };
-                        let _ = reply.send(r);
-                    }
-                    self.replace_store().await;
-                    break Ended::SteppedDown;
-                }
-            };
-            Metrics::observe(&metrics.store_commit, t.elapsed());
-            metrics.batch_size.observe(n_inputs as f64);
-            metrics.store_writable.set(i64::from(applied.is_ok()));
-            match applied {
-                Ok(()) => {
-                    let durable = Instant::now();
-                    for (_, mutates, _, arrived) in &replies {
-                        if *mutates {
-                            Metrics::observe(&metrics.request_durable, durable - *arrived);
-                        }
-                    }
-                    for e in &changes.events {
-                        // Nobody listening is fine.
-                        let _ = self.events_tx.send(crate::views::EventView::from(e));
-                    }
-                    for d in &changes.dropped_blobs {
-                        if let Err(e) = self.blob_store.remove(d) {
-                            tracing::warn!(error = %e, "an unreferenced blob could not be removed");
-                        }
-                    }
-                    let sent = changes.publish.len() as u64;
-                    publish(&self.client, changes.publish).await;
-                    metrics
-                        .mqtt_sent
-                        .get_or_create(&crate::metrics::ChannelLabel {
-                            channel: Channel::Desired.name(),
-                        })
-                        .inc_by(sent);
-                    let dispatched = Instant::now();
-                    for (reply, mutates, r, arrived) in replies.drain(..) {
-                        if mutates {
-                            Metrics::observe(&metrics.request_dispatch, dispatched - arrived);
-                        }
-                        let _ = reply.send(r);
-                    }
-                }
-                Err(e) => {
-                    let fenced = matches!(e, StoreError::Fenced { .. });
-                    let cause = e.to_string();
-                    if fenced {
-                        tracing::error!(error = %cause, "stepping down: another controller leads");
-                    } else if store_down.is_none() {
-                        tracing::error!(error = %cause, "cannot write the store: refusing changes until it can be written; the broker and liveness keep running");
-                    }
-                    store_down = Some(cause.clone());
-                    fleet.requeue(changes);
-                    for (reply, mutates, r, _) in replies.drain(..) {
-                        let r = match r {
-                            Ok(_) if mutates => Err(ActionError::NotStored(cause.clone())),
-                            other => other,
-                        };
-                        let _ = reply.send(r);
-                    }
-                    if fenced {
-                        break Ended::SteppedDown;
-                    }
-                }
-            }
         };
         if let Ended::SteppedDown = ended {
             // Standby before anyone is told so (the API reads the role), then stop listening:
@@ -865,7 +843,7 @@ impl Shell {
             self.leading
                 .store(false, std::sync::atomic::Ordering::SeqCst);
             self.metrics.standby(None);
-            if let Some(reply) = unanswered {
+            for reply in unanswered {
                 let _ = reply.send(Err(ActionError::NotLeader(None)));
             }
             for ch in SUBSCRIBED {
@@ -873,6 +851,136 @@ impl Shell {
             }
         }
         ended
+    }
+}
+
+/// A call's answer, held until its changes are durable: the caller, whether it changes
+/// anything, the outcome, when it arrived.
+type Answer = (Responder, bool, Result<Reply, ActionError>, Instant);
+
+/// What a commit gives back: the changes it was given, and whether they are stored.
+type Applied = (crate::fleet::Changes, Result<(), StoreError>);
+
+/// A commit's outcome, or its thread gone, or its deadline passed.
+type Landed =
+    Result<Result<Applied, tokio::sync::oneshot::error::RecvError>, tokio::time::error::Elapsed>;
+
+/// A batch's commit under way on the store's thread.
+struct InFlight {
+    rx: tokio::sync::oneshot::Receiver<Applied>,
+    /// The batch's calls, answered when it lands.
+    replies: Vec<Answer>,
+    /// Inputs in the batch.
+    inputs: usize,
+    sent: Instant,
+    /// Past this, the store is given up on (the lease's end, for a leader sharing a store).
+    deadline: Instant,
+}
+
+/// The commit in flight landing (never, when there is none).
+async fn landing(f: &mut Option<InFlight>) -> Landed {
+    match f {
+        Some(f) => tokio::time::timeout_at(f.deadline.into(), &mut f.rx).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers calls whose changes are not stored: a change is refused with `cause`, a read
+/// keeps its answer.
+fn refuse(replies: impl IntoIterator<Item = Answer>, cause: &str) {
+    for (reply, mutates, r, _) in replies {
+        let r = match r {
+            Ok(_) if mutates => Err(ActionError::NotStored(cause.to_owned())),
+            other => other,
+        };
+        let _ = reply.send(r);
+    }
+}
+
+impl Shell {
+    /// The store hangs or its thread is gone: what was sent may or may not be stored. A
+    /// leader steps down (the next one loads what is stored); a sole controller opens the
+    /// store again and reloads.
+    async fn store_gone(&mut self, epoch: u64, replies: Vec<Answer>) -> Ended {
+        let cause = "the store did not answer in time";
+        tracing::error!(epoch, "{cause}: stepping down");
+        refuse(replies, cause);
+        self.replace_store().await;
+        Ended::SteppedDown
+    }
+
+    /// Commit `f` landed (or not in time): it publishes and answers its batch, or refuses its
+    /// changes and puts them back for the next commit. `Some` when this controller must stop
+    /// leading; `pending` (executed since) is then refused too.
+    async fn land(
+        &mut self,
+        f: InFlight,
+        landed: Landed,
+        fleet: &mut Fleet,
+        store_down: &mut Option<String>,
+        pending: &mut Vec<Answer>,
+        epoch: u64,
+    ) -> Option<Ended> {
+        let metrics = std::sync::Arc::clone(&self.metrics);
+        let Ok(Ok((changes, applied))) = landed else {
+            let all = f.replies.into_iter().chain(pending.drain(..)).collect();
+            return Some(self.store_gone(epoch, all).await);
+        };
+        Metrics::observe(&metrics.store_commit, f.sent.elapsed());
+        metrics.batch_size.observe(f.inputs as f64);
+        metrics.store_writable.set(i64::from(applied.is_ok()));
+        match applied {
+            Ok(()) => {
+                let durable = Instant::now();
+                for (_, mutates, _, arrived) in &f.replies {
+                    if *mutates {
+                        Metrics::observe(&metrics.request_durable, durable - *arrived);
+                    }
+                }
+                for e in &changes.events {
+                    // Nobody listening is fine.
+                    let _ = self.events_tx.send(crate::views::EventView::from(e));
+                }
+                for d in &changes.dropped_blobs {
+                    if let Err(e) = self.blob_store.remove(d) {
+                        tracing::warn!(error = %e, "an unreferenced blob could not be removed");
+                    }
+                }
+                let sent = changes.publish.len() as u64;
+                publish(&self.client, changes.publish).await;
+                metrics
+                    .mqtt_sent
+                    .get_or_create(&crate::metrics::ChannelLabel {
+                        channel: Channel::Desired.name(),
+                    })
+                    .inc_by(sent);
+                let dispatched = Instant::now();
+                for (reply, mutates, r, arrived) in f.replies {
+                    if mutates {
+                        Metrics::observe(&metrics.request_dispatch, dispatched - arrived);
+                    }
+                    let _ = reply.send(r);
+                }
+                None
+            }
+            Err(e) => {
+                let fenced = matches!(e, StoreError::Fenced { .. });
+                let cause = e.to_string();
+                if fenced {
+                    tracing::error!(error = %cause, "stepping down: another controller leads");
+                } else if store_down.is_none() {
+                    tracing::error!(error = %cause, "cannot write the store: refusing changes until it can be written; the broker and liveness keep running");
+                }
+                *store_down = Some(cause.clone());
+                fleet.requeue(changes);
+                refuse(f.replies, &cause);
+                if fenced {
+                    refuse(pending.drain(..), &cause);
+                    return Some(Ended::SteppedDown);
+                }
+                None
+            }
+        }
     }
 }
 

@@ -228,7 +228,9 @@ impl Fleet {
             }
         }
         self.journal.removed_images.extend(c.removed_images);
-        self.journal.events.extend(c.events);
+        // Before any taken since (a commit may be in flight while the next batch runs).
+        let newer = std::mem::replace(&mut self.journal.events, c.events);
+        self.journal.events.extend(newer);
         self.journal.dropped_blobs.extend(c.dropped_blobs);
         self.journal
             .publish

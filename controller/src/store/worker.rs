@@ -91,11 +91,20 @@ impl<S: ?Sized + 'static> Worker<S> {
         &self,
         f: impl FnOnce(&mut S) -> T + Send + 'static,
     ) -> Result<T, Gone> {
+        self.submit(f)?.await.map_err(|_| Gone)
+    }
+
+    /// Queues `f` on the thread; its answer arrives on the receiver (an error there: the
+    /// thread is gone). Lets the caller go on while the job runs.
+    pub fn submit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut S) -> T + Send + 'static,
+    ) -> Result<tokio::sync::oneshot::Receiver<T>, Gone> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(f, move |t| {
             let _ = tx.send(t);
         })?;
-        rx.await.map_err(|_| Gone)
+        Ok(rx)
     }
 
     /// Runs `f` on the thread and blocks for its answer, at most `wait`.
