@@ -117,6 +117,7 @@ async fn sim_agent(i: usize, port: u16, seen: Seen) {
             );
         }
     });
+    let mut first = true;
     loop {
         match el.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -124,6 +125,18 @@ async fn sim_agent(i: usize, port: u16, seen: Seen) {
                     presence: Presence::Online,
                     session: 1,
                 };
+                if std::mem::take(&mut first) {
+                    // An external broker keeps an earlier run's retained desired state for
+                    // this node name (another fleet, maybe a higher generation, which this
+                    // simulated agent would hold to and so never take this run's): cleared
+                    // before subscribing.
+                    let _ = client.try_publish(
+                        topics::topic(&node, Channel::Desired).as_str(),
+                        QoS::AtLeastOnce,
+                        true,
+                        Vec::new(),
+                    );
+                }
                 let _ = client.try_subscribe(
                     topics::topic(&node, Channel::Desired).as_str(),
                     QoS::AtLeastOnce,
