@@ -14,6 +14,7 @@
 //! best-ranked ones until none left can win. It chooses exactly what weighing every candidate
 //! would (a property test holds both equal to the host-by-host scan).
 
+mod bits;
 mod order;
 pub mod place;
 pub mod table;

@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use outpost_protocol::Arch;
 
-use super::table::{Bits, HostIdx};
+use super::bits::{Bits, HostIdx};
 
 /// Weigher multipliers. Positive resource multipliers spread (prefer emptier hosts), negative
 /// ones pack (prefer fuller hosts).

@@ -5,8 +5,9 @@ use std::fmt;
 
 use outpost_protocol::{Arch, InstanceSpec, Label};
 
+use super::bits::{Bits, HostIdx};
 use super::order::Weights;
-use super::table::{Bits, HostIdx, HostTable, Ratios};
+use super::table::{HostTable, Ratios};
 
 /// Server-group policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -4,10 +4,9 @@
 
 use outpost_protocol::{Arch, Digest, HypervisorKind, ImageName, Label, NodeId, Resources};
 
+use super::bits::Bits;
+pub use super::bits::HostIdx;
 use super::order::{Kind, Order, Ranked, Shapes, Weights};
-
-/// Index of a host in the slice given to [`Scheduler::place`].
-pub type HostIdx = usize;
 
 /// Whether a host takes new instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,42 +74,6 @@ pub struct Ratios {
     pub memory: f64,
     /// Disk allocation ratio.
     pub disk: f64,
-}
-
-/// A growable bitset, one bit per host.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(super) struct Bits(pub(super) Vec<u64>);
-
-impl Bits {
-    pub(super) fn get(&self, i: usize) -> bool {
-        self.0.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
-    }
-
-    pub(super) fn set(&mut self, i: usize, on: bool) {
-        if self.0.len() <= i / 64 {
-            self.0.resize(i / 64 + 1, 0);
-        }
-        let bit = 1u64 << (i % 64);
-        if on {
-            self.0[i / 64] |= bit;
-        } else {
-            self.0[i / 64] &= !bit;
-        }
-    }
-
-    /// Word `w` (hosts 64w..64w+63); words past the end are empty.
-    #[inline]
-    pub(super) fn word(&self, w: usize) -> u64 {
-        self.0.get(w).copied().unwrap_or(0)
-    }
-
-    pub(super) fn of(idx: &[HostIdx]) -> Self {
-        let mut b = Self::default();
-        for &i in idx {
-            b.set(i, true);
-        }
-        b
-    }
 }
 
 /// Interned values (labels or images) with one host bitset each.
@@ -359,7 +322,7 @@ impl HostTable {
     /// Keeps track of which hosts have room for requests of this size, from now on (the
     /// fleet does so before each decision; a decision for a size tracked counts its
     /// candidates 64 hosts at a time and walks the ranked hosts). At most
-    /// [`MAX_SHAPES`](super::order::MAX_SHAPES) sizes, the least recently asked for go first.
+    /// 64 sizes, the least recently asked for go first.
     pub fn track(&mut self, r: Resources) {
         self.shapes.keep(want(r), &self.headroom);
     }
