@@ -199,7 +199,11 @@ fn agent_rides_out_a_broker_restart() {
     ctl.wait(T, "inventory after broker restart", |s| {
         s.inventory_of(&node)
     });
-    // (From the periodic report: the events of the reconnect may precede this subscriber.)
+    // The restarted broker lost the retained desired state; a controller seeing the node online
+    // again publishes it anew (as `outpost-controller` does). Until a desired state arrives on
+    // the new connection the agent sends only the report of its announce, which may precede
+    // this subscriber; from then on, its periodic reports.
+    ctl.publish_desired(&node, &desired(5, vec![instance(7, kernel_boot(""), 128)]));
     ctl.wait(T, "report with the instance", |s| {
         s.report_of(&node).filter(|r| {
             r.generation == 5
