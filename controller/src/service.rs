@@ -581,7 +581,8 @@ impl Shell {
         }
     }
 
-    /// Renews the lease when due; true if it is lost (taken over, or not renewed in time).
+    /// Renews the lease (call when [`renewal_due`]); true if it is lost (taken over, or not
+    /// renewed in time).
     async fn renew(
         &mut self,
         epoch: u64,
@@ -595,9 +596,6 @@ impl Shell {
                 "the lease could not be renewed in time: stepping down (no more writes or publishing)"
             );
             return true;
-        }
-        if renewed_at.elapsed() < RENEW_EVERY {
-            return false;
         }
         let sent = Instant::now();
         let me = self.me.clone();
@@ -756,7 +754,7 @@ impl Shell {
                 _ = tick.tick(), if !stopping => Input::Tick,
             };
             if let Some(until) = lease_until
-                && (Instant::now() >= until || renewed_at.elapsed() >= RENEW_EVERY)
+                && renewal_due(until, renewed_at)
             {
                 // The commit in flight lands first: none is left in flight if the lease is lost.
                 if inflight.is_some() {
@@ -852,6 +850,12 @@ impl Shell {
         }
         ended
     }
+}
+
+/// Whether the lease held until `until` and last renewed at `renewed_at` is to be renewed now
+/// (or is already lost).
+fn renewal_due(until: Instant, renewed_at: Instant) -> bool {
+    Instant::now() >= until || renewed_at.elapsed() >= RENEW_EVERY
 }
 
 /// A call's answer, held until its changes are durable: the caller, whether it changes

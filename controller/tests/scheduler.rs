@@ -282,6 +282,16 @@ struct Ask {
     anti: bool,
 }
 
+impl Ask {
+    /// `zone=Z` when the ask names a zone.
+    fn selector(&self) -> Vec<Label> {
+        self.zone
+            .map(|z| Label::parse(&format!("zone={z}")).unwrap())
+            .into_iter()
+            .collect()
+    }
+}
+
 fn arb_asks() -> impl Strategy<Value = Vec<Ask>> {
     prop::collection::vec(
         (
@@ -330,11 +340,7 @@ fn run(
     let mut group: Vec<HostIdx> = Vec::new();
     let mut out = Vec::new();
     for a in asks {
-        let sel: Vec<Label> = a
-            .zone
-            .map(|z| Label::parse(&format!("zone={z}")).unwrap())
-            .into_iter()
-            .collect();
+        let sel = a.selector();
         let members = group.clone();
         let r = Request {
             spec: &a.spec,
@@ -441,11 +447,7 @@ proptest! {
         let exclude: Vec<HostIdx> = exclude.into_iter().filter(|&i| i < table.len()).collect();
         let members: Vec<HostIdx> = members.into_iter().filter(|&i| i < table.len()).collect();
         for a in &asks {
-            let sel: Vec<Label> = a
-                .zone
-                .map(|z| Label::parse(&format!("zone={z}")).unwrap())
-                .into_iter()
-                .collect();
+            let sel = a.selector();
             let r = Request {
                 spec: &a.spec,
                 selector: &sel,
@@ -513,11 +515,7 @@ proptest! {
         let members: Vec<HostIdx> = members.into_iter().filter(|&i| i < table.len()).collect();
         let mut changes = changes.into_iter();
         for a in &asks {
-            let sel: Vec<Label> = a
-                .zone
-                .map(|z| Label::parse(&format!("zone={z}")).unwrap())
-                .into_iter()
-                .collect();
+            let sel = a.selector();
             let r = Request {
                 spec: &a.spec,
                 selector: &sel,

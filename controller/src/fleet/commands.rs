@@ -422,13 +422,10 @@ impl Fleet {
         id: InstanceId,
         failed_on: Option<(NodeId, String)>,
     ) -> Result<(), FleetError> {
-        let Some(size) = self.instances.get(&id).map(|i| i.spec.resources()) else {
-            return Ok(());
-        };
-        self.table.track(size);
         let Some(i) = self.instances.get(&id) else {
             return Ok(());
         };
+        self.table.track(i.spec.resources());
         let old = i.node.clone();
         let mut exclude: Vec<NodeId> = i.failures.iter().map(|(n, _)| n.clone()).collect();
         exclude.extend(failed_on.iter().map(|(n, _)| n.clone()));

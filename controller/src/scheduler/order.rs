@@ -130,13 +130,18 @@ impl Order {
         o
     }
 
+    /// Σ weight × amount / capacity over vCPUs, memory and disk: of a host's headroom, its
+    /// base score (before the failure penalty); of a request, its class's request term.
+    fn fractions(&self, amounts: &[i64; 3], inverse: &[f64; 3]) -> f64 {
+        let w = &self.weights;
+        w.cpu * (amounts[0] as f64 * inverse[0])
+            + w.memory * (amounts[1] as f64 * inverse[1])
+            + w.disk * (amounts[2] as f64 * inverse[2])
+    }
+
     /// The base score of a host.
     fn base(&self, headroom: &[i64; 3], inverse: &[f64; 3], failures: u32) -> f64 {
-        let w = &self.weights;
-        w.cpu * (headroom[0] as f64 * inverse[0])
-            + w.memory * (headroom[1] as f64 * inverse[1])
-            + w.disk * (headroom[2] as f64 * inverse[2])
-            - w.failure * f64::from(failures)
+        self.fractions(headroom, inverse) - self.weights.failure * f64::from(failures)
     }
 
     /// Files host `i` anew after its headroom, capacity, failures, availability or kind
@@ -170,15 +175,12 @@ impl Order {
     /// class's request term (plus a margin for rounding, so that it is never below the score
     /// computed directly).
     pub fn walk(&self, want: &[i64; 3], arch: Arch, kvm: bool) -> Walk<'_> {
-        let w = &self.weights;
         let mut heads = Vec::with_capacity(self.classes.len());
         for c in &self.classes {
             if c.kind.arch != arch || (kvm && !c.kind.kvm) {
                 continue;
             }
-            let term = w.cpu * (want[0] as f64 * c.inverse[0])
-                + w.memory * (want[1] as f64 * c.inverse[1])
-                + w.disk * (want[2] as f64 * c.inverse[2]);
+            let term = self.fractions(want, &c.inverse);
             let mut head = Head {
                 term,
                 it: c.hosts.iter(),

@@ -7,7 +7,7 @@ use outpost_protocol::{Arch, InstanceSpec, Label};
 
 use super::bits::{Bits, HostIdx};
 use super::order::Weights;
-use super::table::{HostTable, Ratios};
+use super::table::{HostTable, Ratios, want};
 
 /// Server-group policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -256,11 +256,7 @@ impl Scheduler {
     fn prepare<'a>(&self, t: &'a HostTable, req: &Request<'_>) -> Prepared<'a> {
         let s = req.spec;
         Prepared {
-            want: [
-                i64::from(s.vcpus),
-                i64::from(s.memory_mib),
-                i64::from(s.disk_gib),
-            ],
+            want: want(s.resources()),
             arch: s.arch,
             kvm: s.require_kvm,
             labels: t.labels.all(req.selector.iter()),
@@ -424,23 +420,41 @@ impl Scheduler {
         mask: impl Fn(usize) -> u64,
         check: bool,
     ) -> usize {
+        (0..t.len().div_ceil(64))
+            .map(|w| self.offer_word(t, p, best, w, mask(w), check))
+            .sum()
+    }
+
+    /// [`Scheduler::offer_all`] for the hosts of word `w` in `m`.
+    fn offer_word(
+        &self,
+        t: &HostTable,
+        p: &Prepared<'_>,
+        best: &mut Best,
+        w: usize,
+        mut m: u64,
+        check: bool,
+    ) -> usize {
         let mut weighed = 0;
-        for w in 0..t.len().div_ceil(64) {
-            let mut m = mask(w);
-            while m != 0 {
-                let i = w * 64 + m.trailing_zeros() as usize;
-                m &= m - 1;
-                if check && capacity_filter(&t.headroom[i], &p.want).is_some() {
-                    continue;
-                }
-                weighed += 1;
-                let score = self.weigh(t, i, p);
-                if score >= best.floor {
-                    best.offer(t, score, i);
-                }
+        while m != 0 {
+            let i = w * 64 + m.trailing_zeros() as usize;
+            m &= m - 1;
+            if check && capacity_filter(&t.headroom[i], &p.want).is_some() {
+                continue;
             }
+            weighed += 1;
+            self.offer(t, p, best, i);
         }
         weighed
+    }
+
+    /// Weighs host `i` (it passed every filter) and offers it to `best`.
+    #[inline]
+    fn offer(&self, t: &HostTable, p: &Prepared<'_>, best: &mut Best, i: HostIdx) {
+        let score = self.weigh(t, i, p);
+        if score >= best.floor {
+            best.offer(t, score, i);
+        }
     }
 
     /// Word `w` of the hosts whose image bonus may lift them above the walk's bound: those
@@ -479,10 +493,7 @@ impl Scheduler {
         for w in 0..t.len().div_ceil(64) {
             let m = mask(w) & room.word(w);
             candidates += m.count_ones() as usize;
-            let bonus = m & self.bonus_word(p, w);
-            if bonus != 0 {
-                self.offer_all_in_word(t, p, &mut best, w, bonus);
-            }
+            self.offer_word(t, p, &mut best, w, m & self.bonus_word(p, w), false);
         }
         if candidates == 0 {
             return None;
@@ -514,31 +525,10 @@ impl Scheduler {
                 return best.into_placement(candidates);
             }
             if rest(i / 64) >> (i % 64) & 1 == 1 {
-                let score = self.weigh(t, i, p);
-                if score >= best.floor {
-                    best.offer(t, score, i);
-                }
+                self.offer(t, p, &mut best, i);
             }
         }
         best.into_placement(candidates)
-    }
-
-    fn offer_all_in_word(
-        &self,
-        t: &HostTable,
-        p: &Prepared<'_>,
-        best: &mut Best,
-        w: usize,
-        mut m: u64,
-    ) {
-        while m != 0 {
-            let i = w * 64 + m.trailing_zeros() as usize;
-            m &= m - 1;
-            let score = self.weigh(t, i, p);
-            if score >= best.floor {
-                best.offer(t, score, i);
-            }
-        }
     }
 
     /// The reference placement: every host through every filter one at a time, counting which
