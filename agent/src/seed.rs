@@ -34,7 +34,8 @@ pub fn meta_data(s: &SeedFiles) -> String {
         .ssh_keys
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty())
+        // One key a line, printable: nothing that could end the quoted YAML string.
+        .filter(|l| !l.is_empty() && !l.chars().any(char::is_control))
         .collect();
     if !keys.is_empty() {
         m.push_str("public-keys:\n");

@@ -79,6 +79,12 @@ struct Shell {
     /// A desired state arrived on the current connection (the retained one comes first): only
     /// then does the live link count as contact with the controller.
     synced: bool,
+    /// A desired state the controller published since this connection was made (not the
+    /// retained one the broker kept) arrived: only that, and the live link after it, counts as
+    /// contact. A retained state may be older than what the controller decided meanwhile (its
+    /// instances rebuilt elsewhere, or deleted), so an agent past its lease starts nothing on
+    /// its word alone.
+    fresh: bool,
     /// The hypervisor stopped answering (libvirtd restarting): nothing is changed meanwhile.
     hv_down: bool,
     /// Downloads: their progress and results come back here.
@@ -346,7 +352,9 @@ impl Shell {
         }
     }
 
-    async fn on_desired(&mut self, payload: &[u8]) -> bool {
+    /// A desired state from the broker; `retained`: the broker's kept copy, delivered on
+    /// subscribe, not a publish of the controller's since this connection.
+    async fn on_desired(&mut self, payload: &[u8], retained: bool) -> bool {
         let d = match DesiredState::decode(payload) {
             Ok(d) => Box::new(d),
             Err(e) => {
@@ -375,7 +383,9 @@ impl Shell {
                                     | NoticeKind::LeaseExpired
                             )
                         });
-                        self.heard(true).await;
+                        if !retained {
+                            self.heard(true).await;
+                        }
                         return true;
                     }
                     Ok(Err(e)) => self.notice(
@@ -389,8 +399,11 @@ impl Shell {
             Offer::Same => {
                 let ack = self.rec.ack_current();
                 self.publish_event(&ack);
-                self.heard(false).await;
-                // A replay after a restart with an expired lease: starting is allowed again.
+                if !retained {
+                    // The controller's answer to this connection: starting is allowed again
+                    // (a restart with an expired lease).
+                    self.heard(false).await;
+                }
                 return true;
             }
             Offer::Refused(ack) => {
@@ -711,6 +724,7 @@ async fn run_loop(
         notices,
         heard_saved: None,
         synced: false,
+        fresh: false,
         hv_down: false,
         fetch_tx,
         fetch_slots,
@@ -743,6 +757,7 @@ async fn run_loop(
                     tracing::info!(%broker, session, "connected");
                     sh.connected = true;
                     sh.synced = false;
+                    sh.fresh = false;
                     let _ = sh.client.try_subscribe(desired_topic.as_str(), QoS::AtLeastOnce);
                     let _ = sh.client.try_subscribe(console_topic.as_str(), QoS::AtMostOnce);
                     sh.announce(session);
@@ -750,7 +765,8 @@ async fn run_loop(
                 LinkEvent::Message(p) => {
                     if p.topic == desired_topic.as_str() {
                         sh.synced = true;
-                        pass_due |= sh.on_desired(&p.payload).await;
+                        sh.fresh |= !p.retain;
+                        pass_due |= sh.on_desired(&p.payload, p.retain).await;
                     } else if p.topic == console_topic.as_str() {
                         sh.on_console(&p.payload);
                     } else {
@@ -813,9 +829,12 @@ async fn run_loop(
                 sh.read_addresses();
                 sh.count_instances();
                 if sh.connected && sh.synced {
-                    // A live link to the fleet's broker counts as contact: while it is up, the
-                    // controller sees this node and does not rebuild its instances elsewhere.
-                    sh.heard(false).await;
+                    // A live link to the fleet's broker counts as contact once the controller
+                    // spoke on it: while it is up, the controller sees this node and does not
+                    // rebuild its instances elsewhere.
+                    if sh.fresh {
+                        sh.heard(false).await;
+                    }
                     let report = encode(&sh.rec.report());
                     sh.publish(Channel::Report, report);
                 }

@@ -14,8 +14,12 @@ use serde_json::Value;
 /// quietly instead of a panic.
 fn emit(args: std::fmt::Arguments<'_>) {
     use std::io::Write as _;
+    let text = args.to_string();
     let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+    if let Err(e) = out
+        .write_all(clean::clean(&text).as_bytes())
+        .and_then(|()| out.write_all(b"\n"))
+    {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
@@ -24,11 +28,14 @@ fn emit(args: std::fmt::Arguments<'_>) {
     }
 }
 
-/// Writes text as it is (no newline added), ending quietly on a closed pipe.
+/// Writes text (no newline added, terminal controls removed), ending quietly on a closed pipe.
 fn emit_raw(text: &str) {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+    if let Err(e) = out
+        .write_all(clean::clean(text).as_bytes())
+        .and_then(|()| out.flush())
+    {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
@@ -37,7 +44,9 @@ fn emit_raw(text: &str) {
     }
 }
 
-/// `println!` that ends quietly on a closed pipe.
+mod clean;
+
+/// `println!` that ends quietly on a closed pipe, its text cleaned of terminal controls.
 macro_rules! say {
     ($($t:tt)*) => { emit(format_args!($($t)*)) };
 }
@@ -1081,6 +1090,11 @@ fn instance_detail(v: &Value) -> anyhow::Result<()> {
         i.reboot_count
     );
     say!("node          {}", i.node.as_deref().unwrap_or("-"));
+    if i.adopted {
+        say!(
+            "adopted       from its node, unknown to the store: pinned there (never moved or rebuilt elsewhere)"
+        );
+    }
     if !i.placement.is_empty() {
         say!("placed        {}", i.placement);
     }
@@ -1347,10 +1361,15 @@ fn instance_rows(v: &Value) -> anyhow::Result<()> {
         ],
         list.into_iter()
             .map(|i| {
+                let phase = if i.adopted {
+                    format!("{} (adopted)", i.phase)
+                } else {
+                    i.phase
+                };
                 vec![
                     i.id,
                     i.name,
-                    i.phase,
+                    phase,
                     i.node.unwrap_or_else(|| "-".into()),
                     i.ip.unwrap_or_else(|| "-".into()),
                     i.vcpus.to_string(),
@@ -1371,9 +1390,10 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             if json {
-                eprintln!("{}", serde_json::json!({ "error": format!("{e:#}") }));
+                let e = format!("{e:#}");
+                eprintln!("{}", serde_json::json!({ "error": clean::clean(&e) }));
             } else {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", clean::clean(&format!("{e:#}")));
             }
             std::process::ExitCode::FAILURE
         }

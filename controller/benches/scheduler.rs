@@ -57,6 +57,7 @@ fn fleet(n: usize) -> Vec<HostState> {
             images: images.clone(),
             cached: vec![],
             recent_failures: u32::from(i.is_multiple_of(97)),
+            instances: 0,
         })
         .collect()
 }

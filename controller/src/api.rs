@@ -79,7 +79,8 @@ fn status(e: &ActionError) -> StatusCode {
             | FleetError::NodeNotEmpty(..)
             | FleetError::ImageExists(_)
             | FleetError::ImageInUse { .. }
-            | FleetError::NotPlaced(_),
+            | FleetError::NotPlaced(_)
+            | FleetError::Pinned(_),
         ) => StatusCode::CONFLICT,
         ActionError::StoreDown(_)
         | ActionError::NotStored(_)
@@ -700,7 +701,7 @@ async fn console_once(
             ),
         ));
     }
-    let (request, rx) = api.console.waiting.ask();
+    let (request, rx) = api.console.waiting.ask(&node, id);
     let req = outpost_protocol::ConsoleRequest {
         request,
         id,

@@ -14,6 +14,7 @@ pub mod consoles;
 pub mod fleet;
 #[cfg(feature = "embedded-broker")]
 pub mod gate;
+pub mod inbound;
 pub mod metrics;
 pub mod scheduler;
 pub mod secret;

@@ -63,6 +63,13 @@ pub struct RequestLabel {
     pub kind: &'static str,
 }
 
+/// Why a message was dropped.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `rate`.
+    pub reason: &'static str,
+}
+
 /// Every metric the controller exports.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -72,6 +79,9 @@ pub struct Metrics {
     pub mqtt_decode_failures: Family<ChannelLabel, Counter>,
     /// MQTT messages published, by channel.
     pub mqtt_sent: Family<ChannelLabel, Counter>,
+    /// MQTT messages dropped before the service loop, by reason (`rate`: a node past its
+    /// share).
+    pub mqtt_dropped: Family<ReasonLabel, Counter>,
     /// 1 while the controller's own MQTT client is connected.
     pub broker_connected: Gauge,
     /// Broker connection losses.
@@ -138,6 +148,7 @@ impl Metrics {
             mqtt_received: Family::default(),
             mqtt_decode_failures: Family::default(),
             mqtt_sent: Family::default(),
+            mqtt_dropped: Family::default(),
             broker_connected: Gauge::default(),
             broker_disconnects: Counter::default(),
             store_writable: Gauge::default(),
@@ -265,6 +276,11 @@ impl Metrics {
             m.mqtt_decode_failures.clone(),
         );
         r.register(
+            "outpost_mqtt_messages_dropped",
+            "MQTT messages dropped before they were handled, by reason (rate: a node past its share)",
+            m.mqtt_dropped.clone(),
+        );
+        r.register(
             "outpost_mqtt_messages_sent",
             "MQTT messages published, by channel",
             m.mqtt_sent.clone(),
@@ -343,6 +359,13 @@ impl Metrics {
                 now.saturating_sub(since - 1) >= SETTLE.as_millis() as u64
             }
         }
+    }
+
+    /// Counts one MQTT message dropped before it was handled.
+    pub fn dropped(&self, reason: &'static str) {
+        self.mqtt_dropped
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// Counts one MQTT message received on `channel`, and whether it decoded.

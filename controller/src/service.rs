@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use crate::action::{ActionError, Call, Reply, Responder, execute};
 use crate::consoles::Consoles;
 use crate::fleet::{Fleet, FleetConfig};
+use crate::inbound::{Inbound, Limiter};
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::store::{PgStore, SqliteStore, Store, StoreError};
@@ -111,7 +112,7 @@ const MAX_BATCH: usize = 512;
 
 /// One input to the service loop.
 enum Input {
-    Message((String, Vec<u8>)),
+    Message(Inbound),
     Call(Call),
     Tick,
 }
@@ -121,7 +122,7 @@ enum Input {
 fn batch(
     first: Input,
     calls: &mut mpsc::Receiver<Call>,
-    msgs: &mut mpsc::Receiver<(String, Vec<u8>)>,
+    msgs: &mut mpsc::Receiver<Inbound>,
 ) -> Vec<Input> {
     let mut inputs = vec![first];
     while inputs.len() < MAX_BATCH {
@@ -178,10 +179,25 @@ fn now_ms() -> u64 {
 }
 
 /// Folds one MQTT message into the fleet; returns false if it did not decode.
-pub fn ingest(fleet: &mut Fleet, now: u64, topic: &str, payload: &[u8]) -> bool {
-    let Ok((node, ch)) = topics::parse(topic) else {
+///
+/// A node an operator removed is not re-admitted by what the broker kept of it (its retained
+/// status, inventory, addresses): only by its agent connecting anew (a live `online` status,
+/// which needs credentials: provisioned again). Until then everything it sends is dropped.
+pub fn ingest(fleet: &mut Fleet, now: u64, m: &Inbound) -> bool {
+    let Ok((node, ch)) = topics::parse(&m.topic) else {
         return false;
     };
+    let payload = m.payload.as_slice();
+    if fleet.is_removed(&node) {
+        let fresh_online = ch == Channel::Status
+            && !m.retained
+            && NodeStatus::decode(payload)
+                .is_ok_and(|s| s.presence == outpost_protocol::Presence::Online);
+        if !fresh_online {
+            return true;
+        }
+        fleet.readmit(&node);
+    }
     match ch {
         Channel::Status => NodeStatus::decode(payload)
             .map(|s| fleet.on_status(now, &node, s))
@@ -308,7 +324,9 @@ struct Shell {
     store: StoreWorker,
     client: AsyncClient,
     leading: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    msgs: mpsc::Receiver<(String, Vec<u8>)>,
+    msgs: mpsc::Receiver<Inbound>,
+    /// The per-node rate limit the MQTT task applies (its drop counts become node notices).
+    limiter: std::sync::Arc<std::sync::Mutex<Limiter>>,
     calls: mpsc::Receiver<Call>,
     events_tx: tokio::sync::broadcast::Sender<crate::views::EventView>,
     consoles: Consoles,
@@ -372,7 +390,9 @@ pub async fn serve(
     }
 
     let (client, mut el) = mqtt(&own);
-    let (msg_tx, msg_rx) = mpsc::channel::<(String, Vec<u8>)>(10_000);
+    let (msg_tx, msg_rx) = mpsc::channel::<Inbound>(10_000);
+    let limiter = std::sync::Arc::new(std::sync::Mutex::new(Limiter::default()));
+    let limit = std::sync::Arc::clone(&limiter);
     let sub = client.clone();
     let m = std::sync::Arc::clone(&metrics);
     let leading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -392,7 +412,24 @@ pub async fn serve(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if msg_tx.send((p.topic, p.payload.to_vec())).await.is_err() {
+                    // One device gets its share and no more (see `inbound`): what passes is
+                    // queued for the service loop, which keeps up with honest nodes.
+                    let node = p.topic.split('/').nth(2).unwrap_or_default();
+                    let pass = limit.lock().unwrap_or_else(|e| e.into_inner()).admit(
+                        node,
+                        p.payload.len(),
+                        Instant::now(),
+                    );
+                    if !pass {
+                        m.dropped("rate");
+                        continue;
+                    }
+                    let msg = Inbound {
+                        topic: p.topic,
+                        payload: p.payload.to_vec(),
+                        retained: p.retain,
+                    };
+                    if msg_tx.send(msg).await.is_err() {
                         return;
                     }
                 }
@@ -498,6 +535,7 @@ pub async fn serve(
         client,
         leading,
         msgs: msg_rx,
+        limiter,
         calls: call_rx,
         events_tx,
         consoles,
@@ -792,17 +830,24 @@ impl Shell {
             executed += inputs.len();
             for input in inputs {
                 match input {
-                    Input::Message((topic, payload)) => {
-                        let parsed = topics::parse(&topic);
+                    Input::Message(m) => {
+                        let parsed = topics::parse(&m.topic);
                         let ok = match &parsed {
-                            Ok((node, Channel::Console)) => self.consoles.answer(node, &payload),
-                            _ => ingest(&mut fleet, now, &topic, &payload),
+                            Ok((node, Channel::Console)) => {
+                                self.consoles.answer(node, &m.payload)
+                                    != crate::consoles::Answered::Malformed
+                            }
+                            _ => ingest(&mut fleet, now, &m),
                         };
                         let channel = parsed.as_ref().map_or("other", |(_, c)| c.name());
                         metrics.received(channel, ok);
                         if !ok {
                             malformed += 1;
-                            tracing::warn!(%topic, len = payload.len(), malformed, "dropped a message that does not decode");
+                            // Said at the first ones, then at each doubling: a flood of garbage
+                            // does not flood the log.
+                            if malformed.is_power_of_two() {
+                                tracing::warn!(topic = %m.topic, len = m.payload.len(), malformed, "dropped a message that does not decode");
+                            }
                         }
                     }
                     Input::Call((action, actor, reply, arrived)) => {
@@ -831,7 +876,17 @@ impl Shell {
                         }
                         replies.push((reply, mutates, r, arrived));
                     }
-                    Input::Tick => fleet.tick(now),
+                    Input::Tick => {
+                        let dropped = self
+                            .limiter
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .take_dropped();
+                        for (node, n) in dropped {
+                            fleet.on_flood(&node, n);
+                        }
+                        fleet.tick(now);
+                    }
                 }
             }
         };
@@ -952,6 +1007,7 @@ impl Shell {
                 }
                 let sent = changes.publish.len() as u64;
                 publish(&self.client, changes.publish).await;
+                clear_retained(&self.client, &changes.removed_nodes).await;
                 metrics
                     .mqtt_sent
                     .get_or_create(&crate::metrics::ChannelLabel {
@@ -988,6 +1044,24 @@ impl Shell {
     }
 }
 
+/// Clears what the broker keeps of nodes an operator removed (their status, inventory,
+/// desired state and addresses), so that nothing of them is delivered again: a controller
+/// starting later would otherwise see them `up` from their retained status.
+async fn clear_retained(client: &AsyncClient, nodes: &[NodeId]) {
+    for node in nodes {
+        for ch in Channel::ALL.into_iter().filter(|c| c.retained()) {
+            let topic = topics::topic(node, ch);
+            // An empty retained payload removes the broker's copy.
+            if let Err(e) = client
+                .publish(topic.as_str(), QoS::AtLeastOnce, true, Vec::new())
+                .await
+            {
+                tracing::warn!(%node, error = %e, "cannot clear a removed node's retained topic");
+            }
+        }
+    }
+}
+
 async fn publish(client: &AsyncClient, states: Vec<(NodeId, outpost_protocol::DesiredState)>) {
     for (node, d) in states {
         let bytes = match d.to_vec() {
@@ -1019,7 +1093,13 @@ mod tests {
         let (msg_tx, mut msgs) = mpsc::channel(4 * MAX_BATCH);
         let total = 2 * MAX_BATCH + 7;
         for k in 0..total {
-            msg_tx.try_send((format!("t{k}"), vec![])).unwrap();
+            msg_tx
+                .try_send(Inbound {
+                    topic: format!("t{k}"),
+                    payload: vec![],
+                    retained: false,
+                })
+                .unwrap();
         }
         let (reply, _rx) = tokio::sync::oneshot::channel();
         call_tx
@@ -1038,7 +1118,7 @@ mod tests {
             assert!(b.len() <= MAX_BATCH);
             for i in b {
                 match i {
-                    Input::Message((t, _)) => seen.push(t),
+                    Input::Message(m) => seen.push(m.topic),
                     Input::Call(_) => calls_seen += 1,
                     Input::Tick => {}
                 }

@@ -140,6 +140,9 @@ pub struct InstanceView {
     /// When it was created (ms since the epoch; 0 when not known).
     #[serde(default)]
     pub created_ms: u64,
+    /// Adopted from the node that held it (unknown to the store): pinned to that node.
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 /// A network interface as shown.
@@ -318,6 +321,7 @@ impl InstanceView {
             ip: None,
             addresses: Vec::new(),
             created_ms: 0,
+            adopted: false,
         }
     }
 }
@@ -554,6 +558,7 @@ impl From<&InstanceRecord> for InstanceView {
             },
             placement: i.placement.clone(),
             created_ms: i.created_ms,
+            adopted: i.adopted,
             ..Self::of_spec(i.id, &i.name, &i.spec, i.power)
         }
     }
@@ -639,8 +644,11 @@ pub struct CreateBody {
 /// The most cloud-init user-data (or network-config) an instance takes, as Nova's limit.
 pub const MAX_USER_DATA: usize = 64 * 1024;
 
-/// Checks an SSH public key line: `TYPE BASE64 [comment]`.
+/// Checks one SSH public key entry: exactly one `TYPE BASE64 [comment]` line, whose base64
+/// decodes to a key blob of that type (as `ssh-keygen -l` reads it), with a printable comment:
+/// nothing in it can add a second key or break the `meta-data` it is written into.
 pub fn check_ssh_key(k: &str) -> Result<(), String> {
+    use base64::Engine as _;
     const TYPES: [&str; 7] = [
         "ssh-ed25519",
         "ssh-rsa",
@@ -650,6 +658,15 @@ pub fn check_ssh_key(k: &str) -> Result<(), String> {
         "sk-ssh-ed25519@openssh.com",
         "sk-ecdsa-sha2-nistp256@openssh.com",
     ];
+    if k.contains(['\n', '\r']) {
+        return Err("one key per entry: it holds a line break".into());
+    }
+    if k.chars().any(char::is_control) {
+        return Err("it holds control characters".into());
+    }
+    if k.len() > 16 * 1024 {
+        return Err("longer than 16 KiB".into());
+    }
     let mut f = k.split_whitespace();
     let (Some(t), Some(b)) = (f.next(), f.next()) else {
         return Err("expected `TYPE BASE64 [comment]`".into());
@@ -657,13 +674,16 @@ pub fn check_ssh_key(k: &str) -> Result<(), String> {
     if !TYPES.contains(&t) {
         return Err(format!("unknown key type {t:?}"));
     }
-    let b64 = b.len() >= 16
-        && b.len() % 4 == 0
-        && b.trim_end_matches('=')
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/');
-    if !b64 {
+    let Ok(blob) = base64::engine::general_purpose::STANDARD.decode(b) else {
         return Err("its key is not base64".into());
+    };
+    // The blob starts with its own type, as a length-prefixed string.
+    let named = blob
+        .get(..4)
+        .map(|n| u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize)
+        .and_then(|n| blob.get(4..4 + n));
+    if named != Some(t.as_bytes()) {
+        return Err(format!("its key is not a {t} key"));
     }
     Ok(())
 }
@@ -989,5 +1009,34 @@ impl OverviewView {
                     .collect(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_ssh_key;
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f";
+
+    #[test]
+    fn one_checked_key_per_entry() {
+        assert_eq!(check_ssh_key(KEY), Ok(()));
+        assert_eq!(check_ssh_key(&format!("{KEY} me@laptop")), Ok(()));
+        // Two keys in one entry, or a line break that would end the quoted YAML string.
+        assert!(check_ssh_key(&format!("{KEY}\n{KEY}")).is_err());
+        assert!(check_ssh_key(&format!("{KEY} x\"\ninstance-id: evil")).is_err());
+        assert!(check_ssh_key(&format!("{KEY} a\rb")).is_err());
+        assert!(check_ssh_key(&format!("{KEY} a\u{1b}]0;t\u{7}")).is_err());
+        // The blob must be a key of the type named.
+        assert!(
+            check_ssh_key(
+                "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIAABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhscHR4f"
+            )
+            .is_err()
+        );
+        assert!(check_ssh_key("ssh-ed25519 AAAAAAAAAAAAAAAAAAAA").is_err());
+        assert!(check_ssh_key("ssh-ed25519 not-base64!!").is_err());
+        assert!(check_ssh_key("ssh-ed25519").is_err());
     }
 }

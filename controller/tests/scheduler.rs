@@ -23,6 +23,7 @@ fn host(id: &str, vcpus: u16, memory_mib: u32) -> HostState {
         images: vec![ImageName::new("base.qcow2").unwrap()],
         cached: vec![],
         recent_failures: 0,
+        instances: 0,
     }
 }
 
@@ -266,6 +267,7 @@ fn arb_host(i: usize) -> impl Strategy<Value = HostState> {
                         vec![]
                     },
                     recent_failures: failures,
+                    instances: 0,
                 }
             },
         )

@@ -55,7 +55,7 @@ fn fleet_changes_survive_a_reopen_on_postgres() {
     });
     assert_eq!(
         pg.sql("SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations"),
-        "1,2,3",
+        "1,2,3,4",
         "migrations are numbered and recorded"
     );
 }

@@ -117,3 +117,54 @@ fn past_its_lease_a_returning_node_starts_nothing_until_it_hears() {
     });
     assert_eq!(agent.ops("start", None), 0);
 }
+
+/// A retained desired state is the broker's copy, not the controller speaking: it may predate
+/// what the controller decided while the node was away (a frozen leader's last publish, a
+/// store behind). An agent past its lease that finds one on reconnect converges deletes to it
+/// but starts nothing until the controller publishes after the reconnect.
+#[test]
+fn past_its_lease_a_retained_state_is_not_contact() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let ctl = TestController::connect(broker.port);
+    let mut agent = Agent::fake(dir.path(), "lease-2", broker.port, 4096, "fake");
+    let node = agent.node.clone();
+    agent.start();
+    ctl.wait(T, "inventory", |s| s.inventory_of(&node));
+    let id = 0xc0_77a1_0003_u64;
+    let vm = instance(id, kernel_boot("console=ttyS0"), 256);
+    let leased = |d: DesiredState| DesiredState { lease_secs: 2, ..d };
+    ctl.publish_desired(&node, &leased(desired(1, vec![vm.clone()])));
+    let running = |s: &Seen| {
+        (s.states(&node, InstanceId::from_u64(id)).last() == Some(&InstanceState::Running))
+            .then_some(())
+    };
+    ctl.wait(T, "the instance running", running);
+    assert_eq!(agent.ops("create", None), 1);
+
+    // The agent is gone past its lease (its host rebooted: the fake backend forgets its VMs);
+    // meanwhile the broker keeps a state that still lists the instance.
+    agent.proc().kill();
+    ctl.publish_desired(&node, &leased(desired(2, vec![vm.clone()])));
+    std::thread::sleep(Duration::from_secs(3));
+    let log_before = agent.ops("create", None);
+    agent.start();
+    ctl.wait(T, "generation 2 taken from the retained copy", |s| {
+        s.acks(&node)
+            .contains(&(2, AckResult::Accepted))
+            .then_some(())
+    });
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            agent.ops("create", None),
+            log_before,
+            "built from a retained state past the lease"
+        );
+    }
+    // The controller speaks on this connection: now it builds.
+    ctl.publish_desired(&node, &leased(desired(3, vec![vm])));
+    wait_for(T, "built after the controller's fresh state", || {
+        (agent.ops("create", None) > log_before).then_some(())
+    });
+}

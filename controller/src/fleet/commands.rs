@@ -163,6 +163,7 @@ impl Fleet {
                 failures: Vec::new(),
                 reason: String::new(),
                 created_ms: now_ms,
+                adopted: false,
             },
         );
         self.touch_instance(id);
@@ -411,6 +412,8 @@ impl Fleet {
         self.journal.nodes.remove(node);
         self.journal.publish.remove(node);
         self.journal.removed_nodes.insert(node.clone());
+        self.journal.readmitted.remove(node);
+        self.removed.insert(node.clone());
         self.node_event(node, "removed", format!("{moved} instance(s) moved first"));
         tracing::warn!(%node, moved, "node removed by an operator");
         Ok(moved)
@@ -425,6 +428,23 @@ impl Fleet {
         let Some(i) = self.instances.get(&id) else {
             return Ok(());
         };
+        if i.adopted {
+            // Only its node ever said it exists: it is not rebuilt on another.
+            let name = i.name.clone();
+            if let Some((node, why)) = failed_on {
+                let reason = format!(
+                    "failed on {node}, which it was adopted from: {why} (pinned there, not rebuilt elsewhere)"
+                );
+                if let Some(i) = self.instances.get_mut(&id) {
+                    i.phase = Phase::Error;
+                    i.reason = reason.clone();
+                }
+                self.touch_instance(id);
+                self.instance_event(id, "error", reason);
+                return Ok(());
+            }
+            return Err(FleetError::Pinned(name));
+        }
         self.table.track(i.spec.resources());
         let old = i.node.clone();
         let mut exclude: Vec<NodeId> = i.failures.iter().map(|(n, _)| n.clone()).collect();

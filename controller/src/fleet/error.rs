@@ -59,6 +59,11 @@ pub enum FleetError {
     /// The instance has no node (so no console).
     #[error("instance {0} is on no node")]
     NotPlaced(String),
+    /// An adopted instance stays on the node that held it.
+    #[error(
+        "instance {0} was adopted from its node and is pinned there: delete it, or create it anew elsewhere"
+    )]
+    Pinned(String),
     /// An instance's image has another architecture than the one asked.
     #[error("image {0} is {1}: it cannot run as {2}")]
     ImageArch(String, Arch, Arch),

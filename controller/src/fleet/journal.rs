@@ -31,6 +31,8 @@ pub struct Journal {
     pub tombstones: Vec<InstanceId>,
     /// Nodes removed by an operator.
     pub removed_nodes: BTreeSet<NodeId>,
+    /// Removed nodes whose agent connected anew.
+    pub readmitted: BTreeSet<NodeId>,
     /// Catalogue images to store, by name and version.
     pub images: BTreeSet<(String, String)>,
     /// Catalogue images to remove.
@@ -57,8 +59,11 @@ pub struct Changes {
     pub groups: Vec<(String, GroupPolicy)>,
     /// Desired states to publish (retained), after the above is stored.
     pub publish: Vec<(NodeId, DesiredState)>,
-    /// Nodes to remove from the store.
+    /// Nodes to remove from the store (their tombstones kept: see
+    /// [`Fleet::is_removed`]); the shell clears their retained topics once stored.
     pub removed_nodes: Vec<NodeId>,
+    /// Removed nodes admitted again: their tombstones go.
+    pub readmitted: Vec<NodeId>,
     /// Catalogue images to upsert.
     pub images: Vec<ImageRecord>,
     /// Catalogue images to remove (name, version).
@@ -78,6 +83,7 @@ impl Changes {
             && self.groups.is_empty()
             && self.tombstones.is_empty()
             && self.removed_nodes.is_empty()
+            && self.readmitted.is_empty()
             && self.images.is_empty()
             && self.removed_images.is_empty()
             && self.events.is_empty())
@@ -87,6 +93,7 @@ impl Changes {
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
             && self.removed_nodes.is_empty()
+            && self.readmitted.is_empty()
             && self.instances.is_empty()
             && self.removed.is_empty()
             && self.groups.is_empty()
@@ -117,6 +124,9 @@ impl Fleet {
                     power_mode: i.power_mode,
                     spec: i.spec.clone(),
                 })
+                // The instance cap is a scheduler filter and adoption keeps to it: never more
+                // than the wire carries (the rest would be a bug, not a panic).
+                .take(outpost_protocol::limits::MAX_INSTANCES_PER_NODE)
                 .collect(),
             gone: self.gone_for(node).into_iter().collect(),
             fetch: self.cfg.image_url.clone().map(|url| FetchFrom {
@@ -170,6 +180,9 @@ impl Fleet {
             .collect();
         Changes {
             removed_nodes,
+            readmitted: std::mem::take(&mut self.journal.readmitted)
+                .into_iter()
+                .collect(),
             tombstones,
             images: std::mem::take(&mut self.journal.images)
                 .into_iter()
@@ -221,6 +234,7 @@ impl Fleet {
             .extend(c.groups.into_iter().map(|(g, _)| g));
         self.journal.tombstones.extend(c.tombstones);
         self.journal.removed_nodes.extend(c.removed_nodes);
+        self.journal.readmitted.extend(c.readmitted);
         for i in c.images {
             let k = (i.name, i.version);
             if self.images.contains_key(&k) {

@@ -38,6 +38,9 @@ pub struct Fleet {
     /// Instances this store created and deleted: the only ones a node is told are gone
     /// without being placed elsewhere.
     tombstones: HashSet<InstanceId>,
+    /// Nodes an operator removed: never re-admitted from what the broker kept of them, only
+    /// when their agent connects anew.
+    removed: HashSet<NodeId>,
     /// The scheduler's view of the nodes, kept up to date as they change.
     table: HostTable,
     nodes: BTreeMap<NodeId, NodeRecord>,
@@ -126,10 +129,12 @@ impl Fleet {
             images,
             blob_key,
             events,
+            removed_nodes,
         } = snap;
         let mut f = Self {
             id: fleet,
             tombstones: tombstones.into_iter().collect(),
+            removed: removed_nodes.into_iter().collect(),
             table: scheduler.table(),
             scheduler,
             cfg,
@@ -206,6 +211,7 @@ impl Fleet {
             images: inv.images.iter().cloned().collect(),
             cached: inv.cached.iter().copied().collect(),
             recent_failures: self.recent_failures(n, now_ms),
+            instances: self.count_on(id),
         };
         self.table.upsert(&host);
     }
@@ -234,16 +240,51 @@ impl Fleet {
         to: Option<&NodeId>,
     ) {
         if let Some(n) = from {
+            unindex(&mut self.by_node, n, id);
             if let Some(idx) = self.table.index_of(n) {
                 self.table.release(idx, r);
+                self.table.set_instances(idx, self.count_on(n));
             }
-            unindex(&mut self.by_node, n, id);
         }
         if let Some(n) = to {
+            index(&mut self.by_node, n, id);
             if let Some(idx) = self.table.index_of(n) {
                 self.table.claim(idx, r);
+                self.table.set_instances(idx, self.count_on(n));
             }
-            index(&mut self.by_node, n, id);
+        }
+    }
+
+    /// How many instances a node holds (those it is deleting too: they are in its desired
+    /// state's `gone` list, as bounded as its instances).
+    pub(crate) fn count_on(&self, node: &NodeId) -> u32 {
+        self.by_node.get(node).map_or(0, |s| s.len() as u32)
+    }
+
+    /// Whether a node holds as many instances as a desired state can carry.
+    pub(crate) fn is_full(&self, node: &NodeId) -> bool {
+        self.count_on(node) as usize >= outpost_protocol::limits::MAX_INSTANCES_PER_NODE
+    }
+
+    /// Whether an operator removed this node (and it has not connected anew since).
+    pub fn is_removed(&self, node: &NodeId) -> bool {
+        self.removed.contains(node)
+    }
+
+    /// A removed node's agent connected anew (a live online status: it holds valid
+    /// credentials, so it was provisioned again): it is a node of this fleet again.
+    pub fn readmit(&mut self, node: &NodeId) {
+        if self.removed.remove(node) {
+            self.journal.removed_nodes.remove(node);
+            self.journal.readmitted.insert(node.clone());
+            tracing::warn!(%node, "a removed node connected anew: admitted again");
+            self.actor_as("node", |f| {
+                f.node_event(
+                    node,
+                    "readmitted",
+                    "its agent connected anew after it was removed".into(),
+                );
+            });
         }
     }
 

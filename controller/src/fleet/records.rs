@@ -143,6 +143,9 @@ pub struct InstanceRecord {
     pub reason: String,
     /// Creation time (ms since the epoch).
     pub created_ms: u64,
+    /// Adopted from the node that held it, unknown to the store (a store behind its nodes):
+    /// pinned to that node, never rebuilt or moved elsewhere by the controller on its own.
+    pub adopted: bool,
 }
 
 impl InstanceRecord {
@@ -327,4 +330,6 @@ pub struct Snapshot {
     pub blob_key: [u8; 32],
     /// The newest events, oldest first.
     pub events: Vec<super::events::EventRecord>,
+    /// Nodes an operator removed (see [`super::Fleet::is_removed`]).
+    pub removed_nodes: Vec<NodeId>,
 }

@@ -201,8 +201,16 @@ impl Fleet {
         }
     }
 
-    /// Adopts the instances of `held` that this store neither knows nor deleted, onto `node`.
-    /// Returns how many.
+    /// Adopts the instances of `held` that this store neither knows nor deleted, onto `node`
+    /// (the store is behind its nodes: an older backup, a lost log, or an operator's `nodes
+    /// adopt`). Returns how many.
+    ///
+    /// A node can only ever affect itself this way: an adopted instance is pinned to the node
+    /// that held it (never rebuilt or moved elsewhere without an operator), counts against
+    /// the node's instance cap, never takes a name in use, and may name only blobs the node
+    /// already holds verified (so that it cannot unlock catalogue images or other instances'
+    /// cloud-init parts). What breaks a rule is not adopted: it keeps running on its node,
+    /// listed as unaccounted, with an event saying why.
     pub(super) fn adopt_from(
         &mut self,
         now_ms: u64,
@@ -212,6 +220,17 @@ impl Fleet {
         let mut adopted = 0;
         for di in held {
             if self.instances.contains_key(&di.id) || self.tombstones.contains(&di.id) {
+                continue;
+            }
+            if let Err(why) = self.may_adopt(node, di) {
+                tracing::warn!(%node, id = %di.id, name = %di.name, %why, "not adopting an instance the node holds");
+                self.actor_as("node", |f| {
+                    f.node_event(
+                        node,
+                        "adoption-refused",
+                        format!("{} ({}): {why}", di.name, di.id),
+                    );
+                });
                 continue;
             }
             let mut name = di.name.to_string();
@@ -240,12 +259,46 @@ impl Fleet {
                         "adopted from {node}: it held this instance, unknown to the store"
                     ),
                     created_ms: now_ms,
+                    adopted: true,
                 },
             );
             self.touch_instance(di.id);
+            self.actor_as("node", |f| {
+                f.instance_event(
+                    di.id,
+                    "adopted",
+                    format!("held by {node}, unknown to the store: pinned there"),
+                );
+            });
             adopted += 1;
         }
         adopted
+    }
+
+    /// Why `node` may not hand `di` to this fleet, if it may not.
+    fn may_adopt(&self, node: &NodeId, di: &DesiredInstance) -> Result<(), String> {
+        if self.is_full(node) {
+            return Err(format!(
+                "the node is at its limit of {} instances",
+                outpost_protocol::limits::MAX_INSTANCES_PER_NODE
+            ));
+        }
+        let cached = self
+            .nodes
+            .get(node)
+            .and_then(|n| n.inventory.as_ref())
+            .map(|i| &i.cached);
+        if let Some(b) = di
+            .spec
+            .blobs()
+            .find(|b| !cached.is_some_and(|c| c.contains(&b.digest)))
+        {
+            return Err(format!(
+                "it names blob {} that the node does not hold",
+                b.digest
+            ));
+        }
+        Ok(())
     }
 
     /// What a node holds that the fleet cannot place: instances of a node bound to another
@@ -293,6 +346,30 @@ impl Fleet {
                     self.touch_instance(id);
                 }
             }
+        }
+    }
+
+    /// A node sent more than its share of messages (see [`crate::inbound`]): `dropped` of
+    /// them were dropped before they were handled. Said on the node (a notice), and in its
+    /// history once per flood.
+    pub fn on_flood(&mut self, node: &NodeId, dropped: u64) {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return;
+        };
+        let first = !n
+            .notice
+            .as_deref()
+            .is_some_and(|x| x.starts_with("flooding"));
+        n.notice = Some(format!(
+            "flooding: {dropped} messages dropped in the last seconds (past its rate limit)"
+        ));
+        tracing::warn!(%node, dropped, "node past its message rate limit: messages dropped");
+        if first {
+            self.node_event(
+                node,
+                "flooding",
+                format!("{dropped} messages dropped past its rate limit"),
+            );
         }
     }
 
@@ -361,6 +438,18 @@ impl Fleet {
                 state,
                 reason,
             } => {
+                // Kept only for a blob the node was asked for: what a node says of others
+                // would grow this table without bound.
+                let asked = self
+                    .on_node(node)
+                    .any(|i| i.spec.blobs().any(|b| b.digest == *digest))
+                    || self
+                        .nodes
+                        .get(node)
+                        .is_some_and(|n| n.prefetch.iter().any(|b| b.digest == *digest));
+                if !asked {
+                    return;
+                }
                 let p = FetchProgress {
                     done: *done,
                     total: *total,

@@ -107,6 +107,8 @@ pub enum Filter {
     Memory,
     /// Not enough disk.
     Disk,
+    /// At its instance limit ([`outpost_protocol::limits::MAX_INSTANCES_PER_NODE`]).
+    Instances,
     /// Missing a required label.
     Labels,
     /// Missing an image.
@@ -119,7 +121,7 @@ pub enum Filter {
 
 impl Filter {
     /// Every filter, in order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Availability,
         Self::Retry,
         Self::Architecture,
@@ -127,6 +129,7 @@ impl Filter {
         Self::Vcpus,
         Self::Memory,
         Self::Disk,
+        Self::Instances,
         Self::Labels,
         Self::Image,
         Self::Affinity,
@@ -143,6 +146,7 @@ impl Filter {
             Self::Vcpus => "vcpus",
             Self::Memory => "memory",
             Self::Disk => "disk",
+            Self::Instances => "instances",
             Self::Labels => "labels",
             Self::Image => "image",
             Self::Affinity => "affinity",
@@ -291,6 +295,9 @@ impl Scheduler {
         if let Some(f) = capacity_filter(&t.headroom[i], &p.want) {
             return Some(f);
         }
+        if t.full.get(i) {
+            return Some(Filter::Instances);
+        }
         if !has_all(&p.labels, i) {
             return Some(Filter::Labels);
         }
@@ -368,7 +375,7 @@ impl Scheduler {
     ) -> Result<Placement, NoValidHost> {
         // Hosts passing every filter but capacity, 64 at a time.
         let mask = |w: usize| {
-            let mut m = t.up.word(w) & arch.word(w) & !p.exclude.word(w);
+            let mut m = t.up.word(w) & arch.word(w) & !p.exclude.word(w) & !t.full.word(w);
             if p.kvm {
                 m &= t.kvm.word(w);
             }

@@ -2,6 +2,7 @@
 //! allocation ratios, claims, headroom, flags), with labels and images interned into one host
 //! bitset per distinct value. Claims are kept incrementally as instances come and go.
 
+use outpost_protocol::limits::MAX_INSTANCES_PER_NODE;
 use outpost_protocol::{Arch, Digest, HypervisorKind, ImageName, Label, NodeId, Resources};
 
 use super::bits::Bits;
@@ -63,6 +64,9 @@ pub struct HostState {
     pub cached: Vec<Digest>,
     /// Builds that failed on it recently (a weigher penalty).
     pub recent_failures: u32,
+    /// Instances placed on it (those it is deleting too): a node takes at most
+    /// [`MAX_INSTANCES_PER_NODE`], the most its desired state can carry.
+    pub instances: u32,
 }
 
 /// Where the allocation ratios turn capacities into what can be claimed.
@@ -146,6 +150,11 @@ pub struct HostTable {
     /// and the weighers read.
     pub(super) headroom: Vec<[i64; 3]>,
     pub(super) failures: Vec<u32>,
+    /// Instances placed on each host.
+    pub(super) instances: Vec<u32>,
+    /// Hosts holding [`MAX_INSTANCES_PER_NODE`] instances: they take no more (the
+    /// `instances` filter).
+    pub(super) full: Bits,
     pub(super) labels: Interned<Label>,
     pub(super) images: Interned<ImageName>,
     pub(super) cached: Interned<Digest>,
@@ -189,6 +198,8 @@ impl HostTable {
             claimed: Vec::new(),
             headroom: Vec::new(),
             failures: Vec::new(),
+            instances: Vec::new(),
+            full: Bits::default(),
             labels: Interned::default(),
             images: Interned::default(),
             cached: Interned::default(),
@@ -249,6 +260,7 @@ impl HostTable {
                 self.claimed.push([0; 3]);
                 self.headroom.push([0; 3]);
                 self.failures.push(0);
+                self.instances.push(0);
                 i
             }
         };
@@ -276,6 +288,7 @@ impl HostTable {
             u64::from(h.claimed.disk_gib),
         ];
         self.failures[idx] = h.recent_failures;
+        self.set_instances(idx, h.instances);
         self.sync_headroom(idx);
         self.labels.set_host(idx, &h.labels);
         let mut images = h.images.clone();
@@ -317,6 +330,17 @@ impl HostTable {
     pub fn set_failures(&mut self, idx: HostIdx, n: u32) {
         self.failures[idx] = n;
         self.rank(idx);
+    }
+
+    /// Sets how many instances a host holds (at [`MAX_INSTANCES_PER_NODE`] it takes no more).
+    pub fn set_instances(&mut self, idx: HostIdx, n: u32) {
+        self.instances[idx] = n;
+        self.full.set(idx, n as usize >= MAX_INSTANCES_PER_NODE);
+    }
+
+    /// How many instances a host holds.
+    pub fn instances(&self, idx: HostIdx) -> u32 {
+        self.instances[idx]
     }
 
     /// Keeps track of which hosts have room for requests of this size, from now on (the

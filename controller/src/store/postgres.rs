@@ -89,6 +89,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
            RETURN current;
          END $$;",
     ),
+    (
+        4,
+        "ALTER TABLE instances ADD COLUMN adopted BOOLEAN NOT NULL DEFAULT FALSE;
+         CREATE TABLE removed_nodes (id TEXT PRIMARY KEY);",
+    ),
 ];
 
 /// The SQLSTATE `outpost_fence` fails with.
@@ -481,6 +486,21 @@ fn apply_in_a_transaction(
     if !ch.removed_nodes.is_empty() {
         let ids: Vec<&str> = ch.removed_nodes.iter().map(|n| n.as_str()).collect();
         exec(c, stmts, "DELETE FROM nodes WHERE id = ANY($1)", &[&ids])?;
+        exec(
+            c,
+            stmts,
+            "INSERT INTO removed_nodes (id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+            &[&ids],
+        )?;
+    }
+    if !ch.readmitted.is_empty() {
+        let ids: Vec<&str> = ch.readmitted.iter().map(|n| n.as_str()).collect();
+        exec(
+            c,
+            stmts,
+            "DELETE FROM removed_nodes WHERE id = ANY($1)",
+            &[&ids],
+        )?;
     }
     for (name, version) in &ch.removed_images {
         exec(
@@ -708,6 +728,7 @@ impl Store for PgStore {
             let ours = epoch.map(|e| e as i64);
             let r = if ch.removed.is_empty()
                 && ch.removed_nodes.is_empty()
+                && ch.readmitted.is_empty()
                 && ch.removed_images.is_empty()
             {
                 // The common batch (creates, reports, events): one statement, one round trip.

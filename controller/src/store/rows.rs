@@ -114,6 +114,10 @@ pub(super) fn snapshot<R: Reader>(
                 .parse()
                 .map_err(|e: outpost_protocol::IdError| corrupt("tombstones", e.to_string()))
         })?,
+        removed_nodes: r.each("SELECT id FROM removed_nodes ORDER BY id", None, |x| {
+            NodeId::new(&x.text(0).map_err(err)?)
+                .map_err(|e| corrupt("removed_nodes", e.to_string()))
+        })?,
     })
 }
 
@@ -131,7 +135,7 @@ fn join_lines<T>(items: &[T], f: impl Fn(&T) -> String) -> String {
 /// The node columns, in order.
 pub const NODE_COLS: &str = "id, inventory, session, cordoned, draining, generation, reported_generation, last_seen_ms, failures, labels";
 /// The instance columns, in order.
-pub const INSTANCE_COLS: &str = "id, name, spec, selector, grp, power, reboot_count, phase, node, failures, reason, created_ms, power_force, power_grace, placement";
+pub const INSTANCE_COLS: &str = "id, name, spec, selector, grp, power, reboot_count, phase, node, failures, reason, created_ms, power_force, power_grace, placement, adopted";
 /// The image columns, in order.
 pub const IMAGE_COLS: &str = "name, version, sha256, size, arch, format, url, created_ms";
 /// The event columns, in order.
@@ -213,6 +217,7 @@ pub fn instance_row(i: &InstanceRecord) -> Result<Vec<Val>, StoreError> {
         Val::Flag(i.power_mode.force),
         Val::Int(i64::from(i.power_mode.stop_timeout_secs)),
         Val::Text(i.placement.clone()),
+        Val::Flag(i.adopted),
     ])
 }
 
@@ -264,6 +269,7 @@ pub fn instance_from<C: Cols>(r: &C) -> Result<InstanceRecord, StoreError> {
             stop_timeout_secs: u16::try_from(r.int(13).map_err(e)?).unwrap_or(u16::MAX),
         },
         placement: r.text(14).map_err(e)?,
+        adopted: r.flag(15).map_err(e)?,
     })
 }
 

@@ -96,7 +96,8 @@ impl SqliteStore {
                 reboot_count INTEGER NOT NULL, phase TEXT NOT NULL, node TEXT,
                 failures TEXT NOT NULL, reason TEXT NOT NULL, created_ms INTEGER NOT NULL,
                 power_force INTEGER NOT NULL DEFAULT 0, power_grace INTEGER NOT NULL DEFAULT 0,
-                placement TEXT NOT NULL DEFAULT '');
+                placement TEXT NOT NULL DEFAULT '', adopted INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE IF NOT EXISTS removed_nodes (id TEXT PRIMARY KEY);
              CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, policy TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS tombstones (id TEXT PRIMARY KEY);
              CREATE TABLE IF NOT EXISTS images (
@@ -121,6 +122,15 @@ impl SqliteStore {
                 "ALTER TABLE instances ADD COLUMN power_force INTEGER NOT NULL DEFAULT 0;
                  ALTER TABLE instances ADD COLUMN power_grace INTEGER NOT NULL DEFAULT 0;
                  ALTER TABLE instances ADD COLUMN placement TEXT NOT NULL DEFAULT '';",
+            )?;
+        }
+        // Schema 1-4 stores: adopted instances came with schema 5.
+        if conn
+            .prepare("SELECT adopted FROM instances LIMIT 0")
+            .is_err()
+        {
+            conn.execute_batch(
+                "ALTER TABLE instances ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0",
             )?;
         }
         let v: Option<i64> = conn
@@ -319,6 +329,14 @@ impl Store for SqliteStore {
             run(
                 "DELETE FROM nodes WHERE id = ?1",
                 &mut c.removed_nodes.iter().map(|n| text(n.as_str().into())),
+            )?;
+            run(
+                "INSERT OR IGNORE INTO removed_nodes (id) VALUES (?1)",
+                &mut c.removed_nodes.iter().map(|n| text(n.as_str().into())),
+            )?;
+            run(
+                "DELETE FROM removed_nodes WHERE id = ?1",
+                &mut c.readmitted.iter().map(|n| text(n.as_str().into())),
             )?;
             run(
                 "DELETE FROM images WHERE name = ?1 AND version = ?2",
