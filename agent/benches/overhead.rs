@@ -124,6 +124,7 @@ fn main() {
                 cmdline: "console=ttyS0 panic=-1",
             },
             disk: None,
+            backing: None,
             seed: None,
             network: &spec.network,
             console_log: &console,

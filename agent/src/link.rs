@@ -101,6 +101,9 @@ pub enum LinkEvent {
         session: u64,
         /// The broker's host.
         broker: String,
+        /// The broker kept this client's session (its subscriptions, and the messages
+        /// published for it while it was away, which it now delivers first).
+        resumed: bool,
     },
     /// A message from the broker.
     Message(rumqttc::Publish),
@@ -130,11 +133,12 @@ async fn drive_link(
     let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_MAX);
     loop {
         let ev = match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff.reset();
                 LinkEvent::Connected {
                     session,
                     broker: cfg.brokers[broker % cfg.brokers.len()].host.clone(),
+                    resumed: ack.session_present,
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => LinkEvent::Message(p),

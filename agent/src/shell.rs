@@ -85,6 +85,9 @@ struct Shell {
     /// instances rebuilt elsewhere, or deleted), so an agent past its lease starts nothing on
     /// its word alone.
     fresh: bool,
+    /// On a resumed session, until the broker's retained copy arrives: what arrives is what
+    /// was queued while the agent was away.
+    queued: bool,
     /// The hypervisor stopped answering (libvirtd restarting): nothing is changed meanwhile.
     hv_down: bool,
     /// Downloads: their progress and results come back here.
@@ -352,9 +355,10 @@ impl Shell {
         }
     }
 
-    /// A desired state from the broker; `retained`: the broker's kept copy, delivered on
-    /// subscribe, not a publish of the controller's since this connection.
-    async fn on_desired(&mut self, payload: &[u8], retained: bool) -> bool {
+    /// A desired state from the broker; `old`: the broker's kept copy (delivered on subscribe)
+    /// or one queued for this session while the agent was away, not a publish of the
+    /// controller's since this connection: it is stored and converged to, but is not contact.
+    async fn on_desired(&mut self, payload: &[u8], old: bool) -> bool {
         let d = match DesiredState::decode(payload) {
             Ok(d) => Box::new(d),
             Err(e) => {
@@ -383,7 +387,7 @@ impl Shell {
                                     | NoticeKind::LeaseExpired
                             )
                         });
-                        if !retained {
+                        if !old {
                             self.heard(true).await;
                         }
                         return true;
@@ -399,7 +403,7 @@ impl Shell {
             Offer::Same => {
                 let ack = self.rec.ack_current();
                 self.publish_event(&ack);
-                if !retained {
+                if !old {
                     // The controller's answer to this connection: starting is allowed again
                     // (a restart with an expired lease).
                     self.heard(false).await;
@@ -725,6 +729,7 @@ async fn run_loop(
         heard_saved: None,
         synced: false,
         fresh: false,
+        queued: false,
         hv_down: false,
         fetch_tx,
         fetch_slots,
@@ -747,7 +752,7 @@ async fn run_loop(
         tokio::select! {
             () = &mut shutdown => break,
             Some(ev) = link_rx.recv() => match ev {
-                LinkEvent::Connected { session: s, broker } => {
+                LinkEvent::Connected { session: s, broker, resumed } => {
                     if ever_connected {
                         sh.metrics.mqtt_reconnects.inc();
                     }
@@ -758,6 +763,10 @@ async fn run_loop(
                     sh.connected = true;
                     sh.synced = false;
                     sh.fresh = false;
+                    // A resumed session first delivers what was published while the agent was
+                    // away (not flagged retained, yet as old): only a publish after the
+                    // broker's retained copy (sent again for the new subscription) is new.
+                    sh.queued = resumed;
                     let _ = sh.client.try_subscribe(desired_topic.as_str(), QoS::AtLeastOnce);
                     let _ = sh.client.try_subscribe(console_topic.as_str(), QoS::AtMostOnce);
                     sh.announce(session);
@@ -765,8 +774,12 @@ async fn run_loop(
                 LinkEvent::Message(p) => {
                     if p.topic == desired_topic.as_str() {
                         sh.synced = true;
-                        sh.fresh |= !p.retain;
-                        pass_due |= sh.on_desired(&p.payload, p.retain).await;
+                        let old = p.retain || sh.queued;
+                        if p.retain {
+                            sh.queued = false;
+                        }
+                        sh.fresh |= !old;
+                        pass_due |= sh.on_desired(&p.payload, old).await;
                     } else if p.topic == console_topic.as_str() {
                         sh.on_console(&p.payload);
                     } else {

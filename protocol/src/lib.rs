@@ -26,6 +26,7 @@ pub mod legacy;
 pub mod limits;
 mod messages;
 mod node;
+pub mod qcow2;
 mod spec;
 pub mod topics;
 pub use topics::TopicError;

@@ -424,3 +424,35 @@ impl Link {
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// What the broker on `port` keeps retained on `node`'s `channel`: a fresh client subscribes
+/// and waits up to `wait` for it (none: nothing kept).
+pub fn retained(port: u16, node: &NodeId, channel: Channel, wait: Duration) -> Option<Vec<u8>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let topic = topics::topic(node, channel).to_string();
+    rt.block_on(async move {
+        let opts = MqttOptions::new(format!("test-retained-{}", free_port()), "127.0.0.1", port);
+        let (client, mut el) = AsyncClient::new(opts, 16);
+        let got = tokio::time::timeout(wait, async {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        client.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.retain => {
+                        return p.payload.to_vec();
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+        .await
+        .ok();
+        let _ = client.disconnect().await;
+        got
+    })
+}

@@ -134,6 +134,13 @@ impl Proc {
         c.wait().unwrap()
     }
 
+    /// Whether it is still running (it has not exited, crashed or aborted).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)

@@ -108,6 +108,29 @@ fn is_qcow2(file: &Path) -> bool {
         && magic == *b"QFI\xfb"
 }
 
+/// What [`LibvirtHypervisor::make_disk`] made.
+enum MadeDisk {
+    /// No disk (diskless direct kernel boot).
+    None,
+    /// A blank qcow2 disk.
+    Blank,
+    /// A qcow2 overlay on this image, of this format.
+    Overlay(PathBuf, &'static str),
+}
+
+/// Checks a qcow2 image's header (see [`outpost_protocol::qcow2`]).
+fn check_qcow2(file: &Path) -> Result<(), String> {
+    use std::io::Read as _;
+    let mut head = Vec::with_capacity(outpost_protocol::qcow2::HEAD);
+    std::fs::File::open(file)
+        .and_then(|f| {
+            f.take(outpost_protocol::qcow2::HEAD as u64)
+                .read_to_end(&mut head)
+        })
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    outpost_protocol::qcow2::check(&head).map_err(|e| e.to_string())
+}
+
 fn qemu_img(args: &[&str]) -> Result<(), HypervisorError> {
     let out = Command::new("qemu-img")
         .args(args)
@@ -250,29 +273,36 @@ impl LibvirtHypervisor {
         }
     }
 
-    /// Makes the instance's disk if it does not exist yet.
-    fn make_disk(&self, spec: &InstanceSpec, disk: &Path) -> Result<bool, HypervisorError> {
+    /// Makes the instance's disk if it does not exist yet; says what it is.
+    fn make_disk(&self, spec: &InstanceSpec, disk: &Path) -> Result<MadeDisk, HypervisorError> {
         let size = format!("{}G", spec.disk_gib);
         let disk_s = disk.to_string_lossy();
         match &spec.boot {
             Boot::Disk { image } => {
                 let base = self.image(image)?;
+                let fmt = if is_qcow2(&base) {
+                    // Before anything opens it (qemu-img, QEMU): it names no other file.
+                    check_qcow2(&base)
+                        .map_err(|e| HypervisorError::Disk(format!("image {image}: {e}")))?;
+                    "qcow2"
+                } else {
+                    "raw"
+                };
                 if !disk.exists() {
-                    let fmt = if is_qcow2(&base) { "qcow2" } else { "raw" };
                     let base = base.to_string_lossy();
                     qemu_img(&[
                         "create", "-q", "-f", "qcow2", "-F", fmt, "-b", &base, &disk_s, &size,
                     ])?;
                 }
-                Ok(true)
+                Ok(MadeDisk::Overlay(base, fmt))
             }
             Boot::Kernel { .. } if spec.disk_gib > 0 => {
                 if !disk.exists() {
                     qemu_img(&["create", "-q", "-f", "qcow2", &disk_s, &size])?;
                 }
-                Ok(true)
+                Ok(MadeDisk::Blank)
             }
-            Boot::Kernel { .. } => Ok(false),
+            Boot::Kernel { .. } => Ok(MadeDisk::None),
         }
     }
 }
@@ -443,7 +473,7 @@ impl Hypervisor for LibvirtHypervisor {
                 let dir =
                     std::path::absolute(&dir).map_err(io("resolving the instance directory"))?;
                 let disk = dir.join("disk.qcow2");
-                let has_disk = self.make_disk(spec, &disk)?;
+                let made = self.make_disk(spec, &disk)?;
                 let kernel_files = match &spec.boot {
                     Boot::Kernel { kernel, initrd, .. } => Some((
                         self.image(kernel)?,
@@ -472,7 +502,11 @@ impl Hypervisor for LibvirtHypervisor {
                     vcpus: spec.vcpus,
                     memory_mib: spec.memory_mib,
                     boot,
-                    disk: has_disk.then_some(disk.as_path()),
+                    disk: (!matches!(made, MadeDisk::None)).then_some(disk.as_path()),
+                    backing: match &made {
+                        MadeDisk::Overlay(base, fmt) => Some((base.as_path(), *fmt)),
+                        _ => None,
+                    },
                     seed: seed.as_deref(),
                     network: &spec.network,
                     console_log: &console,

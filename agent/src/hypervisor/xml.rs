@@ -53,6 +53,10 @@ pub struct DomainDef<'a> {
     pub boot: BootDef<'a>,
     /// The root (or data) disk, a qcow2 file.
     pub disk: Option<&'a Path>,
+    /// The image the disk is an overlay on, and its format (`qcow2` or `raw`); none: a blank
+    /// disk. The chain is written out whole and ends there (an empty `<backingStore/>`), so
+    /// nothing a file's header names is ever opened.
+    pub backing: Option<(&'a Path, &'static str)>,
     /// The cloud-init seed volume (raw FAT), attached read-only, if any.
     pub seed: Option<&'a Path>,
     /// Network.
@@ -132,9 +136,16 @@ pub fn domain_xml(d: &DomainDef<'_>) -> String {
     x.push_str("  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n");
     x.push_str("  <on_crash>destroy</on_crash>\n  <devices>\n");
     if let Some(disk) = d.disk {
+        let chain = match d.backing {
+            Some((base, fmt)) => format!(
+                "<backingStore type='file'><format type='{fmt}'/><source file='{}'/><backingStore/></backingStore>",
+                path(base)
+            ),
+            None => "<backingStore/>".to_owned(),
+        };
         let _ = writeln!(
             x,
-            "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+            "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/>{chain}<target dev='vda' bus='virtio'/></disk>",
             path(disk)
         );
     }
@@ -218,6 +229,7 @@ mod tests {
             memory_mib: 256,
             boot,
             disk: None,
+            backing: None,
             seed: None,
             network: net,
             console_log: Path::new("/var/lib/outpost/instances/x/console.log"),
@@ -265,7 +277,10 @@ mod tests {
         d.kvm = true;
         d.arch = Arch::Aarch64;
         d.disk = Some(Path::new("/i/disk.qcow2"));
+        d.backing = Some((Path::new("/c/base"), "qcow2"));
         let x = domain_xml(&d);
+        // The disk chain is pinned: the overlay, its base, and nothing after it.
+        assert!(x.contains("<source file='/i/disk.qcow2'/><backingStore type='file'><format type='qcow2'/><source file='/c/base'/><backingStore/></backingStore>"), "{x}");
         assert!(x.starts_with("<domain type='kvm'>"));
         assert!(x.contains("<os firmware='efi'>"));
         assert!(x.contains("machine='virt'"));

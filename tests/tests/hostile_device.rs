@@ -1,0 +1,337 @@
+//! A device can harm only itself. One device's credentials in an attacker's hands (here: a
+//! client publishing on that node's own topics of a real mosquitto, as the broker's ACL lets
+//! the device do), against a real controller with honest fake agents beside it: no message it
+//! sends crashes or stalls the controller, creates or moves instances on other nodes, or
+//! takes what is not its own.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use outpost_protocol::topics::Channel;
+use outpost_protocol::*;
+use outpost_tests::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+/// A fake agent with room for many small instances.
+fn roomy(dir: &std::path::Path, node: &str, port: u16, zone: &str) -> Agent {
+    let a = Agent::configure(
+        dir,
+        node,
+        port,
+        &format!(
+            "[labels]\nzone = \"{zone}\"\n[hypervisor]\nbackend = \"fake\"\nfake_memory_mib = 8192\nfake_vcpus = 64\n"
+        ),
+    );
+    for f in ["vmlinuz", "initrd.img"] {
+        std::fs::write(a.state_dir.join("images").join(f), b"x").unwrap();
+    }
+    a
+}
+
+fn list(ctl: &Controller) -> Vec<Value> {
+    ctl.cli(&["instances", "list"])
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// The fleet's desired state for `node`, as the broker keeps it.
+fn desired_of(port: u16, node: &NodeId) -> DesiredState {
+    let bytes = retained(port, node, Channel::Desired, Duration::from_secs(5)).unwrap();
+    DesiredState::decode(&bytes).unwrap()
+}
+
+fn forged_instance(id: u64, name: &str) -> DesiredInstance {
+    let mut di = instance(id, kernel_boot("console=ttyS0 init=/evil"), 16);
+    di.name = InstanceName::new(name).unwrap();
+    di
+}
+
+fn holding(d: &DesiredState, instances: Vec<DesiredInstance>) -> Vec<u8> {
+    Holding {
+        held: Some(Version {
+            fleet: d.fleet,
+            generation: d.generation + 1000,
+        }),
+        instances: instances.into_iter().collect(),
+    }
+    .to_vec()
+    .unwrap()
+}
+
+/// 32 instances fill a node; the 33rd is refused by the scheduler's instance filter, a
+/// holding of 32 more is not adopted past the cap, and the controller lives on.
+#[test]
+fn the_instance_cap_is_a_filter_and_nothing_overflows() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let mut ctl = Controller::external(dir.path(), broker.port);
+    ctl.start();
+    let mut a = roomy(dir.path(), "cap-1", broker.port, "cap");
+    a.start();
+    ctl.wait_nodes_up(1);
+    let cap = outpost_protocol::limits::MAX_INSTANCES_PER_NODE;
+    for k in 0..cap {
+        ctl.create(&format!("c{k}"), &["--memory", "16"]).unwrap();
+    }
+    let refused = ctl.create("one-more", &["--memory", "16"]).unwrap_err();
+    assert!(refused.contains("instances removed 1"), "{refused}");
+
+    // The device hands over 32 instances the store never had, under this fleet's identity.
+    let node = a.node.clone();
+    let d = desired_of(broker.port, &node);
+    assert_eq!(d.instances.len(), cap);
+    let evil = TestController::connect(broker.port);
+    let forged: Vec<DesiredInstance> = (0..cap as u64)
+        .map(|k| forged_instance(0xbad0_0000 + k, &format!("forged-{k}")))
+        .collect();
+    evil.publish_raw(&node, Channel::Holding, holding(&d, forged), false);
+    wait_for(T, "the adoptions refused", || {
+        let ev = ctl.cli(&["events", "--node", "cap-1"]).ok()?;
+        ev.as_array()?
+            .iter()
+            .any(|e| e["kind"] == "adoption-refused")
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let all = list(&ctl);
+    assert_eq!(all.len(), cap, "nothing adopted past the cap");
+    assert!(all.iter().all(|i| i["adopted"] != true));
+    assert!(ctl.proc().is_running(), "the controller is alive");
+    let nodes = ctl.cli(&["nodes", "list"]).unwrap();
+    assert_eq!(nodes[0]["state"], "up");
+    // And keeps placing elsewhere once there is room.
+    ctl.cli(&["instances", "delete", "c0"]).unwrap();
+    wait_for(T, "c0 gone", || {
+        (!list(&ctl).iter().any(|i| i["name"] == "c0")).then_some(())
+    });
+    ctl.create("one-more", &["--memory", "16"]).unwrap();
+}
+
+/// What a device hands back as its own is adopted onto it alone: pinned there (a forged build
+/// failure does not rebuild it on an honest node, a drain does not move it), never under a
+/// name in use, never naming a blob the device does not hold, and marked adopted.
+#[test]
+fn adopted_instances_stay_on_the_device_that_held_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let mut ctl = Controller::external(dir.path(), broker.port);
+    ctl.start();
+    let mut dev = roomy(dir.path(), "dev-1", broker.port, "edge");
+    let mut honest = roomy(dir.path(), "honest-1", broker.port, "edge");
+    dev.start();
+    honest.start();
+    ctl.wait_nodes_up(2);
+    ctl.create("db-1", &["--selector", "zone=edge"]).unwrap();
+    ctl.wait_phase("db-1", "running", T);
+    let db1 = ctl.cli(&["instances", "show", "db-1"]).unwrap();
+
+    let node = dev.node.clone();
+    let d = desired_of(broker.port, &node);
+    let evil = TestController::connect(broker.port);
+    let x = forged_instance(0xbad1_0001, "web-1");
+    let squat = forged_instance(0xbad1_0002, "db-1");
+    let mut secret = forged_instance(0xbad1_0003, "thief");
+    // Names a blob (say another instance's cloud-init seed) the device does not hold.
+    secret.spec.boot = Boot::Disk {
+        image: Image::Blob(BlobRef {
+            digest: Digest([7; 32]),
+            size: 1 << 20,
+        }),
+    };
+    secret.spec.disk_gib = 1;
+    evil.publish_raw(
+        &node,
+        Channel::Holding,
+        holding(&d, vec![x.clone(), squat.clone(), secret]),
+        false,
+    );
+    wait_for(T, "web-1 adopted", || {
+        let v = ctl.cli(&["instances", "show", "web-1"]).ok()?;
+        (v["adopted"] == true && v["node"] == "dev-1").then_some(())
+    });
+    let all = list(&ctl);
+    let names: Vec<&str> = all.iter().filter_map(|i| i["name"].as_str()).collect();
+    assert!(
+        !names.contains(&"thief"),
+        "a blob it does not hold: {names:?}"
+    );
+    let renamed = all
+        .iter()
+        .find(|i| i["id"] == squat.id.to_string().as_str())
+        .expect("the squatter adopted under another name");
+    assert_ne!(renamed["name"], "db-1");
+    let db1_now = ctl.cli(&["instances", "show", "db-1"]).unwrap();
+    assert_eq!(db1_now["id"], db1["id"], "the operator's db-1 is untouched");
+    let text = ctl.cli_text(&["instances", "show", "web-1"]).unwrap();
+    assert!(text.contains("adopted"), "{text}");
+
+    // A forged build failure: it fails in place, nothing is rebuilt on the honest node.
+    let failed = AgentEvent::Instance {
+        id: x.id,
+        generation: d.generation + 1001,
+        state: InstanceState::Error(ErrorKind::Hypervisor),
+        reason: Reason::lossy("forged: build failed"),
+    };
+    for _ in 0..5 {
+        evil.publish_raw(&node, Channel::Event, failed.to_vec().unwrap(), false);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let v = ctl.cli(&["instances", "show", "web-1"]).unwrap();
+    assert_eq!(v["node"], "dev-1", "{v}");
+    // An operator's drain does not move it either: it is named as left behind.
+    let drained = ctl.cli(&["nodes", "drain", "dev-1"]);
+    let said = format!("{drained:?}");
+    assert!(said.contains("pinned"), "{said}");
+    std::thread::sleep(Duration::from_secs(2));
+    let v = ctl.cli(&["instances", "show", "web-1"]).unwrap();
+    assert_eq!(v["node"], "dev-1", "{v}");
+    for id in [x.id, squat.id] {
+        assert_eq!(
+            honest.ops("create", Some(&id.to_string())),
+            0,
+            "{id} built on the honest node"
+        );
+    }
+    assert!(ctl.proc().is_running());
+}
+
+/// A removed node is not brought back by what the broker kept of it: its retained topics are
+/// cleared, and after a controller restart it is still gone. Only its agent connecting anew
+/// (provisioned again) brings it back.
+#[test]
+fn a_removed_node_stays_removed_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let mut ctl = Controller::external(dir.path(), broker.port);
+    ctl.start();
+    let mut gone = roomy(dir.path(), "gone-1", broker.port, "edge");
+    let mut stays = roomy(dir.path(), "stays-1", broker.port, "edge");
+    gone.start();
+    stays.start();
+    ctl.wait_nodes_up(2);
+    // Revoked: its agent is stopped for good (it could not log in again).
+    gone.proc().kill();
+    let node = gone.node.clone();
+    // Its Last Will and retained status, inventory and addresses are on the broker.
+    ctl.cli(&["nodes", "remove", "gone-1"]).unwrap();
+    wait_for(T, "its retained topics cleared", || {
+        [Channel::Status, Channel::Inventory, Channel::Desired]
+            .into_iter()
+            .all(|ch| retained(broker.port, &node, ch, Duration::from_millis(500)).is_none())
+            .then_some(())
+    });
+    let ids = |ctl: &Controller| -> Vec<String> {
+        ctl.cli(&["nodes", "list"])
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|n| n["id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    for _ in 0..2 {
+        ctl.proc().kill();
+        ctl.start();
+        ctl.wait_nodes_up(1);
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(ids(&ctl), vec!["stays-1".to_owned()], "gone-1 came back");
+    }
+    // A message it kept publishing (an old process, a replay) does not bring it back either.
+    let evil = TestController::connect(broker.port);
+    let inv = ctl.cli(&["nodes", "show", "stays-1"]).unwrap();
+    assert!(inv.is_object());
+    evil.publish_raw(
+        &node,
+        Channel::Report,
+        NodeReport::default().to_vec().unwrap(),
+        false,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(ids(&ctl), vec!["stays-1".to_owned()]);
+    // Provisioned again, its agent connects anew: it is a node again.
+    gone.start();
+    wait_for(T, "gone-1 admitted again", || {
+        ids(&ctl).contains(&"gone-1".to_owned()).then_some(())
+    });
+    ctl.wait_nodes_up(2);
+}
+
+/// A device flooding its topics as fast as it can: it is held to its rate, the honest node
+/// stays up and keeps taking placements, the controller's memory stays bounded, and the
+/// device's node says why its messages are dropped.
+#[test]
+fn a_flooding_device_is_held_to_its_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let mut ctl = Controller::external(dir.path(), broker.port);
+    ctl.start();
+    let mut dev = roomy(dir.path(), "flood-1", broker.port, "edge");
+    let mut honest = roomy(dir.path(), "honest-2", broker.port, "honest");
+    dev.start();
+    honest.start();
+    ctl.wait_nodes_up(2);
+    let rss = |ctl: &mut Controller| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", ctl.proc().pid())).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = rss(&mut ctl);
+    let node = dev.node.clone();
+    let evil = TestController::connect(broker.port);
+    // Progress of made-up downloads (each a new digest), notices and garbage, for 10 s.
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut placed = 0;
+    while started.elapsed() < Duration::from_secs(10) {
+        for k in 0..500u64 {
+            let mut d = [0u8; 32];
+            d[..8].copy_from_slice(&(sent + k).to_le_bytes());
+            let ev = AgentEvent::Fetch {
+                digest: Digest(d),
+                done: 1,
+                total: 2,
+                rate: 1,
+                state: FetchState::Running,
+                reason: Reason::lossy("x".repeat(150).as_str()),
+            };
+            evil.publish_raw(&node, Channel::Event, ev.to_vec().unwrap(), false);
+        }
+        sent += 500;
+        if placed < 3 && started.elapsed() > Duration::from_secs(2 + 2 * placed) {
+            ctl.create(&format!("h{placed}"), &["--selector", "zone=honest"])
+                .unwrap();
+            placed += 1;
+        }
+        let nodes = ctl.cli(&["nodes", "show", "honest-2"]).unwrap();
+        assert_eq!(
+            nodes["state"], "up",
+            "the honest node went {}",
+            nodes["state"]
+        );
+    }
+    let after = rss(&mut ctl);
+    eprintln!("flood: {sent} messages in 10 s; controller RSS {before} kB -> {after} kB");
+    assert!(
+        after < before + 64 * 1024,
+        "controller memory grew from {before} kB to {after} kB"
+    );
+    let m = scrape(&format!("{}/metrics", ctl.api), None).unwrap();
+    let dropped = m.value("outpost_mqtt_messages_dropped_total", &[("reason", "rate")]);
+    assert!(dropped > 0.0, "nothing dropped of {sent}");
+    wait_for(T, "the flooding notice", || {
+        let v = ctl.cli(&["nodes", "show", "flood-1"]).ok()?;
+        v["notice"]
+            .as_str()
+            .is_some_and(|n| n.contains("flooding"))
+            .then_some(())
+    });
+    for k in 0..placed {
+        ctl.wait_phase(&format!("h{k}"), "running", T);
+    }
+    assert!(ctl.proc().is_running());
+}
