@@ -250,6 +250,10 @@ enum NodeCmd {
     /// Adopt a node bound to another fleet (shown as `foreign`): its instances join this
     /// fleet as they are, and it takes this fleet's desired state from then on.
     Adopt { id: String },
+    /// Accept the capacity a node reports above its ceiling (its first report, or what was
+    /// approved last): until then it counts at the ceiling (a device cannot claim more on
+    /// its own word to draw every placement).
+    ApproveCapacity { id: String },
     /// Set or remove a node's labels from the controller, without re-flashing it:
     /// `outpost nodes label edge-7 tier=gold zone-`.
     Label {
@@ -1493,6 +1497,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 NodeCmd::Adopt { id } => {
                     c.send("POST", &format!("/v1/nodes/{}/adopt", seg(&id)), None)?
                 }
+                NodeCmd::ApproveCapacity { id } => c.send(
+                    "POST",
+                    &format!("/v1/nodes/{}/approve-capacity", seg(&id)),
+                    None,
+                )?,
                 NodeCmd::Drain { id } => {
                     let v = c.send("POST", &format!("/v1/nodes/{}/drain", seg(&id)), None)?;
                     let stuck: Vec<&str> = v["stuck"]

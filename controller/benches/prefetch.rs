@@ -200,7 +200,12 @@ fn main() {
         {
             use std::io::Write as _;
             let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-            f.write_all(b"QFI\xfb").unwrap();
+            // A self-contained qcow2 header (version 3, no backing file, no extensions).
+            let mut head = [0u8; 112];
+            head[..4].copy_from_slice(b"QFI\xfb");
+            head[4..8].copy_from_slice(&3u32.to_be_bytes());
+            head[100..104].copy_from_slice(&104u32.to_be_bytes());
+            f.write_all(&head).unwrap();
             let block: Vec<u8> = (0..1 << 20)
                 .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8 ^ round as u8)
                 .collect();

@@ -28,6 +28,8 @@ pub enum Action {
     DrainNode(String),
     /// Adopt a node bound to another fleet, with the instances it holds.
     AdoptNode(String),
+    /// Accept the capacity a node reports above its ceiling.
+    ApproveCapacity(String),
     /// Remove a node for good (`force`: move its instances elsewhere first).
     RemoveNode(String, bool),
     /// Set (`key=value`) or remove (`key-`) a node's labels on the controller.
@@ -310,6 +312,12 @@ pub fn execute(
                 node: node_view(fleet, &n)?,
                 adopted,
             }
+        }
+        Action::ApproveCapacity(id) => {
+            let n = node_id(&id)?;
+            let approved = fleet.approve_capacity(&n)?;
+            tracing::warn!(node = %n, ?approved, "operator approved a node's capacity");
+            Reply::Node(node_view(fleet, &n)?)
         }
         Action::LabelNode(id, changes) => {
             let n = node_id(&id)?;

@@ -80,7 +80,8 @@ fn status(e: &ActionError) -> StatusCode {
             | FleetError::ImageExists(_)
             | FleetError::ImageInUse { .. }
             | FleetError::NotPlaced(_)
-            | FleetError::Pinned(_),
+            | FleetError::Pinned(_)
+            | FleetError::NothingToApprove(_),
         ) => StatusCode::CONFLICT,
         ActionError::StoreDown(_)
         | ActionError::NotStored(_)
@@ -383,6 +384,11 @@ fn check_upload(
             )));
         }
     };
+    if format == ImageFormat::Qcow2 {
+        // Self-contained or refused: a header naming another file would make a guest read
+        // a file of the node's.
+        outpost_protocol::qcow2::check(head).map_err(|e| bad(format!("this qcow2 image: {e}")))?;
+    }
     if format == ImageFormat::Raw && (size == 0 || !size.is_multiple_of(512)) {
         return Err(bad(format!(
             "a raw disk image is a non-empty multiple of 512 bytes; this one is {size}"
@@ -1105,6 +1111,7 @@ pub fn router(
             }
         }))
         .route("/v1/nodes/{id}/adopt", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::AdoptNode(id)).await }))
+        .route("/v1/nodes/{id}/approve-capacity", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::ApproveCapacity(id)).await }))
         .route("/v1/nodes/{id}/drain", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::DrainNode(id)).await }))
         .route(
             "/v1/instances",

@@ -91,8 +91,9 @@ impl BlobStore {
     }
 }
 
-/// How many first bytes a writer keeps to tell the format.
-pub const HEAD_LEN: usize = 4096;
+/// How many first bytes a writer keeps to tell the format and check a qcow2 header (with
+/// its extensions: see [`outpost_protocol::qcow2::HEAD`]).
+pub const HEAD_LEN: usize = outpost_protocol::qcow2::HEAD;
 
 /// A blob being written: hashed as it goes; the temporary file is removed unless finished.
 pub struct BlobWriter {

@@ -335,3 +335,169 @@ fn a_flooding_device_is_held_to_its_share() {
     }
     assert!(ctl.proc().is_running());
 }
+
+/// A qcow2 image whose header names another file (a backing file, an external data file) is
+/// refused on both paths: by the controller at upload (400), and by the agent before any use
+/// (an image already on the node), on the real libvirtd. No domain is ever defined on it, so no
+/// guest ever reads the 0600 decoy it points at.
+#[test]
+fn qcow2_images_naming_host_files_are_refused_on_both_paths() {
+    assert!(ensure_libvirtd(), "libvirtd could not be started");
+    let dir = tempfile::tempdir().unwrap();
+    let decoy = dir.path().join("decoy");
+    std::fs::write(&decoy, vec![0x5a; 1 << 20]).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&decoy, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let qemu_img = |args: &[&str]| {
+        let st = std::process::Command::new("qemu-img")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "qemu-img {args:?}");
+    };
+    let backing = dir.path().join("backing.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        decoy.to_str().unwrap(),
+        backing.to_str().unwrap(),
+        "1G",
+    ]);
+    // An external data file: the incompatible feature bit 2 of a plain image's header.
+    let data = dir.path().join("data.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", data.to_str().unwrap(), "1G"]);
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[79] |= 1 << 2;
+    std::fs::write(&data, &bytes).unwrap();
+
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    for (file, why) in [(&backing, "backing file"), (&data, "external data file")] {
+        let e = ctl
+            .cli(&["images", "upload", file.to_str().unwrap(), "--name", "evil"])
+            .unwrap_err();
+        assert!(e.contains(why) && e.contains("400"), "{e}");
+    }
+    assert_eq!(
+        ctl.cli(&["images", "list"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    // Already in a node's image directory (copied there, or fetched from a URL).
+    let mut a = Agent::real(dir.path(), "qcow-real", ctl.mqtt_port, "real");
+    for f in [&backing, &data] {
+        std::fs::copy(f, a.state_dir.join("images").join(f.file_name().unwrap())).unwrap();
+    }
+    a.start();
+    ctl.wait_nodes_up(1);
+    for (name, file, why) in [
+        ("evil-1", "backing.qcow2", "backing file"),
+        ("evil-2", "data.qcow2", "external data file"),
+    ] {
+        let v = ctl
+            .cli(&[
+                "instances",
+                "create",
+                name,
+                "--image",
+                file,
+                "--memory",
+                "256",
+                "--disk",
+                "1",
+            ])
+            .unwrap();
+        let id = v["id"].as_str().unwrap().to_owned();
+        wait_for(T, &format!("{name} refused by the agent"), || {
+            let log = a.proc().log_text();
+            log.contains(why).then_some(())
+        });
+        let domains = virsh(&["list", "--all", "--name"]);
+        assert!(!domains.contains(&id), "{name} was defined: {domains}");
+    }
+}
+
+/// A device claiming far more than it has (to draw every placement and their cloud-init
+/// secrets) counts only up to its ceiling (its first report) until an operator approves.
+#[test]
+fn capacity_claims_above_the_ceiling_wait_for_an_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let mut ctl = Controller::external(dir.path(), broker.port);
+    ctl.start();
+    let mut dev = roomy(dir.path(), "liar-1", broker.port, "edge");
+    let mut honest = roomy(dir.path(), "honest-3", broker.port, "edge");
+    dev.start();
+    honest.start();
+    ctl.wait_nodes_up(2);
+    let node = dev.node.clone();
+    let vcpus = |ctl: &Controller| {
+        ctl.cli(&["nodes", "show", "liar-1"]).unwrap()["allocatable"]["vcpus"]
+            .as_u64()
+            .unwrap()
+    };
+    let honest_vcpus = vcpus(&ctl);
+    let inv = Inventory::decode(
+        &retained(
+            broker.port,
+            &node,
+            Channel::Inventory,
+            Duration::from_secs(5),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut lie = inv.clone();
+    lie.total.vcpus = u16::MAX;
+    lie.total.memory_mib = u32::MAX;
+    let evil = TestController::connect(broker.port);
+    evil.publish_raw(&node, Channel::Inventory, lie.to_vec().unwrap(), false);
+    wait_for(T, "the capacity notice", || {
+        let v = ctl.cli(&["nodes", "show", "liar-1"]).ok()?;
+        v["notice"]
+            .as_str()
+            .is_some_and(|n| n.contains("above its ceiling"))
+            .then_some(())
+    });
+    assert_eq!(vcpus(&ctl), honest_vcpus, "clamped to its ceiling");
+    // Placements spread by room as before: the liar does not draw them all.
+    for k in 0..6 {
+        ctl.create(
+            &format!("p{k}"),
+            &["--selector", "zone=edge", "--memory", "512"],
+        )
+        .unwrap();
+    }
+    let on_honest = list(&ctl)
+        .iter()
+        .filter(|i| i["node"] == "honest-3")
+        .count();
+    assert!(on_honest >= 2, "only {on_honest} of 6 on the honest node");
+    let ev = ctl.cli(&["events", "--node", "liar-1"]).unwrap();
+    assert!(
+        ev.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "capacity-above-ceiling"),
+        "{ev}"
+    );
+    // The operator's word makes it count.
+    ctl.cli(&["nodes", "approve-capacity", "liar-1"]).unwrap();
+    assert_eq!(vcpus(&ctl), u64::from(u16::MAX));
+    // Nothing left to approve: said so.
+    let e = ctl
+        .cli(&["nodes", "approve-capacity", "liar-1"])
+        .unwrap_err();
+    assert!(e.contains("nothing to approve"), "{e}");
+}

@@ -1,7 +1,9 @@
 //! What operators ask of the fleet: create, power, reboot, delete, cordon, drain, adopt; and
 //! the placement that serves them.
 
-use outpost_protocol::{Arch, InstanceId, InstanceSpec, Label, NodeId, PowerMode, PowerState};
+use outpost_protocol::{
+    Arch, InstanceId, InstanceSpec, Label, NodeId, PowerMode, PowerState, Resources,
+};
 
 use super::records::{CreateRequest, FleetError, InstanceRecord, Phase};
 use super::{Fleet, LAST_REFUSALS, index, unindex};
@@ -417,6 +419,35 @@ impl Fleet {
         self.node_event(node, "removed", format!("{moved} instance(s) moved first"));
         tracing::warn!(%node, moved, "node removed by an operator");
         Ok(moved)
+    }
+
+    /// An operator accepts the capacity a node reports above its ceiling (new hardware, a
+    /// changed reservation): it becomes the node's ceiling and counts at once.
+    pub fn approve_capacity(&mut self, node: &NodeId) -> Result<Resources, FleetError> {
+        let n = self
+            .nodes
+            .get_mut(node)
+            .ok_or_else(|| FleetError::NoNode(node.to_string()))?;
+        let approved = n
+            .over_ceiling
+            .take()
+            .ok_or_else(|| FleetError::NothingToApprove(node.clone()))?;
+        n.ceiling = Some(approved);
+        if let Some(inv) = &mut n.inventory {
+            inv.total = approved;
+        }
+        n.notice = None;
+        self.journal.nodes.insert(node.clone());
+        self.sync_host(node, self.clock_ms);
+        self.node_event(
+            node,
+            "capacity-approved",
+            format!(
+                "{} vCPUs, {} MiB, {} GiB",
+                approved.vcpus, approved.memory_mib, approved.disk_gib
+            ),
+        );
+        Ok(approved)
     }
 
     /// Moves an instance to a new node (excluding where it failed), or fails it for good.

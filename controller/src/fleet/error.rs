@@ -59,6 +59,9 @@ pub enum FleetError {
     /// The instance has no node (so no console).
     #[error("instance {0} is on no node")]
     NotPlaced(String),
+    /// Approve-capacity was asked of a node that reports nothing above its ceiling.
+    #[error("node {0} reports nothing above its capacity ceiling: nothing to approve")]
+    NothingToApprove(NodeId),
     /// An adopted instance stays on the node that held it.
     #[error(
         "instance {0} was adopted from its node and is pinned there: delete it, or create it anew elsewhere"

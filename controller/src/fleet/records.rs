@@ -210,6 +210,11 @@ pub struct NodeRecord {
     pub prefetch: Vec<BlobRef>,
     /// Its instances' interfaces, as its agent last said (retained on the broker; not stored).
     pub addresses: BTreeMap<InstanceId, Vec<Nic>>,
+    /// The most it may offer (its first report, or what an operator approved since): a larger
+    /// report is clamped to it until `outpost nodes approve-capacity` (stored).
+    pub ceiling: Option<Resources>,
+    /// What it reported above its ceiling, awaiting an operator (not stored: reported again).
+    pub over_ceiling: Option<Resources>,
 }
 
 impl NodeRecord {
@@ -237,6 +242,8 @@ impl NodeRecord {
             label_overrides: Vec::new(),
             used: Resources::default(),
             prefetch: Vec::new(),
+            ceiling: None,
+            over_ceiling: None,
         }
     }
 

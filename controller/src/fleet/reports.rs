@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 
 use outpost_protocol::{
     AckResult, Addresses, AgentEvent, DesiredInstance, Digest, ErrorKind, FetchState, Holding,
-    InstanceId, InstanceState, Inventory, Nic, NodeId, NodeReport, NodeStatus, Presence, Version,
+    InstanceId, InstanceState, Inventory, Nic, NodeId, NodeReport, NodeStatus, Presence, Resources,
+    Version,
 };
 
 use super::records::{InstanceRecord, NodeRecord, Phase};
@@ -71,13 +72,52 @@ impl Fleet {
             .map_or(&[], Vec::as_slice)
     }
 
-    /// A node's inventory.
-    pub fn on_inventory(&mut self, now_ms: u64, node: &NodeId, inv: Inventory) {
+    /// A node's inventory. Its capacity counts only up to the node's ceiling (its first
+    /// report, or what an operator approved): a device claiming more (to draw every placement
+    /// and its cloud-init secrets) is clamped, with a notice and an event, until an operator
+    /// says `outpost nodes approve-capacity`.
+    pub fn on_inventory(&mut self, now_ms: u64, node: &NodeId, mut inv: Inventory) {
         let n = self
             .nodes
             .entry(node.clone())
             .or_insert_with(|| NodeRecord::new(node.clone()));
         n.last_seen_ms = now_ms;
+        let ceiling = *n.ceiling.get_or_insert(inv.total);
+        let over = inv.total.vcpus > ceiling.vcpus
+            || inv.total.memory_mib > ceiling.memory_mib
+            || inv.total.disk_gib > ceiling.disk_gib;
+        if over {
+            let claimed = inv.total;
+            inv.total = Resources {
+                vcpus: claimed.vcpus.min(ceiling.vcpus),
+                memory_mib: claimed.memory_mib.min(ceiling.memory_mib),
+                disk_gib: claimed.disk_gib.min(ceiling.disk_gib),
+            };
+            let new = n.over_ceiling != Some(claimed);
+            n.over_ceiling = Some(claimed);
+            let what = format!(
+                "reports {} vCPUs, {} MiB, {} GiB, above its ceiling of {} vCPUs, {} MiB, {} GiB: counted at the ceiling until `outpost nodes approve-capacity {node}`",
+                claimed.vcpus,
+                claimed.memory_mib,
+                claimed.disk_gib,
+                ceiling.vcpus,
+                ceiling.memory_mib,
+                ceiling.disk_gib
+            );
+            n.notice = Some(format!("capacity: {what}"));
+            if new {
+                tracing::warn!(%node, "{what}");
+                self.journal.nodes.insert(node.clone());
+                self.actor_as("node", |f| {
+                    f.node_event(node, "capacity-above-ceiling", what)
+                });
+            }
+        } else if n.over_ceiling.take().is_some() {
+            n.notice = None;
+        }
+        let Some(n) = self.nodes.get_mut(node) else {
+            return;
+        };
         if n.inventory.as_ref() != Some(&inv) {
             let done: Vec<Digest> = n
                 .prefetch

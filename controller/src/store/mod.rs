@@ -20,8 +20,8 @@ pub use sqlite::{CHECKPOINT_EVERY, DB_FILE, SqliteStore};
 pub use worker::{Gone, StoreWorker, Worker};
 
 /// The schema version this build writes (2: the fleet's identity and tombstones; 3: node
-/// labels set on the controller; 4: how a power change is carried out; 5: adopted instances
-/// and removed nodes).
+/// labels set on the controller; 4: how a power change is carried out; 5: adopted instances,
+/// removed nodes and capacity ceilings).
 pub const SCHEMA_VERSION: i64 = 5;
 
 /// Why the store failed.

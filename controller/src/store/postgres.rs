@@ -92,6 +92,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         4,
         "ALTER TABLE instances ADD COLUMN adopted BOOLEAN NOT NULL DEFAULT FALSE;
+         ALTER TABLE nodes ADD COLUMN ceiling TEXT NOT NULL DEFAULT '';
          CREATE TABLE removed_nodes (id TEXT PRIMARY KEY);",
     ),
 ];

@@ -5,7 +5,7 @@
 use outpost_protocol::legacy;
 use outpost_protocol::{
     Arch, BlobRef, Digest, InstanceId, InstanceSpec, Inventory, Label, Message, NodeId, PowerMode,
-    PowerState,
+    PowerState, Resources,
 };
 
 use super::{Snapshot, StoreError};
@@ -133,7 +133,7 @@ fn join_lines<T>(items: &[T], f: impl Fn(&T) -> String) -> String {
 }
 
 /// The node columns, in order.
-pub const NODE_COLS: &str = "id, inventory, session, cordoned, draining, generation, reported_generation, last_seen_ms, failures, labels";
+pub const NODE_COLS: &str = "id, inventory, session, cordoned, draining, generation, reported_generation, last_seen_ms, failures, labels, ceiling";
 /// The instance columns, in order.
 pub const INSTANCE_COLS: &str = "id, name, spec, selector, grp, power, reboot_count, phase, node, failures, reason, created_ms, power_force, power_grace, placement, adopted";
 /// The image columns, in order.
@@ -162,6 +162,11 @@ pub fn node_row(n: &NodeRecord) -> Result<Vec<Val>, StoreError> {
         Val::Text(join_lines(&n.label_overrides, |(k, v)| {
             format_label_override(k, v.as_ref())
         })),
+        Val::Text(
+            n.ceiling
+                .map(|c| format!("{},{},{}", c.vcpus, c.memory_mib, c.disk_gib))
+                .unwrap_or_default(),
+        ),
     ])
 }
 
@@ -193,8 +198,23 @@ pub fn node_from<C: Cols>(r: &C) -> Result<NodeRecord, StoreError> {
             .map(parse_label_override)
             .collect::<Result<_, _>>()
             .map_err(|x| corrupt("nodes", x))?,
+        ceiling: parse_ceiling(&r.text(10).map_err(e)?),
         ..NodeRecord::new(id)
     })
+}
+
+/// A node's capacity ceiling as stored: `vcpus,memory_mib,disk_gib` (empty: none yet, it is
+/// set by the node's next report).
+fn parse_ceiling(s: &str) -> Option<Resources> {
+    let mut p = s.split(',').map(str::parse::<u32>);
+    match (p.next(), p.next(), p.next()) {
+        (Some(Ok(v)), Some(Ok(m)), Some(Ok(d))) => Some(Resources {
+            vcpus: u16::try_from(v).unwrap_or(u16::MAX),
+            memory_mib: m,
+            disk_gib: d,
+        }),
+        _ => None,
+    }
 }
 
 /// An instance as a row.

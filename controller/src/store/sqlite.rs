@@ -89,7 +89,8 @@ impl SqliteStore {
                 id TEXT PRIMARY KEY, inventory BLOB, session INTEGER NOT NULL,
                 cordoned INTEGER NOT NULL, draining INTEGER NOT NULL, generation INTEGER NOT NULL,
                 reported_generation INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
-                failures TEXT NOT NULL, labels TEXT NOT NULL DEFAULT '');
+                failures TEXT NOT NULL, labels TEXT NOT NULL DEFAULT '',
+                ceiling TEXT NOT NULL DEFAULT '');
              CREATE TABLE IF NOT EXISTS instances (
                 id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, spec BLOB NOT NULL,
                 selector TEXT NOT NULL, grp TEXT, power INTEGER NOT NULL,
@@ -130,7 +131,8 @@ impl SqliteStore {
             .is_err()
         {
             conn.execute_batch(
-                "ALTER TABLE instances ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0",
+                "ALTER TABLE instances ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE nodes ADD COLUMN ceiling TEXT NOT NULL DEFAULT '';",
             )?;
         }
         let v: Option<i64> = conn
