@@ -131,9 +131,12 @@ impl SqliteStore {
             .is_err()
         {
             conn.execute_batch(
-                "ALTER TABLE instances ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0;
-                 ALTER TABLE nodes ADD COLUMN ceiling TEXT NOT NULL DEFAULT '';",
+                "ALTER TABLE instances ADD COLUMN adopted INTEGER NOT NULL DEFAULT 0",
             )?;
+        }
+        // Schema 1-4 stores: capacity ceilings came with schema 5.
+        if conn.prepare("SELECT ceiling FROM nodes LIMIT 0").is_err() {
+            conn.execute_batch("ALTER TABLE nodes ADD COLUMN ceiling TEXT NOT NULL DEFAULT ''")?;
         }
         let v: Option<i64> = conn
             .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
