@@ -247,6 +247,12 @@ impl Reconciler {
         }
     }
 
+    /// A download was cancelled (nothing needed its blob): it is neither running nor failed,
+    /// and is started again if something needs it later.
+    pub fn fetch_cancelled(&mut self, digest: Digest) {
+        self.fetches.running.remove(&digest);
+    }
+
     /// The blobs the held state needs (its instances, kept ones, and prefetches): never
     /// evicted from the cache.
     pub fn blobs_in_use(&self) -> BTreeSet<Digest> {

@@ -105,6 +105,10 @@ struct Shell {
     metrics: Arc<Metrics>,
     /// Downloads running: bytes received so far and their rate, by blob.
     downloading: std::collections::HashMap<outpost_protocol::Digest, (u64, u32)>,
+    /// The download tasks, by blob: cancelled when nothing held needs their blob any more.
+    fetch_tasks: std::collections::HashMap<outpost_protocol::Digest, tokio::task::AbortHandle>,
+    /// Downloads cancelled whose last word may still be on its way: it is ignored.
+    cancelled: std::collections::HashSet<outpost_protocol::Digest>,
 }
 
 /// What a download tells the agent's loop.
@@ -239,7 +243,8 @@ impl Shell {
         );
         let keep = self.rec.blobs_in_use();
         tracing::info!(blob = %blob.digest.short(), size = blob.size, "downloading an image");
-        tokio::spawn(async move {
+        self.cancelled.remove(&blob.digest);
+        let task = tokio::spawn(async move {
             let _slot = slots.acquire().await;
             let progress = |state: FetchState, done: u64, rate: u32, reason: &str| {
                 let _ = tx.send(FetchMsg::Progress(AgentEvent::Fetch {
@@ -284,6 +289,45 @@ impl Shell {
             }
             let _ = tx.send(FetchMsg::Done(blob, r.map_err(|e| e.to_string())));
         });
+        self.fetch_tasks.insert(blob.digest, task.abort_handle());
+    }
+
+    /// Cancels the downloads whose blob nothing held needs any more (its instance or image
+    /// deleted): the slot is freed and the partial file removed.
+    fn cancel_unneeded(&mut self) {
+        if self.fetch_tasks.is_empty() {
+            return;
+        }
+        let needed = self.rec.blobs_in_use();
+        let gone: Vec<outpost_protocol::Digest> = self
+            .fetch_tasks
+            .keys()
+            .filter(|d| !needed.contains(d))
+            .copied()
+            .collect();
+        let cache = crate::images::Cache::new(&self.cfg.image_dir);
+        for d in gone {
+            if let Some(task) = self.fetch_tasks.remove(&d) {
+                task.abort();
+                self.cancelled.insert(d);
+            }
+            let _ = std::fs::remove_file(cache.partial(&d));
+            let _ = std::fs::remove_file(cache.partial_source(&d));
+            self.downloading.remove(&d);
+            self.rec.fetch_cancelled(d);
+            tracing::info!(blob = %d.short(), "download cancelled: nothing needs it any more");
+            if self.connected {
+                self.publish_event(&AgentEvent::Fetch {
+                    digest: d,
+                    done: 0,
+                    total: 0,
+                    rate: 0,
+                    state: FetchState::Failed,
+                    reason: Reason::lossy("cancelled: nothing needs it any more"),
+                });
+            }
+        }
+        self.set_download_rate();
     }
 
     /// A notice about the node: logged, published now if connected, and again after every
@@ -739,6 +783,8 @@ async fn run_loop(
         addr_busy: false,
         metrics,
         downloading: std::collections::HashMap::new(),
+        fetch_tasks: std::collections::HashMap::new(),
+        cancelled: std::collections::HashSet::new(),
     };
     let mut pass_due = true;
     let mut ever_connected = false;
@@ -747,6 +793,7 @@ async fn run_loop(
     loop {
         if pass_due {
             pass_due = false;
+            sh.cancel_unneeded();
             sh.reconcile().await?;
         }
         tokio::select! {
@@ -810,13 +857,17 @@ async fn run_loop(
                 LinkEvent::Closed => {}
             },
             Some(msg) = fetch_rx.recv() => match msg {
+                FetchMsg::Progress(AgentEvent::Fetch { digest, .. })
+                    if sh.cancelled.contains(&digest) => {}
                 FetchMsg::Progress(ev) => {
                     sh.download_progress(&ev);
                     if sh.connected {
                         sh.publish_event(&ev);
                     }
                 }
+                FetchMsg::Done(blob, _) if sh.cancelled.remove(&blob.digest) => {}
                 FetchMsg::Done(blob, result) => {
+                    sh.fetch_tasks.remove(&blob.digest);
                     sh.downloading.remove(&blob.digest);
                     sh.set_download_rate();
                     let ok = result.is_ok();

@@ -16,6 +16,11 @@ pub enum Mode {
     Corrupt,
     /// Closes every response after this many body bytes.
     Truncate(u64),
+    /// Ignores Range (always the whole body, from the start) and closes after this many bytes:
+    /// a download that never gets further.
+    NoRange(u64),
+    /// Takes the request and never answers (holds the connection open).
+    Silent,
 }
 
 /// A running image server.
@@ -52,6 +57,13 @@ impl ImageServer {
                             start = r.trim().trim_end_matches('-').parse().unwrap_or(0);
                         }
                     }
+                    if mode == Mode::Silent {
+                        std::thread::sleep(Duration::from_secs(600));
+                        return;
+                    }
+                    if matches!(mode, Mode::NoRange(_)) {
+                        start = 0;
+                    }
                     let len = bytes.len() as u64;
                     let start = start.min(len);
                     let head = if start > 0 {
@@ -73,7 +85,7 @@ impl ImageServer {
                         let mid = body.len() / 2;
                         body[mid] ^= 0xff;
                     }
-                    if let Mode::Truncate(n) = mode {
+                    if let Mode::Truncate(n) | Mode::NoRange(n) = mode {
                         body.truncate(n as usize);
                     }
                     for chunk in body.chunks(64 * 1024) {

@@ -8,6 +8,15 @@
 //! - The SHA-256 is checked before the file enters the cache (synced, then renamed): a
 //!   mismatch deletes the partial file and starts over, a bounded number of times.
 //! - Free space is checked first, keeping [`Limits::reserve`] free.
+//! - A hostile or broken mirror cannot hold a download (and its slot) forever: the response
+//!   headers must come within [`Limits::stall`], the body must keep above [`Limits::min_rate`]
+//!   over each [`Limits::rate_window`], and the retry budget counts only attempts that added
+//!   nothing to the file (a resumable transfer that keeps progressing is never given up on,
+//!   one that makes none is, whatever the server says).
+//! - A redirect never leads to this node itself (loopback, link-local, unspecified, or one of
+//!   its own interface addresses) unless the source it came from is there too: a mirror
+//!   cannot make the agent fetch from the node's own services.
+//! - A download that fails for good leaves no partial file behind.
 
 use std::io::{Read as _, Seek as _, Write as _};
 use std::sync::Arc;
@@ -40,6 +49,11 @@ pub struct Limits {
     pub attempts: u32,
     /// Downloads that complete but do not verify, before giving up.
     pub corrupt_attempts: u32,
+    /// The least bytes per second a transfer must keep up over each [`Limits::rate_window`]
+    /// (a trickle just above the stall timeout is cut and resumed).
+    pub min_rate: u64,
+    /// The window [`Limits::min_rate`] is measured over.
+    pub rate_window: Duration,
 }
 
 impl Default for Limits {
@@ -50,6 +64,8 @@ impl Default for Limits {
             reserve: 256 << 20,
             attempts: 10,
             corrupt_attempts: 3,
+            min_rate: 1024,
+            rate_window: Duration::from_secs(60),
         }
     }
 }
@@ -107,6 +123,9 @@ pub struct Progress {
 enum Attempt {
     /// Retry (resuming).
     Retry(String),
+    /// Retry, but the attempt counts against the budget whatever it added: it was cut for
+    /// being slower than the minimum rate.
+    Slow(String),
     /// The partial file is bad or stale: start from zero.
     Restart(String),
     /// Stop.
@@ -143,7 +162,8 @@ impl Client {
         }
     }
 
-    /// Sends a GET; follows up to 5 redirects (the token goes only to the first host).
+    /// Sends a GET; follows up to 5 redirects (the token goes only to the first host, and a
+    /// redirect never to the node itself unless the first host is there: see the module).
     async fn get(
         &self,
         url: &str,
@@ -152,12 +172,33 @@ impl Client {
     ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
         let mut url = url.to_owned();
         let first_host = authority(&url).map(str::to_owned);
-        for _ in 0..6 {
+        let own = own_addresses();
+        // Whether the source itself is on this node: then so may its redirects be.
+        let mut local_ok = false;
+        for hop in 0..6 {
             let uri: hyper::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
             let host = uri.host().ok_or("URL without a host")?.to_owned();
             let https = uri.scheme_str() == Some("https");
             let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((bare, port))
+                .await
+                .map_err(|e| format!("resolving {host}: {e}"))?
+                .collect();
+            if hop == 0 {
+                local_ok = addrs.iter().any(|a| is_this_node(a.ip(), &own));
+            }
+            // The addresses vetted are the ones connected to (no second lookup to rebind).
+            let allowed: Vec<std::net::SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| local_ok || !is_this_node(a.ip(), &own))
+                .collect();
+            if allowed.is_empty() {
+                return Err(format!(
+                    "refused a redirect to {host}: it is this node itself (loopback, link-local or its own address)"
+                ));
+            }
+            let tcp = tokio::net::TcpStream::connect(&allowed[..])
                 .await
                 .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
             let _ = tcp.set_nodelay(true);
@@ -206,6 +247,39 @@ impl Client {
         }
         Err("too many redirects".into())
     }
+}
+
+/// This node's own interface addresses.
+fn own_addresses() -> Vec<std::net::IpAddr> {
+    nix::ifaddrs::getifaddrs()
+        .map(|it| {
+            it.filter_map(|i| i.address)
+                .filter_map(|a| {
+                    a.as_sockaddr_in()
+                        .map(|s| std::net::IpAddr::V4(s.ip()))
+                        .or_else(|| a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `ip` reaches this node itself: loopback, unspecified, link-local (IPv4 169.254/16,
+/// IPv6 fe80::/10, where cloud metadata services live), or one of `own` addresses.
+fn is_this_node(ip: std::net::IpAddr, own: &[std::net::IpAddr]) -> bool {
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    let special = match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_unspecified() || v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    };
+    special || own.contains(&ip)
 }
 
 fn authority(url: &str) -> Option<&str> {
@@ -260,26 +334,54 @@ pub async fn fetch(
     let token: String = from.token.iter().map(|b| format!("{b:02x}")).collect();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let (mut failures, mut corrupt) = (0u32, 0u32);
+    // The most the partial file ever held: an attempt that adds to it is progress.
+    let mut best = partial_len(cache, &d);
+    let given_up = |e: FetchError| {
+        // Nothing is left behind by a download that failed for good.
+        let _ = std::fs::remove_file(cache.partial(&d));
+        let _ = std::fs::remove_file(cache.partial_source(&d));
+        Err(e)
+    };
+    let started = Instant::now();
+    // However it goes, a download ends: an hour, plus the time its size takes at 64 KiB/s.
+    let deadline = Duration::from_secs(3600 + blob.size / (64 << 10));
     loop {
-        match attempt(client, cache, &url, &token, blob, lim, &mut progress).await {
+        if started.elapsed() > deadline {
+            return given_up(FetchError::Transfer {
+                attempts: failures,
+                last: format!("not done within {} s", deadline.as_secs()),
+            });
+        }
+        let result = attempt(client, cache, &url, &token, blob, lim, &mut progress).await;
+        let slow = matches!(result, Err(Attempt::Slow(_)));
+        match result {
             Ok(()) => {
                 let _ = std::fs::remove_file(cache.partial_source(&d));
                 return Ok(());
             }
-            Err(Attempt::Fatal(e)) => return Err(e),
+            Err(Attempt::Fatal(e @ FetchError::NoSpace { .. })) => return Err(e),
+            Err(Attempt::Fatal(e)) => return given_up(e),
             Err(Attempt::Restart(why)) => {
                 corrupt += 1;
                 tracing::warn!(blob = %d.short(), %why, "discarding the partial download");
                 let _ = std::fs::remove_file(cache.partial(&d));
                 let _ = std::fs::remove_file(cache.partial_source(&d));
+                best = 0;
                 if corrupt >= lim.corrupt_attempts {
                     return Err(FetchError::Corrupt(corrupt));
                 }
             }
-            Err(Attempt::Retry(why)) => {
+            Err(Attempt::Retry(why) | Attempt::Slow(why)) => {
+                let now = partial_len(cache, &d);
+                if now > best && !slow {
+                    // Progress: the budget counts only attempts that added nothing.
+                    best = now;
+                    failures = 0;
+                    backoff.reset();
+                }
                 failures += 1;
                 if failures >= lim.attempts {
-                    return Err(FetchError::Transfer {
+                    return given_up(FetchError::Transfer {
                         attempts: failures,
                         last: why,
                     });
@@ -290,6 +392,11 @@ pub async fn fetch(
             }
         }
     }
+}
+
+/// How many bytes the partial file of `d` holds.
+fn partial_len(cache: &Cache, d: &Digest) -> u64 {
+    std::fs::metadata(cache.partial(d)).map_or(0, |m| m.len())
 }
 
 async fn attempt(
@@ -339,9 +446,10 @@ async fn attempt(
             headers.push(("if-range", validator.clone()));
         }
     }
-    let resp = client
-        .get(url, Some(token), &headers)
+    // A server that accepts the connection and never answers holds nothing for long.
+    let resp = tokio::time::timeout(lim.stall, client.get(url, Some(token), &headers))
         .await
+        .map_err(|_| Attempt::Retry(format!("no response within {} s", lim.stall.as_secs())))?
         .map_err(Attempt::Retry)?;
     let status = resp.status().as_u16();
     match status {
@@ -369,7 +477,8 @@ async fn attempt(
                 "the server cannot resume this file".into(),
             ));
         }
-        401 | 403 | 404 | 410 => {
+        // A 404 may be a mirror catching up: retried like any failure, within the budget.
+        401 | 403 | 410 => {
             let reason = resp.status().canonical_reason().unwrap_or("").to_owned();
             return Err(Attempt::Fatal(FetchError::Refused(status, reason)));
         }
@@ -455,6 +564,7 @@ async fn attempt(
     let started = Instant::now();
     let mut this_session: u64 = 0;
     let (mut tick, mut tick_bytes) = (Instant::now(), got);
+    let (mut window, mut window_bytes) = (Instant::now(), got);
     let mut failure = None;
     let mut batch = bytes::BytesMut::with_capacity(BATCH);
     loop {
@@ -496,6 +606,18 @@ async fn attempt(
             if due > spent {
                 tokio::time::sleep(due - spent).await;
             }
+        }
+        if window.elapsed() >= lim.rate_window {
+            let rate = (got - window_bytes) as f64 / window.elapsed().as_secs_f64();
+            if lim.min_rate > 0 && rate < lim.min_rate as f64 {
+                failure = Some(Attempt::Slow(format!(
+                    "slower than {} B/s over {} s ({rate:.0} B/s)",
+                    lim.min_rate,
+                    lim.rate_window.as_secs()
+                )));
+                break;
+            }
+            (window, window_bytes) = (Instant::now(), got);
         }
         if tick.elapsed() >= Duration::from_secs(1) {
             let rate = ((got - tick_bytes) as f64 / tick.elapsed().as_secs_f64()) as u32;
@@ -552,4 +674,33 @@ async fn attempt(
         rate: 0,
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn redirects_to_this_node_are_recognised() {
+        let own: Vec<IpAddr> = vec!["192.0.2.7".parse().unwrap()];
+        for ip in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "0.0.0.0",
+            "169.254.169.254",
+            "::1",
+            "::",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "192.0.2.7",
+        ] {
+            assert!(is_this_node(ip.parse().unwrap(), &own), "{ip}");
+        }
+        for ip in ["192.0.2.8", "198.51.100.1", "2001:db8::1"] {
+            assert!(!is_this_node(ip.parse().unwrap(), &own), "{ip}");
+        }
+        // The node's own interfaces are found (loopback at least).
+        assert!(own_addresses().iter().any(IpAddr::is_loopback));
+    }
 }
