@@ -678,6 +678,7 @@ async fn attempt(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use std::net::IpAddr;
 
