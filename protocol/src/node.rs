@@ -111,6 +111,27 @@ impl Resources {
         }
     }
 
+    /// The smaller of `self` and `other` in each dimension.
+    pub const fn min(self, other: Self) -> Self {
+        Self {
+            vcpus: if self.vcpus < other.vcpus {
+                self.vcpus
+            } else {
+                other.vcpus
+            },
+            memory_mib: if self.memory_mib < other.memory_mib {
+                self.memory_mib
+            } else {
+                other.memory_mib
+            },
+            disk_gib: if self.disk_gib < other.disk_gib {
+                self.disk_gib
+            } else {
+                other.disk_gib
+            },
+        }
+    }
+
     /// Whether `other` fits inside `self` in every dimension.
     pub const fn contains(self, other: Self) -> bool {
         other.vcpus <= self.vcpus

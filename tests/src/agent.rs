@@ -53,12 +53,27 @@ impl Agent {
     /// An agent with the fake hypervisor backend (`memory_mib` of memory, label
     /// `zone=ZONE`), with a kernel and initrd in its image directory.
     pub fn fake(dir: &Path, node: &str, broker_port: u16, memory_mib: u32, zone: &str) -> Self {
+        Self::fake_sized(dir, node, broker_port, memory_mib, None, zone)
+    }
+
+    /// [`Agent::fake`] with `vcpus` vCPUs (none: the fake backend's default).
+    pub fn fake_sized(
+        dir: &Path,
+        node: &str,
+        broker_port: u16,
+        memory_mib: u32,
+        vcpus: Option<u16>,
+        zone: &str,
+    ) -> Self {
+        let vcpus = vcpus
+            .map(|v| format!("fake_vcpus = {v}\n"))
+            .unwrap_or_default();
         let a = Self::configure(
             dir,
             node,
             broker_port,
             &format!(
-                "[labels]\nzone = \"{zone}\"\n[hypervisor]\nbackend = \"fake\"\nfake_memory_mib = {memory_mib}\n"
+                "[labels]\nzone = \"{zone}\"\n[hypervisor]\nbackend = \"fake\"\nfake_memory_mib = {memory_mib}\n{vcpus}"
             ),
         );
         for f in ["vmlinuz", "initrd.img"] {

@@ -16,18 +16,24 @@ const T: Duration = Duration::from_secs(60);
 
 /// A fake agent with room for many small instances.
 fn roomy(dir: &std::path::Path, node: &str, port: u16, zone: &str) -> Agent {
-    let a = Agent::configure(
-        dir,
-        node,
-        port,
-        &format!(
-            "[labels]\nzone = \"{zone}\"\n[hypervisor]\nbackend = \"fake\"\nfake_memory_mib = 8192\nfake_vcpus = 64\n"
-        ),
-    );
-    for f in ["vmlinuz", "initrd.img"] {
-        std::fs::write(a.state_dir.join("images").join(f), b"x").unwrap();
-    }
-    a
+    Agent::fake_sized(dir, node, port, 8192, Some(64), zone)
+}
+
+/// A mosquitto, a controller on it and a roomy agent for each `(node, zone)`, all up.
+fn fleet(dir: &std::path::Path, agents: &[(&str, &str)]) -> (Mosquitto, Controller, Vec<Agent>) {
+    let broker = Mosquitto::start(dir);
+    let mut ctl = Controller::external(dir, broker.port);
+    ctl.start();
+    let agents: Vec<Agent> = agents
+        .iter()
+        .map(|(node, zone)| {
+            let mut a = roomy(dir, node, broker.port, zone);
+            a.start();
+            a
+        })
+        .collect();
+    ctl.wait_nodes_up(agents.len());
+    (broker, ctl, agents)
 }
 
 fn list(ctl: &Controller) -> Vec<Value> {
@@ -66,12 +72,8 @@ fn holding(d: &DesiredState, instances: Vec<DesiredInstance>) -> Vec<u8> {
 #[test]
 fn the_instance_cap_is_a_filter_and_nothing_overflows() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path());
-    let mut ctl = Controller::external(dir.path(), broker.port);
-    ctl.start();
-    let mut a = roomy(dir.path(), "cap-1", broker.port, "cap");
-    a.start();
-    ctl.wait_nodes_up(1);
+    let (broker, mut ctl, agents) = fleet(dir.path(), &[("cap-1", "cap")]);
+    let a = &agents[0];
     let cap = outpost_protocol::limits::MAX_INSTANCES_PER_NODE;
     for k in 0..cap {
         ctl.create(&format!("c{k}"), &["--memory", "16"]).unwrap();
@@ -116,14 +118,8 @@ fn the_instance_cap_is_a_filter_and_nothing_overflows() {
 #[test]
 fn adopted_instances_stay_on_the_device_that_held_them() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path());
-    let mut ctl = Controller::external(dir.path(), broker.port);
-    ctl.start();
-    let mut dev = roomy(dir.path(), "dev-1", broker.port, "edge");
-    let mut honest = roomy(dir.path(), "honest-1", broker.port, "edge");
-    dev.start();
-    honest.start();
-    ctl.wait_nodes_up(2);
+    let (broker, mut ctl, agents) = fleet(dir.path(), &[("dev-1", "edge"), ("honest-1", "edge")]);
+    let [dev, honest]: [Agent; 2] = agents.try_into().ok().unwrap();
     ctl.create("db-1", &["--selector", "zone=edge"]).unwrap();
     ctl.wait_phase("db-1", "running", T);
     let db1 = ctl.cli(&["instances", "show", "db-1"]).unwrap();
@@ -204,14 +200,8 @@ fn adopted_instances_stay_on_the_device_that_held_them() {
 #[test]
 fn a_removed_node_stays_removed_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path());
-    let mut ctl = Controller::external(dir.path(), broker.port);
-    ctl.start();
-    let mut gone = roomy(dir.path(), "gone-1", broker.port, "edge");
-    let mut stays = roomy(dir.path(), "stays-1", broker.port, "edge");
-    gone.start();
-    stays.start();
-    ctl.wait_nodes_up(2);
+    let (broker, mut ctl, agents) = fleet(dir.path(), &[("gone-1", "edge"), ("stays-1", "edge")]);
+    let [mut gone, _stays]: [Agent; 2] = agents.try_into().ok().unwrap();
     // Revoked: its agent is stopped for good (it could not log in again).
     gone.proc().kill();
     let node = gone.node.clone();
@@ -265,14 +255,9 @@ fn a_removed_node_stays_removed_across_restarts() {
 #[test]
 fn a_flooding_device_is_held_to_its_share() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path());
-    let mut ctl = Controller::external(dir.path(), broker.port);
-    ctl.start();
-    let mut dev = roomy(dir.path(), "flood-1", broker.port, "edge");
-    let mut honest = roomy(dir.path(), "honest-2", broker.port, "honest");
-    dev.start();
-    honest.start();
-    ctl.wait_nodes_up(2);
+    let (broker, mut ctl, agents) =
+        fleet(dir.path(), &[("flood-1", "edge"), ("honest-2", "honest")]);
+    let [dev, _honest]: [Agent; 2] = agents.try_into().ok().unwrap();
     let rss = |ctl: &mut Controller| -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{}/status", ctl.proc().pid())).unwrap();
         s.lines()
@@ -433,14 +418,8 @@ fn qcow2_images_naming_host_files_are_refused_on_both_paths() {
 #[test]
 fn capacity_claims_above_the_ceiling_wait_for_an_operator() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path());
-    let mut ctl = Controller::external(dir.path(), broker.port);
-    ctl.start();
-    let mut dev = roomy(dir.path(), "liar-1", broker.port, "edge");
-    let mut honest = roomy(dir.path(), "honest-3", broker.port, "edge");
-    dev.start();
-    honest.start();
-    ctl.wait_nodes_up(2);
+    let (broker, ctl, agents) = fleet(dir.path(), &[("liar-1", "edge"), ("honest-3", "edge")]);
+    let [dev, _honest]: [Agent; 2] = agents.try_into().ok().unwrap();
     let node = dev.node.clone();
     let vcpus = |ctl: &Controller| {
         ctl.cli(&["nodes", "show", "liar-1"]).unwrap()["allocatable"]["vcpus"]

@@ -301,10 +301,7 @@ impl Fleet {
 
     /// Cordons or uncordons a node.
     pub fn cordon(&mut self, node: &NodeId, on: bool) -> Result<(), FleetError> {
-        let n = self
-            .nodes
-            .get_mut(node)
-            .ok_or_else(|| FleetError::NoNode(node.to_string()))?;
+        let n = self.node_mut(node)?;
         n.cordoned = on;
         if !on {
             n.draining = false;
@@ -319,10 +316,7 @@ impl Fleet {
     /// Drains a node: cordons it and moves each of its instances to another node (cold move:
     /// built there, then removed here). Returns how many moved and the ones that could not.
     pub fn drain(&mut self, node: &NodeId) -> Result<(usize, Vec<String>), FleetError> {
-        let n = self
-            .nodes
-            .get_mut(node)
-            .ok_or_else(|| FleetError::NoNode(node.to_string()))?;
+        let n = self.node_mut(node)?;
         n.cordoned = true;
         n.draining = true;
         self.journal.nodes.insert(node.clone());
@@ -357,10 +351,7 @@ impl Fleet {
                     .map_err(|e| FleetError::BadLabel(c.clone(), e))?,
             );
         }
-        let n = self
-            .nodes
-            .get_mut(node)
-            .ok_or_else(|| FleetError::NoNode(node.to_string()))?;
+        let n = self.node_mut(node)?;
         for (k, v) in parsed {
             n.label_overrides.retain(|(key, _)| *key != k);
             n.label_overrides.push((k, v));
@@ -424,10 +415,7 @@ impl Fleet {
     /// An operator accepts the capacity a node reports above its ceiling (new hardware, a
     /// changed reservation): it becomes the node's ceiling and counts at once.
     pub fn approve_capacity(&mut self, node: &NodeId) -> Result<Resources, FleetError> {
-        let n = self
-            .nodes
-            .get_mut(node)
-            .ok_or_else(|| FleetError::NoNode(node.to_string()))?;
+        let n = self.node_mut(node)?;
         let approved = n
             .over_ceiling
             .take()
@@ -567,10 +555,7 @@ impl Fleet {
     /// they are, and its agent is sent a desired state that replaces the one it holds.
     /// Returns how many instances were adopted.
     pub fn adopt(&mut self, now_ms: u64, node: &NodeId) -> Result<usize, FleetError> {
-        let n = self
-            .nodes
-            .get_mut(node)
-            .ok_or_else(|| FleetError::NoNode(node.to_string()))?;
+        let n = self.node_mut(node)?;
         let h = n
             .foreign
             .take()

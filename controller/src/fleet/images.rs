@@ -336,6 +336,17 @@ impl Fleet {
         }
     }
 
+    /// Whether this fleet asks `node` for blob `digest`: one of its instances boots from it (or
+    /// takes it as a cloud-init part), or the node is asked to prefetch it.
+    pub(super) fn asks_for(&self, node: &NodeId, digest: &Digest) -> bool {
+        self.on_node(node)
+            .any(|i| i.spec.blobs().any(|b| b.digest == *digest))
+            || self
+                .nodes
+                .get(node)
+                .is_some_and(|n| n.prefetch.iter().any(|b| b.digest == *digest))
+    }
+
     /// Whether `node` showing `token` may fetch `digest`, and from where: only a blob that
     /// one of its instances boots from (or that it is asked to prefetch).
     pub fn blob_access(
@@ -350,14 +361,7 @@ impl Fleet {
         if !same || !self.nodes.contains_key(node) {
             return Err(FleetError::BlobDenied);
         }
-        let needed = self
-            .on_node(node)
-            .any(|i| i.spec.blobs().any(|b| b.digest == *digest))
-            || self
-                .nodes
-                .get(node)
-                .is_some_and(|n| n.prefetch.iter().any(|b| b.digest == *digest));
-        if !needed {
+        if !self.asks_for(node, digest) {
             return Err(FleetError::BlobDenied);
         }
         // The controller's own copy first; a seed part has no catalogue entry: its own.

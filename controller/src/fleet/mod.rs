@@ -303,6 +303,13 @@ impl Fleet {
         self.nodes.get(id)
     }
 
+    /// One node, to change it (an operator's command: a node it names must exist).
+    pub(super) fn node_mut(&mut self, id: &NodeId) -> Result<&mut NodeRecord, FleetError> {
+        self.nodes
+            .get_mut(id)
+            .ok_or_else(|| FleetError::NoNode(id.to_string()))
+    }
+
     /// Every instance.
     pub fn instances(&self) -> impl Iterator<Item = &InstanceRecord> {
         self.instances.values()

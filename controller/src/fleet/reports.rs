@@ -5,8 +5,7 @@ use std::collections::BTreeSet;
 
 use outpost_protocol::{
     AckResult, Addresses, AgentEvent, DesiredInstance, Digest, ErrorKind, FetchState, Holding,
-    InstanceId, InstanceState, Inventory, Nic, NodeId, NodeReport, NodeStatus, Presence, Resources,
-    Version,
+    InstanceId, InstanceState, Inventory, Nic, NodeId, NodeReport, NodeStatus, Presence, Version,
 };
 
 use super::records::{InstanceRecord, NodeRecord, Phase};
@@ -83,16 +82,9 @@ impl Fleet {
             .or_insert_with(|| NodeRecord::new(node.clone()));
         n.last_seen_ms = now_ms;
         let ceiling = *n.ceiling.get_or_insert(inv.total);
-        let over = inv.total.vcpus > ceiling.vcpus
-            || inv.total.memory_mib > ceiling.memory_mib
-            || inv.total.disk_gib > ceiling.disk_gib;
-        if over {
+        if !ceiling.contains(inv.total) {
             let claimed = inv.total;
-            inv.total = Resources {
-                vcpus: claimed.vcpus.min(ceiling.vcpus),
-                memory_mib: claimed.memory_mib.min(ceiling.memory_mib),
-                disk_gib: claimed.disk_gib.min(ceiling.disk_gib),
-            };
+            inv.total = claimed.min(ceiling);
             let new = n.over_ceiling != Some(claimed);
             n.over_ceiling = Some(claimed);
             let what = format!(
@@ -480,14 +472,7 @@ impl Fleet {
             } => {
                 // Kept only for a blob the node was asked for: what a node says of others
                 // would grow this table without bound.
-                let asked = self
-                    .on_node(node)
-                    .any(|i| i.spec.blobs().any(|b| b.digest == *digest))
-                    || self
-                        .nodes
-                        .get(node)
-                        .is_some_and(|n| n.prefetch.iter().any(|b| b.digest == *digest));
-                if !asked {
+                if !self.asks_for(node, digest) {
                     return;
                 }
                 let p = FetchProgress {
