@@ -5,7 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use outpost_protocol::topics::{self, Channel};
-use outpost_protocol::{Backoff, Message, NodeStatus, Presence};
+use outpost_protocol::{Backoff, BootId, Message, NodeStatus, Presence};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, LastWill, MqttOptions, NetworkOptions, Packet, QoS,
     TlsConfiguration, Transport,
@@ -55,8 +55,9 @@ pub(crate) fn encode<M: Message>(m: &M) -> Option<Vec<u8>> {
     }
 }
 
-/// MQTT options for one connection attempt: broker `broker`, Last Will for `session`.
-fn mqtt_options(cfg: &Config, broker: usize, session: u64) -> MqttOptions {
+/// MQTT options for one connection attempt: broker `broker`, Last Will for `session` of
+/// install `boot`.
+fn mqtt_options(cfg: &Config, broker: usize, session: u64, boot: BootId) -> MqttOptions {
     let b = &cfg.brokers[broker % cfg.brokers.len()];
     let mut o = MqttOptions::new(cfg.node_id.as_str(), b.host.clone(), b.port);
     o.set_keep_alive(KEEP_ALIVE)
@@ -67,6 +68,7 @@ fn mqtt_options(cfg: &Config, broker: usize, session: u64) -> MqttOptions {
             encode(&NodeStatus {
                 presence: Presence::Offline,
                 session,
+                boot,
             })
             .unwrap_or_default(),
             QoS::AtLeastOnce,
@@ -127,6 +129,7 @@ async fn drive_link(
     cfg: Config,
     mut eventloop: rumqttc::EventLoop,
     mut session: u64,
+    boot: BootId,
     tx: mpsc::Sender<LinkEvent>,
 ) {
     let mut broker = 0usize;
@@ -151,7 +154,7 @@ async fn drive_link(
                 let retry_in = backoff.next_jittered(fastrand::f64());
                 broker += 1;
                 session = next_session(session);
-                eventloop.mqtt_options = mqtt_options(&cfg, broker, session);
+                eventloop.mqtt_options = mqtt_options(&cfg, broker, session, boot);
                 if tx.send(LinkEvent::Lost { error, retry_in }).await.is_err() {
                     return;
                 }
@@ -166,9 +169,10 @@ async fn drive_link(
 }
 
 /// Connects (in the background) with a new session: the client to publish with, the events of
-/// the link, and the task driving it.
+/// the link, and the task driving it. The Last Will names install `boot`.
 pub fn start(
     cfg: &Config,
+    boot: BootId,
 ) -> (
     AsyncClient,
     mpsc::Receiver<LinkEvent>,
@@ -176,13 +180,14 @@ pub fn start(
     u64,
 ) {
     let session = next_session(0);
-    let (client, mut eventloop) = AsyncClient::new(mqtt_options(cfg, 0, session), REQUEST_QUEUE);
+    let (client, mut eventloop) =
+        AsyncClient::new(mqtt_options(cfg, 0, session, boot), REQUEST_QUEUE);
     let mut net = NetworkOptions::new();
     net.set_tcp_nodelay(true);
     net.set_connection_timeout(CONNECT_TIMEOUT.as_secs());
     eventloop.set_network_options(net);
     let (link_tx, link_rx) = mpsc::channel(LINK_QUEUE);
-    let task = tokio::spawn(drive_link(cfg.clone(), eventloop, session, link_tx));
+    let task = tokio::spawn(drive_link(cfg.clone(), eventloop, session, boot, link_tx));
     (client, link_rx, task, session)
 }
 

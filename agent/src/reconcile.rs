@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use outpost_protocol::limits::MAX_INSTANCES_PER_NODE;
 use outpost_protocol::{
-    AckResult, AgentEvent, Backoff, BlobRef, DesiredInstance, DesiredState, Digest, ErrorKind,
-    FetchFrom, Holding, InstanceId, InstanceReport, InstanceState, NodeReport, PowerState, Reason,
-    Resources, RestartPolicy, Usage,
+    AckResult, AgentEvent, Backoff, BlobRef, BootId, DesiredInstance, DesiredState, Digest,
+    ErrorKind, FetchFrom, Holding, InstanceId, InstanceReport, InstanceState, NodeReport,
+    PowerState, Reason, Resources, RestartPolicy, Usage,
 };
 use serde::{Deserialize, Serialize};
 
@@ -162,6 +162,8 @@ pub struct Reconciler {
     /// When the agent last heard from its controller (a desired state, or a live link).
     heard: Option<Instant>,
     fetches: Fetches,
+    /// This agent install's identity (0: not set).
+    boot: BootId,
 }
 
 /// The instance state a domain's state reads as, for an instance the agent does not converge.
@@ -230,7 +232,20 @@ impl Reconciler {
             host,
             heard: None,
             fetches: Fetches::default(),
+            boot: BootId::default(),
         }
+    }
+
+    /// This agent install's identity.
+    pub const fn boot(&self) -> BootId {
+        self.boot
+    }
+
+    /// The same, for the agent install `boot` (see [`DesiredState::boot`]).
+    #[must_use]
+    pub const fn with_boot(mut self, boot: BootId) -> Self {
+        self.boot = boot;
+        self
     }
 
     /// The result of an [`Effect::Fetch`]: the blob is cached, or why it could not be (the
@@ -339,8 +354,20 @@ impl Reconciler {
     /// Compares a received desired state with the held one. The first one binds the agent to
     /// its fleet; after that only the same fleet's newer generations are taken, or a state
     /// that names exactly the held one in `replaces` (an adoption, or a reset of the
-    /// generation after a forged or rolled-back one).
+    /// generation after a forged or rolled-back one). A state for another agent install is
+    /// refused unless what is held named none (it was taken before installs had identities):
+    /// a copy of the node's identity on a second box builds nothing.
     pub fn offer(&self, d: &DesiredState) -> Offer {
+        let refuse = |result| {
+            Offer::Refused(Box::new(AgentEvent::Ack {
+                generation: d.generation,
+                result,
+            }))
+        };
+        let held_unnamed = self.held.as_ref().is_some_and(|h| h.desired.boot.is_none());
+        if d.boot.is_some_and(|b| b != self.boot) && !held_unnamed {
+            return refuse(AckResult::OtherInstall { mine: self.boot });
+        }
         let Some(h) = &self.held else {
             return Offer::Newer;
         };
@@ -351,12 +378,6 @@ impl Reconciler {
         if d.replaces == Some(cur) {
             return Offer::Newer;
         }
-        let refuse = |result| {
-            Offer::Refused(Box::new(AgentEvent::Ack {
-                generation: d.generation,
-                result,
-            }))
-        };
         if d.fleet != cur.fleet {
             return refuse(AckResult::OtherFleet { held: cur });
         }

@@ -382,6 +382,7 @@ impl Shell {
         let status = NodeStatus {
             presence: Presence::Online,
             session,
+            boot: self.rec.boot(),
         };
         self.publish(Channel::Status, encode(&status));
         self.publish(Channel::Inventory, encode(&self.inventory));
@@ -453,6 +454,23 @@ impl Shell {
                     self.heard(false).await;
                 }
                 return true;
+            }
+            Offer::Refused(ack)
+                if matches!(
+                    *ack,
+                    AgentEvent::Ack {
+                        result: outpost_protocol::AckResult::OtherInstall { .. },
+                        ..
+                    }
+                ) =>
+            {
+                tracing::error!(
+                    mine = %self.rec.boot(),
+                    bound = ?d.boot,
+                    "refused a desired state for another agent install of this node: its identity is in use on another box (or this agent lost its state); building nothing until an operator runs `outpost nodes resolve`"
+                );
+                self.publish_event(&ack);
+                self.publish_holding();
             }
             Offer::Refused(ack) => {
                 let held = self.rec.held().map(|h| h.desired.version());
@@ -687,6 +705,8 @@ async fn run_loop(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<Counters, AgentError> {
     let store = DesiredStore::open(&cfg.state_dir)?;
+    let boot = store.boot_id()?;
+    tracing::info!(%boot, "this agent install");
     let mut notices = Vec::new();
     let restored = match store.load() {
         Ok(d) => d,
@@ -726,7 +746,7 @@ async fn run_loop(
         disk_gib = inventory.total.disk_gib, images = inventory.images.len(), "host fingerprinted"
     );
 
-    let (client, mut link_rx, link, mut session) = crate::link::start(&cfg);
+    let (client, mut link_rx, link, mut session) = crate::link::start(&cfg, boot);
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel();
@@ -740,7 +760,7 @@ async fn run_loop(
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     reconcile_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let mut rec = Reconciler::new(facts, restored);
+    let mut rec = Reconciler::new(facts, restored).with_boot(boot);
     // The lease runs from the last contact recorded on disk, if the clock still agrees.
     if let Some(age) = store
         .heard_ms()
@@ -911,6 +931,7 @@ async fn run_loop(
         let offline = NodeStatus {
             presence: Presence::Offline,
             session,
+            boot: sh.rec.boot(),
         };
         sh.publish(Channel::Status, encode(&offline));
         let _ = sh.client.try_disconnect();

@@ -7,6 +7,8 @@
 //!   the postcard body, and a CRC-32 over everything before it. Replaced atomically (write,
 //!   fsync, rename, fsync dir), mode 0600. A file that fails any check is never guessed at: the
 //!   agent touches nothing until the controller sends a desired state.
+//! - `boot-id`: this install's identity ([`BootId`], 16 hex digits), made on the first start and
+//!   kept: a copy of the node's flashed config on another box has another one.
 //! - `heard`: when the agent last heard from its controller (ms since the epoch, with a
 //!   CRC-32), which bounds how long it may start instances on its own after a restart.
 
@@ -15,7 +17,7 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-use outpost_protocol::legacy;
+use outpost_protocol::{BootId, legacy};
 
 use crate::reconcile::Held;
 
@@ -23,10 +25,13 @@ use crate::reconcile::Held;
 pub const DESIRED_FILE: &str = "desired.bin";
 /// The file name of the last time the agent heard from its controller.
 pub const HEARD_FILE: &str = "heard";
+/// The file name of this install's identity ([`BootId`]), inside the state directory.
+pub const BOOT_FILE: &str = "boot-id";
 /// The first four bytes of the held-state file.
 pub const MAGIC: [u8; 4] = *b"OPST";
-/// The held-state file's format version (3: power modes, images by digest, fetch sources).
-pub const FORMAT: u8 = 3;
+/// The held-state file's format version (4: the agent install a desired state is for; 3:
+/// power modes, images by digest, fetch sources).
+pub const FORMAT: u8 = 4;
 /// The largest held-state file: a full desired state and a full list of kept instances.
 pub const MAX_FILE_LEN: usize = 256 * 1024;
 /// The state directory's mode: private listing, traversable by QEMU's unprivileged user.
@@ -100,7 +105,7 @@ pub fn unframe(bytes: &[u8]) -> Result<Held, &'static str> {
     if data[..4] != MAGIC {
         return Err("bad magic");
     }
-    if data[4] != FORMAT && data[4] != 2 {
+    if !(2..=FORMAT).contains(&data[4]) {
         return Err("unknown format version");
     }
     let mut stored = [0u8; 4];
@@ -114,17 +119,35 @@ pub fn unframe(bytes: &[u8]) -> Result<Held, &'static str> {
     if u32::from_le_bytes(len) as usize != body.len() {
         return Err("length mismatch");
     }
-    if data[4] == 2 {
-        return match postcard::take_from_bytes::<HeldV2>(body) {
-            Ok((held, [])) => Ok(held.into()),
-            Ok(_) => Err("trailing bytes"),
-            Err(_) => Err("malformed body"),
-        };
+    match data[4] {
+        2 => whole::<HeldV2>(body).map(Into::into),
+        3 => whole::<HeldV3>(body).map(Into::into),
+        _ => whole::<Held>(body),
     }
-    match postcard::take_from_bytes::<Held>(body) {
-        Ok((held, [])) => Ok(held),
+}
+
+/// Decodes all of `body` as a `T`.
+fn whole<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, &'static str> {
+    match postcard::take_from_bytes::<T>(body) {
+        Ok((t, [])) => Ok(t),
         Ok(_) => Err("trailing bytes"),
         Err(_) => Err("malformed body"),
+    }
+}
+
+/// Format 3, written by the release before agent installs had identities.
+#[derive(serde::Deserialize, serde::Serialize)]
+struct HeldV3 {
+    desired: Box<legacy::DesiredStateV4>,
+    kept: Vec<outpost_protocol::DesiredInstance>,
+}
+
+impl From<HeldV3> for Held {
+    fn from(h: HeldV3) -> Self {
+        Self {
+            desired: Box::new((*h.desired).into()),
+            kept: h.kept,
+        }
     }
 }
 
@@ -220,6 +243,22 @@ impl DesiredStore {
             m.copy_from_slice(ms);
             u64::from_le_bytes(m)
         })
+    }
+
+    /// This install's identity: the one kept in the state directory, or (first start, or a
+    /// damaged file) a fresh random one, stored 0600 before it is used.
+    pub fn boot_id(&self) -> Result<BootId, StoreError> {
+        let path = self.dir.join(BOOT_FILE);
+        let kept = fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse::<BootId>().ok())
+            .filter(|b| b.0 != 0);
+        if let Some(b) = kept {
+            return Ok(b);
+        }
+        let fresh = BootId(fastrand::u64(1..));
+        replace(&self.dir, &path, format!("{fresh}\n").as_bytes())?;
+        Ok(fresh)
     }
 
     /// Records that the agent heard from its controller at `ms` (since the epoch).
@@ -325,6 +364,57 @@ mod tests {
         );
         // Written back in the current format.
         assert_eq!(frame(&loaded).unwrap()[4], FORMAT);
+    }
+
+    #[test]
+    fn a_format_3_file_from_the_previous_release_loads() {
+        let d = *held().desired;
+        let old = HeldV3 {
+            desired: Box::new(legacy::DesiredStateV4 {
+                fleet: d.fleet,
+                generation: d.generation,
+                replaces: d.replaces,
+                lease_secs: d.lease_secs,
+                instances: d.instances.clone(),
+                gone: d.gone.clone(),
+                fetch: d.fetch.clone(),
+                prefetch: d.prefetch.clone(),
+            }),
+            kept: Vec::new(),
+        };
+        let body = postcard::to_stdvec(&old).unwrap();
+        let mut bytes = MAGIC.to_vec();
+        bytes.push(3);
+        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        let crc = CRC32.checksum(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let loaded = unframe(&bytes).unwrap();
+        assert_eq!(*loaded.desired, d);
+        assert_eq!(loaded.desired.boot, None);
+    }
+
+    #[test]
+    fn the_boot_id_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DesiredStore::open(dir.path()).unwrap();
+        let a = store.boot_id().unwrap();
+        assert_ne!(a.0, 0);
+        assert_eq!(store.boot_id().unwrap(), a);
+        let mode = fs::metadata(dir.path().join(BOOT_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let elsewhere = tempfile::tempdir().unwrap();
+        let other = DesiredStore::open(elsewhere.path()).unwrap();
+        assert_ne!(
+            other.boot_id().unwrap(),
+            a,
+            "another install, another identity"
+        );
+        fs::write(dir.path().join(BOOT_FILE), "garbage").unwrap();
+        assert_ne!(store.boot_id().unwrap(), a);
     }
 
     #[test]

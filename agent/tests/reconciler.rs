@@ -861,3 +861,52 @@ fn a_boot_request_starts_an_instance_that_stopped_by_itself() {
     assert_eq!(s.hv.calls(Call::Start, id(1)), 1);
     assert_eq!(s.hv.state_of(id(1)), Some(DomainState::Running));
 }
+
+#[test]
+fn a_state_for_another_install_builds_nothing_on_a_copy() {
+    let (a, b) = (BootId(0xa), BootId(0xb));
+    // A copy of the node's identity on a second box: install B, holding nothing of the node.
+    let mut copy = Sim::new(HypervisorKind::Emulated);
+    copy.rec = Reconciler::new(facts(HypervisorKind::Emulated), None).with_boot(b);
+    let for_a = DesiredState {
+        boot: Some(a),
+        ..desired(5, vec![inst(1, spec(512, RestartPolicy::Always))])
+    };
+    copy.deliver(for_a.clone());
+    copy.converge();
+    assert_eq!(
+        acks(&copy.take_events()),
+        vec![(5, AckResult::OtherInstall { mine: b })]
+    );
+    assert_eq!(
+        copy.hv.calls(Call::Create, id(1)),
+        0,
+        "the copy built nothing"
+    );
+    assert!(copy.rec.held().is_none());
+    // Once an operator keeps B, it is B's.
+    copy.deliver(DesiredState {
+        boot: Some(b),
+        ..desired(6, vec![inst(1, spec(512, RestartPolicy::Always))])
+    });
+    copy.converge();
+    assert_eq!(copy.hv.calls(Call::Create, id(1)), 1);
+
+    // Install A holds a state taken before installs had identities: it takes A's and B's
+    // states (an upgrade must not strand it), but once it holds one naming A, only A's.
+    let mut orig = Sim::new(HypervisorKind::Emulated);
+    orig.rec = Reconciler::new(facts(HypervisorKind::Emulated), None).with_boot(a);
+    orig.deliver(desired(4, vec![inst(1, spec(512, RestartPolicy::Always))]));
+    orig.deliver(for_a);
+    assert_eq!(orig.rec.generation(), 5);
+    orig.take_events();
+    orig.deliver(DesiredState {
+        boot: Some(b),
+        ..desired(6, vec![])
+    });
+    assert_eq!(
+        acks(&orig.take_events()),
+        vec![(6, AckResult::OtherInstall { mine: a })]
+    );
+    assert_eq!(orig.rec.generation(), 5, "a state kept for B is not A's");
+}

@@ -254,6 +254,16 @@ enum NodeCmd {
     /// approved last): until then it counts at the ceiling (a device cannot claim more on
     /// its own word to draw every placement).
     ApproveCapacity { id: String },
+    /// End a node's identity conflict (state `conflict`: two agent installs connect with its
+    /// flashed identity, a copied SD card or an agent reinstalled without its state): keep
+    /// one install, named by the boot id `nodes show` lists. Its desired states are for that
+    /// install alone; another that holds none of the node's state builds nothing.
+    Resolve {
+        id: String,
+        /// The agent install to keep (16 hex digits).
+        #[arg(long)]
+        keep: String,
+    },
     /// Set or remove a node's labels from the controller, without re-flashing it:
     /// `outpost nodes label edge-7 tier=gold zone-`.
     Label {
@@ -1057,6 +1067,16 @@ fn node_detail(v: &Value, instances: &[&Value]) -> anyhow::Result<()> {
             n.id
         );
     }
+    if let Some(x) = &n.install {
+        say!("install       {x}");
+    }
+    if !n.conflict.is_empty() {
+        say!(
+            "conflict      also {} (the same identity on another box): outpost nodes resolve {} --keep BOOT-ID",
+            n.conflict.join(", "),
+            n.id
+        );
+    }
     if let Some(x) = &n.notice {
         say!("notice        {x}");
     }
@@ -1497,6 +1517,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 NodeCmd::Adopt { id } => {
                     c.send("POST", &format!("/v1/nodes/{}/adopt", seg(&id)), None)?
                 }
+                NodeCmd::Resolve { id, keep } => c.send(
+                    "POST",
+                    &format!("/v1/nodes/{}/resolve", seg(&id)),
+                    Some(serde_json::json!({ "keep": keep })),
+                )?,
                 NodeCmd::ApproveCapacity { id } => c.send(
                     "POST",
                     &format!("/v1/nodes/{}/approve-capacity", seg(&id)),

@@ -124,6 +124,7 @@ async fn sim_agent(i: usize, port: u16, seen: Seen) {
                 let st = NodeStatus {
                     presence: Presence::Online,
                     session: 1,
+                    boot: Default::default(),
                 };
                 if std::mem::take(&mut first) {
                     // An external broker keeps an earlier run's retained desired state for
@@ -248,6 +249,7 @@ fn main() {
             api_listen: api,
             api_token: None,
             mqtt_passwd: None,
+            registry: None,
             fleet: FleetConfig::default(),
             scheduler: SchedulerConfig::default(),
             metrics_listen: None,

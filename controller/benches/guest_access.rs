@@ -67,6 +67,7 @@ async fn sim_node(port: u16) {
                 let st = NodeStatus {
                     presence: Presence::Online,
                     session: 1,
+                    boot: Default::default(),
                 };
                 let _ = client.try_subscribe(
                     topics::topic(&node, Channel::ConsoleRequest).as_str(),
@@ -146,6 +147,7 @@ fn main() {
             api_listen: api,
             api_token: None,
             mqtt_passwd: None,
+            registry: None,
             fleet: FleetConfig::default(),
             scheduler: SchedulerConfig::default(),
             metrics_listen: None,

@@ -64,6 +64,7 @@ fn big_fleet(nodes: usize, instances: usize) -> Changes {
             NodeStatus {
                 presence: Presence::Online,
                 session: 1,
+                boot: Default::default(),
             },
         );
         f.on_inventory(
@@ -121,6 +122,7 @@ fn commit_batches(n: usize) -> Vec<Changes> {
             NodeStatus {
                 presence: Presence::Online,
                 session: 1,
+                boot: Default::default(),
             },
         );
         f.on_inventory(1, &node.id, node.inventory.clone().unwrap());

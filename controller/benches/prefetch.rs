@@ -83,7 +83,7 @@ async fn sim_node(i: usize, port: u16, received: Arc<AtomicU64>) {
             }
             ev = el.poll() => match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let st = NodeStatus { presence: Presence::Online, session: 1 };
+                    let st = NodeStatus { presence: Presence::Online, session: 1, boot: Default::default() };
                     let _ = client.try_subscribe(topics::topic(&node, Channel::Desired).as_str(), QoS::AtLeastOnce);
                     let _ = client.try_publish(topics::topic(&node, Channel::Status).as_str(), QoS::AtLeastOnce, true, st.to_vec().unwrap());
                     let _ = client.try_publish(topics::topic(&node, Channel::Inventory).as_str(), QoS::AtLeastOnce, true, inventory(&cached).to_vec().unwrap());
@@ -151,6 +151,7 @@ fn main() {
             api_listen: api,
             api_token: None,
             mqtt_passwd: None,
+            registry: None,
             fleet: FleetConfig {
                 image_url: Some(BaseUrl::new(&format!("http://{api}")).unwrap()),
                 ..FleetConfig::default()

@@ -30,6 +30,8 @@ pub enum Action {
     AdoptNode(String),
     /// Accept the capacity a node reports above its ceiling.
     ApproveCapacity(String),
+    /// End a node's identity conflict: bind it to this agent install (its boot id).
+    ResolveNode(String, String),
     /// Remove a node for good (`force`: move its instances elsewhere first).
     RemoveNode(String, bool),
     /// Set (`key=value`) or remove (`key-`) a node's labels on the controller.
@@ -317,6 +319,15 @@ pub fn execute(
             let n = node_id(&id)?;
             let approved = fleet.approve_capacity(&n)?;
             tracing::warn!(node = %n, ?approved, "operator approved a node's capacity");
+            Reply::Node(node_view(fleet, &n)?)
+        }
+        Action::ResolveNode(id, keep) => {
+            let n = node_id(&id)?;
+            let keep = keep
+                .parse()
+                .map_err(|_| FleetError::NoSuchInstall(n.clone(), keep.clone()))?;
+            fleet.resolve(&n, keep)?;
+            tracing::warn!(node = %n, %keep, "operator resolved a node's identity conflict");
             Reply::Node(node_view(fleet, &n)?)
         }
         Action::LabelNode(id, changes) => {

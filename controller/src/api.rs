@@ -60,7 +60,10 @@ impl IntoResponse for HttpError {
 fn status(e: &ActionError) -> StatusCode {
     match e {
         ActionError::Fleet(
-            FleetError::NoInstance(_) | FleetError::NoNode(_) | FleetError::NoImage(_),
+            FleetError::NoInstance(_)
+            | FleetError::NoNode(_)
+            | FleetError::NoImage(_)
+            | FleetError::NoSuchInstall(..),
         ) => StatusCode::NOT_FOUND,
         ActionError::Fleet(FleetError::BlobDenied) => StatusCode::FORBIDDEN,
         ActionError::Fleet(
@@ -81,7 +84,8 @@ fn status(e: &ActionError) -> StatusCode {
             | FleetError::ImageInUse { .. }
             | FleetError::NotPlaced(_)
             | FleetError::Pinned(_)
-            | FleetError::NothingToApprove(_),
+            | FleetError::NothingToApprove(_)
+            | FleetError::NoConflict(_),
         ) => StatusCode::CONFLICT,
         ActionError::StoreDown(_)
         | ActionError::NotStored(_)
@@ -1009,6 +1013,13 @@ struct LabelBody {
     labels: Vec<String>,
 }
 
+/// `POST /v1/nodes/{id}/resolve`: `{"keep": "BOOT-ID"}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResolveBody {
+    keep: String,
+}
+
 /// `DELETE /v1/nodes/{id}?force=true`.
 #[derive(Debug, Default, serde::Deserialize)]
 struct RemoveQuery {
@@ -1112,6 +1123,12 @@ pub fn router(
         }))
         .route("/v1/nodes/{id}/adopt", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::AdoptNode(id)).await }))
         .route("/v1/nodes/{id}/approve-capacity", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::ApproveCapacity(id)).await }))
+        .route("/v1/nodes/{id}/resolve", post(|State(a): State<Api>, Path(id): Key, body: Result<Json<ResolveBody>, axum::extract::rejection::JsonRejection>| async move {
+            match body {
+                Ok(Json(b)) => call(&a, Action::ResolveNode(id, b.keep)).await,
+                Err(e) => Err(HttpError(StatusCode::BAD_REQUEST, e.body_text())),
+            }
+        }))
         .route("/v1/nodes/{id}/drain", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::DrainNode(id)).await }))
         .route(
             "/v1/instances",

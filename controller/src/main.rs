@@ -173,6 +173,11 @@ struct ServeArgs {
     /// loopback.
     #[arg(long)]
     mqtt_passwd: Option<PathBuf>,
+    /// The provisioning registry (outpost-provision --registry): the capacity each device was
+    /// enrolled with (`outpost-provision device --max-vcpus --max-memory --max-disk`) is its
+    /// first ceiling, instead of trusting its first report.
+    #[arg(long)]
+    registry: Option<PathBuf>,
     /// Use this external broker (mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS) instead of the
     /// embedded one.
     #[arg(long)]
@@ -444,6 +449,7 @@ fn main() -> anyhow::Result<()> {
         api_listen: a.api_listen,
         api_token,
         mqtt_passwd: a.mqtt_passwd,
+        registry: a.registry,
         fleet: FleetConfig {
             liveness_timeout_ms: a.liveness_timeout * 1000,
             max_attempts: a.max_attempts,

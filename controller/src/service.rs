@@ -64,6 +64,9 @@ pub struct ServeConfig {
     /// A mosquitto-format password file: puts the gate (per-device authentication and topic
     /// confinement) in front of the embedded broker, which may then listen beyond loopback.
     pub mqtt_passwd: Option<PathBuf>,
+    /// The provisioning registry: the capacity each device was enrolled with
+    /// (`devices/NODE/ceiling.toml`), read at start and every [`ENROLLED_EVERY`].
+    pub registry: Option<PathBuf>,
     /// Fleet settings.
     pub fleet: FleetConfig,
     /// Scheduler settings.
@@ -170,6 +173,21 @@ fn random_fleet() -> Result<FleetId, ServeError> {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).map_err(|e| ServeError::Config(format!("no randomness: {e}")))?;
     Ok(FleetId(u64::from_le_bytes(b).max(1)))
+}
+
+/// How often the registry's enrolled capacities are read again.
+pub const ENROLLED_EVERY: Duration = Duration::from_secs(10);
+
+/// The capacities devices were enrolled with, from the provisioning registry (unreadable files
+/// logged: those devices fall back to their first report).
+fn read_enrolled(
+    registry: &std::path::Path,
+) -> std::collections::BTreeMap<NodeId, outpost_firmware_config::enrolled::Enrolled> {
+    let (found, bad) = outpost_firmware_config::enrolled::read_all(registry);
+    for (file, why) in bad {
+        tracing::warn!(file = %file.display(), %why, "enrolled capacity unreadable: ignored");
+    }
+    found.into_iter().collect()
 }
 
 fn now_ms() -> u64 {
@@ -722,6 +740,7 @@ impl Shell {
         let metrics = std::sync::Arc::clone(&self.metrics);
         let mut renewed_at = t0;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut enrolled_at: Option<Instant> = None;
         let mut malformed: u64 = 0;
         // Calls executed since the last commit was sent, and how many inputs that was.
         let mut replies: Vec<Answer> = Vec::new();
@@ -884,6 +903,12 @@ impl Shell {
                             .take_dropped();
                         for (node, n) in dropped {
                             fleet.on_flood(&node, n);
+                        }
+                        if let Some(reg) = &self.cfg.registry
+                            && enrolled_at.is_none_or(|t| t.elapsed() >= ENROLLED_EVERY)
+                        {
+                            enrolled_at = Some(Instant::now());
+                            fleet.set_enrolled(read_enrolled(reg));
                         }
                         fleet.tick(now);
                     }

@@ -69,6 +69,14 @@ pub struct NodeView {
     /// The latest notice from its agent (unreadable state, hypervisor down...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
+    /// The agent install bound to it (16 hex digits; absent: none connected yet, or an agent
+    /// of an earlier release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install: Option<String>,
+    /// Other agent installs seen with its identity (state `conflict`): `outpost nodes resolve
+    /// NODE --keep BOOT-ID` chooses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflict: Vec<String>,
 }
 
 /// An instance as shown.
@@ -203,6 +211,8 @@ impl NodeView {
             id: n.id.to_string(),
             state: if n.foreign.is_some() {
                 "foreign".to_owned()
+            } else if !n.conflict.is_empty() {
+                "conflict".to_owned()
             } else {
                 n.availability().as_str().to_owned()
             },
@@ -251,6 +261,8 @@ impl NodeView {
                 .map(ToString::to_string)
                 .collect(),
             notice: n.notice.clone(),
+            install: n.boot.map(|b| b.to_string()),
+            conflict: n.conflict.iter().map(ToString::to_string).collect(),
         }
     }
 }

@@ -53,6 +53,7 @@ fn online(f: &mut Fleet, n: &str, memory_mib: u32) {
         NodeStatus {
             presence: Presence::Online,
             session: 1,
+            boot: Default::default(),
         },
     );
     f.on_inventory(0, &node(n), inventory(memory_mib));
@@ -407,6 +408,7 @@ fn liveness_and_late_last_wills() {
         NodeStatus {
             presence: Presence::Online,
             session: 7,
+            boot: Default::default(),
         },
     );
     // A Last Will from an older connection is ignored.
@@ -416,6 +418,7 @@ fn liveness_and_late_last_wills() {
         NodeStatus {
             presence: Presence::Offline,
             session: 3,
+            boot: Default::default(),
         },
     );
     assert!(f.node(&node("a")).unwrap().online);
@@ -479,6 +482,7 @@ fn lost_nodes_are_evacuated_after_the_delay_and_fenced_by_generation() {
         NodeStatus {
             presence: Presence::Offline,
             session: 1,
+            boot: Default::default(),
         },
     );
     let other = if from == node("a") {
@@ -522,6 +526,7 @@ fn lost_nodes_are_evacuated_after_the_delay_and_fenced_by_generation() {
         NodeStatus {
             presence: Presence::Online,
             session: 2,
+            boot: Default::default(),
         },
     );
     let ch = f.take_changes();
@@ -749,7 +754,7 @@ proptest::proptest! {
                 }
                 Step::Offline(n) | Step::Online(n) => {
                     let presence = if matches!(s, Step::Online(_)) { Presence::Online } else { Presence::Offline };
-                    f.on_status(now, &node(names[n]), NodeStatus { presence, session: now });
+                    f.on_status(now, &node(names[n]), NodeStatus { presence, session: now, boot: Default::default() });
                 }
                 Step::Holding(n, i) => {
                     let fleet_id = if i % 2 == 0 { f.id() } else { FleetId(0xbad) };
@@ -789,6 +794,7 @@ fn without_an_architecture_any_the_fleet_has_will_do() {
         NodeStatus {
             presence: Presence::Online,
             session: 1,
+            boot: Default::default(),
         },
     );
     f.on_inventory(
@@ -813,4 +819,113 @@ fn without_an_architecture_any_the_fleet_has_will_do() {
     let i = f.instance("vm2").unwrap();
     assert_eq!(i.spec.arch, Arch::Aarch64);
     assert_eq!(i.node.as_ref(), Some(&arm));
+}
+
+#[test]
+fn two_installs_of_one_identity_put_the_node_in_conflict_until_an_operator_keeps_one() {
+    let mut f = fleet();
+    let status = |boot: u64, session: u64| NodeStatus {
+        presence: Presence::Online,
+        session,
+        boot: BootId(boot),
+    };
+    // The first install to connect is bound; its desired states name it.
+    f.on_status(10, &node("a"), status(0xa, 10));
+    let ch = f.take_changes();
+    assert_eq!(f.node(&node("a")).unwrap().boot, Some(BootId(0xa)));
+    assert!(
+        ch.nodes.iter().any(|n| n.boot == Some(BootId(0xa))),
+        "stored"
+    );
+    let (_, d) = ch.publish.iter().find(|(n, _)| n == &node("a")).unwrap();
+    assert_eq!(d.boot, Some(BootId(0xa)));
+    create(&mut f, 1, 1024).unwrap();
+    f.take_changes();
+    // A copy connects with an older session (its clock is behind): still seen.
+    f.on_status(20, &node("a"), status(0xc, 5));
+    let n = f.node(&node("a")).unwrap();
+    assert_eq!(n.conflict, vec![BootId(0xc)]);
+    assert_eq!(n.availability(), Availability::Down);
+    assert!(n.notice.as_deref().unwrap().starts_with("conflict"));
+    assert!(
+        f.take_changes()
+            .events
+            .iter()
+            .any(|e| e.kind == "identity-conflict")
+    );
+    // Nothing new is placed on it, and nothing on it moves.
+    assert_eq!(
+        create(&mut f, 2, 3000).unwrap_err().to_string(),
+        "no host fits (2 hosts): availability (down/cordoned) removed 1, memory removed 1"
+    );
+    assert_eq!(f.instance_counts().get(&node("a")), Some(&1));
+    // The copy refusing the bound install's state says the same.
+    f.on_event(
+        21,
+        &node("a"),
+        &AgentEvent::Ack {
+            generation: 3,
+            result: AckResult::OtherInstall { mine: BootId(0xd) },
+        },
+    );
+    assert_eq!(f.node(&node("a")).unwrap().conflict.len(), 2);
+    // An operator names an install the node never had: refused.
+    assert!(matches!(
+        f.resolve(&node("a"), BootId(0xe)),
+        Err(FleetError::NoSuchInstall(..))
+    ));
+    // Keeping the copy: its states name it, a new generation.
+    let before = f.node(&node("a")).unwrap().generation;
+    f.resolve(&node("a"), BootId(0xc)).unwrap();
+    let n = f.node(&node("a")).unwrap();
+    assert_eq!((n.boot, n.conflict.len()), (Some(BootId(0xc)), 0));
+    assert!(n.generation > before);
+    assert_eq!(n.availability(), Availability::Up);
+    assert_eq!(f.desired_for(&node("a")).boot, Some(BootId(0xc)));
+    assert!(matches!(
+        f.resolve(&node("a"), BootId(0xc)),
+        Err(FleetError::NoConflict(_))
+    ));
+    // The old install still out there puts it back in conflict.
+    f.on_status(30, &node("a"), status(0xa, 30));
+    assert_eq!(f.node(&node("a")).unwrap().conflict, vec![BootId(0xa)]);
+    // Agents of an earlier release (no install id) bind nothing and conflict with nothing.
+    f.on_status(40, &node("b"), status(0, 40));
+    assert_eq!(f.node(&node("b")).unwrap().boot, None);
+}
+
+#[test]
+fn an_enrolled_capacity_is_the_first_ceiling() {
+    let mut f = Fleet::new(
+        Scheduler::default(),
+        FleetConfig::default(),
+        Snapshot::default(),
+        0,
+    );
+    f.set_enrolled(
+        [(
+            node("small"),
+            outpost_firmware_config::enrolled::Enrolled {
+                vcpus: Some(2),
+                memory_mib: Some(1024),
+                disk_gib: None,
+            },
+        )]
+        .into_iter()
+        .collect(),
+    );
+    // Its first report claims more: counted at what it was enrolled with.
+    online(&mut f, "small", 8192);
+    let n = f.node(&node("small")).unwrap();
+    let want = Resources {
+        vcpus: 2,
+        memory_mib: 1024,
+        disk_gib: 50,
+    };
+    assert_eq!(n.ceiling, Some(want));
+    assert_eq!(n.inventory.as_ref().unwrap().total, want);
+    assert!(n.notice.as_deref().unwrap().contains("above its ceiling"));
+    // Another node, not enrolled: its first report is trusted.
+    online(&mut f, "other", 8192);
+    assert_eq!(f.node(&node("other")).unwrap().over_ceiling, None);
 }

@@ -55,7 +55,7 @@ fn fleet_changes_survive_a_reopen_on_postgres() {
     });
     assert_eq!(
         pg.sql("SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations"),
-        "1,2,3,4",
+        "1,2,3,4,5",
         "migrations are numbered and recorded"
     );
 }
@@ -128,6 +128,7 @@ fn some_change() -> Changes {
         NodeStatus {
             presence: Presence::Online,
             session: 5,
+            boot: Default::default(),
         },
     );
     f.take_changes()
@@ -143,6 +144,8 @@ fn survives_a_reopen(open: &dyn Fn() -> Box<dyn Store>) {
         NodeStatus {
             presence: Presence::Online,
             session: 5,
+            // The agent install bound to the node is stored with it.
+            boot: BootId(0xb007),
         },
     );
     f.on_inventory(
@@ -268,6 +271,7 @@ fn the_write_ahead_log_is_checkpointed_in_the_background() {
             NodeStatus {
                 presence: Presence::Online,
                 session: 1,
+                boot: Default::default(),
             },
         );
         if k % 100 == 99 {

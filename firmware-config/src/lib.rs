@@ -9,6 +9,8 @@
 #[cfg(any(feature = "std", test))]
 extern crate std;
 
+#[cfg(feature = "human")]
+pub mod enrolled;
 pub mod flash;
 #[cfg(feature = "human")]
 pub mod human;

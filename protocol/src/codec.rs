@@ -3,7 +3,7 @@
 use serde::{Serialize, de::DeserializeOwned};
 
 /// The version byte that starts every Outpost message. A decoder refuses any other.
-pub const WIRE_VERSION: u8 = 4;
+pub const WIRE_VERSION: u8 = 5;
 
 /// Why bytes could not be decoded into a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -374,6 +374,35 @@ impl FromStr for FleetId {
     }
 }
 
+/// One agent install's identity: 64 random bits the agent makes on its first start and keeps
+/// in its state directory, carried in every status. Two of them for one node mean its identity
+/// (its flashed config) runs on two boxes: the controller puts the node in conflict, and a
+/// desired state names the install it is for, so a copy that holds none of the node's state
+/// builds nothing. 0 is never made: it means "unknown" (an agent of an earlier release).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct BootId(pub u64);
+
+impl fmt::Display for BootId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl fmt::Debug for BootId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BootId({self})")
+    }
+}
+
+impl FromStr for BootId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        s.parse::<InstanceId>()
+            .map(|i| Self(i.as_u64()))
+            .map_err(|_| IdError::BadInstanceId)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,14 +2,16 @@
 //! and the agent's state file read what the previous release wrote, and convert it. Only
 //! decoded, never written. (Messages of an earlier version on the wire are refused.)
 //!
+//! Version 4: desired states named no agent install.
+//!
 //! Version 2: instances had no power mode, boot files were only file names, inventories had no
 //! agent version or cache, desired states no fetch source or prefetch list.
 
 use serde::{Deserialize, Serialize};
 
-use crate::blob::Image;
+use crate::blob::{BlobRef, FetchFrom, Image};
 use crate::ids::{Cmdline, FleetId, ImageName, InstanceId, InstanceName, Labels};
-use crate::limits::{MAX_IMAGES, MAX_INSTANCES_PER_NODE};
+use crate::limits::{MAX_IMAGES, MAX_INSTANCES_PER_NODE, MAX_PREFETCH};
 use crate::messages::{DesiredInstance, DesiredState, Version};
 use crate::node::{Arch, HypervisorKind, Inventory, Resources};
 use crate::spec::{Boot, InstanceSpec, Network, PowerMode, PowerState, RestartPolicy};
@@ -120,6 +122,37 @@ impl From<DesiredStateV2> for DesiredState {
             gone: d.gone,
             fetch: None,
             prefetch: heapless::Vec::new(),
+            boot: None,
+        }
+    }
+}
+
+/// Version 4's desired state: no agent install named.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[allow(missing_docs)]
+pub struct DesiredStateV4 {
+    pub fleet: FleetId,
+    pub generation: u64,
+    pub replaces: Option<Version>,
+    pub lease_secs: u32,
+    pub instances: heapless::Vec<DesiredInstance, MAX_INSTANCES_PER_NODE>,
+    pub gone: heapless::Vec<InstanceId, MAX_INSTANCES_PER_NODE>,
+    pub fetch: Option<FetchFrom>,
+    pub prefetch: heapless::Vec<BlobRef, MAX_PREFETCH>,
+}
+
+impl From<DesiredStateV4> for DesiredState {
+    fn from(d: DesiredStateV4) -> Self {
+        Self {
+            fleet: d.fleet,
+            generation: d.generation,
+            replaces: d.replaces,
+            lease_secs: d.lease_secs,
+            instances: d.instances,
+            gone: d.gone,
+            fetch: d.fetch,
+            prefetch: d.prefetch,
+            boot: None,
         }
     }
 }

@@ -36,8 +36,8 @@ pub use backoff::Backoff;
 pub use blob::{BaseUrl, BlobRef, Digest, FetchFrom, Image, ShortDigest};
 pub use codec::{DecodeError, EncodeError, Message, WIRE_VERSION};
 pub use ids::{
-    AgentVersion, Cmdline, FleetId, IdError, ImageName, InstanceId, InstanceName, Label, LabelKey,
-    LabelValue, Labels, NetName, NodeId, Reason,
+    AgentVersion, BootId, Cmdline, FleetId, IdError, ImageName, InstanceId, InstanceName, Label,
+    LabelKey, LabelValue, Labels, NetName, NodeId, Reason,
 };
 pub use messages::{
     AckResult, AgentEvent, ConsoleChunk, ConsoleRequest, DesiredInstance, DesiredState,

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::blob::{BlobRef, Digest, FetchFrom};
 use crate::codec::Message;
-use crate::ids::{FleetId, InstanceId, InstanceName, Reason};
+use crate::ids::{BootId, FleetId, InstanceId, InstanceName, Reason};
 use crate::limits::{MAX_CONSOLE_CHUNK, MAX_INSTANCES_PER_NODE, MAX_PREFETCH};
 use crate::node::{Inventory, Usage};
 use crate::spec::{InstanceSpec, InstanceState, PowerMode, PowerState};
@@ -28,11 +28,13 @@ pub struct NodeStatus {
     /// since the Unix epoch). A late Last Will of an older connection carries a smaller
     /// session than the newer connection's online status, so readers keep the largest.
     pub session: u64,
+    /// The agent install that connected (see [`BootId`]).
+    pub boot: BootId,
 }
 
 impl Message for NodeStatus {
     const NAME: &'static str = "status";
-    const MAX_SIZE: usize = 16;
+    const MAX_SIZE: usize = 32;
 }
 
 impl Message for Inventory {
@@ -109,6 +111,12 @@ pub struct DesiredState {
     pub fetch: Option<FetchFrom>,
     /// Blobs to cache ahead of any instance (`outpost images prefetch`).
     pub prefetch: heapless::Vec<BlobRef, MAX_PREFETCH>,
+    /// The agent install this state is for (the node's bound [`BootId`]; none: any). An agent
+    /// of another install takes it only if it already holds a state of this node that named
+    /// no install (it ran before installs had identities): a copy of the node's identity on a
+    /// second box, holding nothing of the node's, builds nothing and answers
+    /// [`AckResult::OtherInstall`].
+    pub boot: Option<BootId>,
 }
 
 impl Version {
@@ -174,6 +182,13 @@ pub enum AckResult {
     OtherFleet {
         /// What the agent holds.
         held: Version,
+    },
+    /// For another agent install than this one (see [`DesiredState::boot`]): ignored. The
+    /// node's identity runs on two boxes, or the agent was reinstalled without its state; an
+    /// operator chooses with `outpost nodes resolve NODE --keep BOOT-ID`.
+    OtherInstall {
+        /// This agent's install.
+        mine: BootId,
     },
 }
 

@@ -22,14 +22,14 @@ fn golden<M: Message + PartialEq + std::fmt::Debug>(msg: &M, pinned: &str) {
 
 #[test]
 fn golden_status() {
-    golden(&status(), "040180d0dfb4ab33");
+    golden(&status(), "050180d0dfb4ab33ef9bafcdf8acd19101");
 }
 
 #[test]
 fn golden_inventory() {
     golden(
         &inventory(),
-        "04010008808001c8010180080a02047a6f6e65056e6f7274680473697465076465706f742d34020f64656269616e2d31322e71636f773207766d6c696e757a05302e312e30014b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b",
+        "05010008808001c8010180080a02047a6f6e65056e6f7274680473697465076465706f742d34020f64656269616e2d31322e71636f773207766d6c696e757a05302e312e30014b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b",
     );
 }
 
@@ -37,7 +37,7 @@ fn golden_inventory() {
 fn golden_desired() {
     golden(
         &desired(),
-        "049dcefb780700ac02021111222233334444057765622d310000000002800404010000000f64656269616e2d31322e71636f7732010764656661756c740101036170700363616d00aaaabbbbccccdddd0466772d310102011e01800100000001014b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b959aef3a01000a696e697472642e696d670d636f6e736f6c653d747479533000000001017777777777777777777777777777777777777777777777777777777777777777959aef3a00018888888888888888888888888888888888888888888888888888888888888888959aef3a010266770155556666777788880117687474703a2f2f63746c2e6578616d706c653a383038300707070707070707070707070707070707070707070707070707070707070707015a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a959aef3a",
+        "059dcefb780700ac02021111222233334444057765622d310000000002800404010000000f64656269616e2d31322e71636f7732010764656661756c740101036170700363616d00aaaabbbbccccdddd0466772d310102011e01800100000001014b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b959aef3a01000a696e697472642e696d670d636f6e736f6c653d747479533000000001017777777777777777777777777777777777777777777777777777777777777777959aef3a00018888888888888888888888888888888888888888888888888888888888888888959aef3a010266770155556666777788880117687474703a2f2f63746c2e6578616d706c653a383038300707070707070707070707070707070707070707070707070707070707070707015a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a959aef3a01ef9bafcdf8acd19101",
     );
 }
 
@@ -45,7 +45,7 @@ fn golden_desired() {
 fn golden_report() {
     golden(
         &report(4),
-        "042a0880201004049e3779b97f4a7c15023c6ef372fe94f82a02daa66d2c7ddf743f0278dde6e5fd29f0540500",
+        "052a0880201004049e3779b97f4a7c15023c6ef372fe94f82a02daa66d2c7ddf743f0278dde6e5fd29f0540500",
     );
 }
 
@@ -61,14 +61,14 @@ fn golden_other_fleet_ack_and_notice() {
                 },
             },
         },
-        "0400010205 09".replace(' ', "").as_str(),
+        "0500010205 09".replace(' ', "").as_str(),
     );
     golden(
         &AgentEvent::Notice {
             kind: NoticeKind::StateUnreadable,
             reason: Reason::lossy("crc"),
         },
-        "040200 03637263".replace(' ', "").as_str(),
+        "050200 03637263".replace(' ', "").as_str(),
     );
 }
 
@@ -80,7 +80,7 @@ fn golden_holding() {
             held: Some(d.version()),
             instances: d.instances.into_iter().take(1).collect(),
         },
-        "0401 9dcefb78 07 01 1111222233334444 057765622d31 00 00 0000 02800404 01 00 00 00 0f64656269616e2d31322e71636f7732010764656661756c740101036170700363616d 00".replace(' ', "").as_str(),
+        "0501 9dcefb78 07 01 1111222233334444 057765622d31 00 00 0000 02800404 01 00 00 00 0f64656269616e2d31322e71636f7732010764656661756c740101036170700363616d 00".replace(' ', "").as_str(),
     );
 }
 
@@ -88,7 +88,7 @@ fn golden_holding() {
 fn golden_fetch_event() {
     golden(
         &fetch_event(),
-        "04 03 4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b 8080808004 8080808008 a0f8fa05 00 00"
+        "05 03 4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b4b 8080808004 8080808008 a0f8fa05 00 00"
             .replace(' ', "")
             .as_str(),
     );
@@ -96,14 +96,14 @@ fn golden_fetch_event() {
 
 #[test]
 fn golden_ack() {
-    golden(&ack(), "0400070109");
+    golden(&ack(), "0500070109");
 }
 
 #[test]
 fn golden_instance_event() {
     golden(
         &instance_event(),
-        "040111112222333344440705013373706563207265717569726573204b564d3b206e6f646520686173206f6e6c7920736f66747761726520656d756c6174696f6e",
+        "050111112222333344440705013373706563207265717569726573204b564d3b206e6f646520686173206f6e6c7920736f66747761726520656d756c6174696f6e",
     );
 }
 
@@ -162,9 +162,9 @@ fn oversize_payload_is_refused_before_decoding() {
 fn unknown_version_is_refused() {
     let mut bytes = report(1).to_vec().unwrap();
     // A version-1 message (before fleets and holdings), a version-2 one (before power modes
-    // and agent versions), a version-3 one (before images by digest) and a future one are all
-    // refused.
-    for v in [1, 2, 3, 5] {
+    // and agent versions), a version-3 one (before images by digest), a version-4 one (before
+    // agent installs) and a future one are all refused.
+    for v in [1, 2, 3, 4, 6] {
         bytes[0] = v;
         assert_eq!(
             NodeReport::decode(&bytes),
@@ -176,7 +176,7 @@ fn unknown_version_is_refused() {
     let msg = NodeReport::decode(&bytes).unwrap_err().to_string();
     assert!(
         msg.contains("wire version 3")
-            && msg.contains("speaks version 4")
+            && msg.contains("speaks version 5")
             && msg.contains("upgrade"),
         "{msg}"
     );

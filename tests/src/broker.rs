@@ -249,7 +249,12 @@ impl TestController {
 
     /// Publishes raw bytes on `node`'s `channel`, retained or not.
     pub fn publish_raw(&self, node: &NodeId, channel: Channel, payload: Vec<u8>, retain: bool) {
-        let t = topics::topic(node, channel).to_string();
+        self.publish_topic(&topics::topic(node, channel), payload, retain);
+    }
+
+    /// Publishes raw bytes on any topic, retained or not.
+    pub fn publish_topic(&self, topic: &str, payload: Vec<u8>, retain: bool) {
+        let t = topic.to_owned();
         let c = self.client.clone();
         self.rt
             .block_on(async move { c.publish(t, QoS::AtLeastOnce, retain, payload).await })

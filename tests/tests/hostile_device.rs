@@ -480,3 +480,51 @@ fn capacity_claims_above_the_ceiling_wait_for_an_operator() {
         .unwrap_err();
     assert!(e.contains("nothing to approve"), "{e}");
 }
+
+/// A device enrolled with a capacity (`outpost-provision device --max-*`) counts only up to
+/// it from its very first report, whatever that report says.
+#[test]
+fn an_enrolled_capacity_holds_from_the_first_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().join("registry");
+    let broker = Mosquitto::start(dir.path());
+    let out = std::process::Command::new(bin("outpost-provision"))
+        .args(["device", "small-1", "--registry"])
+        .arg(&reg)
+        .args(["--broker", &format!("mqtt://127.0.0.1:{}", broker.port)])
+        .args(["--max-vcpus", "2", "--max-memory", "1024"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("capacity limit"),
+        "the tool says where the limit is kept"
+    );
+    let mut ctl = Controller::external(dir.path(), broker.port);
+    ctl.args
+        .extend(["--registry".into(), reg.display().to_string()]);
+    ctl.start();
+    // The device says it has 64 vCPUs and 8 GiB.
+    let mut dev = roomy(dir.path(), "small-1", broker.port, "edge");
+    dev.start();
+    ctl.wait_nodes_up(1);
+    let n = wait_for(T, "the enrolled ceiling", || {
+        let n = ctl.cli(&["nodes", "show", "small-1"]).ok()?;
+        n["notice"]
+            .as_str()
+            .is_some_and(|x| x.contains("above its ceiling"))
+            .then_some(n)
+    });
+    assert_eq!(n["allocatable"]["vcpus"], 2, "{n}");
+    assert_eq!(n["allocatable"]["memory_mib"], 1024, "{n}");
+    let e = ctl
+        .create("big", &["--memory", "2048", "--selector", "zone=edge"])
+        .unwrap_err();
+    assert!(e.contains("memory removed 1"), "{e}");
+    ctl.create("fits", &["--memory", "512", "--selector", "zone=edge"])
+        .unwrap();
+}

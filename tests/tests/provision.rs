@@ -273,6 +273,7 @@ fn provisioned_devices_are_confined_to_their_own_topics() {
     let spoof = NodeStatus {
         presence: Presence::Offline,
         session: u64::MAX,
+        boot: Default::default(),
     }
     .to_vec()
     .unwrap();
@@ -289,6 +290,7 @@ fn provisioned_devices_are_confined_to_their_own_topics() {
     let own = NodeStatus {
         presence: Presence::Online,
         session: 1,
+        boot: Default::default(),
     }
     .to_vec()
     .unwrap();
@@ -386,6 +388,7 @@ fn embedded_broker_gate_confines_devices_too() {
     let spoof = NodeStatus {
         presence: Presence::Offline,
         session: u64::MAX,
+        boot: Default::default(),
     }
     .to_vec()
     .unwrap();

@@ -2,7 +2,7 @@
 //! the placement that serves them.
 
 use outpost_protocol::{
-    Arch, InstanceId, InstanceSpec, Label, NodeId, PowerMode, PowerState, Resources,
+    Arch, BootId, InstanceId, InstanceSpec, Label, NodeId, PowerMode, PowerState, Resources,
 };
 
 use super::records::{CreateRequest, FleetError, InstanceRecord, Phase};
@@ -410,6 +410,40 @@ impl Fleet {
         self.node_event(node, "removed", format!("{moved} instance(s) moved first"));
         tracing::warn!(%node, moved, "node removed by an operator");
         Ok(moved)
+    }
+
+    /// An operator ends a node's identity conflict by keeping agent install `keep` (one it
+    /// was seen with): its desired states are for that install from now on (a new
+    /// generation), and any other install that connects puts it in conflict again.
+    pub fn resolve(&mut self, node: &NodeId, keep: BootId) -> Result<(), FleetError> {
+        let n = self.node_mut(node)?;
+        if n.conflict.is_empty() {
+            return Err(FleetError::NoConflict(node.clone()));
+        }
+        if n.boot != Some(keep) && !n.conflict.contains(&keep) {
+            return Err(FleetError::NoSuchInstall(node.clone(), keep.to_string()));
+        }
+        let dropped: Vec<String> = std::iter::once(n.boot)
+            .flatten()
+            .chain(n.conflict.drain(..))
+            .filter(|b| *b != keep)
+            .map(|b| b.to_string())
+            .collect();
+        n.boot = Some(keep);
+        if n.notice
+            .as_deref()
+            .is_some_and(|x| x.starts_with("conflict"))
+        {
+            n.notice = None;
+        }
+        self.bump(node);
+        self.sync_availability(node);
+        self.node_event(
+            node,
+            "identity-resolved",
+            format!("kept agent install {keep}; refused {}", dropped.join(", ")),
+        );
+        Ok(())
     }
 
     /// An operator accepts the capacity a node reports above its ceiling (new hardware, a

@@ -62,6 +62,14 @@ pub enum FleetError {
     /// Approve-capacity was asked of a node that reports nothing above its ceiling.
     #[error("node {0} reports nothing above its capacity ceiling: nothing to approve")]
     NothingToApprove(NodeId),
+    /// Resolve named an agent install the node was never seen with.
+    #[error(
+        "node {0} has seen no agent install {1}: `outpost nodes show {0}` lists its installs (16 hex digits)"
+    )]
+    NoSuchInstall(NodeId, String),
+    /// Resolve was asked of a node with one agent install.
+    #[error("node {0} is not in conflict: one agent install uses its identity")]
+    NoConflict(NodeId),
     /// An adopted instance stays on the node that held it.
     #[error(
         "instance {0} was adopted from its node and is pinned there: delete it, or create it anew elsewhere"

@@ -136,6 +136,7 @@ impl Fleet {
             prefetch: n
                 .map(|n| n.prefetch.iter().copied().take(MAX_PREFETCH).collect())
                 .unwrap_or_default(),
+            boot: n.and_then(|n| n.boot),
         }
     }
 

@@ -14,6 +14,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use outpost_protocol::{Digest, FetchState, FleetId, InstanceId, InstanceName, NodeId, Resources};
 
+use outpost_firmware_config::enrolled::Enrolled;
+
 use crate::scheduler::{GroupPolicy, HostState, HostTable, Scheduler};
 
 pub mod commands;
@@ -41,6 +43,9 @@ pub struct Fleet {
     /// Nodes an operator removed: never re-admitted from what the broker kept of them, only
     /// when their agent connects anew.
     removed: HashSet<NodeId>,
+    /// The capacity each device was enrolled with (the provisioning registry's word): a node's
+    /// first ceiling, over its first report (not stored: read from the registry).
+    enrolled: BTreeMap<NodeId, Enrolled>,
     /// The scheduler's view of the nodes, kept up to date as they change.
     table: HostTable,
     nodes: BTreeMap<NodeId, NodeRecord>,
@@ -135,6 +140,7 @@ impl Fleet {
             id: fleet,
             tombstones: tombstones.into_iter().collect(),
             removed: removed_nodes.into_iter().collect(),
+            enrolled: BTreeMap::new(),
             table: scheduler.table(),
             scheduler,
             cfg,

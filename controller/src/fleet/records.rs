@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use outpost_protocol::{
-    BaseUrl, BlobRef, FleetId, Holding, InstanceId, InstanceSpec, Inventory, Label, LabelKey,
-    LabelValue, Nic, NodeId, PowerMode, PowerState, Resources, Version,
+    BaseUrl, BlobRef, BootId, FleetId, Holding, InstanceId, InstanceSpec, Inventory, Label,
+    LabelKey, LabelValue, Nic, NodeId, PowerMode, PowerState, Resources, Version,
 };
 
 pub use super::error::FleetError;
@@ -215,7 +215,16 @@ pub struct NodeRecord {
     pub ceiling: Option<Resources>,
     /// What it reported above its ceiling, awaiting an operator (not stored: reported again).
     pub over_ceiling: Option<Resources>,
+    /// The agent install bound to it: the first to connect, or the one an operator kept with
+    /// `outpost nodes resolve` (stored). Its desired states are for that install only.
+    pub boot: Option<BootId>,
+    /// Other installs seen using its identity, at most [`MAX_CONFLICTING`]: while there are
+    /// any, the node is in conflict and takes no placements (not stored: they connect again).
+    pub conflict: Vec<BootId>,
 }
+
+/// Most other agent installs remembered for one node in conflict.
+pub const MAX_CONFLICTING: usize = 8;
 
 impl NodeRecord {
     /// A node seen for the first time.
@@ -244,6 +253,8 @@ impl NodeRecord {
             prefetch: Vec::new(),
             ceiling: None,
             over_ceiling: None,
+            boot: None,
+            conflict: Vec::new(),
         }
     }
 
@@ -265,10 +276,14 @@ impl NodeRecord {
         out
     }
 
-    /// Up, down, cordoned or draining (a node bound to another fleet takes no placements:
-    /// it counts as down for the scheduler).
+    /// Up, down, cordoned or draining (a node bound to another fleet, or whose identity two
+    /// agent installs use, takes no placements: it counts as down for the scheduler).
     pub fn availability(&self) -> Availability {
-        if !self.online || self.inventory.is_none() || self.foreign.is_some() {
+        if !self.online
+            || self.inventory.is_none()
+            || self.foreign.is_some()
+            || !self.conflict.is_empty()
+        {
             Availability::Down
         } else if self.draining {
             Availability::Draining

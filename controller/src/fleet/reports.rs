@@ -1,14 +1,17 @@
 //! What agents say: status, inventory, reports, holdings, events and notices, folded into the
 //! fleet's view. A node that holds what the store does not know is adopted, never wiped.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+
+use outpost_firmware_config::enrolled::Enrolled;
 
 use outpost_protocol::{
-    AckResult, Addresses, AgentEvent, DesiredInstance, Digest, ErrorKind, FetchState, Holding,
-    InstanceId, InstanceState, Inventory, Nic, NodeId, NodeReport, NodeStatus, Presence, Version,
+    AckResult, Addresses, AgentEvent, BootId, DesiredInstance, Digest, ErrorKind, FetchState,
+    Holding, InstanceId, InstanceState, Inventory, Nic, NodeId, NodeReport, NodeStatus, Presence,
+    Version,
 };
 
-use super::records::{InstanceRecord, NodeRecord, Phase};
+use super::records::{InstanceRecord, MAX_CONFLICTING, NodeRecord, Phase};
 use super::{FetchProgress, Fleet};
 
 impl Fleet {
@@ -19,10 +22,16 @@ impl Fleet {
             // register.
             return;
         }
-        let n = self
-            .nodes
+        self.nodes
             .entry(node.clone())
             .or_insert_with(|| NodeRecord::new(node.clone()));
+        if st.presence == Presence::Online && st.boot.0 != 0 {
+            // Before the session order: a copy's connection may carry the older session.
+            self.check_install(node, st.boot);
+        }
+        let Some(n) = self.nodes.get_mut(node) else {
+            return;
+        };
         if st.session < n.session {
             return; // a late Last Will of an older connection
         }
@@ -50,6 +59,44 @@ impl Fleet {
         }
     }
 
+    /// The capacity each device was enrolled with (from the provisioning registry): a node's
+    /// first ceiling, where its first report would otherwise be trusted. A node that already
+    /// has a ceiling keeps it (raised only by `outpost nodes approve-capacity`).
+    pub fn set_enrolled(&mut self, enrolled: BTreeMap<NodeId, Enrolled>) {
+        self.enrolled = enrolled;
+    }
+
+    /// An agent install connected as `node`. The first one is bound to it (its desired states
+    /// name that install); any other puts the node in conflict: the same flashed identity on
+    /// two boxes (a copied SD card), or an agent reinstalled without its state. Nothing new is
+    /// placed there, an install that holds none of the node's state builds nothing, and an
+    /// operator chooses with `outpost nodes resolve`.
+    fn check_install(&mut self, node: &NodeId, boot: BootId) {
+        let Some(n) = self.nodes.get_mut(node) else {
+            return;
+        };
+        let bound = match n.boot {
+            None => {
+                n.boot = Some(boot);
+                self.bump(node);
+                return;
+            }
+            Some(b) if b == boot || n.conflict.contains(&boot) => return,
+            Some(b) => b,
+        };
+        if n.conflict.len() >= MAX_CONFLICTING {
+            return;
+        }
+        n.conflict.push(boot);
+        let what = format!(
+            "two agent installs use this node's identity: {bound} (bound) and {boot}; nothing new is placed here and an install without the node's state builds nothing until `outpost nodes resolve {node} --keep BOOT-ID`"
+        );
+        tracing::error!(%node, %bound, other = %boot, "node identity in use by two agent installs");
+        n.notice = Some(format!("conflict: {what}"));
+        self.sync_availability(node);
+        self.actor_as("node", |f| f.node_event(node, "identity-conflict", what));
+    }
+
     /// A node's instances' addresses (retained; each message replaces the one before). Shown
     /// only with instances placed on that node, so a node cannot speak for another's.
     pub fn on_addresses(&mut self, node: &NodeId, a: Addresses) {
@@ -71,8 +118,8 @@ impl Fleet {
             .map_or(&[], Vec::as_slice)
     }
 
-    /// A node's inventory. Its capacity counts only up to the node's ceiling (its first
-    /// report, or what an operator approved): a device claiming more (to draw every placement
+    /// A node's inventory. Its capacity counts only up to the node's ceiling (the capacity it
+    /// was enrolled with, else its first report; or what an operator approved since): a device claiming more (to draw every placement
     /// and its cloud-init secrets) is clamped, with a notice and an event, until an operator
     /// says `outpost nodes approve-capacity`.
     pub fn on_inventory(&mut self, now_ms: u64, node: &NodeId, mut inv: Inventory) {
@@ -81,7 +128,11 @@ impl Fleet {
             .entry(node.clone())
             .or_insert_with(|| NodeRecord::new(node.clone()));
         n.last_seen_ms = now_ms;
-        let ceiling = *n.ceiling.get_or_insert(inv.total);
+        let first = self
+            .enrolled
+            .get(node)
+            .map_or(inv.total, |e| e.ceiling(inv.total));
+        let ceiling = *n.ceiling.get_or_insert(first);
         if !ceiling.contains(inv.total) {
             let claimed = inv.total;
             inv.total = claimed.min(ceiling);
@@ -444,6 +495,14 @@ impl Fleet {
                     }));
                     self.journal.nodes.insert(node.clone());
                     self.sync_availability(node);
+                }
+            }
+            AgentEvent::Ack {
+                result: AckResult::OtherInstall { mine },
+                ..
+            } => {
+                if mine.0 != 0 {
+                    self.check_install(node, *mine);
                 }
             }
             AgentEvent::Ack {

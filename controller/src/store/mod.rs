@@ -21,8 +21,8 @@ pub use worker::{Gone, StoreWorker, Worker};
 
 /// The schema version this build writes (2: the fleet's identity and tombstones; 3: node
 /// labels set on the controller; 4: how a power change is carried out; 5: adopted instances,
-/// removed nodes and capacity ceilings).
-pub const SCHEMA_VERSION: i64 = 5;
+/// removed nodes and capacity ceilings; 6: the agent install bound to each node).
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]

@@ -95,6 +95,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
          ALTER TABLE nodes ADD COLUMN ceiling TEXT NOT NULL DEFAULT '';
          CREATE TABLE removed_nodes (id TEXT PRIMARY KEY);",
     ),
+    (
+        5,
+        "ALTER TABLE nodes ADD COLUMN boot TEXT NOT NULL DEFAULT '';",
+    ),
 ];
 
 /// The SQLSTATE `outpost_fence` fails with.

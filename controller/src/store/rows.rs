@@ -133,7 +133,7 @@ fn join_lines<T>(items: &[T], f: impl Fn(&T) -> String) -> String {
 }
 
 /// The node columns, in order.
-pub const NODE_COLS: &str = "id, inventory, session, cordoned, draining, generation, reported_generation, last_seen_ms, failures, labels, ceiling";
+pub const NODE_COLS: &str = "id, inventory, session, cordoned, draining, generation, reported_generation, last_seen_ms, failures, labels, ceiling, boot";
 /// The instance columns, in order.
 pub const INSTANCE_COLS: &str = "id, name, spec, selector, grp, power, reboot_count, phase, node, failures, reason, created_ms, power_force, power_grace, placement, adopted";
 /// The image columns, in order.
@@ -167,6 +167,7 @@ pub fn node_row(n: &NodeRecord) -> Result<Vec<Val>, StoreError> {
                 .map(|c| format!("{},{},{}", c.vcpus, c.memory_mib, c.disk_gib))
                 .unwrap_or_default(),
         ),
+        Val::Text(n.boot.map(|b| b.to_string()).unwrap_or_default()),
     ])
 }
 
@@ -199,6 +200,8 @@ pub fn node_from<C: Cols>(r: &C) -> Result<NodeRecord, StoreError> {
             .collect::<Result<_, _>>()
             .map_err(|x| corrupt("nodes", x))?,
         ceiling: parse_ceiling(&r.text(10).map_err(e)?),
+        // Empty: no install bound yet (the next status binds one).
+        boot: r.text(11).map_err(e)?.parse().ok(),
         ..NodeRecord::new(id)
     })
 }
@@ -370,12 +373,14 @@ fn encode_spec(spec: &InstanceSpec) -> Result<Vec<u8>, StoreError> {
         .map_err(|e| corrupt("instances", format!("spec does not encode: {e}")))
 }
 
-/// A stored spec, of this wire version or of versions 2 and 3 (the same spec layout, read
-/// after an upgrade and converted).
+/// A stored spec, of this wire version or of versions 2 to 4 (read after an upgrade; 4 has
+/// this layout, 2 and 3 are converted).
 fn decode_spec(b: &[u8]) -> Result<InstanceSpec, StoreError> {
     let bad = |e: postcard::Error| corrupt("instances", e.to_string());
     match b.split_first() {
-        Some((&outpost_protocol::WIRE_VERSION, body)) => postcard::from_bytes(body).map_err(bad),
+        Some((&outpost_protocol::WIRE_VERSION | 4, body)) => {
+            postcard::from_bytes(body).map_err(bad)
+        }
         Some((2 | 3, body)) => postcard::from_bytes::<legacy::SpecV2>(body)
             .map(Into::into)
             .map_err(bad),
@@ -384,7 +389,8 @@ fn decode_spec(b: &[u8]) -> Result<InstanceSpec, StoreError> {
     }
 }
 
-/// A stored inventory, of this wire version or version 2 (read after an upgrade). An inventory
+/// A stored inventory, of this wire version or versions 2 and 4 (read after an upgrade; 4 has
+/// this layout). An inventory
 /// is a cache of what the node sends after every connect: one that does not decode is dropped
 /// (logged), not a reason to refuse the store.
 fn decode_inventory(node: &NodeId, b: &[u8]) -> Option<Inventory> {
@@ -392,6 +398,7 @@ fn decode_inventory(node: &NodeId, b: &[u8]) -> Option<Inventory> {
         Some((2, body)) => postcard::from_bytes::<legacy::InventoryV2>(body)
             .map(Into::into)
             .map_err(|e| e.to_string()),
+        Some((4, body)) => postcard::from_bytes::<Inventory>(body).map_err(|e| e.to_string()),
         _ => Inventory::decode(b).map_err(|e| e.to_string()),
     };
     r.map_err(|e| {

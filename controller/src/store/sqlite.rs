@@ -90,7 +90,7 @@ impl SqliteStore {
                 cordoned INTEGER NOT NULL, draining INTEGER NOT NULL, generation INTEGER NOT NULL,
                 reported_generation INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
                 failures TEXT NOT NULL, labels TEXT NOT NULL DEFAULT '',
-                ceiling TEXT NOT NULL DEFAULT '');
+                ceiling TEXT NOT NULL DEFAULT '', boot TEXT NOT NULL DEFAULT '');
              CREATE TABLE IF NOT EXISTS instances (
                 id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, spec BLOB NOT NULL,
                 selector TEXT NOT NULL, grp TEXT, power INTEGER NOT NULL,
@@ -137,6 +137,10 @@ impl SqliteStore {
         // Schema 1-4 stores: capacity ceilings came with schema 5.
         if conn.prepare("SELECT ceiling FROM nodes LIMIT 0").is_err() {
             conn.execute_batch("ALTER TABLE nodes ADD COLUMN ceiling TEXT NOT NULL DEFAULT ''")?;
+        }
+        // Schema 1-5 stores: agent installs came with schema 6.
+        if conn.prepare("SELECT boot FROM nodes LIMIT 0").is_err() {
+            conn.execute_batch("ALTER TABLE nodes ADD COLUMN boot TEXT NOT NULL DEFAULT ''")?;
         }
         let v: Option<i64> = conn
             .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use outpost_firmware_config::enrolled::{self, Enrolled};
 use outpost_firmware_config::human::{HumanConfig, text};
 use outpost_firmware_config::provision::{self, Registry};
 
@@ -101,6 +102,17 @@ struct DeviceArgs {
     /// Disk (GiB) kept for the host.
     #[arg(long, default_value_t = 0)]
     reserve_disk: u32,
+    /// The most vCPUs the device may ever offer (kept in the registry, not on the device; the
+    /// controller started with `--registry` counts no more until `outpost nodes
+    /// approve-capacity`). Unset: its first report is trusted.
+    #[arg(long)]
+    max_vcpus: Option<u16>,
+    /// The most memory (MiB) the device may ever offer (see --max-vcpus).
+    #[arg(long)]
+    max_memory: Option<u32>,
+    /// The most disk (GiB) the device may ever offer (see --max-vcpus).
+    #[arg(long)]
+    max_disk: Option<u32>,
     /// The agent's state directory on the device.
     #[arg(long)]
     state_dir: Option<String>,
@@ -152,7 +164,22 @@ fn device(a: DeviceArgs) -> anyhow::Result<()> {
     }
     let reg = Registry::new(&a.registry);
     let cfg = reg.create_device(cfg, a.force)?;
+    let ceiling = Enrolled {
+        vcpus: a.max_vcpus,
+        memory_mib: a.max_memory,
+        disk_gib: a.max_disk,
+    };
+    let ceiling_file = enrolled::path(&a.registry, &cfg.node_id);
+    enrolled::write(&a.registry, &cfg.node_id, &ceiling)
+        .with_context(|| format!("writing {}", ceiling_file.display()))?;
     println!("device {} created", cfg.node_id);
+    if !ceiling.is_empty() {
+        println!(
+            "  capacity limit  {} (read by outpost-controller serve --registry {})",
+            ceiling_file.display(),
+            a.registry.display()
+        );
+    }
     println!(
         "  flashed config  {}",
         reg.device_path(&cfg.node_id).display()

@@ -22,6 +22,7 @@ pub fn status() -> NodeStatus {
     NodeStatus {
         presence: Presence::Online,
         session: 1_764_000_000_000,
+        boot: BootId(0x0123_4567_89ab_cdef),
     }
 }
 
@@ -128,6 +129,7 @@ pub fn desired() -> DesiredState {
             .collect(),
         fetch: Some(fetch_from()),
         prefetch: [blob(0x5a)].into_iter().collect(),
+        boot: Some(BootId(0x0123_4567_89ab_cdef)),
         instances: [
             DesiredInstance {
                 id: InstanceId::from_u64(0x1111_2222_3333_4444),
@@ -311,6 +313,7 @@ pub fn max_desired() -> DesiredState {
                 size: u64::MAX,
             })
             .collect(),
+        boot: Some(BootId(u64::MAX)),
     }
 }
 
@@ -352,6 +355,7 @@ pub fn max_status() -> NodeStatus {
     NodeStatus {
         presence: Presence::Offline,
         session: u64::MAX,
+        boot: BootId(u64::MAX),
     }
 }
 
@@ -565,6 +569,7 @@ pub fn arb_desired() -> impl Strategy<Value = DesiredState> {
                 } else {
                     Default::default()
                 },
+                boot: fetch.then_some(BootId(generation)),
             },
         )
 }
@@ -638,12 +643,13 @@ pub fn arb_event() -> impl Strategy<Value = AgentEvent> {
 }
 
 pub fn arb_status() -> impl Strategy<Value = NodeStatus> {
-    (any::<bool>(), any::<u64>()).prop_map(|(online, session)| NodeStatus {
+    (any::<bool>(), any::<u64>(), any::<u64>()).prop_map(|(online, session, boot)| NodeStatus {
         presence: if online {
             Presence::Online
         } else {
             Presence::Offline
         },
         session,
+        boot: BootId(boot),
     })
 }
