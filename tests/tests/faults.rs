@@ -3,12 +3,15 @@
 //! booting real guests), with creates and deletes mixed with kill -9 of the controller, kill -9
 //! of an agent, an agent cut off for a while, the controller's store lost (a new empty data
 //! directory, its nodes adopted by the operator), the store rolled back to an older copy, and
-//! an agent's state file corrupted. After every round the fleet must converge, and the
+//! an agent's state file corrupted, and a hostile device (floods, forged failures, holdings
+//! and console answers, a capacity lie, a copy of its identity on a second box; always in the
+//! second round). After every round the fleet must converge, and the
 //! invariants must hold:
 //! - no instance the store ever acknowledged is deleted without an operator's delete;
 //! - every requested instance exists exactly once, running, on exactly one node, and that
 //!   node's own report lists it while no other node's does;
 //! - no node is over-committed; anti-affinity groups are never violated;
+//! - a hostile device creates and moves nothing, the controller lives, honest nodes stay up;
 //! - the controller's view matches what each agent reports, and for the libvirt agent what
 //!   libvirt holds: exactly one running domain per wanted instance, none for deleted ones.
 //!
@@ -21,10 +24,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
+use outpost_protocol::topics::Channel;
 use outpost_protocol::*;
 use outpost_tests::*;
 
 const CONVERGE: Duration = Duration::from_secs(90);
+/// The fake agents' config.
+const FAKE: &str =
+    "[labels]\nzone = \"fake\"\n[hypervisor]\nbackend = \"fake\"\nfake_memory_mib = 4096\n";
 
 struct Rng(u64);
 
@@ -166,6 +173,143 @@ impl World {
         std::thread::sleep(Duration::from_millis(500 + rng.below(6000)));
         Command::new("kill").args(["-CONT", &pid]).status().unwrap();
         format!("agent {} cut off for a while", self.agents[i].node)
+    }
+
+    /// A hostile device: one fake node's identity in an attacker's hands floods its topics,
+    /// forges failures and a holding naming other nodes' instances, lies about its capacity,
+    /// answers consoles it was never asked for, and runs a copy of the node's agent on a
+    /// second "box" until the node is in conflict; the operator then switches the copy off
+    /// and keeps the original. No instance may be created or moved, the controller must live,
+    /// and every honest node stays up.
+    fn hostile_device(&mut self, rng: &mut Rng, dir: &std::path::Path, round: usize) -> String {
+        let fakes = self.agents.len() - 1; // the last agent drives the real libvirtd
+        let i = rng.below(fakes as u64) as usize;
+        let node = self.agents[i].node.clone();
+        let before = self.placements();
+        let evil = &self.observer;
+        for _ in 0..3000 {
+            evil.publish_raw(
+                &node,
+                Channel::Report,
+                vec![WIRE_VERSION, 0xff, 0xff],
+                false,
+            );
+        }
+        let elsewhere: Vec<(InstanceId, String)> = before
+            .iter()
+            .filter(|(_, (n, _))| *n != node.as_str())
+            .map(|(name, (_, id))| (id.parse().unwrap(), name.clone()))
+            .collect();
+        for (id, _) in &elsewhere {
+            let ev = AgentEvent::Instance {
+                id: *id,
+                generation: u64::MAX >> 24,
+                state: InstanceState::Error(ErrorKind::Hypervisor),
+                reason: Reason::lossy("forged build failure"),
+            };
+            evil.publish_raw(&node, Channel::Event, ev.to_vec().unwrap(), false);
+            let chunk = ConsoleChunk {
+                request: rng.next() as u32,
+                id: *id,
+                start: 0,
+                next: 5,
+                data: b"\x1b]0;pwned\x07".iter().copied().collect(),
+                error: None,
+            };
+            evil.publish_raw(&node, Channel::Console, chunk.to_vec().unwrap(), false);
+        }
+        let forged = Holding {
+            held: Some(Version {
+                fleet: FleetId(rng.next()),
+                generation: u64::MAX >> 24,
+            }),
+            instances: elsewhere
+                .iter()
+                .take(limits::MAX_INSTANCES_PER_NODE)
+                .map(|(id, name)| {
+                    let mut di = instance(id.as_u64(), kernel_boot("init=/evil"), 64);
+                    di.name = InstanceName::new(name).unwrap();
+                    di
+                })
+                .collect(),
+        };
+        evil.publish_raw(&node, Channel::Holding, forged.to_vec().unwrap(), false);
+        if let Some(mut inv) = evil.seen().inventory_of(&node) {
+            inv.total.vcpus = u16::MAX;
+            inv.total.memory_mib = u32::MAX;
+            evil.publish_raw(&node, Channel::Inventory, inv.to_vec().unwrap(), false);
+        }
+        // The copy: the node's identity, another state directory.
+        let copies = dir.join(format!("copy-{round}"));
+        std::fs::create_dir_all(&copies).unwrap();
+        let mut copy = Agent::configure(&copies, node.as_str(), self.ctl.mqtt_port, FAKE);
+        std::fs::write(copy.state_dir.join("images/vmlinuz"), b"x").unwrap();
+        copy.start();
+        let conflict = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            self.ctl
+                .cli(&["nodes", "show", node.as_str()])
+                .is_ok_and(|n| n["state"] == "conflict")
+        });
+        copy.proc().kill();
+        for op in ["create", "start", "delete"] {
+            assert_eq!(
+                copy.ops(op, None),
+                0,
+                "seed {}: the copy ran {op}",
+                self.seed
+            );
+        }
+        assert!(
+            self.ctl.proc().is_running(),
+            "seed {}: the controller died",
+            self.seed
+        );
+        if conflict {
+            let keep = std::fs::read_to_string(self.agents[i].state_dir.join("boot-id")).unwrap();
+            self.ctl
+                .cli(&["nodes", "resolve", node.as_str(), "--keep", keep.trim()])
+                .unwrap();
+        }
+        let n = self.agents.len();
+        wait_for(CONVERGE, "every node up after the hostile device", || {
+            let v = self.ctl.cli(&["nodes", "list"]).ok()?;
+            let up = v.as_array()?.iter().filter(|x| x["state"] == "up").count();
+            (up == n).then_some(())
+        });
+        self.converged();
+        assert_eq!(
+            self.placements(),
+            before,
+            "seed {}: a device moved or made instances",
+            self.seed
+        );
+        format!(
+            "hostile device {node} (flood, forgeries, capacity lie, a copy{})",
+            if conflict {
+                " in conflict, resolved"
+            } else {
+                " kept out by the broker"
+            }
+        )
+    }
+
+    /// Each instance's node and id, by name.
+    fn placements(&self) -> BTreeMap<String, (String, String)> {
+        let list = self.ctl.cli(&["instances", "list"]).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["name"].as_str().unwrap().to_owned(),
+                    (
+                        i["node"].as_str().unwrap_or_default().to_owned(),
+                        i["id"].as_str().unwrap().to_owned(),
+                    ),
+                )
+            })
+            .collect()
     }
 
     /// A store that lost its rows adopts instances from their nodes without their server
@@ -316,12 +460,7 @@ fn seed_and_rounds() -> (u64, usize) {
 fn fake_agents(dir: &std::path::Path, tag: &str, n: usize, port: u16) -> Vec<Agent> {
     (0..n)
         .map(|i| {
-            let a = Agent::configure(
-                dir,
-                &format!("f{tag}-{i}"),
-                port,
-                "[labels]\nzone = \"fake\"\n[hypervisor]\nbackend = \"fake\"\nfake_memory_mib = 4096\n",
-            );
+            let a = Agent::configure(dir, &format!("f{tag}-{i}"), port, FAKE);
             std::fs::write(a.state_dir.join("images/vmlinuz"), b"x").unwrap();
             a
         })
@@ -470,7 +609,10 @@ fn fault_run(on_mosquitto: bool) {
     let mut snapshot_clean = false;
     let mut stores = 0;
     for round in 0..rounds {
-        let what = match rng.below(15) {
+        // The second round always has the hostile device, so that every run meets it.
+        let pick = if round == 1 { 15 } else { rng.below(16) };
+        let what = match pick {
+            15 => w.hostile_device(&mut rng, dir.path(), round),
             12 => {
                 // Store rollback to the snapshot, or take one.
                 w.ctl.proc().kill();
