@@ -455,33 +455,28 @@ impl Shell {
                 }
                 return true;
             }
-            Offer::Refused(ack)
-                if matches!(
-                    *ack,
-                    AgentEvent::Ack {
-                        result: outpost_protocol::AckResult::OtherInstall { .. },
-                        ..
-                    }
-                ) =>
-            {
-                tracing::error!(
-                    mine = %self.rec.boot(),
-                    bound = ?d.boot,
-                    "refused a desired state for another agent install of this node: its identity is in use on another box (or this agent lost its state); building nothing until an operator runs `outpost nodes resolve`"
-                );
-                self.publish_event(&ack);
-                self.publish_holding();
-            }
             Offer::Refused(ack) => {
-                let held = self.rec.held().map(|h| h.desired.version());
-                tracing::warn!(
-                    fleet = %d.fleet,
-                    generation = d.generation,
-                    epoch = d.version().epoch(),
-                    held_epoch = held.map(|h| h.epoch()),
-                    ?held,
-                    "refused a desired state that is older than, or from another fleet than, the one held (an older epoch: from a controller that no longer leads)"
-                );
+                if let AgentEvent::Ack {
+                    result: outpost_protocol::AckResult::OtherInstall { mine },
+                    ..
+                } = *ack
+                {
+                    tracing::error!(
+                        %mine,
+                        bound = ?d.boot,
+                        "refused a desired state for another agent install of this node: its identity is in use on another box (or this agent lost its state); building nothing until an operator runs `outpost nodes resolve`"
+                    );
+                } else {
+                    let held = self.rec.held().map(|h| h.desired.version());
+                    tracing::warn!(
+                        fleet = %d.fleet,
+                        generation = d.generation,
+                        epoch = d.version().epoch(),
+                        held_epoch = held.map(|h| h.epoch()),
+                        ?held,
+                        "refused a desired state that is older than, or from another fleet than, the one held (an older epoch: from a controller that no longer leads)"
+                    );
+                }
                 self.publish_event(&ack);
                 self.publish_holding();
             }

@@ -430,6 +430,14 @@ impl Link {
     }
 }
 
+/// The message the broker keeps on `node`'s `channel`, decoded (waits up to 5 s; panics if
+/// there is none or it does not decode).
+pub fn retained_as<M: Message>(port: u16, node: &NodeId, channel: Channel) -> M {
+    let bytes = retained(port, node, channel, Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("nothing retained on {node}'s {}", channel.name()));
+    M::decode(&bytes).unwrap()
+}
+
 /// What the broker on `port` keeps retained on `node`'s `channel`: a fresh client subscribes
 /// and waits up to `wait` for it (none: nothing kept).
 pub fn retained(port: u16, node: &NodeId, channel: Channel, wait: Duration) -> Option<Vec<u8>> {

@@ -177,16 +177,7 @@ fn one_past_every_bound_is_refused_and_nothing_falls_over() {
         .to_vec()
         .unwrap()
     };
-    let inv = Inventory::decode(
-        &retained(
-            broker.port,
-            &node,
-            Channel::Inventory,
-            Duration::from_secs(5),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let inv: Inventory = retained_as(broker.port, &node, Channel::Inventory);
     let inventory = |k: usize| {
         let mut i = inv.clone();
         i.cached = (0..k).map(|i| Digest([i as u8; 32])).collect();

@@ -45,8 +45,7 @@ fn list(ctl: &Controller) -> Vec<Value> {
 
 /// The fleet's desired state for `node`, as the broker keeps it.
 fn desired_of(port: u16, node: &NodeId) -> DesiredState {
-    let bytes = retained(port, node, Channel::Desired, Duration::from_secs(5)).unwrap();
-    DesiredState::decode(&bytes).unwrap()
+    retained_as(port, node, Channel::Desired)
 }
 
 fn forged_instance(id: u64, name: &str) -> DesiredInstance {
@@ -427,16 +426,7 @@ fn capacity_claims_above_the_ceiling_wait_for_an_operator() {
             .unwrap()
     };
     let honest_vcpus = vcpus(&ctl);
-    let inv = Inventory::decode(
-        &retained(
-            broker.port,
-            &node,
-            Channel::Inventory,
-            Duration::from_secs(5),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let inv: Inventory = retained_as(broker.port, &node, Channel::Inventory);
     let mut lie = inv.clone();
     lie.total.vcpus = u16::MAX;
     lie.total.memory_mib = u32::MAX;
