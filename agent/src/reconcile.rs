@@ -18,7 +18,7 @@ use outpost_protocol::limits::MAX_INSTANCES_PER_NODE;
 use outpost_protocol::{
     AckResult, AgentEvent, Backoff, BlobRef, BootId, DesiredInstance, DesiredState, Digest,
     ErrorKind, FetchFrom, Holding, InstanceId, InstanceReport, InstanceState, NodeReport,
-    PowerState, Reason, Resources, RestartPolicy, Usage,
+    PowerState, Reason, Resources, RestartPolicy, Usage, Version,
 };
 use serde::{Deserialize, Serialize};
 
@@ -164,6 +164,9 @@ pub struct Reconciler {
     fetches: Fetches,
     /// This agent install's identity (0: not set).
     boot: BootId,
+    /// The version of the last desired state taken (kept on disk apart from the held
+    /// state): with nothing held, a state of that fleet older than it is still refused.
+    floor: Option<Version>,
 }
 
 /// The instance state a domain's state reads as, for an instance the agent does not converge.
@@ -233,6 +236,7 @@ impl Reconciler {
             heard: None,
             fetches: Fetches::default(),
             boot: BootId::default(),
+            floor: None,
         }
     }
 
@@ -245,6 +249,13 @@ impl Reconciler {
     #[must_use]
     pub const fn with_boot(mut self, boot: BootId) -> Self {
         self.boot = boot;
+        self
+    }
+
+    /// The same, with the version of the last desired state taken (see `floor`).
+    #[must_use]
+    pub const fn with_floor(mut self, floor: Option<Version>) -> Self {
+        self.floor = floor;
         self
     }
 
@@ -369,7 +380,21 @@ impl Reconciler {
             return refuse(AckResult::OtherInstall { mine: self.boot });
         }
         let Some(h) = &self.held else {
-            return Offer::Newer;
+            // Nothing held (a first start, or the held state was lost): the floor still says
+            // what this node took last, and nothing of that fleet older than it is taken
+            // (a controller that no longer leads, publishing late).
+            return match self.floor {
+                Some(f)
+                    if f.fleet == d.fleet
+                        && d.generation < f.generation
+                        && d.replaces != Some(f) =>
+                {
+                    refuse(AckResult::Stale {
+                        current: f.generation,
+                    })
+                }
+                _ => Offer::Newer,
+            };
         };
         let cur = h.desired.version();
         if d.version() == cur {
@@ -420,6 +445,7 @@ impl Reconciler {
     /// Takes what [`next_held`](Self::next_held) returned, already stored durably by the
     /// shell. The next [`observe`](Self::observe) converges to it.
     pub fn accept(&mut self, held: Held) -> Vec<Effect> {
+        self.floor = Some(held.desired.version());
         self.held = Some(Box::new(held));
         // A new generation means the controller looked again: failed builds and fetches get
         // another try.

@@ -419,7 +419,11 @@ impl Shell {
                 let next = self.rec.next_held(d);
                 let store = self.store.clone();
                 let copy = next.clone();
-                match tokio::task::spawn_blocking(move || store.save(&copy)).await {
+                let saved = move || {
+                    store.save(&copy)?;
+                    store.save_floor(copy.desired.version())
+                };
+                match tokio::task::spawn_blocking(saved).await {
                     Ok(Ok(())) => {
                         tracing::info!(%fleet, generation, instances = count, kept = next.kept.len(), "desired state accepted");
                         let effects = self.rec.accept(next);
@@ -741,7 +745,8 @@ async fn run_loop(
         disk_gib = inventory.total.disk_gib, images = inventory.images.len(), "host fingerprinted"
     );
 
-    let (client, mut link_rx, link, mut session) = crate::link::start(&cfg, boot);
+    let first_session = store.session_base(wall_ms())?;
+    let (client, mut link_rx, link, mut session) = crate::link::start(&cfg, boot, first_session);
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let (fetch_tx, mut fetch_rx) = mpsc::unbounded_channel();
@@ -755,7 +760,9 @@ async fn run_loop(
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     reconcile_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let mut rec = Reconciler::new(facts, restored).with_boot(boot);
+    let mut rec = Reconciler::new(facts, restored)
+        .with_boot(boot)
+        .with_floor(store.floor());
     // The lease runs from the last contact recorded on disk, if the clock still agrees.
     if let Some(age) = store
         .heard_ms()

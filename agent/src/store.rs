@@ -11,13 +11,17 @@
 //!   kept: a copy of the node's flashed config on another box has another one.
 //! - `heard`: when the agent last heard from its controller (ms since the epoch, with a
 //!   CRC-32), which bounds how long it may start instances on its own after a restart.
+//! - `floor`: the fleet and generation of the last desired state taken (with a CRC-32), kept
+//!   apart from `desired.bin`: a state older than it is refused even if `desired.bin` is lost.
+//! - `session`: this run's first MQTT session number (with a CRC-32); each run starts one
+//!   block past the last, so session numbers never depend on the device's clock.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-use outpost_protocol::{BootId, legacy};
+use outpost_protocol::{BootId, FleetId, Version, legacy};
 
 use crate::reconcile::Held;
 
@@ -25,6 +29,12 @@ use crate::reconcile::Held;
 pub const DESIRED_FILE: &str = "desired.bin";
 /// The file name of the last time the agent heard from its controller.
 pub const HEARD_FILE: &str = "heard";
+/// The file name of the version of the last desired state taken.
+pub const FLOOR_FILE: &str = "floor";
+/// The file name of the last run's first session number.
+pub const SESSION_FILE: &str = "session";
+/// Session numbers each run may use before the next run's first.
+pub const SESSION_BLOCK: u64 = 1 << 20;
 /// The file name of this install's identity ([`BootId`]), inside the state directory.
 pub const BOOT_FILE: &str = "boot-id";
 /// The first four bytes of the held-state file.
@@ -234,15 +244,41 @@ impl DesiredStore {
     /// When the agent last heard from its controller (ms since the epoch); `None` if never, or
     /// if the file is damaged (which counts as long ago).
     pub fn heard_ms(&self) -> Option<u64> {
-        let b = fs::read(self.dir.join(HEARD_FILE)).ok()?;
-        let (ms, crc) = (b.get(..8)?, b.get(8..12)?);
-        let mut c = [0u8; 4];
-        c.copy_from_slice(crc);
-        (b.len() == 12 && CRC32.checksum(ms) == u32::from_le_bytes(c)).then(|| {
-            let mut m = [0u8; 8];
-            m.copy_from_slice(ms);
-            u64::from_le_bytes(m)
+        let [ms] = read_words(&self.dir.join(HEARD_FILE))?;
+        Some(ms)
+    }
+
+    /// The version of the last desired state taken (kept apart from `desired.bin`): a state
+    /// of that fleet older than it is refused even after `desired.bin` is lost, so a
+    /// controller that no longer leads cannot send the node back.
+    pub fn floor(&self) -> Option<Version> {
+        let [fleet, generation] = read_words(&self.dir.join(FLOOR_FILE))?;
+        Some(Version {
+            fleet: FleetId(fleet),
+            generation,
         })
+    }
+
+    /// Records the version of the desired state just taken.
+    pub fn save_floor(&self, v: Version) -> Result<(), StoreError> {
+        write_words(
+            &self.dir,
+            &self.dir.join(FLOOR_FILE),
+            &[v.fleet.0, v.generation],
+        )
+    }
+
+    /// The first session number of this run: one block past the last run's (kept in the
+    /// state directory), so every connection of every run has its own number whatever the
+    /// device's clock says. Without the file (first start, or lost), the wall clock seeds it.
+    pub fn session_base(&self, wall_ms: u64) -> Result<u64, StoreError> {
+        let path = self.dir.join(SESSION_FILE);
+        let base = match read_words(&path) {
+            Some([last]) => last.saturating_add(SESSION_BLOCK),
+            None => wall_ms.max(1),
+        };
+        write_words(&self.dir, &path, &[base])?;
+        Ok(base)
     }
 
     /// This install's identity: the one kept in the state directory, or (first start, or a
@@ -263,10 +299,34 @@ impl DesiredStore {
 
     /// Records that the agent heard from its controller at `ms` (since the epoch).
     pub fn save_heard(&self, ms: u64) -> Result<(), StoreError> {
-        let mut b = ms.to_le_bytes().to_vec();
-        b.extend_from_slice(&CRC32.checksum(&ms.to_le_bytes()).to_le_bytes());
-        replace(&self.dir, &self.dir.join(HEARD_FILE), &b)
+        write_words(&self.dir, &self.dir.join(HEARD_FILE), &[ms])
     }
+}
+
+/// `N` little-endian u64 words and a CRC-32 over them; `None` if missing or damaged.
+fn read_words<const N: usize>(path: &Path) -> Option<[u64; N]> {
+    let b = fs::read(path).ok()?;
+    if b.len() != 8 * N + 4 {
+        return None;
+    }
+    let (body, crc) = b.split_at(8 * N);
+    let crc = u32::from_le_bytes(crc.try_into().ok()?);
+    if CRC32.checksum(body) != crc {
+        return None;
+    }
+    let mut out = [0u64; N];
+    for (w, c) in out.iter_mut().zip(body.chunks_exact(8)) {
+        *w = u64::from_le_bytes(c.try_into().ok()?);
+    }
+    Some(out)
+}
+
+/// Replaces `path` (in `dir`) with `words` in the form [`read_words`] reads.
+fn write_words(dir: &Path, path: &Path, words: &[u64]) -> Result<(), StoreError> {
+    let mut b: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let crc = CRC32.checksum(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    replace(dir, path, &b)
 }
 
 #[cfg(test)]
@@ -274,6 +334,34 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use outpost_protocol::{DesiredState, FleetId};
+
+    #[test]
+    fn floor_and_sessions_survive_restarts_and_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DesiredStore::open(dir.path()).unwrap();
+        assert_eq!(store.floor(), None);
+        let v = Version {
+            fleet: FleetId(5),
+            generation: 77,
+        };
+        store.save_floor(v).unwrap();
+        assert_eq!(DesiredStore::open(dir.path()).unwrap().floor(), Some(v));
+        let mode = fs::metadata(dir.path().join(FLOOR_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Sessions: seeded by the clock once, then one block further each run, whatever the
+        // clock says later (a device a day behind, or in 1970).
+        let first = store.session_base(1_700_000_000_000).unwrap();
+        assert_eq!(first, 1_700_000_000_000);
+        let second = store.session_base(0).unwrap();
+        assert_eq!(second, first + SESSION_BLOCK);
+        assert!(store.session_base(5).unwrap() > second);
+        // A damaged file is never trusted.
+        fs::write(dir.path().join(FLOOR_FILE), b"garbage").unwrap();
+        assert_eq!(store.floor(), None);
+    }
 
     fn held() -> Held {
         Held {

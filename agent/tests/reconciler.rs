@@ -86,7 +86,7 @@ struct Sim {
     events: Vec<AgentEvent>,
     /// Downloads asked of the shell, in order.
     fetches: Vec<(BlobRef, Option<FetchFrom>)>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Sim {
@@ -100,7 +100,7 @@ impl Sim {
             now: Instant::now(),
             events: Vec::new(),
             fetches: Vec::new(),
-            _dir: dir,
+            dir,
         }
     }
 
@@ -115,6 +115,7 @@ impl Sim {
             Offer::Newer => {
                 let held = self.rec.next_held(Box::new(d));
                 self.store.save(&held).unwrap();
+                self.store.save_floor(held.desired.version()).unwrap();
                 let effects = self.rec.accept(held);
                 self.apply(effects);
             }
@@ -909,4 +910,48 @@ fn a_state_for_another_install_builds_nothing_on_a_copy() {
         vec![(6, AckResult::OtherInstall { mine: a })]
     );
     assert_eq!(orig.rec.generation(), 5, "a state kept for B is not A's");
+}
+
+#[test]
+fn a_lost_state_file_does_not_let_an_older_leader_send_the_node_back() {
+    let mut s = Sim::new(HypervisorKind::Emulated);
+    let new_epoch = epoch_floor(3);
+    s.deliver(desired(new_epoch + 2, vec![]));
+    s.take_events();
+    // desired.bin is lost (a damaged disk, an operator's rm); the floor is kept apart.
+    std::fs::remove_file(s.dir.path().join(outpost_agent::store::DESIRED_FILE)).unwrap();
+    s.rec = Reconciler::new(facts(HypervisorKind::Emulated), None).with_floor(s.store.floor());
+    assert!(s.rec.held().is_none());
+    // A frozen leader of epoch 2 wakes and publishes the deleted instance again: refused.
+    s.deliver(desired(
+        epoch_floor(2) + 9,
+        vec![inst(1, spec(512, RestartPolicy::Always))],
+    ));
+    s.converge();
+    assert_eq!(
+        acks(&s.take_events()),
+        vec![(
+            epoch_floor(2) + 9,
+            AckResult::Stale {
+                current: new_epoch + 2
+            }
+        )]
+    );
+    assert_eq!(
+        s.hv.calls(Call::Create, id(1)),
+        0,
+        "nothing deleted comes back"
+    );
+    // The current leader's answer (the same state, or one naming the floor) is taken.
+    s.deliver(desired(new_epoch + 2, vec![]));
+    assert_eq!(s.rec.generation(), new_epoch + 2);
+    // Another fleet (a new store, adopting) is not held back by this one's floor.
+    let mut t = Sim::new(HypervisorKind::Emulated);
+    t.deliver(desired(new_epoch, vec![]));
+    t.rec = Reconciler::new(facts(HypervisorKind::Emulated), None).with_floor(t.store.floor());
+    t.deliver(DesiredState {
+        fleet: FleetId(99),
+        ..desired(1, vec![])
+    });
+    assert_eq!(t.rec.generation(), 1);
 }

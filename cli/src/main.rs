@@ -753,6 +753,9 @@ impl Client {
         let mut r = self
             .agent
             .post(&url)
+            .config()
+            .timeout_recv_response(Some(std::time::Duration::from_secs(120)))
+            .build()
             .header("Content-Type", "application/octet-stream");
         if let Some(t) = &self.token {
             r = r.header("Authorization", &format!("Bearer {t}"));
@@ -779,8 +782,41 @@ impl Client {
     }
 
     /// Sends to the controller that answered last, then to the others given, following a
-    /// standby's answer to the leader it names; remembers the one that answered.
+    /// standby's answer to the leader it names; remembers the one that answered. A 503 that
+    /// says when to retry (a controller starting, a takeover under way: the request was not
+    /// acted on) is retried for up to [`RETRY_FOR`].
     fn send(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let end = std::time::Instant::now() + RETRY_FOR;
+        loop {
+            let (base, resp) = self.send_once(method, path, body.clone())?;
+            let wait = match &resp {
+                Ok(r) if r.status() == 503 => r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .filter(|s| *s <= 2)
+                    .map(std::time::Duration::from_secs),
+                _ => None,
+            };
+            match wait {
+                Some(w) if std::time::Instant::now() + w < end => std::thread::sleep(w),
+                _ => return Self::answer(&base, resp),
+            }
+        }
+    }
+
+    /// One round of [`send`](Self::send): the last controller tried, and its answer.
+    #[allow(clippy::type_complexity)]
+    fn send_once(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(
+        String,
+        Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    )> {
         let first = self.base();
         let mut todo: std::collections::VecDeque<String> = std::iter::once(first.clone())
             .chain(self.bases.iter().filter(|b| **b != first).cloned())
@@ -800,22 +836,24 @@ impl Client {
                         .headers()
                         .get("x-outpost-leader")
                         .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned);
+                        .map(str::to_owned)
+                        // Never from TLS to plain HTTP: the token would cross in clear.
+                        .filter(|l| !base.starts_with("https://") || l.starts_with("https://"));
                     match leader {
                         Some(l) if !tried.contains(&l) => todo.push_front(l),
                         _ if !todo.is_empty() => {}
-                        _ => return Self::answer(&base, resp),
+                        _ => return Ok((base, resp)),
                     }
                 }
                 _ => {
                     base.clone_into(&mut self.current.lock().unwrap_or_else(|e| e.into_inner()));
-                    return Self::answer(&base, resp);
+                    return Ok((base, resp));
                 }
             }
             last = Some((base, resp));
         }
         match last {
-            Some((base, resp)) => Self::answer(&base, resp),
+            Some(l) => Ok(l),
             None => bail!("no controller API given"),
         }
     }
@@ -857,6 +895,9 @@ impl Client {
         }
     }
 }
+
+/// How long the CLI retries a 503 that says when to retry.
+const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Bytes in a short human form.
 fn size(b: u64) -> String {
@@ -1426,13 +1467,23 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let tls = tls_config(&cli)?;
+    let several = cli.api.split(',').filter(|b| !b.trim().is_empty()).count() > 1;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(std::time::Duration::from_secs(30)))
         // A controller that accepts but does not answer (a frozen one, say a standby's stale
-        // idea of the leader) is given up on sooner, and the next --api URL tried.
-        .timeout_connect(Some(std::time::Duration::from_secs(5)))
-        .timeout_recv_response(Some(std::time::Duration::from_secs(10)))
+        // idea of the leader) is given up on sooner, and the next --api URL tried: within
+        // 2 s when there is another to try.
+        .timeout_connect(Some(std::time::Duration::from_secs(if several {
+            2
+        } else {
+            5
+        })))
+        .timeout_recv_response(Some(std::time::Duration::from_secs(if several {
+            2
+        } else {
+            12
+        })))
         .tls_config(tls.clone())
         .build()
         .into();

@@ -239,6 +239,7 @@ fn main() {
     let me = Candidate {
         name: "bench".into(),
         api: "http://bench".into(),
+        broker: true,
     };
 
     let t = Instant::now();

@@ -223,11 +223,20 @@ pub enum ActionError {
         "the store cannot be written ({0}): changes are refused until it can; reads still work"
     )]
     StoreDown(String),
-    /// The store failed while storing this change; it is stored once the store can be written.
+    /// The store failed while storing this change: it is not stored (it may still be, if the
+    /// store recovers while this controller leads); retrying is safe.
     #[error(
-        "the store cannot be written ({0}): this change is not stored yet, and is applied once it can be"
+        "the store failed while storing this change ({0}): not stored, retry (safe: names are unique and deletes and power changes are idempotent, so a change stored meanwhile is not made twice)"
     )]
     NotStored(String),
+    /// The controller has lost its broker: a change could not reach its nodes.
+    #[error(
+        "this controller has lost its MQTT broker ({0}): changes are refused until it is back (or a standby that reaches the broker takes over); retry"
+    )]
+    BrokerDown(String),
+    /// The controller is starting (its store is loading): nothing is answered yet.
+    #[error("the controller is starting up: try again in a moment")]
+    Starting,
     /// This controller is a standby: another leads (its name and API URL, if known).
     #[error("{}", not_leader(.0))]
     NotLeader(Option<(String, String)>),

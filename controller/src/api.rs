@@ -47,12 +47,44 @@ struct Api {
     metrics: std::sync::Arc<Metrics>,
 }
 
-/// An HTTP error: a status and the `{"error": ...}` body.
-struct HttpError(StatusCode, String);
+/// An HTTP error: a status, the `{"error": ...}` body, and for a 503 whose request was not
+/// acted on, the `Retry-After` seconds.
+struct HttpError(StatusCode, String, Option<u8>);
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let mut r = (self.0, Json(json!({ "error": self.1 }))).into_response();
+        if let Some(secs) = self.2 {
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(u16::from(secs)),
+            );
+        }
+        r
+    }
+}
+
+/// How long the service loop may wait on its store before calls are refused at once.
+const STORE_STALL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The longest a call waits for its answer (a change: until it is stored).
+const CALL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl HttpError {
+    const fn new(status: StatusCode, message: String) -> Self {
+        Self(status, message, None)
+    }
+
+    /// The service loop has waited `w` on its store (the request was not acted on).
+    fn busy(w: std::time::Duration) -> Self {
+        Self(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the controller's store has not answered for {:.1} s: nothing was changed by this request unless it says so later; retry, or try another controller",
+                w.as_secs_f64()
+            ),
+            Some(1),
+        )
     }
 }
 
@@ -89,6 +121,8 @@ fn status(e: &ActionError) -> StatusCode {
         ) => StatusCode::CONFLICT,
         ActionError::StoreDown(_)
         | ActionError::NotStored(_)
+        | ActionError::BrokerDown(_)
+        | ActionError::Starting
         | ActionError::NotLeader(_)
         | ActionError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
     }
@@ -96,7 +130,15 @@ fn status(e: &ActionError) -> StatusCode {
 
 impl From<ActionError> for HttpError {
     fn from(e: ActionError) -> Self {
-        Self(status(&e), e.to_string())
+        // When a retry may help soon and the request was not acted on: a start, a takeover.
+        // (Not after a failed store: its change may still land. Not for a store or broker
+        // that is away: a retry would wait in vain.)
+        let retry = match &e {
+            ActionError::Starting | ActionError::NotLeader(_) => Some(1),
+            ActionError::StoreDown(_) | ActionError::BrokerDown(_) => Some(5),
+            _ => None,
+        };
+        Self(status(&e), e.to_string(), retry)
     }
 }
 
@@ -114,12 +156,30 @@ async fn ask(api: &Api, action: Action) -> Result<Reply, HttpError> {
             .unwrap_or_else(|_| "local".to_owned()),
     };
     let kind = if action.mutates() { "change" } else { "read" };
+    // A service loop stuck on its store answers nothing: say so at once rather than queue
+    // behind it (the caller, or the CLI with several --api URLs, moves on).
+    if let Some(w) = api.metrics.store_waiting_for()
+        && w >= STORE_STALL
+    {
+        return Err(HttpError::busy(w));
+    }
     let t0 = std::time::Instant::now();
     api.calls
         .send((action, actor, tx, t0))
         .await
         .map_err(|_| ActionError::ShuttingDown)?;
-    let r = rx.await.map_err(|_| ActionError::ShuttingDown)?;
+    let r = match tokio::time::timeout(CALL_WAIT, rx).await {
+        Ok(r) => r.map_err(|_| ActionError::ShuttingDown)?,
+        Err(_) => {
+            return Err(HttpError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "no answer from the controller in {} s (its store is slow): this request may still take effect; check before retrying",
+                    CALL_WAIT.as_secs()
+                ),
+            ));
+        }
+    };
     Metrics::observe(
         &api.metrics
             .api_request
@@ -164,7 +224,7 @@ async fn overview(api: &Api) -> Result<Box<crate::views::OverviewView>, HttpErro
         // Stepped down while asked.
         Err(_) if api.metrics.leading.get() == 0 => Ok(Box::default()),
         Err(e) => Err(e),
-        _ => Err(HttpError(
+        _ => Err(HttpError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "unexpected reply".into(),
         )),
@@ -211,17 +271,27 @@ pub struct Health {
 
 fn health(m: &Metrics) -> Health {
     let broker_connected = m.broker_connected.get() == 1;
-    let store_writable = m.store_writable.get() == 1;
+    let stalled = m.store_waiting_for().is_some_and(|w| w >= STORE_STALL);
+    let store_writable = m.store_writable.get() == 1 && !stalled;
     let settled = m.broker_settled();
     let leading = m.leading.get() == 1;
+    // A leader whose last renewal failed may already have lost the lease: it does not say
+    // `leader` until the store confirms it again.
+    let confirmed = leading && !m.lease_unconfirmed();
+    let role = match () {
+        () if m.starting() => "starting",
+        () if confirmed => "leader",
+        () if leading => "unconfirmed",
+        () => "standby",
+    };
     Health {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_secs: m.uptime().as_secs(),
         broker_connected,
         store_writable,
         settled,
-        ready: broker_connected && store_writable && settled && leading,
-        role: if leading { "leader" } else { "standby" }.to_owned(),
+        ready: broker_connected && store_writable && settled && confirmed,
+        role: role.to_owned(),
         epoch: leading.then(|| u64::try_from(m.epoch.get()).unwrap_or(0)),
         leader: if leading { None } else { m.leader() },
     }
@@ -232,6 +302,13 @@ fn readyz(m: &Metrics) -> Response {
     let h = health(m);
     if h.ready {
         return (StatusCode::OK, "ready\n").into_response();
+    }
+    if h.role == "starting" {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: starting up (opening the store)\n",
+        )
+            .into_response();
     }
     if h.role == "standby" {
         let who = match &h.leader {
@@ -248,8 +325,13 @@ fn readyz(m: &Metrics) -> Response {
     if !h.broker_connected {
         why.push("broker not connected");
     }
-    if !h.store_writable {
+    if m.store_waiting_for().is_some_and(|w| w >= STORE_STALL) {
+        why.push("store not answering");
+    } else if !h.store_writable {
         why.push("store not writable");
+    }
+    if h.role == "unconfirmed" {
+        why.push("lease not confirmed (the last renewal failed)");
     }
     if h.broker_connected && !h.settled {
         why.push("starting up");
@@ -304,7 +386,7 @@ pub fn metrics_router(
             get(|State(a): State<Api>| async move { scrape(&a).await }),
         )
         .layer(middleware::from_fn_with_state(api.clone(), auth))
-        .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "only /metrics here".into()) })
+        .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "only /metrics here".into()) })
         .with_state(api)
 }
 
@@ -320,7 +402,7 @@ fn query<T: serde::de::DeserializeOwned>(uri: &axum::http::Uri) -> Result<Option
 }
 
 fn bad(msg: impl Into<String>) -> HttpError {
-    HttpError(StatusCode::BAD_REQUEST, msg.into())
+    HttpError::new(StatusCode::BAD_REQUEST, msg.into())
 }
 
 /// `POST /v1/images?name=N[&version=V][&arch=A][&format=F]`: the query of an upload.
@@ -419,7 +501,7 @@ async fn upload(
         crate::fleet::images::check_part("version", v, false).map_err(|e| bad(e.to_string()))?;
     }
     let store_err = |e: BlobError| {
-        HttpError(
+        HttpError::new(
             StatusCode::INSUFFICIENT_STORAGE,
             format!("the controller could not store the image: {e}"),
         )
@@ -451,7 +533,7 @@ async fn upload(
     drop(tx);
     let w = writer
         .await
-        .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(store_err)?;
     if let Some(e) = cut {
         return Err(bad(format!(
@@ -462,7 +544,7 @@ async fn upload(
     let (format, arch) = check_upload(w.head(), w.size(), format, arch)?;
     let (digest, size) = tokio::task::spawn_blocking(move || w.finish())
         .await
-        .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(store_err)?;
     let reply = ask(
         api,
@@ -553,9 +635,9 @@ async fn store_seed(api: &Api, b: &mut CreateBody) -> Result<(), HttpError> {
             .collect()
     })
     .await
-    .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     .map_err(|e| {
-        HttpError(
+        HttpError::new(
             StatusCode::INSUFFICIENT_STORAGE,
             format!("the controller could not store the seed: {e}"),
         )
@@ -698,13 +780,13 @@ async fn console_once(
     let Reply::ConsoleTarget { id, node, up } =
         ask(api, Action::ConsoleTarget(key.to_owned())).await?
     else {
-        return Err(HttpError(
+        return Err(HttpError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "unexpected reply".into(),
         ));
     };
     if !up {
-        return Err(HttpError(
+        return Err(HttpError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "node {node} is not connected: the console of {key} cannot be read until it is"
@@ -721,7 +803,7 @@ async fn console_once(
     let topic =
         outpost_protocol::topics::topic(&node, outpost_protocol::topics::Channel::ConsoleRequest);
     let payload = outpost_protocol::Message::to_vec(&req)
-        .map_err(|e| HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(|e| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     if let Err(e) = api
         .console
         .client
@@ -729,7 +811,7 @@ async fn console_once(
         .await
     {
         api.console.waiting.forget(request);
-        return Err(HttpError(
+        return Err(HttpError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("cannot reach the broker: {e}"),
         ));
@@ -738,7 +820,7 @@ async fn console_once(
         Ok(Ok(c)) => c,
         _ => {
             api.console.waiting.forget(request);
-            return Err(HttpError(
+            return Err(HttpError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
                     "node {node} did not answer within {} s",
@@ -748,7 +830,7 @@ async fn console_once(
         }
     };
     if let Some(why) = chunk.error {
-        return Err(HttpError(
+        return Err(HttpError::new(
             StatusCode::NOT_FOUND,
             format!("{key} on {node}: {why}"),
         ));
@@ -794,7 +876,7 @@ async fn console_http(api: &Api, key: String, q: ConsoleQuery) -> Result<Respons
                             .map_err(std::io::Error::other);
                         return Some((e, Some(n)));
                     }
-                    Err(HttpError(_, why)) => {
+                    Err(HttpError(_, why, _)) => {
                         let e = Event::default().event("end").data(why);
                         return Some((Ok(e), None));
                     }
@@ -849,7 +931,7 @@ async fn blob(api: &Api, node: String, sha: String, req: Request) -> Response {
         .and_then(|v| v.strip_prefix("Bearer "))
         .and_then(hex32);
     let (Some(token), Some(digest)) = (token, Digest::parse(&sha)) else {
-        return HttpError(
+        return HttpError::new(
             StatusCode::FORBIDDEN,
             "not a blob this node may fetch".into(),
         )
@@ -883,7 +965,7 @@ async fn blob(api: &Api, node: String, sha: String, req: Request) -> Response {
                     r.into_response()
                 }
                 Err(e) => {
-                    HttpError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
+                    HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
                 }
             }
         }
@@ -892,9 +974,8 @@ async fn blob(api: &Api, node: String, sha: String, req: Request) -> Response {
             [(axum::http::header::LOCATION, u)],
         )
             .into_response(),
-        Ok(_) => {
-            HttpError(StatusCode::INTERNAL_SERVER_ERROR, "unexpected reply".into()).into_response()
-        }
+        Ok(_) => HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, "unexpected reply".into())
+            .into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -967,7 +1048,7 @@ async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip());
     if let Some(left) = ip.and_then(|ip| api.failures.blocked(ip)) {
-        return HttpError(
+        return HttpError::new(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
                 "too many failed authentications from this address: try again in {} s",
@@ -985,7 +1066,7 @@ async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
         Some(Verdict::Valid { name, role }) => {
             let need = needed(req.method(), req.uri().path());
             if role < need {
-                return HttpError(
+                return HttpError::new(
                     StatusCode::FORBIDDEN,
                     format!("this needs the {need} role; token {name} has the {role} role"),
                 )
@@ -1001,7 +1082,7 @@ async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
     if let Some(ip) = ip {
         api.failures.failed(ip);
     }
-    HttpError(StatusCode::UNAUTHORIZED, why).into_response()
+    HttpError::new(StatusCode::UNAUTHORIZED, why).into_response()
 }
 
 type Key = Path<String>;
@@ -1045,7 +1126,7 @@ fn power_mode(body: &[u8]) -> Result<PowerMode, HttpError> {
         PowerBody::default()
     } else {
         serde_json::from_slice(body).map_err(|e| {
-            HttpError(
+            HttpError::new(
                 StatusCode::BAD_REQUEST,
                 format!("bad power request: {e} (expected {{\"force\": bool, \"stop_timeout_secs\": 0..65535}})"),
             )
@@ -1118,7 +1199,7 @@ pub fn router(
         .route("/v1/nodes/{id}/labels", post(|State(a): State<Api>, Path(id): Key, body: Result<Json<LabelBody>, axum::extract::rejection::JsonRejection>| async move {
             match body {
                 Ok(Json(b)) => call(&a, Action::LabelNode(id, b.labels)).await,
-                Err(e) => Err(HttpError(StatusCode::BAD_REQUEST, e.body_text())),
+                Err(e) => Err(HttpError::new(StatusCode::BAD_REQUEST, e.body_text())),
             }
         }))
         .route("/v1/nodes/{id}/adopt", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::AdoptNode(id)).await }))
@@ -1126,7 +1207,7 @@ pub fn router(
         .route("/v1/nodes/{id}/resolve", post(|State(a): State<Api>, Path(id): Key, body: Result<Json<ResolveBody>, axum::extract::rejection::JsonRejection>| async move {
             match body {
                 Ok(Json(b)) => call(&a, Action::ResolveNode(id, b.keep)).await,
-                Err(e) => Err(HttpError(StatusCode::BAD_REQUEST, e.body_text())),
+                Err(e) => Err(HttpError::new(StatusCode::BAD_REQUEST, e.body_text())),
             }
         }))
         .route("/v1/nodes/{id}/drain", post(|State(a): State<Api>, Path(id): Key| async move { call(&a, Action::DrainNode(id)).await }))
@@ -1139,7 +1220,7 @@ pub fn router(
                             store_seed(&a, &mut b).await?;
                             call(&a, Action::CreateInstance(Box::new(b))).await.map(|v| (StatusCode::CREATED, v))
                         }
-                        Err(e) => Err(HttpError(StatusCode::BAD_REQUEST, e.body_text())),
+                        Err(e) => Err(HttpError::new(StatusCode::BAD_REQUEST, e.body_text())),
                     }
                 }),
         )
@@ -1192,7 +1273,7 @@ pub fn router(
         .layer(middleware::from_fn_with_state(api.clone(), auth))
         .merge(nodes)
         .merge(open)
-        .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such endpoint (see README: HTTP API)".into()) })
+        .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint (see README: HTTP API)".into()) })
         .layer(middleware::from_fn_with_state(api.clone(), name_leader))
         .with_state(api)
 }

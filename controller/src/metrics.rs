@@ -123,6 +123,15 @@ pub struct Metrics {
     pub epoch: Gauge,
     /// The leader's name and API URL, while this controller is a standby.
     leader: Mutex<Option<(String, String)>>,
+    /// When the broker connection was lost (ms after `started`, plus one); 0 while it is up.
+    broker_lost: AtomicU64,
+    /// When the service loop began waiting on the store (ms after `started`, plus one); 0
+    /// while it is not waiting.
+    store_wait: AtomicU64,
+    /// The leader's last lease renewal failed: it may have lost the lease already.
+    lease_unconfirmed: std::sync::atomic::AtomicBool,
+    /// No lead or standby turn has begun yet (the store is opening or loading).
+    starting: std::sync::atomic::AtomicBool,
 }
 
 /// How long after connecting the controller counts the nodes' retained state as arrived.
@@ -174,6 +183,10 @@ impl Metrics {
             leading: Gauge::default(),
             epoch: Gauge::default(),
             leader: Mutex::new(None),
+            broker_lost: AtomicU64::new(1),
+            store_wait: AtomicU64::new(0),
+            lease_unconfirmed: std::sync::atomic::AtomicBool::new(false),
+            starting: std::sync::atomic::AtomicBool::new(true),
         };
         r.register(
             "outpost_leader",
@@ -311,6 +324,8 @@ impl Metrics {
 
     /// This controller leads in `epoch`.
     pub fn lead(&self, epoch: u64) {
+        self.starting.store(false, Ordering::Relaxed);
+        self.lease_unconfirmed.store(false, Ordering::Relaxed);
         self.leading.set(1);
         self.epoch.set(i64::try_from(epoch).unwrap_or(i64::MAX));
         *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -318,6 +333,7 @@ impl Metrics {
 
     /// This controller is a standby; `leader` leads, if a live lease names one.
     pub fn standby(&self, leader: Option<(String, String)>) {
+        self.starting.store(false, Ordering::Relaxed);
         self.leading.set(0);
         *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = leader;
     }
@@ -342,11 +358,65 @@ impl Metrics {
             let ms = u64::try_from(self.uptime().as_millis()).unwrap_or(u64::MAX);
             self.broker_since
                 .store(ms.saturating_add(1), Ordering::Relaxed);
+            self.broker_lost.store(0, Ordering::Relaxed);
         } else {
             self.broker_since.store(0, Ordering::Relaxed);
             if was {
+                let at = self.since_start_ms().saturating_add(1);
+                self.broker_lost.store(at, Ordering::Relaxed);
+            }
+            if was {
                 self.broker_disconnects.inc();
             }
+        }
+    }
+
+    /// Whether no lead or standby turn has begun yet.
+    pub fn starting(&self) -> bool {
+        self.starting.load(Ordering::Relaxed)
+    }
+
+    /// Whether the leader's last lease renewal failed (it may no longer lead).
+    pub fn set_lease_unconfirmed(&self, unconfirmed: bool) {
+        self.lease_unconfirmed.store(unconfirmed, Ordering::Relaxed);
+    }
+
+    /// Whether the leader's last lease renewal failed.
+    pub fn lease_unconfirmed(&self) -> bool {
+        self.lease_unconfirmed.load(Ordering::Relaxed)
+    }
+
+    fn since_start_ms(&self) -> u64 {
+        u64::try_from(self.uptime().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// How long the broker connection has been down (`None` while it is up).
+    pub fn broker_down_for(&self) -> Option<Duration> {
+        match self.broker_lost.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(Duration::from_millis(
+                self.since_start_ms().saturating_sub(at - 1),
+            )),
+        }
+    }
+
+    /// The service loop begins (or stops) waiting on the store.
+    pub fn store_waiting(&self, waiting: bool) {
+        let v = if waiting {
+            self.since_start_ms().saturating_add(1)
+        } else {
+            0
+        };
+        self.store_wait.store(v, Ordering::Relaxed);
+    }
+
+    /// How long the service loop has been waiting on the store (`None` while it is not).
+    pub fn store_waiting_for(&self) -> Option<Duration> {
+        match self.store_wait.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(Duration::from_millis(
+                self.since_start_ms().saturating_sub(at - 1),
+            )),
         }
     }
 

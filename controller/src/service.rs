@@ -196,6 +196,42 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// The fleet's time: the wall clock read once, when the controller started, carried forward
+/// by the monotonic clock. Liveness, lost-after delays and failure memory are differences of
+/// it, so a step of the wall clock (NTP, an operator, a VM restored) moves nothing; the times
+/// shown (events, creation) stay the wall clock's as it was at start plus time since.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    wall0_ms: u64,
+    t0: Instant,
+}
+
+impl Clock {
+    fn start() -> Self {
+        Self {
+            wall0_ms: now_ms(),
+            t0: Instant::now(),
+        }
+    }
+
+    fn now(self) -> u64 {
+        let since = u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.wall0_ms.saturating_add(since)
+    }
+}
+
+/// Ticks further apart than this mean the controller was not looking (frozen, starved, or
+/// stuck on its store): the time between is not counted against any node.
+const OBSERVE_GAP: Duration = Duration::from_secs(3);
+
+/// A leader whose broker link has been down this long refuses changes (they could not reach
+/// their nodes) and says so to the store, so that a standby that has the broker takes over.
+pub const BROKER_GRACE: Duration = Duration::from_secs(3);
+
+/// How long before the lease's end (already short of the store's by [`LEASE_MARGIN`]) a
+/// leader stops publishing: what it queues is on the wire before any standby may lead.
+const PUBLISH_MARGIN: Duration = Duration::from_secs(1);
+
 /// Folds one MQTT message into the fleet; returns false if it did not decode.
 ///
 /// A node an operator removed is not re-admitted by what the broker kept of it (its retained
@@ -350,6 +386,7 @@ struct Shell {
     consoles: Consoles,
     blob_store: crate::blobs::BlobStore,
     metrics: std::sync::Arc<Metrics>,
+    clock: Clock,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -544,6 +581,7 @@ pub async fn serve(
             };
             format!("{scheme}://{}", cfg.api_listen)
         }),
+        broker: true,
     };
     let mut shell = Shell {
         blob_store: crate::blobs::BlobStore::new(&cfg.data_dir),
@@ -558,6 +596,7 @@ pub async fn serve(
         events_tx,
         consoles,
         metrics,
+        clock: Clock::start(),
     };
     tokio::pin!(shutdown);
     loop {
@@ -602,11 +641,18 @@ impl Shell {
                 () = &mut *shutdown => return Ended::Stop,
                 Some(_) = self.msgs.recv() => {} // left from a lost lease: not ours to act on
                 Some((_, _, reply, _)) = self.calls.recv() => {
-                    let _ = reply.send(Err(ActionError::NotLeader(self.metrics.leader())));
+                    let e = if self.metrics.starting() || matches!(self.cfg.store, StoreChoice::Sqlite) {
+                        ActionError::Starting
+                    } else {
+                        ActionError::NotLeader(self.metrics.leader())
+                    };
+                    let _ = reply.send(Err(e));
                 }
                 _ = poll.tick() => {
-                    let me = self.me.clone();
+                    let me = Candidate { broker: self.metrics.broker_down_for().is_none(), ..self.me.clone() };
+                    self.metrics.store_waiting(true);
                     let r = tokio::time::timeout(LEASE_TTL / 2, self.store.run(move |s| s.lead(&me))).await;
+                    self.metrics.store_waiting(false);
                     match r {
                         Ok(Ok(Ok(Lead::Leader { epoch }))) => return Ended::Lead(epoch),
                         Ok(Ok(Ok(Lead::Standby { leader }))) => {
@@ -654,8 +700,20 @@ impl Shell {
             return true;
         }
         let sent = Instant::now();
-        let me = self.me.clone();
+        // Whether this leader still has its broker: a standby that has it takes over from one
+        // that has lost it for longer than the grace.
+        let me = Candidate {
+            broker: self
+                .metrics
+                .broker_down_for()
+                .is_none_or(|d| d < BROKER_GRACE),
+            ..self.me.clone()
+        };
+        self.metrics.store_waiting(true);
         let r = tokio::time::timeout_at(until.into(), self.store.run(move |s| s.lead(&me))).await;
+        self.metrics.store_waiting(false);
+        self.metrics
+            .set_lease_unconfirmed(!matches!(r, Ok(Ok(Ok(Lead::Leader { .. })))));
         match r {
             Ok(Ok(Ok(Lead::Leader { epoch: e }))) if e == epoch => {
                 *renewed_at = sent;
@@ -704,7 +762,10 @@ impl Shell {
         let sqlite = matches!(self.cfg.store, StoreChoice::Sqlite);
         // The lease holds until this instant (none with a store only this controller uses).
         let mut lease_until = (!sqlite).then(|| t0 + LEASE_TTL - LEASE_MARGIN);
-        let snap = match tokio::time::timeout(STORE_WAIT, self.store.run(|s| s.load())).await {
+        self.metrics.store_waiting(true);
+        let loaded = tokio::time::timeout(STORE_WAIT, self.store.run(|s| s.load())).await;
+        self.metrics.store_waiting(false);
+        let snap = match loaded {
             Ok(Ok(Ok(snap))) => snap,
             Ok(Ok(Err(e))) => {
                 tracing::error!(error = %e, "cannot load the fleet from the store");
@@ -730,7 +791,7 @@ impl Shell {
             Scheduler::new(self.cfg.scheduler.clone()),
             self.cfg.fleet.clone(),
             snap,
-            now_ms(),
+            self.clock.now(),
         );
         fleet.set_epoch(epoch);
         self.metrics.lead(epoch);
@@ -740,6 +801,9 @@ impl Shell {
         let metrics = std::sync::Arc::clone(&self.metrics);
         let mut renewed_at = t0;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // The last tick, on the monotonic clock: a longer gap is time the controller did not
+        // see (see `OBSERVE_GAP`).
+        let mut ticked = Instant::now();
         let mut enrolled_at: Option<Instant> = None;
         let mut malformed: u64 = 0;
         // Calls executed since the last commit was sent, and how many inputs that was.
@@ -801,7 +865,7 @@ impl Shell {
                 }
                 landed = landing(&mut inflight) => {
                     let Some(f) = inflight.take() else { continue };
-                    match self.land(f, landed, &mut fleet, &mut store_down, &mut replies, epoch).await {
+                    match self.land(f, landed, &mut fleet, &mut store_down, &mut replies, epoch, lease_until).await {
                         Some(end) => break end,
                         None => continue,
                     }
@@ -818,7 +882,15 @@ impl Shell {
                     let landed = landing(&mut inflight).await;
                     if let Some(f) = inflight.take()
                         && let Some(end) = self
-                            .land(f, landed, &mut fleet, &mut store_down, &mut replies, epoch)
+                            .land(
+                                f,
+                                landed,
+                                &mut fleet,
+                                &mut store_down,
+                                &mut replies,
+                                epoch,
+                                lease_until,
+                            )
                             .await
                     {
                         break end;
@@ -843,8 +915,13 @@ impl Shell {
                     break Ended::SteppedDown;
                 }
             }
-            let now = now_ms();
+            let now = self.clock.now();
             fleet.set_clock(now);
+            // Changes could not reach their nodes while the broker is away.
+            let broker_down = self
+                .metrics
+                .broker_down_for()
+                .filter(|d| *d >= BROKER_GRACE);
             let inputs = batch(first, &mut self.calls, &mut self.msgs);
             executed += inputs.len();
             for input in inputs {
@@ -879,8 +956,13 @@ impl Shell {
                             tracing::info!(actor = %actor, action = what, "change asked");
                         }
                         let t = Instant::now();
-                        let r = match &store_down {
-                            Some(cause) if mutates => Err(ActionError::StoreDown(cause.clone())),
+                        let r = match (&store_down, broker_down) {
+                            (Some(cause), _) if mutates => {
+                                Err(ActionError::StoreDown(cause.clone()))
+                            }
+                            (_, Some(d)) if mutates => {
+                                Err(ActionError::BrokerDown(format!("for {} s", d.as_secs())))
+                            }
                             _ => {
                                 // Ids come from here, so that executing an action is deterministic.
                                 let id = InstanceId::from_u64(fastrand::u64(..));
@@ -909,6 +991,23 @@ impl Shell {
                         {
                             enrolled_at = Some(Instant::now());
                             fleet.set_enrolled(read_enrolled(reg));
+                        }
+                        // Time the controller did not see (broker away, or the loop frozen
+                        // or stuck) is not counted against any node.
+                        let gap = ticked.elapsed();
+                        ticked = Instant::now();
+                        let blind = self.metrics.broker_down_for().is_some() || gap >= OBSERVE_GAP;
+                        if blind {
+                            if gap >= OBSERVE_GAP {
+                                tracing::warn!(
+                                    gap_ms = gap.as_millis() as u64,
+                                    "the controller saw nothing for a while (frozen, starved or waiting on its store): that time is not counted against any node"
+                                );
+                            }
+                            fleet.unobserved(
+                                now,
+                                u64::try_from(gap.as_millis()).unwrap_or(u64::MAX),
+                            );
                         }
                         fleet.tick(now);
                     }
@@ -995,7 +1094,10 @@ impl Shell {
 
     /// Commit `f` landed (or not in time): it publishes and answers its batch, or refuses its
     /// changes and puts them back for the next commit. `Some` when this controller must stop
-    /// leading; `pending` (executed since) is then refused too.
+    /// leading; `pending` (executed since) is then refused too. Nothing is published unless
+    /// the lease (held until `lease_until`, if shared) is still good for [`PUBLISH_MARGIN`]:
+    /// a leader frozen past its lease wakes and stands down without a word to any node.
+    #[allow(clippy::too_many_arguments)]
     async fn land(
         &mut self,
         f: InFlight,
@@ -1004,6 +1106,7 @@ impl Shell {
         store_down: &mut Option<String>,
         pending: &mut Vec<Answer>,
         epoch: u64,
+        lease_until: Option<Instant>,
     ) -> Option<Ended> {
         let metrics = std::sync::Arc::clone(&self.metrics);
         let Ok(Ok((changes, applied))) = landed else {
@@ -1014,6 +1117,23 @@ impl Shell {
         metrics.batch_size.observe(f.inputs as f64);
         metrics.store_writable.set(i64::from(applied.is_ok()));
         match applied {
+            Ok(()) if lease_until.is_some_and(|u| Instant::now() + PUBLISH_MARGIN >= u) => {
+                // Stored, but this controller can no longer prove it leads: the next leader
+                // loads what is stored and publishes it. The calls are answered: their
+                // changes are durable.
+                tracing::error!(
+                    epoch,
+                    "the lease may have run out (this controller was frozen or its store slow): stepping down without publishing"
+                );
+                for (reply, _, r, _) in f.replies {
+                    let _ = reply.send(r);
+                }
+                refuse(
+                    pending.drain(..),
+                    "this controller stepped down before storing it",
+                );
+                Some(Ended::SteppedDown)
+            }
             Ok(()) => {
                 let durable = Instant::now();
                 for (_, mutates, _, arrived) in &f.replies {

@@ -929,3 +929,53 @@ fn an_enrolled_capacity_is_the_first_ceiling() {
     online(&mut f, "other", 8192);
     assert_eq!(f.node(&node("other")).unwrap().over_ceiling, None);
 }
+
+/// Time the controller did not see (its broker away, the process frozen) is not counted
+/// against any node: a node goes down, and is lost, only after the full delay observed.
+#[test]
+fn unobserved_time_does_not_count_against_nodes() {
+    let mut f = fleet();
+    create(&mut f, 1, 256).unwrap();
+    let on = f.instance("vm1").unwrap().node.clone().unwrap();
+    f.take_changes();
+    let cfg = FleetConfig::default();
+    // An hour passes unseen (a leader frozen, or cut from its broker): nothing goes down.
+    let t = 3_600_000;
+    f.unobserved(t, t);
+    f.tick(t);
+    assert!(f.node(&on).unwrap().online, "unseen time is no evidence");
+    assert_eq!(f.instance("vm1").unwrap().node.as_ref(), Some(&on));
+    // Seen time counts again: a liveness timeout later without a report, it is down...
+    f.tick(t + cfg.liveness_timeout_ms + 1);
+    assert!(!f.node(&on).unwrap().online);
+    // ...and moved only after the lost-after delay, observed.
+    f.unobserved(
+        t + cfg.lost_after_ms,
+        cfg.lost_after_ms - cfg.liveness_timeout_ms,
+    );
+    f.tick(t + cfg.lost_after_ms);
+    assert_eq!(f.instance("vm1").unwrap().node.as_ref(), Some(&on));
+}
+
+/// Session numbers come from the device and are compared for equality only: a Last Will
+/// counts for the connection that said online last, whatever its number (a clock a day
+/// behind gives a smaller one), and a late one of an older connection says nothing.
+#[test]
+fn a_last_will_counts_only_for_the_current_connection() {
+    let mut f = fleet();
+    let n = node("a");
+    let status = |presence, session| NodeStatus {
+        presence,
+        session,
+        boot: Default::default(),
+    };
+    // The agent restarts with a clock a day behind: a smaller session than the last.
+    f.on_status(10, &n, status(Presence::Online, 1_000));
+    f.on_status(20, &n, status(Presence::Online, 500));
+    // The older connection's Last Will arrives late: the node stays up.
+    f.on_status(30, &n, status(Presence::Offline, 1_000));
+    assert!(f.node(&n).unwrap().online, "a late Last Will says nothing");
+    // The current connection's Last Will puts it down.
+    f.on_status(40, &n, status(Presence::Offline, 500));
+    assert!(!f.node(&n).unwrap().online);
+}

@@ -39,6 +39,7 @@ fn me(name: &str) -> Candidate {
     Candidate {
         name: name.into(),
         api: format!("http://{name}:8080"),
+        broker: true,
     }
 }
 
@@ -55,7 +56,7 @@ fn fleet_changes_survive_a_reopen_on_postgres() {
     });
     assert_eq!(
         pg.sql("SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations"),
-        "1,2,3,4,5",
+        "1,2,3,4,5,6",
         "migrations are numbered and recorded"
     );
 }
@@ -118,6 +119,41 @@ fn the_postgres_lease_fences_a_stale_leader() {
     drop(a);
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(matches!(b.lead(&me("b")).unwrap(), Lead::Leader { epoch } if epoch > e3));
+}
+
+/// A leader that says it has lost its broker hands the lease to a standby that has it, and
+/// to no standby that has lost it too.
+#[test]
+fn a_leader_without_its_broker_gives_the_lease_to_a_standby_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = outpost_tests::Postgres::start(dir.path());
+    let mut a = PgStore::open(pg_config(&pg), "a", FleetId(7)).unwrap();
+    let mut b = PgStore::open(pg_config(&pg), "b", FleetId(7)).unwrap();
+    let blind = |n: &str| Candidate {
+        broker: false,
+        ..me(n)
+    };
+    let Lead::Leader { epoch: e1 } = a.lead(&me("a")).unwrap() else {
+        panic!("a leads")
+    };
+    // b without its broker does not take over from a leader that has one, nor from one that
+    // has none: neither could reach the nodes.
+    assert!(matches!(b.lead(&blind("b")).unwrap(), Lead::Standby { .. }));
+    assert_eq!(a.lead(&blind("a")).unwrap(), Lead::Leader { epoch: e1 });
+    assert!(matches!(b.lead(&blind("b")).unwrap(), Lead::Standby { .. }));
+    // b with its broker takes the lease from a blind leader at once, and a is fenced.
+    let Lead::Leader { epoch: e2 } = b.lead(&me("b")).unwrap() else {
+        panic!("b, which has the broker, takes over from a leader that has lost it")
+    };
+    assert!(e2 > e1);
+    assert!(matches!(a.lead(&me("a")).unwrap(), Lead::Standby { .. }));
+    assert!(matches!(
+        a.apply(&some_change()),
+        Err(StoreError::Fenced { .. })
+    ));
+    // b keeps it while it has its broker.
+    assert!(matches!(a.lead(&me("a")).unwrap(), Lead::Standby { .. }));
+    assert_eq!(b.lead(&me("b")).unwrap(), Lead::Leader { epoch: e2 });
 }
 
 fn some_change() -> Changes {

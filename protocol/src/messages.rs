@@ -24,9 +24,10 @@ pub enum Presence {
 pub struct NodeStatus {
     /// Online or offline.
     pub presence: Presence,
-    /// Grows with every connection the agent makes (it is the connect time in milliseconds
-    /// since the Unix epoch). A late Last Will of an older connection carries a smaller
-    /// session than the newer connection's online status, so readers keep the largest.
+    /// Names one connection of the agent: a counter kept in its state directory, one more
+    /// for every connection, whatever the device's clock says. Readers compare sessions for
+    /// equality only: a Last Will counts only when it names the connection that last said
+    /// online (a late one of an older connection says nothing).
     pub session: u64,
     /// The agent install that connected (see [`BootId`]).
     pub boot: BootId,

@@ -32,8 +32,12 @@ impl Fleet {
         let Some(n) = self.nodes.get_mut(node) else {
             return;
         };
-        if st.session < n.session {
-            return; // a late Last Will of an older connection
+        // Sessions are compared for equality only, never by size: a device's numbers may
+        // come from a clock that is wrong. A connection's online status makes it the node's
+        // current one; a Last Will counts only for the current connection (a late one of an
+        // older connection, delivered after the new one came up, says nothing).
+        if st.presence == Presence::Offline && n.session != 0 && st.session != n.session {
+            return;
         }
         n.session = st.session;
         let was = n.online;

@@ -40,6 +40,16 @@ impl Fleet {
         self.evacuate_lost(now_ms);
     }
 
+    /// The controller saw nothing for `blind_ms` (its broker link was down, or the process
+    /// was frozen or starved): that time is not counted against any node. Every node's last
+    /// report moves forward by it (never past `now_ms`), so a node goes down, or is lost, only
+    /// after the full delay *observed*, whatever happened to the controller meanwhile.
+    pub fn unobserved(&mut self, now_ms: u64, blind_ms: u64) {
+        for n in self.nodes.values_mut() {
+            n.last_seen_ms = n.last_seen_ms.saturating_add(blind_ms).min(now_ms);
+        }
+    }
+
     /// Moves the instances of nodes down for longer than the lost-after delay to other nodes.
     /// Those that fit nowhere stay where they are, and are tried again on the next tick.
     pub(super) fn evacuate_lost(&mut self, now_ms: u64) {

@@ -106,6 +106,9 @@ pub struct Candidate {
     pub name: String,
     /// Its API's URL as clients reach it.
     pub api: String,
+    /// Whether it has its MQTT broker: a leader that has lost it (past
+    /// [`BROKER_GRACE`](crate::service::BROKER_GRACE)) gives the lease to a standby that has it.
+    pub broker: bool,
 }
 
 /// Whether this controller leads.

@@ -7,6 +7,8 @@
 //!   `pg_stat_activity` (a killed leader), or when it names this controller (a restart), and
 //!   the epoch grows by one;
 //! - the leader renews it every [`RENEW_EVERY`]; it expires [`LEASE_TTL`] after the last renewal;
+//!   each renewal says whether the leader still has its MQTT broker, and a standby that has
+//!   it takes the lease from a leader that has not (a leader cut from its nodes stands down);
 //! - every write goes through `outpost_fence(epoch)` (migration 3), which reads the lease row
 //!   `FOR SHARE` and fails the write unless the epoch is still this controller's
 //!   ([`StoreError::Fenced`]), so a stale leader cannot write, and the takeover waits for a
@@ -98,6 +100,12 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (
         5,
         "ALTER TABLE nodes ADD COLUMN boot TEXT NOT NULL DEFAULT '';",
+    ),
+    (
+        6,
+        // The leader says at each renewal whether it still has its broker: a standby that has
+        // it takes the lease from one that does not.
+        "ALTER TABLE lease ADD COLUMN blind BOOLEAN NOT NULL DEFAULT FALSE;",
     ),
 ];
 
@@ -752,9 +760,9 @@ impl Store for PgStore {
         let r = self.with(|c, _, _| {
             if let Some(e) = held {
                 let renewed = c.query_opt(
-                    "UPDATE lease SET expires = now() + $1::text::interval
+                    "UPDATE lease SET expires = now() + $1::text::interval, blind = NOT $4
                       WHERE id = 1 AND epoch = $2 AND holder = $3 RETURNING epoch",
-                    &[&ttl, &(e as i64), &me.name],
+                    &[&ttl, &(e as i64), &me.name, &me.broker],
                 )?;
                 if renewed.is_some() {
                     return Ok(Lead::Leader { epoch: e });
@@ -765,14 +773,17 @@ impl Store for PgStore {
                 );
             }
             // Take it if it has run out, if its holder's session is gone (a killed leader),
-            // or if it names this controller (a restart).
+            // if it names this controller (a restart), or if its holder has lost the broker
+            // and this controller has it (a leader cut from its nodes).
             let taken = c.query_opt(
                 "UPDATE lease SET epoch = epoch + 1, holder = $2, api = $3,
-                        backend = pg_backend_pid(), expires = now() + $1::text::interval
+                        backend = pg_backend_pid(), expires = now() + $1::text::interval,
+                        blind = NOT $4
                   WHERE id = 1 AND (expires < now() OR holder = '' OR holder = $2
+                        OR ($4 AND blind)
                         OR NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = lease.backend))
                   RETURNING epoch",
-                &[&ttl, &me.name, &me.api],
+                &[&ttl, &me.name, &me.api, &me.broker],
             )?;
             if let Some(row) = taken {
                 let e: i64 = row.try_get(0)?;
