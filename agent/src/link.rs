@@ -107,6 +107,10 @@ pub enum LinkEvent {
         /// published for it while it was away, which it now delivers first).
         resumed: bool,
     },
+    /// The broker acknowledged a subscription: what it kept for this client while it was
+    /// away was delivered before this; a message after it that is not flagged retained is a
+    /// new publish.
+    Subscribed,
     /// A message from the broker.
     Message(rumqttc::Publish),
     /// The connection failed or dropped; the next attempt is in `retry_in`.
@@ -145,6 +149,7 @@ async fn drive_link(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => LinkEvent::Message(p),
+            Ok(Event::Incoming(Packet::SubAck(_))) => LinkEvent::Subscribed,
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
                 let _ = tx.send(LinkEvent::Closed).await;
                 return;

@@ -834,12 +834,14 @@ async fn run_loop(
                     sh.fresh = false;
                     // A resumed session first delivers what was published while the agent was
                     // away (not flagged retained, yet as old): only a publish after the
-                    // broker's retained copy (sent again for the new subscription) is new.
+                    // subscription's acknowledgement (or the broker's retained copy, sent
+                    // again for the new subscription) is new.
                     sh.queued = resumed;
                     let _ = sh.client.try_subscribe(desired_topic.as_str(), QoS::AtLeastOnce);
                     let _ = sh.client.try_subscribe(console_topic.as_str(), QoS::AtMostOnce);
                     sh.announce(session);
                 }
+                LinkEvent::Subscribed => sh.queued = false,
                 LinkEvent::Message(p) => {
                     if p.topic == desired_topic.as_str() {
                         sh.synced = true;

@@ -756,6 +756,7 @@ impl Client {
             .config()
             .timeout_recv_response(Some(std::time::Duration::from_secs(120)))
             .build()
+            .header(CLIENT_HEADER, "cli")
             .header("Content-Type", "application/octet-stream");
         if let Some(t) = &self.token {
             r = r.header("Authorization", &format!("Bearer {t}"));
@@ -869,21 +870,21 @@ impl Client {
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         match (method, body) {
             ("GET", _) => {
-                let mut r = self.agent.get(&url);
+                let mut r = self.agent.get(&url).header(CLIENT_HEADER, "cli");
                 if let Some(a) = &auth {
                     r = r.header("Authorization", a);
                 }
                 r.call()
             }
             ("DELETE", _) => {
-                let mut r = self.agent.delete(&url);
+                let mut r = self.agent.delete(&url).header(CLIENT_HEADER, "cli");
                 if let Some(a) = &auth {
                     r = r.header("Authorization", a);
                 }
                 r.call()
             }
             (_, body) => {
-                let mut r = self.agent.post(&url);
+                let mut r = self.agent.post(&url).header(CLIENT_HEADER, "cli");
                 if let Some(a) = &auth {
                     r = r.header("Authorization", a);
                 }
@@ -895,6 +896,9 @@ impl Client {
         }
     }
 }
+
+/// The header that says a request is from Outpost's own client (see the controller's `origin`).
+const CLIENT_HEADER: &str = outpost_controller::origin::CLIENT_HEADER;
 
 /// How long the CLI retries a 503 that says when to retry.
 const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(10);
@@ -1271,7 +1275,10 @@ impl Client {
             .build()
             .into();
         let url = format!("{}{path}", self.base().trim_end_matches('/'));
-        let mut r = agent.get(&url).header("Accept", "text/event-stream");
+        let mut r = agent
+            .get(&url)
+            .header(CLIENT_HEADER, "cli")
+            .header("Accept", "text/event-stream");
         if let Some(t) = &self.token {
             r = r.header("Authorization", &format!("Bearer {t}"));
         }

@@ -387,6 +387,10 @@ pub fn metrics_router(
         )
         .layer(middleware::from_fn_with_state(api.clone(), auth))
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "only /metrics here".into()) })
+        .layer(middleware::from_fn_with_state(
+            std::sync::Arc::clone(&api.tokens),
+            crate::origin::guard,
+        ))
         .with_state(api)
 }
 
@@ -1275,6 +1279,10 @@ pub fn router(
         .merge(open)
         .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, "no such endpoint (see README: HTTP API)".into()) })
         .layer(middleware::from_fn_with_state(api.clone(), name_leader))
+        .layer(middleware::from_fn_with_state(
+            std::sync::Arc::clone(&api.tokens),
+            crate::origin::guard,
+        ))
         .with_state(api)
 }
 

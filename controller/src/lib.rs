@@ -16,6 +16,7 @@ pub mod fleet;
 pub mod gate;
 pub mod inbound;
 pub mod metrics;
+pub mod origin;
 pub mod scheduler;
 pub mod secret;
 pub mod service;

@@ -24,6 +24,8 @@ pub struct Agent {
     pub proc: Option<Proc>,
     /// Extra command-line arguments (`--metrics-listen ...`).
     pub args: Vec<String>,
+    /// Extra environment (a [`FakeClock`](crate::FakeClock)'s).
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -47,6 +49,7 @@ impl Agent {
             config,
             proc: None,
             args: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -128,7 +131,8 @@ impl Agent {
             .arg(&self.config)
             .arg("--log-level")
             .arg("debug")
-            .args(&self.args);
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         self.proc = Some(Proc::spawn(cmd, self.state_dir.with_extension("log")));
     }
 

@@ -22,6 +22,11 @@ pub struct Browser {
 impl Browser {
     /// Starts Chromium with a fresh profile and its DevTools endpoint on a free port.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`Browser::start`] with extra Chromium flags (`--host-resolver-rules=…`).
+    pub fn start_with(extra: &[&str]) -> Self {
         let profile = tempfile::tempdir().unwrap();
         let mut child = Command::new("chromium")
             .args([
@@ -33,6 +38,7 @@ impl Browser {
                 "--remote-debugging-port=0",
                 "--remote-allow-origins=*",
             ])
+            .args(extra)
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank")
             .stdout(Stdio::null())

@@ -21,6 +21,8 @@ pub struct Controller {
     pub proc: Option<Proc>,
     /// The API token the CLI calls carry (set it to the one given with `--api-token-file`).
     pub token: Option<String>,
+    /// Extra environment (a [`FakeClock`](crate::FakeClock)'s).
+    pub env: Vec<(String, String)>,
 }
 
 impl Controller {
@@ -102,6 +104,7 @@ impl Controller {
             args,
             proc: None,
             token: None,
+            env: Vec::new(),
         }
     }
 
@@ -122,7 +125,8 @@ impl Controller {
             .arg(self.api.trim_start_matches("http://"))
             .arg("--liveness-timeout")
             .arg("5")
-            .args(&self.args);
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         self.proc = Some(Proc::spawn(cmd, self.data_dir.with_extension("log")));
     }
 

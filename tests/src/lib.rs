@@ -3,8 +3,8 @@
 //!
 //! It provides a mosquitto started on a free loopback port, the workspace's binaries, an agent
 //! process with its own state directory, a test controller (a real MQTT client that publishes
-//! desired states and records what agents send), a libvirtd started the way
-//! `shared/PLATFORM.md` describes, and a tiny guest (Debian's cloud kernel and a busybox
+//! desired states and records what agents send), a libvirtd started in the foreground when
+//! none runs, a wall clock that can be stepped (libfaketime), and a tiny guest (Debian's cloud kernel and a busybox
 //! initramfs that prints a line on the serial console).
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
@@ -12,6 +12,7 @@ pub mod agent;
 pub mod broker;
 pub mod browser;
 pub mod controller;
+pub mod faketime;
 pub mod guest;
 pub mod http;
 pub mod metrics;
@@ -22,6 +23,7 @@ pub use agent::*;
 pub use broker::*;
 pub use browser::*;
 pub use controller::*;
+pub use faketime::*;
 pub use guest::*;
 pub use metrics::*;
 pub use postgres::*;

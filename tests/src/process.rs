@@ -153,6 +153,16 @@ impl Proc {
             .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
+    /// Sends signal `sig` (`STOP`, `CONT`, `TERM`...) to the process.
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -{sig} {}", self.pid());
+    }
+
     /// Its log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -10,8 +10,11 @@ const $ = (id) => document.getElementById(id);
 const clock = (ms) => new Date(ms).toLocaleTimeString([], { hour12: false });
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 
+// Every request says it is Outpost's own page (the API refuses changes that do not).
 function headers() {
-  return state.token ? { Authorization: "Bearer " + state.token } : {};
+  const h = { "X-Outpost-Client": "status-page" };
+  if (state.token) h.Authorization = "Bearer " + state.token;
+  return h;
 }
 
 async function get(path) {
