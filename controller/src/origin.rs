@@ -69,8 +69,13 @@ pub fn refusal(method: &Method, headers: &HeaderMap, open: bool) -> Option<Strin
     if headers.contains_key(CLIENT_HEADER) || headers.contains_key(header::AUTHORIZATION) {
         return None;
     }
-    let kind = get(header::CONTENT_TYPE)
-        .map(|t| t.split(';').next().unwrap_or_default().trim().to_ascii_lowercase());
+    let kind = get(header::CONTENT_TYPE).map(|t| {
+        t.split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase()
+    });
     match kind {
         Some(k) if !SIMPLE_TYPES.contains(&k.as_str()) => None,
         _ => Some(format!(
@@ -113,10 +118,23 @@ mod tests {
 
     #[test]
     fn loopback_names() {
-        for h in ["127.0.0.1:8080", "localhost", "LOCALHOST:1", "[::1]:80", "a.localhost", "127.8.9.1"] {
+        for h in [
+            "127.0.0.1:8080",
+            "localhost",
+            "LOCALHOST:1",
+            "[::1]:80",
+            "a.localhost",
+            "127.8.9.1",
+        ] {
             assert!(is_loopback_host(h), "{h}");
         }
-        for h in ["evil.example", "evil.example:8080", "10.0.0.1:80", "[2001:db8::1]:80", "localhost.evil.example"] {
+        for h in [
+            "evil.example",
+            "evil.example:8080",
+            "10.0.0.1:80",
+            "[2001:db8::1]:80",
+            "localhost.evil.example",
+        ] {
             assert!(!is_loopback_host(h), "{h}");
         }
     }
@@ -126,25 +144,64 @@ mod tests {
         let post = Method::POST;
         let host = ("host", "127.0.0.1:8080");
         // A form post, a no-cors fetch (text/plain), no type at all: refused.
-        for t in ["application/x-www-form-urlencoded", "text/plain;charset=UTF-8", "multipart/form-data; boundary=x"] {
-            assert!(refusal(&post, &headers(&[host, ("content-type", t)]), true).is_some(), "{t}");
+        for t in [
+            "application/x-www-form-urlencoded",
+            "text/plain;charset=UTF-8",
+            "multipart/form-data; boundary=x",
+        ] {
+            assert!(
+                refusal(&post, &headers(&[host, ("content-type", t)]), true).is_some(),
+                "{t}"
+            );
         }
         assert!(refusal(&post, &headers(&[host]), true).is_some());
         // Outpost's clients: JSON, binary uploads, or the client header.
-        assert!(refusal(&post, &headers(&[host, ("content-type", "application/json")]), true).is_none());
-        assert!(refusal(&post, &headers(&[host, ("content-type", "application/octet-stream")]), true).is_none());
+        assert!(
+            refusal(
+                &post,
+                &headers(&[host, ("content-type", "application/json")]),
+                true
+            )
+            .is_none()
+        );
+        assert!(
+            refusal(
+                &post,
+                &headers(&[host, ("content-type", "application/octet-stream")]),
+                true
+            )
+            .is_none()
+        );
         assert!(refusal(&post, &headers(&[host, (CLIENT_HEADER, "cli")]), true).is_none());
-        assert!(refusal(&post, &headers(&[host, ("authorization", "Bearer x")]), false).is_none());
+        assert!(
+            refusal(
+                &post,
+                &headers(&[host, ("authorization", "Bearer x")]),
+                false
+            )
+            .is_none()
+        );
         // Another origin, even with JSON (a preflight the browser would not pass anyway).
-        let other = [host, ("content-type", "application/json"), ("origin", "http://evil.example")];
+        let other = [
+            host,
+            ("content-type", "application/json"),
+            ("origin", "http://evil.example"),
+        ];
         assert!(refusal(&post, &headers(&other), false).is_some());
-        let own = [host, ("content-type", "application/json"), ("origin", "http://127.0.0.1:8080")];
+        let own = [
+            host,
+            ("content-type", "application/json"),
+            ("origin", "http://127.0.0.1:8080"),
+        ];
         assert!(refusal(&post, &headers(&own), true).is_none());
         // Reads are not changes.
         assert!(refusal(&Method::GET, &headers(&[host]), true).is_none());
         // DNS rebinding: a name that is not loopback, on an API without a token, even a read.
         let rebound = [("host", "evil.example:8080")];
         assert!(refusal(&Method::GET, &headers(&rebound), true).is_some());
-        assert!(refusal(&Method::GET, &headers(&rebound), false).is_none(), "a token guards it");
+        assert!(
+            refusal(&Method::GET, &headers(&rebound), false).is_none(),
+            "a token guards it"
+        );
     }
 }

@@ -83,7 +83,8 @@ fn a_wall_clock_step_on_the_controller_moves_nothing_and_liveness_still_works() 
     }
     ctl.wait_nodes_up(2);
     for k in 0..4 {
-        ctl.create(&format!("clk-{k}"), &["--memory", "128"]).unwrap();
+        ctl.create(&format!("clk-{k}"), &["--memory", "128"])
+            .unwrap();
     }
     for k in 0..4 {
         ctl.wait_phase(&format!("clk-{k}"), "running", T);
@@ -115,7 +116,11 @@ fn a_wall_clock_step_on_the_controller_moves_nothing_and_liveness_still_works() 
     assert!(t0.elapsed() >= Duration::from_secs(3), "down too soon");
     agents[1].proc().signal("CONT");
     ctl.wait_nodes_up(2);
-    assert_eq!(placements(&ctl), placed, "a node down briefly keeps its VMs");
+    assert_eq!(
+        placements(&ctl),
+        placed,
+        "a node down briefly keeps its VMs"
+    );
 }
 
 #[test]

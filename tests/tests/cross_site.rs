@@ -79,16 +79,26 @@ setTimeout(() => document.getElementById("f3").submit(), 600);
     let browser = Browser::start();
     let mut tab = browser.page();
     tab.navigate(&format!("http://127.0.0.1:{port}/"));
-    tab.wait(Duration::from_secs(20), "window.done === 5", "document.body ? document.body.innerText : ''");
+    tab.wait(
+        Duration::from_secs(20),
+        "window.done === 5",
+        "document.body ? document.body.innerText : ''",
+    );
     std::thread::sleep(Duration::from_secs(2));
 
     let v = ctl.cli(&["instances", "show", "victim"]).unwrap();
-    assert_eq!(v["phase"], "running", "a page of another site stopped it: {v}");
+    assert_eq!(
+        v["phase"], "running",
+        "a page of another site stopped it: {v}"
+    );
     assert_eq!(v["power"], "running", "{v}");
     let n = ctl.cli(&["nodes", "show", "edge-x"]).unwrap();
     assert_eq!(n["state"], "up", "a page of another site drained it: {n}");
     let images = ctl.cli(&["images", "list"]).unwrap().to_string();
-    assert!(!images.contains("evil"), "a page of another site uploaded: {images}");
+    assert!(
+        !images.contains("evil"),
+        "a page of another site uploaded: {images}"
+    );
 
     // DNS rebinding: rebound.test resolves to loopback in this browser; its page is of its
     // own origin, so its fetches are "same origin", and still nothing answers it.
@@ -114,12 +124,18 @@ setTimeout(() => document.getElementById("f3").submit(), 600);
     let (code, text) = with_host(&api, "GET", "/v1/instances", "rebound.test");
     assert_eq!(code, 403);
     assert!(text.contains("loopback names"), "{text}");
-    let (code, text) = with_host(&api, "GET", "/v1/instances", &format!("localhost:{api_port}"));
+    let (code, text) = with_host(
+        &api,
+        "GET",
+        "/v1/instances",
+        &format!("localhost:{api_port}"),
+    );
     assert_eq!(code, 200, "{text}");
     // A change without a JSON body, from a script (curl -X POST): refused with the fix named.
     let (code, body) = curl("POST", &format!("{api}/v1/instances/victim/stop"), None, "");
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("Content-Type: application/json"), "{body}");
     // Outpost's own page and CLI still work.
-    ctl.cli(&["instances", "stop", "victim", "--force"]).unwrap();
+    ctl.cli(&["instances", "stop", "victim", "--force"])
+        .unwrap();
 }
