@@ -1051,6 +1051,38 @@ async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip());
+    let secret = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let why = match secret.as_deref().map(|s| api.tokens.check(s)) {
+        // A valid token passes even from an address held off for others' guesses.
+        Some(Verdict::Valid { name, role }) => {
+            let need = needed(req.method(), req.uri().path());
+            if role < need {
+                return HttpError::new(
+                    StatusCode::FORBIDDEN,
+                    format!("this needs the {need} role; token {name} has the {role} role"),
+                )
+                .into_response();
+            }
+            let resp = CALLER.scope(name, next.run(req)).await;
+            return match secret {
+                Some(s) => while_valid(resp, std::sync::Arc::clone(&api.tokens), s),
+                None => resp,
+            };
+        }
+        // No token at all is no guess (a browser opening the status page): not counted.
+        None => {
+            return HttpError::new(StatusCode::UNAUTHORIZED, "missing bearer token".into())
+                .into_response();
+        }
+        Some(Verdict::Unknown) => "unknown or wrong bearer token".to_owned(),
+        Some(Verdict::Expired(n)) => format!("token {n} has expired"),
+        Some(Verdict::Revoked(n)) => format!("token {n} was revoked"),
+    };
     if let Some(left) = ip.and_then(|ip| api.failures.blocked(ip)) {
         return HttpError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -1061,32 +1093,35 @@ async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
         )
         .into_response();
     }
-    let secret = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let why = match secret.map(|s| api.tokens.check(s)) {
-        Some(Verdict::Valid { name, role }) => {
-            let need = needed(req.method(), req.uri().path());
-            if role < need {
-                return HttpError::new(
-                    StatusCode::FORBIDDEN,
-                    format!("this needs the {need} role; token {name} has the {role} role"),
-                )
-                .into_response();
-            }
-            return CALLER.scope(name, next.run(req)).await;
-        }
-        None => "missing bearer token".to_owned(),
-        Some(Verdict::Unknown) => "unknown or wrong bearer token".to_owned(),
-        Some(Verdict::Expired(n)) => format!("token {n} has expired"),
-        Some(Verdict::Revoked(n)) => format!("token {n} was revoked"),
-    };
     if let Some(ip) = ip {
         api.failures.failed(ip);
     }
     HttpError::new(StatusCode::UNAUTHORIZED, why).into_response()
+}
+
+/// A stream (events, a console) opened with token `secret` ends once the token is no longer
+/// valid (revoked, expired): checked every [`RECHECK`](crate::tokens::RECHECK).
+fn while_valid(resp: Response, tokens: std::sync::Arc<Tokens>, secret: String) -> Response {
+    use futures_util::StreamExt as _;
+    let streaming = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/event-stream"));
+    if !streaming {
+        return resp;
+    }
+    let ended = async move {
+        loop {
+            tokio::time::sleep(crate::tokens::RECHECK).await;
+            if !matches!(tokens.check(&secret), Verdict::Valid { .. }) {
+                break;
+            }
+        }
+    };
+    let (parts, body) = resp.into_parts();
+    let body = axum::body::Body::from_stream(body.into_data_stream().take_until(ended));
+    Response::from_parts(parts, body)
 }
 
 type Key = Path<String>;

@@ -419,9 +419,25 @@ pub enum Verdict {
 /// the named tokens, looked up again after [`RECHECK`].
 pub struct Tokens {
     single: Option<[u8; 32]>,
-    db: Option<Mutex<TokenDb>>,
+    /// The named tokens' table, once there is one.
+    db: Mutex<Option<TokenDb>>,
+    /// Where the table may appear while there is none yet (`outpost-controller tokens
+    /// create` on a running controller that started without tokens).
+    pending: Option<Pending>,
+    /// Whether any named token exists: once true, the API needs a token until it stops.
+    named: std::sync::atomic::AtomicBool,
     seen: Mutex<HashMap<[u8; 32], Looked>>,
 }
+
+/// A token table that may appear: the store's, and when it was last looked for.
+struct Pending {
+    store: crate::store::StoreChoice,
+    dir: std::path::PathBuf,
+    looked: Mutex<Option<Instant>>,
+}
+
+/// How often a controller without tokens looks whether one was made.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
 
 /// A token looked up: when, and what was found.
 type Looked = (Instant, Option<TokenRecord>);
@@ -441,23 +457,67 @@ impl Tokens {
         dir: &Path,
         named: bool,
     ) -> Result<Self, TokenError> {
-        let db = match store {
-            crate::store::StoreChoice::Sqlite if !named && !dir.join(TOKENS_FILE).exists() => None,
+        let (db, any) = match store {
+            crate::store::StoreChoice::Sqlite if !named && !dir.join(TOKENS_FILE).exists() => {
+                (None, false)
+            }
             _ => {
                 let db = TokenDb::open_for(store, dir)?;
-                (named || db.any()?).then(|| Mutex::new(db))
+                let any = named || db.any()?;
+                (Some(db), any)
             }
         };
         Ok(Self {
             single: single.map(hash),
-            db,
+            db: Mutex::new(db),
+            pending: (!any).then(|| Pending {
+                store: store.clone(),
+                dir: dir.to_path_buf(),
+                looked: Mutex::new(None),
+            }),
+            named: std::sync::atomic::AtomicBool::new(any),
             seen: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Whether any token is configured (else the API is open on loopback).
+    /// Whether any token is configured (else the API is open on loopback). A token made while
+    /// the controller runs locks the API within [`LOOK_EVERY`], without a restart.
     pub fn required(&self) -> bool {
-        self.single.is_some() || self.db.is_some()
+        use std::sync::atomic::Ordering;
+        if self.single.is_some() || self.named.load(Ordering::Relaxed) {
+            return true;
+        }
+        let Some(p) = &self.pending else {
+            return false;
+        };
+        {
+            let mut looked = p.looked.lock().unwrap_or_else(|e| e.into_inner());
+            if looked.is_some_and(|t| t.elapsed() < LOOK_EVERY) {
+                return false;
+            }
+            *looked = Some(Instant::now());
+        }
+        let mut db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        if db.is_none()
+            && (!matches!(p.store, crate::store::StoreChoice::Sqlite)
+                || p.dir.join(TOKENS_FILE).exists())
+        {
+            match TokenDb::open_for(&p.store, &p.dir) {
+                Ok(d) => *db = Some(d),
+                Err(e) => tracing::warn!(error = %e, "cannot open the token table"),
+            }
+        }
+        let any = db.as_ref().is_some_and(|d| {
+            d.any().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read the token table");
+                false
+            })
+        });
+        if any {
+            tracing::warn!("a named token exists now: the API needs a token from here on");
+            self.named.store(true, Ordering::Relaxed);
+        }
+        any
     }
 
     /// Who `secret` is, now.
@@ -469,22 +529,19 @@ impl Tokens {
                 role: Role::Admin,
             };
         }
-        let Some(db) = &self.db else {
-            return Verdict::Unknown;
-        };
         let record = {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
             match seen.get(&h) {
                 Some((at, r)) if at.elapsed() < RECHECK => r.clone(),
                 _ => {
-                    let r = db
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .find(&h)
-                        .unwrap_or_else(|e| {
-                            tracing::warn!(error = %e, "cannot read the token database");
-                            None
-                        });
+                    let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+                    let Some(db) = db.as_ref() else {
+                        return Verdict::Unknown;
+                    };
+                    let r = db.find(&h).unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "cannot read the token database");
+                        None
+                    });
                     if seen.len() > 10_000 {
                         seen.clear(); // bounded: guesses cannot grow it without limit
                     }

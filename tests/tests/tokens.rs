@@ -198,12 +198,74 @@ fn failed_authentications_are_limited_per_address() {
         last = req(&ctl, Some("outpost_guess"), "GET", "/v1/nodes", "").0;
     }
     assert_eq!(last, 429);
-    let (s, b) = req(&ctl, Some(&boss), "GET", "/v1/nodes", "");
-    assert_eq!(
-        s, 429,
-        "the address is held off for the window, even with a good token: {b}"
-    );
+    let (s, b) = req(&ctl, Some("outpost_guess2"), "GET", "/v1/nodes", "");
+    assert_eq!(s, 429, "guesses are held off for the window: {b}");
     assert!(b.contains("too many failed authentications"), "{b}");
-    // Health stays open.
+    // A good token still passes from that address (its operator is not locked out by
+    // someone else's guesses), and health stays open.
+    let (s, b) = req(&ctl, Some(&boss), "GET", "/v1/nodes", "");
+    assert_eq!(s, 200, "{b}");
     assert_eq!(ctl.http("GET", "/healthz", "").0, 200);
+}
+
+/// Requests with no token at all (a browser opening the status page, again and again) are
+/// not guesses: they never hold the address off.
+#[test]
+fn status_page_visits_do_not_lock_the_cli_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    let boss = token(&ctl.data_dir.clone(), "boss", "admin", &[]);
+    ctl.token = Some(boss.clone());
+    ctl.start();
+    for _ in 0..30 {
+        assert_eq!(req(&ctl, None, "GET", "/v1/overview", "").0, 401);
+    }
+    assert!(ctl.cli(&["nodes", "list"]).is_ok());
+}
+
+/// A controller started without tokens is locked the moment one is made (no restart), and
+/// an event or console stream opened with a token ends when the token is revoked.
+#[test]
+fn a_token_made_while_running_locks_the_api_and_revocation_ends_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    assert_eq!(
+        req(&ctl, None, "GET", "/v1/nodes", "").0,
+        200,
+        "open on loopback"
+    );
+    let data = ctl.data_dir.clone();
+    let boss = token(&data, "boss", "admin", &[]);
+    let watcher = token(&data, "watcher", "read", &[]);
+    wait_for(Duration::from_secs(5), "the API to need a token", || {
+        (req(&ctl, None, "GET", "/v1/nodes", "").0 == 401).then_some(())
+    });
+    assert_eq!(req(&ctl, Some(&boss), "GET", "/v1/nodes", "").0, 200);
+
+    // A follower of the event stream with the watcher's token.
+    let mut follow = std::process::Command::new("curl")
+        .args(["-s", "-N", "-H"])
+        .arg(format!("Authorization: Bearer {watcher}"))
+        .arg(format!("{}/v1/events?follow=true", ctl.api))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(follow.try_wait().unwrap().is_none(), "the stream is open");
+    let out = Command::new(bin("outpost-controller"))
+        .args(["tokens", "revoke", "watcher", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ended = wait_for(Duration::from_secs(10), "the revoked stream to end", || {
+        follow.try_wait().unwrap()
+    });
+    assert!(ended.success(), "curl saw the stream end: {ended:?}");
+    assert_eq!(req(&ctl, Some(&watcher), "GET", "/v1/nodes", "").0, 401);
 }
