@@ -45,6 +45,8 @@ struct Api {
     events: tokio::sync::broadcast::Sender<EventView>,
     console: ConsoleLink,
     metrics: std::sync::Arc<Metrics>,
+    /// Blob downloads served at once.
+    transfers: std::sync::Arc<crate::blobs::Transfers>,
 }
 
 /// An HTTP error: a status, the `{"error": ...}` body, and for a 503 whose request was not
@@ -379,6 +381,7 @@ pub fn metrics_router(
         events: tokio::sync::broadcast::channel(1).0,
         console,
         metrics,
+        transfers: std::sync::Arc::default(),
     };
     Router::new()
         .route(
@@ -928,6 +931,7 @@ async fn delete_image(api: &Api, key: String) -> Result<Json<Reply>, HttpError> 
 /// `GET /v1/nodes/{node}/blobs/{sha256}`: a node fetching a blob its instances need, with its
 /// token; served with Range (resumable), or redirected to where the image lives.
 async fn blob(api: &Api, node: String, sha: String, req: Request) -> Response {
+    let node_name = node.clone();
     let token = req
         .headers()
         .get("authorization")
@@ -952,6 +956,19 @@ async fn blob(api: &Api, node: String, sha: String, req: Request) -> Response {
     .await
     {
         Ok(Reply::Blob(BlobSource::Local(d))) => {
+            // A place among the downloads served at once, held until the body ends.
+            let Some(place) = api.transfers.take(&node_name) else {
+                let mut r = HttpError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the controller serves as many downloads as it may: retry shortly".into(),
+                )
+                .into_response();
+                r.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("2"),
+                );
+                return r;
+            };
             match tower::ServiceExt::oneshot(
                 tower_http::services::ServeFile::new(api.blobs.path(&d)),
                 req,
@@ -966,7 +983,12 @@ async fn blob(api: &Api, node: String, sha: String, req: Request) -> Response {
                         api.metrics.blob_transfers.inc();
                         api.metrics.blob_bytes.inc_by(len);
                     }
-                    r.into_response()
+                    let (parts, body) = r.into_response().into_parts();
+                    let body = futures_util::StreamExt::map(body.into_data_stream(), move |c| {
+                        let _held = &place;
+                        c
+                    });
+                    Response::from_parts(parts, axum::body::Body::from_stream(body))
                 }
                 Err(e) => {
                     HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()
@@ -1194,6 +1216,7 @@ pub fn router(
         events: events_tx,
         console,
         metrics,
+        transfers: std::sync::Arc::default(),
     };
     // Nodes fetch blobs with their own tokens, not the API's.
     let nodes = Router::new().route(

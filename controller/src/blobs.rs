@@ -164,3 +164,91 @@ impl Drop for BlobWriter {
         }
     }
 }
+
+/// Blob downloads served at once, in all and per node: a node (or many) that opens
+/// downloads and stalls them holds at most this much of the controller.
+#[derive(Debug)]
+pub struct Transfers {
+    all: std::sync::Arc<tokio::sync::Semaphore>,
+    per_node: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    node_max: usize,
+}
+
+/// Blob downloads served at once, in all.
+pub const MAX_TRANSFERS: usize = 32;
+/// Blob downloads served at once to one node.
+pub const MAX_NODE_TRANSFERS: usize = 2;
+
+impl Default for Transfers {
+    fn default() -> Self {
+        Self::new(MAX_TRANSFERS, MAX_NODE_TRANSFERS)
+    }
+}
+
+/// One download's place, given back when dropped (when its response body ends).
+#[derive(Debug)]
+pub struct Transfer {
+    _all: tokio::sync::OwnedSemaphorePermit,
+    node: String,
+    per_node: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        let mut m = self.per_node.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.node) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.node);
+            }
+        }
+    }
+}
+
+impl Transfers {
+    /// At most `all` downloads at once, `node_max` per node.
+    pub fn new(all: usize, node_max: usize) -> Self {
+        Self {
+            all: std::sync::Arc::new(tokio::sync::Semaphore::new(all)),
+            per_node: std::sync::Arc::default(),
+            node_max,
+        }
+    }
+
+    /// A place for a download to `node`, if there is one.
+    pub fn take(&self, node: &str) -> Option<Transfer> {
+        let mut m = self.per_node.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.get(node).copied().unwrap_or(0);
+        if n >= self.node_max {
+            return None;
+        }
+        let all = std::sync::Arc::clone(&self.all).try_acquire_owned().ok()?;
+        m.insert(node.to_owned(), n + 1);
+        Some(Transfer {
+            _all: all,
+            node: node.to_owned(),
+            per_node: std::sync::Arc::clone(&self.per_node),
+        })
+    }
+}
+
+#[cfg(test)]
+mod transfer_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn downloads_are_capped_in_all_and_per_node() {
+        let t = Transfers::new(3, 2);
+        let a1 = t.take("a").unwrap();
+        let _a2 = t.take("a").unwrap();
+        assert!(t.take("a").is_none(), "two per node");
+        let _b1 = t.take("b").unwrap();
+        assert!(t.take("c").is_none(), "three in all");
+        drop(a1);
+        assert!(
+            t.take("c").is_some(),
+            "a finished download gives its place back"
+        );
+    }
+}

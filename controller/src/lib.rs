@@ -15,6 +15,7 @@ pub mod fleet;
 #[cfg(feature = "embedded-broker")]
 pub mod gate;
 pub mod inbound;
+pub mod listener;
 pub mod metrics;
 pub mod origin;
 pub mod scheduler;

@@ -549,27 +549,22 @@ pub async fn serve(
             },
             crate::blobs::BlobStore::new(&cfg.data_dir),
         );
-        tokio::spawn(async move {
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
-            if let Err(e) = axum::serve(l, app).await {
-                tracing::error!(error = %e, "metrics listener stopped");
-            }
-        });
+        tokio::spawn(crate::listener::serve(
+            l,
+            app,
+            None,
+            crate::listener::Limits::for_open_files(64),
+        ));
     }
-    match api_tls {
-        Some(tls) => {
-            tls.watch();
-            tokio::spawn(crate::tls::serve(listener, app, tls));
-        }
-        None => {
-            tokio::spawn(async move {
-                let app = app.into_make_service_with_connect_info::<SocketAddr>();
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!(error = %e, "HTTP API stopped");
-                }
-            });
-        }
+    if let Some(tls) = &api_tls {
+        tls.watch();
     }
+    tokio::spawn(crate::listener::serve(
+        listener,
+        app,
+        api_tls,
+        crate::listener::Limits::from_process(),
+    ));
 
     let me = Candidate {
         name: cfg.name.clone(),

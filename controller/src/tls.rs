@@ -7,13 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use axum::Router;
 use rustls::ServerConfig;
 
 /// How often the certificate files are checked for a change.
 pub const WATCH_EVERY: Duration = Duration::from_secs(2);
 /// How long a client has to finish its handshake.
-const HANDSHAKE: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// Where the API's TLS material is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,46 +153,4 @@ fn stamps(t: &ApiTls) -> Vec<Option<SystemTime>> {
         .flatten()
         .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
         .collect()
-}
-
-/// Serves `app` over TLS on `listener` until the process ends. Each connection is handshaken
-/// with the config current at that moment, and carries its peer address (for the API's
-/// per-address limit on failed authentications).
-pub async fn serve(listener: tokio::net::TcpListener, app: Router, tls: Arc<Reloading>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "API accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-        let app = app.clone();
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let svc = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut()
-                        .insert(axum::extract::ConnectInfo(peer));
-                    tower::ServiceExt::oneshot(app.clone(), req)
-                },
-            );
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "API connection ended");
-            }
-        });
-    }
 }

@@ -23,6 +23,8 @@ pub struct Controller {
     pub token: Option<String>,
     /// Extra environment (a [`FakeClock`](crate::FakeClock)'s).
     pub env: Vec<(String, String)>,
+    /// A command the controller runs under (`prlimit --nofile=160:160 --`).
+    pub under: Vec<String>,
 }
 
 impl Controller {
@@ -105,6 +107,7 @@ impl Controller {
             proc: None,
             token: None,
             env: Vec::new(),
+            under: Vec::new(),
         }
     }
 
@@ -117,7 +120,14 @@ impl Controller {
     }
 
     fn spawn(&mut self) {
-        let mut cmd = Command::new(bin("outpost-controller"));
+        let mut cmd = match self.under.split_first() {
+            None => Command::new(bin("outpost-controller")),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("outpost-controller"));
+                c
+            }
+        };
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(&self.data_dir)

@@ -126,6 +126,9 @@ enum Attempt {
     /// Retry, but the attempt counts against the budget whatever it added: it was cut for
     /// being slower than the minimum rate.
     Slow(String),
+    /// The server is busy (503 with Retry-After): wait that long and try again, without
+    /// counting against the budget (the overall deadline still holds).
+    Busy(Duration),
     /// The partial file is bad or stale: start from zero.
     Restart(String),
     /// Stop.
@@ -359,6 +362,10 @@ pub async fn fetch(
                 let _ = std::fs::remove_file(cache.partial_source(&d));
                 return Ok(());
             }
+            Err(Attempt::Busy(wait)) => {
+                tracing::debug!(blob = %d.short(), retry_in_ms = wait.as_millis() as u64, "the server is busy; waiting");
+                tokio::time::sleep(wait).await;
+            }
             Err(Attempt::Fatal(e @ FetchError::NoSpace { .. })) => return Err(e),
             Err(Attempt::Fatal(e)) => return given_up(e),
             Err(Attempt::Restart(why)) => {
@@ -476,6 +483,18 @@ async fn attempt(
             return Err(Attempt::Restart(
                 "the server cannot resume this file".into(),
             ));
+        }
+        503 if resp.headers().contains_key(hyper::header::RETRY_AFTER) => {
+            let secs = resp
+                .headers()
+                .get(hyper::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(2)
+                .clamp(1, 60);
+            // Jittered, so that many nodes told to wait do not all come back at once.
+            let jitter = fastrand::u64(0..=secs * 500);
+            return Err(Attempt::Busy(Duration::from_millis(secs * 1000 + jitter)));
         }
         // A 404 may be a mirror catching up: retried like any failure, within the budget.
         401 | 403 | 410 => {
