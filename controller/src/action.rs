@@ -16,6 +16,9 @@ use crate::views::{CreateBody, CreateError, EventView, ImageView, InstanceView, 
 /// What an API caller asks of the fleet. Names and ids are as the caller typed them.
 #[derive(Debug)]
 pub enum Action {
+    /// Blobs a refused create stored (its cloud-init parts): removed unless something else
+    /// refers to them.
+    ForgetBlobs(Vec<outpost_protocol::Digest>),
     /// All nodes.
     ListNodes,
     /// One node.
@@ -207,6 +210,9 @@ pub enum Reply {
         /// Nodes that hold it already.
         cached: Vec<String>,
     },
+    /// Done, nothing to say.
+    #[serde(skip)]
+    Done,
 }
 
 /// Why an action was refused.
@@ -363,6 +369,10 @@ pub fn execute(
             fleet.instance(&key).ok_or(FleetError::NoInstance(key))?,
             fleet,
         ))),
+        Action::ForgetBlobs(digests) => {
+            fleet.forget_blobs(&digests);
+            Reply::Done
+        }
         Action::CreateInstance(body) => {
             let req = (*body).into_request(new_id, &|name| fleet.resolve_image(name))?;
             let id = fleet.create(now, req)?;

@@ -598,8 +598,12 @@ async fn add_url(api: &Api, b: UrlImage) -> Result<Json<Reply>, HttpError> {
 }
 
 /// Checks an instance's cloud-init parts and stores them as blobs (nodes fetch them like
-/// images), setting `b.seed`.
-async fn store_seed(api: &Api, b: &mut CreateBody) -> Result<(), HttpError> {
+/// images), setting `b.seed`; they are held (see [`BlobStore::hold`]) until the create is
+/// answered.
+async fn store_seed(
+    api: &Api,
+    b: &mut CreateBody,
+) -> Result<Option<crate::blobs::BlobHold>, HttpError> {
     use crate::views::{MAX_USER_DATA, check_ssh_key};
     for (what, text) in [
         ("user-data", &b.user_data),
@@ -622,10 +626,17 @@ async fn store_seed(api: &Api, b: &mut CreateBody) -> Result<(), HttpError> {
         && b.ssh_keys.is_empty()
         && b.hostname.is_none()
     {
-        return Ok(());
+        return Ok(None);
     }
     let keys = (!b.ssh_keys.is_empty()).then(|| b.ssh_keys.join("\n") + "\n");
     let parts = [b.user_data.clone(), b.network_config.clone(), keys];
+    // Held before they are written: no sweep or removal takes them while this create runs.
+    let digests: Vec<Digest> = parts
+        .iter()
+        .flatten()
+        .map(|t| Digest(<sha2::Sha256 as sha2::Digest>::digest(t.as_bytes()).into()))
+        .collect();
+    let hold = api.blobs.hold(&digests);
     let blobs = api.blobs.clone();
     let stored = tokio::task::spawn_blocking(move || -> Result<Vec<Option<BlobRef>>, BlobError> {
         parts
@@ -655,7 +666,7 @@ async fn store_seed(api: &Api, b: &mut CreateBody) -> Result<(), HttpError> {
         ssh_keys: stored[2],
         hostname: None,
     });
-    Ok(())
+    Ok(Some(hold))
 }
 
 /// `GET /v1/events?since=SEQ&node=NODE&instance=NAME-OR-ID&follow=true&live=true`.
@@ -1279,8 +1290,15 @@ pub fn router(
                 .post(|State(a): State<Api>, body: Result<Json<CreateBody>, axum::extract::rejection::JsonRejection>| async move {
                     match body {
                         Ok(Json(mut b)) => {
-                            store_seed(&a, &mut b).await?;
-                            call(&a, Action::CreateInstance(Box::new(b))).await.map(|v| (StatusCode::CREATED, v))
+                            let hold = store_seed(&a, &mut b).await?;
+                            let parts: Vec<Digest> = b.seed.iter().flat_map(|s| s.blobs().map(|p| p.digest)).collect();
+                            let r = call(&a, Action::CreateInstance(Box::new(b))).await;
+                            drop(hold);
+                            if r.is_err() && !parts.is_empty() {
+                                // Refused: its parts go, unless something else refers to them.
+                                let _ = ask(&a, Action::ForgetBlobs(parts)).await;
+                            }
+                            r.map(|v| (StatusCode::CREATED, v))
                         }
                         Err(e) => Err(HttpError::new(StatusCode::BAD_REQUEST, e.body_text())),
                     }

@@ -31,14 +31,94 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BlobError {
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     dir: PathBuf,
+    /// Blobs a request is writing or about to refer to (how many requests): never removed
+    /// under a request that needs them.
+    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Digest, usize>>>,
 }
+
+/// Blobs held for a request (see [`BlobStore::hold`]); let go when dropped.
+#[derive(Debug)]
+pub struct BlobHold {
+    store: BlobStore,
+    digests: Vec<Digest>,
+}
+
+impl Drop for BlobHold {
+    fn drop(&mut self) {
+        let mut held = self.store.held.lock().unwrap_or_else(|e| e.into_inner());
+        for d in &self.digests {
+            if let Some(n) = held.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(d);
+                }
+            }
+        }
+    }
+}
+
+/// How old an unreferenced blob must be before the sweep removes it (an upload or a create
+/// may be about to refer to it).
+pub const SWEEP_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl BlobStore {
     /// The store under `data_dir` (directories made 0700 when first written).
     pub fn new(data_dir: &Path) -> Self {
         Self {
             dir: data_dir.join("blobs"),
+            held: std::sync::Arc::default(),
         }
+    }
+
+    /// Holds `digests` for a request that writes them and then asks the fleet to refer to
+    /// them: no removal takes them away before the hold is dropped.
+    pub fn hold(&self, digests: &[Digest]) -> BlobHold {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        for d in digests {
+            *held.entry(*d).or_insert(0) += 1;
+        }
+        BlobHold {
+            store: self.clone(),
+            digests: digests.to_vec(),
+        }
+    }
+
+    /// Every blob stored, with when it was last written.
+    pub fn list(&self) -> Vec<(Digest, std::time::SystemTime)> {
+        let Ok(dir) = std::fs::read_dir(self.dir.join("sha256")) else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| {
+                let d = Digest::parse(e.file_name().to_str()?)?;
+                let at = e.metadata().ok()?.modified().ok()?;
+                Some((d, at))
+            })
+            .collect()
+    }
+
+    /// Removes the blobs not in `referenced`, not held, and older than [`SWEEP_GRACE`]
+    /// (what refused creates or lost uploads left); how many.
+    pub fn sweep(&self, referenced: &std::collections::HashSet<Digest>) -> usize {
+        let now = std::time::SystemTime::now();
+        let old =
+            |at: std::time::SystemTime| now.duration_since(at).is_ok_and(|a| a >= SWEEP_GRACE);
+        let mut removed = 0;
+        for (d, at) in self.list() {
+            if old(at) && !referenced.contains(&d) && self.remove(&d).is_ok() && !self.has(&d) {
+                removed += 1;
+            }
+        }
+        // Uploads a crash cut short.
+        if let Ok(dir) = std::fs::read_dir(self.dir.join("tmp")) {
+            for e in dir.flatten() {
+                let stale = e.metadata().and_then(|m| m.modified()).is_ok_and(old);
+                if stale && std::fs::remove_file(e.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
     }
 
     /// Where a blob's bytes are.
@@ -80,8 +160,17 @@ impl BlobStore {
         })
     }
 
-    /// Removes a blob (one no image refers to any more).
+    /// Removes a blob (one nothing refers to any more), unless a request holds it (it is
+    /// about to be referred to: its request removes it if that fails).
     pub fn remove(&self, d: &Digest) -> Result<(), BlobError> {
+        if self
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(d)
+        {
+            return Ok(());
+        }
         match std::fs::remove_file(self.path(d)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(io(format!("removing blob {d}"))(e))
@@ -250,5 +339,49 @@ mod transfer_tests {
             t.take("c").is_some(),
             "a finished download gives its place back"
         );
+    }
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn put(store: &BlobStore, text: &[u8], age: std::time::Duration) -> Digest {
+        let mut w = store.writer().unwrap();
+        w.write(text).unwrap();
+        let (d, _) = w.finish().unwrap();
+        let f = std::fs::File::options()
+            .write(true)
+            .open(store.path(&d))
+            .unwrap();
+        f.set_modified(std::time::SystemTime::now() - age).unwrap();
+        d
+    }
+
+    #[test]
+    fn the_sweep_takes_old_unreferenced_unheld_blobs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path());
+        let old = SWEEP_GRACE * 2;
+        let kept = put(&store, b"referenced", old);
+        let gone = put(&store, b"nothing refers to it", old);
+        let young = put(
+            &store,
+            b"an upload about to be named",
+            std::time::Duration::ZERO,
+        );
+        let held = put(&store, b"a create under way", old);
+        let hold = store.hold(&[held]);
+        let referenced = std::collections::HashSet::from([kept]);
+        assert_eq!(store.sweep(&referenced), 1);
+        assert!(store.has(&kept) && store.has(&young) && store.has(&held));
+        assert!(!store.has(&gone));
+        // A held blob is not removed, even when asked; once let go, it may be.
+        store.remove(&held).unwrap();
+        assert!(store.has(&held));
+        drop(hold);
+        store.remove(&held).unwrap();
+        assert!(!store.has(&held));
     }
 }

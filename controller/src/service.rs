@@ -175,6 +175,9 @@ fn random_fleet() -> Result<FleetId, ServeError> {
     Ok(FleetId(u64::from_le_bytes(b).max(1)))
 }
 
+/// How often the stored blobs nothing refers to are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
+
 /// How often the registry's enrolled capacities are read again.
 pub const ENROLLED_EVERY: Duration = Duration::from_secs(10);
 
@@ -800,6 +803,8 @@ impl Shell {
         // see (see `OBSERVE_GAP`).
         let mut ticked = Instant::now();
         let mut enrolled_at: Option<Instant> = None;
+        // The blob sweep: at once, then every SWEEP_EVERY.
+        let mut swept_at: Option<Instant> = None;
         let mut malformed: u64 = 0;
         // Calls executed since the last commit was sent, and how many inputs that was.
         let mut replies: Vec<Answer> = Vec::new();
@@ -981,6 +986,10 @@ impl Shell {
                         for (node, n) in dropped {
                             fleet.on_flood(&node, n);
                         }
+                        if swept_at.is_none_or(|t| t.elapsed() >= SWEEP_EVERY) {
+                            swept_at = Some(Instant::now());
+                            self.sweep_blobs(&fleet);
+                        }
                         if let Some(reg) = &self.cfg.registry
                             && enrolled_at.is_none_or(|t| t.elapsed() >= ENROLLED_EVERY)
                         {
@@ -1076,6 +1085,19 @@ fn refuse(replies: impl IntoIterator<Item = Answer>, cause: &str) {
 }
 
 impl Shell {
+    /// Removes, in the background, the stored blobs nothing refers to (see
+    /// [`BlobStore::sweep`](crate::blobs::BlobStore::sweep)).
+    fn sweep_blobs(&self, fleet: &Fleet) {
+        let referenced = fleet.referenced_blobs();
+        let store = self.blob_store.clone();
+        tokio::task::spawn_blocking(move || {
+            let n = store.sweep(&referenced);
+            if n > 0 {
+                tracing::info!(removed = n, "removed stored blobs nothing refers to");
+            }
+        });
+    }
+
     /// The store hangs or its thread is gone: what was sent may or may not be stored. A
     /// leader steps down (the next one loads what is stored); a sole controller opens the
     /// store again and reloads.

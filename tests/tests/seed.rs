@@ -151,3 +151,54 @@ fn the_guest_reads_its_seed() {
         (!stored.exists()).then_some(())
     });
 }
+
+/// Refused creates leave none of their cloud-init parts behind (issue 29, item 11), an
+/// accepted one keeps them while its instance lives, and its delete takes them away.
+#[test]
+fn refused_creates_leave_no_seed_parts_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    let mut a = Agent::fake(dir.path(), "seed-gc", ctl.mqtt_port, 2048, "z");
+    a.start();
+    ctl.wait_nodes_up(1);
+    let blobs = ctl.data_dir.join("blobs/sha256");
+    let count = || std::fs::read_dir(&blobs).map_or(0, |d| d.count());
+    for k in 0..20 {
+        let ud = dir.path().join(format!("ud-{k}"));
+        std::fs::write(&ud, format!("#cloud-config\n# {k}\n{}", "x".repeat(60_000))).unwrap();
+        let e = ctl
+            .create(
+                &format!("gc-{k}"),
+                &["--memory", "999999", "--user-data", ud.to_str().unwrap()],
+            )
+            .unwrap_err();
+        assert!(e.contains("no host fits"), "{e}");
+    }
+    assert_eq!(
+        count(),
+        0,
+        "a refused create's parts were left in the blob store"
+    );
+    let ud = dir.path().join("ud-ok");
+    std::fs::write(&ud, "#cloud-config\nhostname: kept\n").unwrap();
+    ctl.create(
+        "gc-ok",
+        &["--memory", "128", "--user-data", ud.to_str().unwrap()],
+    )
+    .unwrap();
+    assert_eq!(count(), 1, "an accepted create keeps its part");
+    // The same part refused for another instance is still the first one's.
+    ctl.create(
+        "gc-no",
+        &["--memory", "999999", "--user-data", ud.to_str().unwrap()],
+    )
+    .unwrap_err();
+    assert_eq!(count(), 1, "a part another instance refers to stays");
+    ctl.cli(&["instances", "delete", "gc-ok"]).unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "the deleted instance's part to go",
+        || (count() == 0).then_some(()),
+    );
+}

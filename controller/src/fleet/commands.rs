@@ -273,6 +273,33 @@ impl Fleet {
         Ok(id)
     }
 
+    /// Whether an instance or the image catalogue refers to blob `d`.
+    pub fn blob_referenced(&self, d: &outpost_protocol::Digest) -> bool {
+        self.instances
+            .values()
+            .any(|x| x.spec.blobs().any(|y| y.digest == *d))
+            || self.images.values().any(|r| r.blob.digest == *d)
+    }
+
+    /// Every blob an instance or the catalogue refers to (what the blob store keeps).
+    pub fn referenced_blobs(&self) -> std::collections::HashSet<outpost_protocol::Digest> {
+        self.instances
+            .values()
+            .flat_map(|x| x.spec.blobs().map(|b| b.digest))
+            .chain(self.images.values().map(|r| r.blob.digest))
+            .collect()
+    }
+
+    /// Of `digests` (a refused create's cloud-init parts, a forgotten instance's), those
+    /// nothing refers to are removed by the shell once the batch is stored.
+    pub fn forget_blobs(&mut self, digests: &[outpost_protocol::Digest]) {
+        for d in digests {
+            if !self.blob_referenced(d) && !self.journal.dropped_blobs.contains(d) {
+                self.journal.dropped_blobs.push(*d);
+            }
+        }
+    }
+
     pub(super) fn forget(&mut self, id: InstanceId) {
         if let Some(i) = self.instances.remove(&id) {
             self.move_instance(id, i.spec.resources(), i.node.as_ref(), None);
@@ -281,16 +308,14 @@ impl Fleet {
                 unindex(&mut self.by_group, g, id);
             }
             // Its cloud-init parts, once nothing else refers to them: the shell deletes them.
-            for b in i.spec.seed.iter().flat_map(outpost_protocol::Seed::blobs) {
-                let used = self
-                    .instances
-                    .values()
-                    .any(|x| x.spec.blobs().any(|y| y.digest == b.digest))
-                    || self.images.values().any(|r| r.blob.digest == b.digest);
-                if !used && !self.journal.dropped_blobs.contains(&b.digest) {
-                    self.journal.dropped_blobs.push(b.digest);
-                }
-            }
+            let parts: Vec<_> = i
+                .spec
+                .seed
+                .iter()
+                .flat_map(outpost_protocol::Seed::blobs)
+                .map(|b| b.digest)
+                .collect();
+            self.forget_blobs(&parts);
         }
         self.journal.instances.remove(&id);
         self.journal.removed.insert(id);
