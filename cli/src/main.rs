@@ -1480,16 +1480,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .timeout_global(Some(std::time::Duration::from_secs(30)))
         // A controller that accepts but does not answer (a frozen one, say a standby's stale
         // idea of the leader) is given up on sooner, and the next --api URL tried: within
-        // 2 s when there is another to try.
-        .timeout_connect(Some(std::time::Duration::from_secs(if several {
-            2
+        // 1.5 s when there is another to try.
+        .timeout_connect(Some(std::time::Duration::from_millis(if several {
+            1500
         } else {
-            5
+            5000
         })))
-        .timeout_recv_response(Some(std::time::Duration::from_secs(if several {
-            2
+        .timeout_recv_response(Some(std::time::Duration::from_millis(if several {
+            1500
         } else {
-            12
+            12_000
         })))
         .tls_config(tls.clone())
         .build()

@@ -170,16 +170,26 @@ async fn ask(api: &Api, action: Action) -> Result<Reply, HttpError> {
         .send((action, actor, tx, t0))
         .await
         .map_err(|_| ActionError::ShuttingDown)?;
-    let r = match tokio::time::timeout(CALL_WAIT, rx).await {
-        Ok(r) => r.map_err(|_| ActionError::ShuttingDown)?,
-        Err(_) => {
-            return Err(HttpError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "no answer from the controller in {} s (its store is slow): this request may still take effect; check before retrying",
-                    CALL_WAIT.as_secs()
-                ),
-            ));
+    // Waits for the answer, but not behind a loop stuck on its store: a call not taken yet
+    // is then left (the loop skips calls nobody waits for), and said so at once.
+    let mut rx = rx;
+    let r = loop {
+        tokio::select! {
+            r = &mut rx => break r.map_err(|_| ActionError::ShuttingDown)?,
+            () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {
+                if let Some(w) = api.metrics.store_waiting_for().filter(|w| *w >= STORE_STALL) {
+                    return Err(HttpError::busy(w));
+                }
+                if t0.elapsed() >= CALL_WAIT {
+                    return Err(HttpError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "no answer from the controller in {} s (its store is slow): this request may still take effect; check before retrying",
+                            CALL_WAIT.as_secs()
+                        ),
+                    ));
+                }
+            }
         }
     };
     Metrics::observe(

@@ -227,13 +227,17 @@ impl Clock {
 /// stuck on its store): the time between is not counted against any node.
 const OBSERVE_GAP: Duration = Duration::from_secs(3);
 
-/// A leader whose broker link has been down this long refuses changes (they could not reach
-/// their nodes) and says so to the store, so that a standby that has the broker takes over.
+/// A leader whose broker link has been down this long refuses changes: they could not reach
+/// their nodes (a blip of a reconnect is ridden out).
+const BROKER_REFUSE: Duration = Duration::from_secs(1);
+
+/// A leader whose broker link has been down this long says so to the store, so that a
+/// standby that has the broker takes over.
 pub const BROKER_GRACE: Duration = Duration::from_secs(3);
 
 /// How long before the lease's end (already short of the store's by [`LEASE_MARGIN`]) a
 /// leader stops publishing: what it queues is on the wire before any standby may lead.
-const PUBLISH_MARGIN: Duration = Duration::from_secs(1);
+const PUBLISH_MARGIN: Duration = Duration::from_millis(500);
 
 /// Folds one MQTT message into the fleet; returns false if it did not decode.
 ///
@@ -338,7 +342,7 @@ const SUBSCRIBED: [Channel; 7] = [
 /// How long the lease is counted on after the renewal that was sent at some instant: the
 /// store's clock starts the lease's [`LEASE_TTL`] after that instant, and this margin covers
 /// the two clocks' drift, so the leader stops before any standby may start.
-const LEASE_MARGIN: Duration = Duration::from_secs(2);
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
 /// How often a standby asks whether it may lead.
 const STANDBY_POLL: Duration = Duration::from_millis(500);
@@ -349,20 +353,32 @@ const STORE_WAIT: Duration = Duration::from_secs(60);
 
 use crate::store::{Candidate, LEASE_TTL, Lead, RENEW_EVERY, StoreChoice, StoreWorker};
 
-/// Opens the configured store on its own thread.
-async fn open_store(cfg: &ServeConfig) -> Result<StoreWorker, ServeError> {
+/// How the configured store is opened (on its own thread).
+fn store_opener(
+    cfg: &ServeConfig,
+) -> Result<impl FnOnce() -> Result<Box<dyn Store>, StoreError> + Send + 'static, ServeError> {
     let fleet = random_fleet()?;
     let choice = cfg.store.clone();
     let dir = cfg.data_dir.clone();
     let name = cfg.name.clone();
-    Ok(StoreWorker::spawn("store", move || match choice {
+    Ok(move || match choice {
         StoreChoice::Sqlite => {
             Ok::<_, StoreError>(Box::new(SqliteStore::open(&dir, fleet)?) as Box<dyn Store>)
         }
-        StoreChoice::Postgres(pg) => Ok(Box::new(PgStore::open(pg, &name, fleet)?)),
+        StoreChoice::Postgres(pg) => {
+            Ok(Box::new(PgStore::open(pg, &name, fleet)?) as Box<dyn Store>)
+        }
     })
-    .await?)
 }
+
+/// Opens the configured store on its own thread.
+async fn open_store(cfg: &ServeConfig) -> Result<StoreWorker, ServeError> {
+    Ok(StoreWorker::spawn("store", store_opener(cfg)?).await?)
+}
+
+/// How often at most a store that hangs is given up on and opened again (each attempt may
+/// leave a thread waiting on a dead link).
+const REPLACE_EVERY: Duration = Duration::from_secs(5);
 
 /// How a leader's or a standby's turn ended.
 enum Ended {
@@ -390,6 +406,8 @@ struct Shell {
     blob_store: crate::blobs::BlobStore,
     metrics: std::sync::Arc<Metrics>,
     clock: Clock,
+    /// When the store was last given up on and opened again.
+    replaced: Option<Instant>,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -595,6 +613,7 @@ pub async fn serve(
         consoles,
         metrics,
         clock: Clock::start(),
+        replaced: None,
     };
     tokio::pin!(shutdown);
     loop {
@@ -742,9 +761,18 @@ impl Shell {
     }
 
     /// Gives up on a store thread that hangs (a database behind a dead link) and opens the
-    /// store again on a new one.
+    /// store again on a new one, without waiting for it to open (a link that hangs would
+    /// hang the loop): calls queue behind the open. At most every [`REPLACE_EVERY`].
     async fn replace_store(&mut self) {
-        match open_store(&self.cfg).await {
+        if self.replaced.is_some_and(|t| t.elapsed() < REPLACE_EVERY) {
+            return;
+        }
+        self.replaced = Some(Instant::now());
+        let opened = store_opener(&self.cfg).and_then(|open| {
+            StoreWorker::spawn_lazy("store", "cannot open the store yet; will retry", open)
+                .map_err(|e| ServeError::Store(e.into()))
+        });
+        match opened {
             Ok(s) => self.store = s,
             Err(e) => tracing::warn!(error = %e, "cannot open the store yet; will retry"),
         }
@@ -781,6 +809,22 @@ impl Shell {
             fleet = %snap.fleet, epoch, nodes = snap.nodes.len(), instances = snap.instances.len(),
             load_ms = t0.elapsed().as_millis() as u64, "store opened; leading"
         );
+        // A long load may outlast the lease taken before it: renewed (or found lost) before
+        // anything is published.
+        let mut renewed_at = t0;
+        if let Some(until) = lease_until
+            && Instant::now() + PUBLISH_MARGIN >= until
+            && self
+                .renew(
+                    epoch,
+                    Instant::now() + LEASE_TTL,
+                    &mut renewed_at,
+                    &mut lease_until,
+                )
+                .await
+        {
+            return Ended::SteppedDown;
+        }
         if snap.nodes.is_empty() && snap.instances.is_empty() {
             tracing::warn!(fleet = %snap.fleet, "the store is empty: a new fleet. Agents bound to another fleet keep their instances and wait for `outpost nodes adopt NODE`");
         }
@@ -797,7 +841,6 @@ impl Shell {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         subscribe(&self.client).await;
         let metrics = std::sync::Arc::clone(&self.metrics);
-        let mut renewed_at = t0;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         // The last tick, on the monotonic clock: a longer gap is time the controller did not
         // see (see `OBSERVE_GAP`).
@@ -823,9 +866,12 @@ impl Shell {
         let ended = loop {
             if inflight.is_none() && executed > 0 {
                 if store_down.is_some() {
+                    let wait = lease_until
+                        .map_or(STORE_WAIT, |u| u.saturating_duration_since(Instant::now()));
+                    self.metrics.store_waiting(true);
                     let r =
-                        tokio::time::timeout(STORE_WAIT, self.store.run(|s| s.check_writable()))
-                            .await;
+                        tokio::time::timeout(wait, self.store.run(|s| s.check_writable())).await;
+                    self.metrics.store_waiting(false);
                     if let Ok(Ok(Ok(()))) = r {
                         tracing::warn!("the store can be written again: changes are accepted");
                         store_down = None;
@@ -837,6 +883,7 @@ impl Shell {
                     let r = s.apply(&changes);
                     (changes, r)
                 });
+                self.metrics.store_waiting(true);
                 let batch = std::mem::take(&mut replies);
                 let inputs = std::mem::take(&mut executed);
                 match submitted {
@@ -921,7 +968,7 @@ impl Shell {
             let broker_down = self
                 .metrics
                 .broker_down_for()
-                .filter(|d| *d >= BROKER_GRACE);
+                .filter(|d| *d >= BROKER_REFUSE);
             let inputs = batch(first, &mut self.calls, &mut self.msgs);
             executed += inputs.len();
             for input in inputs {
@@ -945,6 +992,10 @@ impl Shell {
                                 tracing::warn!(topic = %m.topic, len = m.payload.len(), malformed, "dropped a message that does not decode");
                             }
                         }
+                    }
+                    Input::Call((_, _, reply, _)) if reply.is_closed() => {
+                        // Its caller gave up waiting (the loop was stuck): not done, as it
+                        // was told.
                     }
                     Input::Call((action, actor, reply, arrived)) => {
                         let mutates = action.mutates();
@@ -1126,6 +1177,7 @@ impl Shell {
         lease_until: Option<Instant>,
     ) -> Option<Ended> {
         let metrics = std::sync::Arc::clone(&self.metrics);
+        metrics.store_waiting(false);
         let Ok(Ok((changes, applied))) = landed else {
             let all = f.replies.into_iter().chain(pending.drain(..)).collect();
             return Some(self.store_gone(epoch, all).await);

@@ -183,13 +183,17 @@ impl PgTokens {
     }
 }
 
-/// Runs `f` on the token table's connection, waiting at most 10 s for the answer.
+/// Runs `f` on the token table's connection, waiting at most [`PG_WAIT`] for the answer
+/// (a request waits on it: a database behind a hung link must not hold the API).
 fn on_pg<T: Send + 'static>(
     pg: &crate::store::Worker<PgTokens>,
     f: impl FnOnce(&mut postgres::Client) -> Result<T, TokenError> + Send + 'static,
 ) -> Result<T, TokenError> {
-    pg.run_blocking(Duration::from_secs(10), move |t| f(t.client()))?
+    pg.run_blocking(PG_WAIT, move |t| f(t.client()))?
 }
+
+/// The longest a request waits for the token table.
+const PG_WAIT: Duration = Duration::from_secs(1);
 
 fn pg_record(r: &postgres::Row) -> Result<TokenRecord, TokenError> {
     let role: String = r.try_get(1)?;
@@ -497,7 +501,10 @@ impl Tokens {
             }
             *looked = Some(Instant::now());
         }
-        let mut db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        // One request looks at a time; the others go on (open) meanwhile.
+        let Ok(mut db) = self.db.try_lock() else {
+            return false;
+        };
         if db.is_none()
             && (!matches!(p.store, crate::store::StoreChoice::Sqlite)
                 || p.dir.join(TOKENS_FILE).exists())
@@ -538,10 +545,18 @@ impl Tokens {
                     let Some(db) = db.as_ref() else {
                         return Verdict::Unknown;
                     };
-                    let r = db.find(&h).unwrap_or_else(|e| {
-                        tracing::warn!(error = %e, "cannot read the token database");
-                        None
-                    });
+                    let r = match db.find(&h) {
+                        Ok(r) => r,
+                        // The table cannot be read now (a hung link): what was known of this
+                        // token stands, so that a valid one is not refused for it.
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the token database");
+                            match seen.get(&h) {
+                                Some((_, r)) => return verdict(r.clone()),
+                                None => None,
+                            }
+                        }
+                    };
                     if seen.len() > 10_000 {
                         seen.clear(); // bounded: guesses cannot grow it without limit
                     }
@@ -550,15 +565,20 @@ impl Tokens {
                 }
             }
         };
-        match record {
-            None => Verdict::Unknown,
-            Some(r) if r.revoked_ms.is_some() => Verdict::Revoked(r.name),
-            Some(r) if r.expires_ms.is_some_and(|e| e <= now_ms()) => Verdict::Expired(r.name),
-            Some(r) => Verdict::Valid {
-                name: r.name,
-                role: r.role,
-            },
-        }
+        verdict(record)
+    }
+}
+
+/// What a looked-up token record says.
+fn verdict(record: Option<TokenRecord>) -> Verdict {
+    match record {
+        None => Verdict::Unknown,
+        Some(r) if r.revoked_ms.is_some() => Verdict::Revoked(r.name),
+        Some(r) if r.expires_ms.is_some_and(|e| e <= now_ms()) => Verdict::Expired(r.name),
+        Some(r) => Verdict::Valid {
+            name: r.name,
+            role: r.role,
+        },
     }
 }
 

@@ -322,6 +322,8 @@ pub struct Link {
 #[derive(Default)]
 struct LinkState {
     cut: std::sync::atomic::AtomicBool,
+    /// Frozen: connections stay open and nothing crosses (a route that drops packets).
+    frozen: std::sync::atomic::AtomicBool,
     /// Bumped by every cut: forwarders of an older generation stop.
     generation: std::sync::atomic::AtomicU64,
     latency_ms: std::sync::atomic::AtomicU64,
@@ -364,6 +366,10 @@ impl Link {
                                 || st.generation.load(Ordering::SeqCst) != born
                             {
                                 break;
+                            }
+                            if st.frozen.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(20));
+                                continue;
                             }
                             match from.read(&mut buf) {
                                 Ok(0) => break,
@@ -420,6 +426,21 @@ impl Link {
         use std::sync::atomic::Ordering;
         self.state.cut.store(true, Ordering::SeqCst);
         self.state.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Freezes the link: connections stay open, nothing crosses either way, new ones are
+    /// accepted and hang (a dead route, no reset), until [`Link::thaw`].
+    pub fn freeze(&self) {
+        self.state
+            .frozen
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Lets traffic cross a frozen link again.
+    pub fn thaw(&self) {
+        self.state
+            .frozen
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Restores the link.

@@ -387,3 +387,246 @@ fn named_tokens_are_shared_by_every_controller() {
     });
     drop(f);
 }
+
+/// The retained desired state of every agent's node: its generation.
+fn retained_generations(f: &Fleet) -> BTreeMap<String, u64> {
+    f.agents
+        .iter()
+        .map(|a| {
+            let d: DesiredState = retained_as(f.mosquitto.port, &a.node, Channel::Desired);
+            (a.node.to_string(), d.generation)
+        })
+        .collect()
+}
+
+/// Item 3: a leader frozen (SIGSTOP) past its lease is replaced within the lease, and when it
+/// wakes it publishes nothing: no node's retained state goes back, nothing deleted returns.
+#[test]
+fn a_frozen_leader_is_replaced_and_wakes_without_a_word() {
+    let f = fleet(2);
+    let mut a = f.controller("a", &f.pg.url());
+    a.start();
+    let mut b = f.controller("b", &f.pg.url());
+    b.start_standby();
+    a.wait_nodes_up(2);
+    for k in 0..4 {
+        a.create(&format!("f-{k}"), &["--memory", "16"]).unwrap();
+    }
+    for k in 0..4 {
+        a.wait_phase(&format!("f-{k}"), "running", T);
+    }
+    let doomed: InstanceId = a.cli(&["instances", "show", "f-0"]).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Keep a busy right up to the freeze, so that it is likely to hold a stored batch.
+    let pid = a.proc().pid();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let a_ref = &a;
+    let frozen_at = std::thread::scope(|s| {
+        let stop = &stop;
+        s.spawn(move || {
+            for k in 0..20 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let _ = a_ref.create(&format!("busy-{k}"), &["--memory", "16"]);
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+        let st = std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let frozen_at = Instant::now();
+        wait_for(T, "b leading", || (role(&b) == "leader").then_some(()));
+        frozen_at.elapsed()
+    });
+    let failover = frozen_at;
+    eprintln!(
+        "frozen leader: the standby led after {} ms",
+        failover.as_millis()
+    );
+    assert!(failover < Duration::from_secs(8), "took {failover:?}");
+    b.cli(&["instances", "delete", "f-0"]).unwrap();
+    b.create("f-new", &["--memory", "16"]).unwrap();
+    b.wait_phase("f-new", "running", T);
+    wait_for(T, "f-0 gone", || b.phase("f-0").is_none().then_some(()));
+    let after_b = retained_generations(&f);
+
+    a.proc().signal("CONT");
+    std::thread::sleep(Duration::from_secs(4));
+    assert_ne!(role(&a), "leader", "the woken leader still says it leads");
+    let now = retained_generations(&f);
+    for (node, g) in &after_b {
+        assert!(
+            now[node] >= *g,
+            "{node}'s retained state went back from {g} to {}",
+            now[node]
+        );
+    }
+    let creates: usize = f
+        .agents
+        .iter()
+        .map(|ag| ag.ops("create", Some(&doomed.to_string())))
+        .sum();
+    assert_eq!(creates, 1, "the deleted instance was built again");
+    assert_eq!(b.phase("f-0"), None);
+    assert_eq!(b.phase("f-new").as_deref(), Some("running"));
+}
+
+/// Item 4: a leader cut from the broker refuses changes with a 503 that names the broker
+/// (not "no host fits") and hands the lease to the standby that has the broker; what the
+/// new leader acknowledges is dispatched at once.
+#[test]
+fn a_leader_cut_from_the_broker_hands_over_to_one_that_has_it() {
+    let f = fleet(2);
+    let link = Link::new(f.mosquitto.port);
+    let mut a = Controller::ha(f._dir.path(), "a", link.port, &f.pg.url(), &f.pw);
+    a.start();
+    let mut b = f.controller("b", &f.pg.url());
+    b.start_standby();
+    a.wait_nodes_up(2);
+    a.create("k-1", &["--memory", "16"]).unwrap();
+    a.wait_phase("k-1", "running", T);
+    let cut = Instant::now();
+    link.cut();
+    // While it still leads, a change through it is refused, naming the broker (one taken in
+    // the first second, before the loss counts, is stored: the next leader dispatches it).
+    let mut accepted = Vec::new();
+    let err = wait_for(T, "a refusal naming the broker", || {
+        let name = format!("k-cut-{}", accepted.len());
+        match a.create(&name, &["--memory", "16"]) {
+            Err(e) if e.contains("broker") || e.contains("standby") => Some(e),
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => {
+                accepted.push(name);
+                None
+            }
+        }
+    });
+    assert!(!err.contains("no host fits"), "{err}");
+    wait_for(T, "b leading", || (role(&b) == "leader").then_some(()));
+    let failover = cut.elapsed();
+    eprintln!(
+        "leader cut from the broker: the standby led after {} ms",
+        failover.as_millis()
+    );
+    assert!(failover < Duration::from_secs(10), "took {failover:?}");
+    wait_for(T, "a standing by", || (role(&a) != "leader").then_some(()));
+    // Through either controller, a create is acknowledged by b and runs at once.
+    let both = Controller::any_of(&[&a, &b]);
+    let t = Instant::now();
+    both.create("k-2", &["--memory", "16"]).unwrap();
+    b.wait_phase("k-2", "running", T);
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "dispatched after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(b.phase("k-1").as_deref(), Some("running"));
+    for name in &accepted {
+        b.wait_phase(name, "running", T);
+    }
+    link.restore();
+}
+
+/// Item 5: a leader whose PostgreSQL link hangs answers 503 at once and says why, the CLI
+/// with both controllers moves on within 2 s, and a leader whose sessions are killed stops
+/// saying `leader` at once.
+#[test]
+fn a_hung_store_link_answers_at_once_and_the_cli_moves_on() {
+    let f = fleet(1);
+    let link = Link::new(f.pg.port);
+    let mut a = f.controller("a", &f.pg.url_via(link.port));
+    a.start();
+    let mut b = f.controller("b", &f.pg.url());
+    b.start_standby();
+    a.wait_nodes_up(1);
+    let both = Controller::any_of(&[&a, &b]);
+    link.freeze();
+    let t = Instant::now();
+    let failover = std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            wait_for(T, "b leading", || (role(&b) == "leader").then_some(()));
+            t.elapsed()
+        });
+        // Calls to a come back (503) rather than hang, whatever a is doing with its store.
+        for _ in 0..5 {
+            let s = Instant::now();
+            let _ = a.http("GET", "/v1/nodes", "");
+            assert!(
+                s.elapsed() < Duration::from_secs(3),
+                "a call to a took {:?}",
+                s.elapsed()
+            );
+        }
+        // The CLI given both moves on from a within 2 s each time (the whole command, with its
+        // start and the second controller's answer, within 3 s).
+        for _ in 0..5 {
+            let s = Instant::now();
+            let _ = both.cli(&["nodes", "list"]);
+            assert!(
+                s.elapsed() < Duration::from_secs(3),
+                "the CLI took {:?}",
+                s.elapsed()
+            );
+        }
+        waiter.join().unwrap()
+    });
+    eprintln!(
+        "leader with a frozen PostgreSQL link: the standby led after {} ms",
+        failover.as_millis()
+    );
+    assert!(failover < Duration::from_secs(8), "took {failover:?}");
+    both.cli(&["nodes", "list"]).unwrap();
+    link.thaw();
+    wait_for(T, "a standing by", || (role(&a) == "standby").then_some(()));
+
+    // b's sessions killed: it stops saying `leader` at once (not after its lease).
+    let killed = Instant::now();
+    f.pg.sql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'outpost-controller/b'",
+    );
+    wait_for(T, "b to stop saying leader", || {
+        (role(&b) != "leader").then_some(())
+    });
+    let said = killed.elapsed();
+    eprintln!(
+        "leader whose sessions were killed: stopped saying leader after {} ms",
+        said.as_millis()
+    );
+    assert!(said < Duration::from_secs(3), "took {said:?}");
+    wait_for(T, "a leader again", || {
+        (role(&a) == "leader" || role(&b) == "leader").then_some(())
+    });
+    both.cli(&["nodes", "list"]).unwrap();
+}
+
+/// Item 7: a single controller on SQLite, asked right after it starts, says it is starting
+/// (never "standby"), and the CLI waits that out.
+#[test]
+fn a_controller_starting_up_says_so_and_the_cli_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    ctl.proc().kill();
+    ctl.start_standby(); // answers /healthz: the store may still be loading
+    let v = ctl.cli(&["nodes", "list"]);
+    assert!(v.is_ok(), "{v:?}");
+    for _ in 0..20 {
+        ctl.proc().kill();
+        ctl.start_standby();
+        let (code, body) = ctl.http("GET", "/v1/nodes", "");
+        assert!(
+            !body.contains("standby"),
+            "a sole controller said standby: {code} {body}"
+        );
+        if code == 503 {
+            assert!(body.contains("starting up"), "{body}");
+        }
+    }
+}

@@ -35,9 +35,9 @@ use crate::fleet::Changes;
 use crate::fleet::events::MAX_EVENTS;
 
 /// How long a lease lasts after its last renewal.
-pub const LEASE_TTL: Duration = Duration::from_secs(10);
+pub const LEASE_TTL: Duration = Duration::from_secs(4);
 /// How often the leader renews it.
-pub const RENEW_EVERY: Duration = Duration::from_secs(2);
+pub const RENEW_EVERY: Duration = Duration::from_secs(1);
 
 /// The schema, as numbered migrations: a database at version N gets N+1.. applied in order.
 const MIGRATIONS: &[(i64, &str)] = &[

@@ -62,6 +62,22 @@ impl<S: ?Sized + 'static> Worker<S> {
         Ok(w)
     }
 
+    /// Starts the thread and returns at once: jobs queue until `open` has run (and find the
+    /// thread gone if it failed, which is logged as `what`). For replacing a store behind a
+    /// link that may hang: the caller never waits on the open itself.
+    pub fn spawn_lazy<E: std::fmt::Display + Send + 'static>(
+        name: &str,
+        what: &'static str,
+        open: impl FnOnce() -> Result<Box<S>, E> + Send + 'static,
+    ) -> Result<Self, Gone> {
+        Self::start(name, open, move |r| {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "{what}");
+            }
+        })
+        .map_err(|_| Gone)
+    }
+
     /// Starts the thread and blocks until `open` has run.
     pub fn spawn_blocking<E: Send + 'static + From<Gone>>(
         name: &str,
