@@ -467,10 +467,14 @@ fn fake_agents(dir: &std::path::Path, tag: &str, n: usize, port: u16) -> Vec<Age
         .collect()
 }
 
-/// The same mix with two controllers on PostgreSQL (each reaching it through a link the test
-/// can cut) and mosquitto: the faults are kill -9 of the leader in a burst, a clean stop of
-/// the leader, the leader's link to PostgreSQL cut for a while, PostgreSQL restarted in a
-/// burst, and the agents' faults. The CLI is given both controllers.
+/// The same mix with two controllers on PostgreSQL and mosquitto (each reaching both through
+/// links the test can cut or freeze, each on a wall clock the test can step): the faults are
+/// kill -9 of the leader in a burst, a clean stop of the leader, the leader's link to
+/// PostgreSQL cut or frozen for a while, its link to the broker cut for a while, the leader
+/// frozen (SIGSTOP), its wall clock stepped an hour either way, an agent's clock stepped (a
+/// day behind, 1970, a day ahead), PostgreSQL restarted in a burst, and the agents' faults.
+/// The CLI is given both controllers. Besides the fleet's invariants: at most one controller
+/// says it leads after every round.
 #[test]
 fn randomized_faults_with_two_controllers_converge_without_loss_or_duplicates() {
     let (seed, rounds) = seed_and_rounds();
@@ -481,13 +485,25 @@ fn randomized_faults_with_two_controllers_converge_without_loss_or_duplicates() 
     let pw = dir.path().join("store-password");
     std::fs::write(&pw, PG_PASSWORD).unwrap();
     let links = [Link::new(pg.port), Link::new(pg.port)];
+    let broker_links = [Link::new(broker.port), Link::new(broker.port)];
+    let clocks = [
+        FakeClock::new(dir.path(), "ctl-a", "+0"),
+        FakeClock::new(dir.path(), "ctl-b", "+0"),
+    ];
     let mut ctls: Vec<Controller> = ["a", "b"]
         .iter()
-        .zip(&links)
-        .map(|(name, link)| {
-            let mut c = Controller::ha(dir.path(), name, broker.port, &pg.url_via(link.port), &pw);
+        .enumerate()
+        .map(|(i, name)| {
+            let mut c = Controller::ha(
+                dir.path(),
+                name,
+                broker_links[i].port,
+                &pg.url_via(links[i].port),
+                &pw,
+            );
             c.args
                 .extend(["--lost-after".to_owned(), "3600".to_owned()]);
+            c.env = clocks[i].env();
             c
         })
         .collect();
@@ -511,13 +527,66 @@ fn randomized_faults_with_two_controllers_converge_without_loss_or_duplicates() 
         real: BTreeMap::new(),
         real_deleted: BTreeSet::new(),
     };
-    for a in &mut w.agents {
+    let agent_clocks: Vec<FakeClock> = (0..fakes)
+        .map(|i| FakeClock::new(dir.path(), &format!("agent-{i}"), "+0"))
+        .collect();
+    for (a, c) in w.agents.iter_mut().zip(&agent_clocks) {
+        a.env = c.env();
         a.start();
     }
     w.ctl.wait_nodes_up(fakes);
+    let leaders = |ctls: &[Controller]| {
+        ctls.iter()
+            .filter(|c| {
+                let (code, body) = c.http("GET", "/v1/status", "");
+                code == 200 && body.contains("\"role\":\"leader\"")
+            })
+            .count()
+    };
     let mut next = 0;
     for round in 0..rounds {
-        let what = match rng.below(12) {
+        let what = match rng.below(18) {
+            12 => {
+                let l = leader(&ctls);
+                let step = if rng.below(2) == 0 { "+3600" } else { "-3600" };
+                clocks[l].set(step);
+                std::thread::sleep(Duration::from_millis(2000 + rng.below(6000)));
+                if rng.below(2) == 0 {
+                    clocks[l].set("+0");
+                }
+                format!("the leader's wall clock stepped {step} s")
+            }
+            13 => {
+                let i = rng.below(fakes as u64) as usize;
+                let to = ["-1d", "@1970-01-01 00:00:01", "+1d", "+0"][rng.below(4) as usize];
+                agent_clocks[i].set(to);
+                if rng.below(2) == 0 {
+                    w.agents[i].proc().kill();
+                    w.agents[i].start();
+                }
+                format!("agent {}'s wall clock set to {to}", w.agents[i].node)
+            }
+            14 => {
+                let l = leader(&ctls);
+                broker_links[l].cut();
+                std::thread::sleep(Duration::from_millis(2000 + rng.below(8000)));
+                broker_links[l].restore();
+                "the leader's link to the broker cut for a while".into()
+            }
+            15 => {
+                let l = leader(&ctls);
+                links[l].freeze();
+                std::thread::sleep(Duration::from_millis(2000 + rng.below(6000)));
+                links[l].thaw();
+                "the leader's link to PostgreSQL frozen for a while".into()
+            }
+            16 => {
+                let l = leader(&ctls);
+                ctls[l].proc().signal("STOP");
+                std::thread::sleep(Duration::from_millis(1000 + rng.below(7000)));
+                ctls[l].proc().signal("CONT");
+                "the leader frozen (SIGSTOP) for a while".into()
+            }
             0..=3 => w.create_fake(&mut rng, &mut next),
             4 => w
                 .delete_one(&mut rng)
@@ -552,6 +621,8 @@ fn randomized_faults_with_two_controllers_converge_without_loss_or_duplicates() 
         };
         eprintln!("round {round}: {what}");
         w.check(&what);
+        let n = leaders(&ctls);
+        assert!(n <= 1, "seed {seed}: after {what}: {n} controllers say they lead");
     }
     eprintln!("fault run with two controllers: seed {seed}: converged after every round");
 }
