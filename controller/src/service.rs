@@ -193,6 +193,40 @@ fn read_enrolled(
     found.into_iter().collect()
 }
 
+/// The devices' broker credentials from a mosquitto password file (`user:hash` lines), each
+/// entry hashed; `None` if it cannot be read (what was known stands).
+fn read_credentials(
+    path: &std::path::Path,
+) -> Option<std::collections::BTreeMap<NodeId, [u8; 32]>> {
+    use sha2::Digest as _;
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the broker's password file: the devices' credentials are as last read");
+            return None;
+        }
+    };
+    Some(
+        text.lines()
+            .filter_map(|l| {
+                let (user, _) = l.split_once(':')?;
+                let node = NodeId::new(user.trim()).ok()?;
+                Some((node, sha2::Sha256::digest(l.trim().as_bytes()).into()))
+            })
+            .collect(),
+    )
+}
+
+/// Where the devices' broker credentials are, if the controller knows: the gate's password
+/// file, or the registry's.
+fn credentials_file(cfg: &ServeConfig) -> Option<PathBuf> {
+    cfg.mqtt_passwd.clone().or_else(|| {
+        cfg.registry
+            .as_ref()
+            .map(|r| r.join("mosquitto").join("passwd"))
+    })
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -726,11 +760,14 @@ impl Shell {
                 .is_none_or(|d| d < BROKER_GRACE),
             ..self.me.clone()
         };
+        let me_broker = me.broker;
         self.metrics.store_waiting(true);
         let r = tokio::time::timeout_at(until.into(), self.store.run(move |s| s.lead(&me))).await;
         self.metrics.store_waiting(false);
+        // A leader that said it lost its broker may be replaced before its lease ends (a
+        // standby that has the broker takes over): it does not claim to lead meanwhile.
         self.metrics
-            .set_lease_unconfirmed(!matches!(r, Ok(Ok(Ok(Lead::Leader { .. })))));
+            .set_lease_unconfirmed(!me_broker || !matches!(r, Ok(Ok(Ok(Lead::Leader { .. })))));
         match r {
             Ok(Ok(Ok(Lead::Leader { epoch: e }))) if e == epoch => {
                 *renewed_at = sent;
@@ -836,6 +873,10 @@ impl Shell {
             self.clock.now(),
         );
         fleet.set_epoch(epoch);
+        // Before anything is published: the blob tokens include the devices' credentials.
+        if let Some(creds) = credentials_file(&self.cfg).and_then(|f| read_credentials(&f)) {
+            fleet.set_credentials(Some(creds));
+        }
         self.metrics.lead(epoch);
         self.leading
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1041,11 +1082,17 @@ impl Shell {
                             swept_at = Some(Instant::now());
                             self.sweep_blobs(&fleet);
                         }
-                        if let Some(reg) = &self.cfg.registry
-                            && enrolled_at.is_none_or(|t| t.elapsed() >= ENROLLED_EVERY)
-                        {
+                        if enrolled_at.is_none_or(|t| t.elapsed() >= ENROLLED_EVERY) {
                             enrolled_at = Some(Instant::now());
-                            fleet.set_enrolled(read_enrolled(reg));
+                            if let Some(reg) = &self.cfg.registry {
+                                fleet.set_enrolled(read_enrolled(reg));
+                            }
+                            // Revoked or provisioned-again devices: their blob tokens follow.
+                            if let Some(creds) =
+                                credentials_file(&self.cfg).and_then(|f| read_credentials(&f))
+                            {
+                                fleet.set_credentials(Some(creds));
+                            }
                         }
                         // Time the controller did not see (broker away, or the loop frozen
                         // or stuck) is not counted against any node.
@@ -1218,6 +1265,15 @@ impl Shell {
                     if let Err(e) = self.blob_store.remove(d) {
                         tracing::warn!(error = %e, "an unreferenced blob could not be removed");
                     }
+                }
+                // Without the broker nothing is queued in the client (it would go out late,
+                // perhaps after another leader's): published again once the broker is back.
+                if self.metrics.broker_down_for().is_some() {
+                    fleet.publish_again(changes.publish.into_iter().map(|(n, _)| n));
+                    for (reply, _, r, _) in f.replies {
+                        let _ = reply.send(r);
+                    }
+                    return None;
                 }
                 let sent = changes.publish.len() as u64;
                 publish(&self.client, changes.publish).await;

@@ -979,3 +979,51 @@ fn a_last_will_counts_only_for_the_current_connection() {
     f.on_status(40, &n, status(Presence::Offline, 500));
     assert!(!f.node(&n).unwrap().online);
 }
+
+/// A node's blob token follows its broker credentials: provisioned again, the old token is
+/// refused and its next desired state carries the new one; revoked, it fetches nothing.
+#[test]
+fn blob_tokens_rotate_with_credentials_and_end_with_revocation() {
+    let cfg = FleetConfig {
+        image_url: Some(BaseUrl::new("http://127.0.0.1:8080").unwrap()),
+        ..FleetConfig::default()
+    };
+    let mut f = Fleet::new(Scheduler::default(), cfg, Snapshot::default(), 0);
+    online(&mut f, "a", 4096);
+    let a = node("a");
+    let blob = BlobRef {
+        digest: Digest([9; 32]),
+        size: 10,
+    };
+    f.add_image(outpost_controller::fleet::images::ImageRecord {
+        name: "img".into(),
+        version: "1".into(),
+        blob,
+        arch: None,
+        format: outpost_controller::fleet::images::ImageFormat::Raw,
+        url: None,
+        created_ms: 0,
+    })
+    .unwrap();
+    f.prefetch("img:1", &[], 1).unwrap();
+    f.tick(1);
+    let token = |f: &Fleet| f.desired_for(&a).fetch.unwrap().token;
+    let creds = |k: u8| Some([(a.clone(), [k; 32])].into_iter().collect());
+    f.set_credentials(creds(1));
+    let t1 = token(&f);
+    assert!(f.blob_access(&a, &t1, &blob.digest).is_ok());
+    let g = f.desired_for(&a).generation;
+    // Provisioned again: a new token, in a new generation; the old one is refused.
+    f.set_credentials(creds(2));
+    let t2 = token(&f);
+    assert_ne!(t1, t2);
+    assert!(
+        f.desired_for(&a).generation > g,
+        "the new token is published"
+    );
+    assert!(f.blob_access(&a, &t1, &blob.digest).is_err());
+    assert!(f.blob_access(&a, &t2, &blob.digest).is_ok());
+    // Revoked: nothing.
+    f.set_credentials(Some(Default::default()));
+    assert!(f.blob_access(&a, &t2, &blob.digest).is_err());
+}

@@ -480,6 +480,19 @@ fn randomized_faults_with_two_controllers_converge_without_loss_or_duplicates() 
     let (seed, rounds) = seed_and_rounds();
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
+    // OUTPOST_FAULT_KEEP=1 keeps the run's directory (logs, stores) for a post-mortem.
+    if std::env::var_os("OUTPOST_FAULT_KEEP").is_some() {
+        let kept = tempfile::Builder::new()
+            .disable_cleanup(true)
+            .tempdir()
+            .unwrap();
+        eprintln!("fault run: keeping {}", kept.path().display());
+        return randomized_two_controllers(seed, rounds, &mut rng, kept);
+    }
+    randomized_two_controllers(seed, rounds, &mut rng, dir);
+}
+
+fn randomized_two_controllers(seed: u64, rounds: usize, rng: &mut Rng, dir: tempfile::TempDir) {
     let mut pg = Postgres::start(dir.path());
     let broker = Mosquitto::start(dir.path());
     let pw = dir.path().join("store-password");
@@ -587,9 +600,9 @@ fn randomized_faults_with_two_controllers_converge_without_loss_or_duplicates() 
                 ctls[l].proc().signal("CONT");
                 "the leader frozen (SIGSTOP) for a while".into()
             }
-            0..=3 => w.create_fake(&mut rng, &mut next),
+            0..=3 => w.create_fake(rng, &mut next),
             4 => w
-                .delete_one(&mut rng)
+                .delete_one(rng)
                 .unwrap_or_else(|| "nothing to delete".into()),
             5 | 6 => {
                 w.burst(&mut next);
@@ -616,13 +629,16 @@ fn randomized_faults_with_two_controllers_converge_without_loss_or_duplicates() 
                 pg.restart();
                 "burst + restart of PostgreSQL".into()
             }
-            10 => w.kill_agent(&mut rng),
-            _ => w.freeze_agent(&mut rng),
+            10 => w.kill_agent(rng),
+            _ => w.freeze_agent(rng),
         };
         eprintln!("round {round}: {what}");
         w.check(&what);
         let n = leaders(&ctls);
-        assert!(n <= 1, "seed {seed}: after {what}: {n} controllers say they lead");
+        assert!(
+            n <= 1,
+            "seed {seed}: after {what}: {n} controllers say they lead"
+        );
     }
     eprintln!("fault run with two controllers: seed {seed}: converged after every round");
 }

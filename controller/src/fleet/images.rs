@@ -2,6 +2,8 @@
 //! may fetch what. Pure: the bytes live in the shell's blob store (or at a URL).
 
 use hmac::{KeyInit as _, Mac as _};
+use std::collections::BTreeMap;
+
 use outpost_protocol::{Arch, BlobRef, Digest, Image, ImageName, NodeId};
 
 use super::Fleet;
@@ -115,11 +117,26 @@ pub fn check_part(what: &'static str, s: &str, lower: bool) -> Result<(), FleetE
     }
 }
 
-/// The token a node shows to fetch blobs: HMAC-SHA256 of its id under the fleet's blob key.
-/// Only that node's desired state carries it.
-pub fn node_token(key: &[u8; 32], node: &NodeId) -> [u8; 32] {
+/// The token a node shows to fetch blobs: HMAC-SHA256, under the fleet's blob key, of its id,
+/// the agent install it is bound to, and (when the controller knows the broker's password
+/// file) a hash of the device's credential entry. Only that node's desired state carries it,
+/// and it changes when the device is provisioned again or another install is kept.
+pub fn node_token(
+    key: &[u8; 32],
+    node: &NodeId,
+    boot: Option<outpost_protocol::BootId>,
+    credential: Option<&[u8; 32]>,
+) -> [u8; 32] {
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
     mac.update(node.as_str().as_bytes());
+    if let Some(b) = boot {
+        mac.update(b"\0boot");
+        mac.update(&b.0.to_le_bytes());
+    }
+    if let Some(c) = credential {
+        mac.update(b"\0credential");
+        mac.update(c);
+    }
     mac.finalize().into_bytes().into()
 }
 
@@ -347,6 +364,41 @@ impl Fleet {
                 .is_some_and(|n| n.prefetch.iter().any(|b| b.digest == *digest))
     }
 
+    /// The blob token of `node` now; `None` when the controller knows the devices'
+    /// credentials and this one has none (revoked).
+    pub(super) fn blob_token(&self, node: &NodeId) -> Option<[u8; 32]> {
+        let boot = self.nodes.get(node).and_then(|n| n.boot);
+        let credential = match &self.credentials {
+            Some(c) => Some(c.get(node)?),
+            None => None,
+        };
+        Some(node_token(&self.blob_key, node, boot, credential))
+    }
+
+    /// The devices' broker credentials (a hash of each one's entry in the password file),
+    /// or `None` when the controller does not read that file. A node whose entry changed (a
+    /// device provisioned again) gets a new blob token in a new desired state; one whose
+    /// entry is gone (revoked) fetches nothing.
+    pub fn set_credentials(&mut self, creds: Option<BTreeMap<NodeId, [u8; 32]>>) {
+        if creds == self.credentials {
+            return;
+        }
+        let old = std::mem::replace(&mut self.credentials, creds);
+        // The first reading (a controller starting) is the view the last leader had.
+        let Some(old) = old else {
+            return;
+        };
+        let old = Some(old);
+        let nodes: Vec<NodeId> = self.nodes.keys().cloned().collect();
+        for n in nodes {
+            let before = old.as_ref().map(|c| c.get(&n));
+            let after = self.credentials.as_ref().map(|c| c.get(&n));
+            if before != after {
+                self.bump(&n);
+            }
+        }
+    }
+
     /// Whether `node` showing `token` may fetch `digest`, and from where: only a blob that
     /// one of its instances boots from (or that it is asked to prefetch).
     pub fn blob_access(
@@ -355,7 +407,10 @@ impl Fleet {
         token: &[u8],
         digest: &Digest,
     ) -> Result<BlobSource, FleetError> {
-        let good = node_token(&self.blob_key, node);
+        // A device whose broker entry is gone (`outpost-provision revoke`) fetches nothing.
+        let Some(good) = self.blob_token(node) else {
+            return Err(FleetError::BlobDenied);
+        };
         // Constant time: a wrong token says nothing about the right one.
         let same = crate::secret::same_secret(token, &good);
         if !same || !self.nodes.contains_key(node) {
@@ -406,9 +461,21 @@ mod tests {
     fn tokens_differ_per_node_and_key() {
         let a = NodeId::new("edge-1").unwrap();
         let b = NodeId::new("edge-2").unwrap();
-        assert_ne!(node_token(&[1; 32], &a), node_token(&[1; 32], &b));
-        assert_ne!(node_token(&[1; 32], &a), node_token(&[2; 32], &a));
-        assert_eq!(node_token(&[1; 32], &a), node_token(&[1; 32], &a));
+        let t = |k: u8, n: &NodeId| node_token(&[k; 32], n, None, None);
+        assert_ne!(t(1, &a), t(1, &b));
+        assert_ne!(t(1, &a), t(2, &a));
+        assert_eq!(t(1, &a), t(1, &a));
+        let boot = Some(outpost_protocol::BootId(7));
+        assert_ne!(
+            t(1, &a),
+            node_token(&[1; 32], &a, boot, None),
+            "another install"
+        );
+        assert_ne!(
+            node_token(&[1; 32], &a, boot, Some(&[3; 32])),
+            node_token(&[1; 32], &a, boot, Some(&[4; 32])),
+            "provisioned again"
+        );
     }
 
     #[test]

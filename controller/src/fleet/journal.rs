@@ -9,7 +9,7 @@ use outpost_protocol::{
 };
 
 use super::events::EventRecord;
-use super::images::{ImageRecord, node_token};
+use super::images::ImageRecord;
 use super::records::{InstanceRecord, NodeRecord, Phase};
 use super::{Fleet, fallback_name};
 use crate::scheduler::GroupPolicy;
@@ -131,7 +131,8 @@ impl Fleet {
             gone: self.gone_for(node).into_iter().collect(),
             fetch: self.cfg.image_url.clone().map(|url| FetchFrom {
                 url,
-                token: node_token(&self.blob_key, node),
+                // A revoked device gets no token (all zeros: refused).
+                token: self.blob_token(node).unwrap_or([0; 32]),
             }),
             prefetch: n
                 .map(|n| n.prefetch.iter().copied().take(MAX_PREFETCH).collect())
@@ -260,6 +261,12 @@ impl Fleet {
     /// [`outpost_protocol::EPOCH_SHIFT`]).
     pub fn set_epoch(&mut self, epoch: u64) {
         self.epoch = epoch;
+    }
+
+    /// Desired states that could not be published (the broker is away): published again with
+    /// the next batch.
+    pub fn publish_again(&mut self, nodes: impl IntoIterator<Item = NodeId>) {
+        self.journal.publish.extend(nodes);
     }
 
     /// A node's desired state changed: new generation, publish it.

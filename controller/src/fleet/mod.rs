@@ -65,6 +65,9 @@ pub struct Fleet {
     images: BTreeMap<(String, String), images::ImageRecord>,
     /// The key node blob tokens are derived from.
     blob_key: [u8; 32],
+    /// The devices' broker credentials, hashed (when the controller reads the password file):
+    /// part of each node's blob token.
+    credentials: Option<BTreeMap<NodeId, [u8; 32]>>,
     /// Downloads under way (or failed), per node and blob, as their agents report them.
     fetches: HashMap<(NodeId, Digest), FetchProgress>,
     /// Prefetch jobs under way (not stored: a restart ends them).
@@ -156,6 +159,7 @@ impl Fleet {
                 .map(|i| ((i.name.clone(), i.version.clone()), i))
                 .collect(),
             blob_key,
+            credentials: None,
             fetches: HashMap::new(),
             prefetches: Vec::new(),
             history: events::History::restore(events),
