@@ -838,8 +838,7 @@ impl Client {
                         .get("x-outpost-leader")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned)
-                        // Never from TLS to plain HTTP: the token would cross in clear.
-                        .filter(|l| !base.starts_with("https://") || l.starts_with("https://"));
+                        .filter(|l| may_follow(&base, l));
                     match leader {
                         Some(l) if !tried.contains(&l) => todo.push_front(l),
                         _ if !todo.is_empty() => {}
@@ -895,6 +894,12 @@ impl Client {
             }
         }
     }
+}
+
+/// Whether the CLI follows a standby's word from `base` to the leader at `leader`: never from
+/// TLS to plain HTTP (the token would cross in clear).
+fn may_follow(base: &str, leader: &str) -> bool {
+    !base.starts_with("https://") || leader.starts_with("https://")
 }
 
 /// The header that says a request is from Outpost's own client (see the controller's `origin`).
@@ -1907,4 +1912,17 @@ enum Kind {
     Instances,
     Images,
     Events,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leader_is_never_followed_from_tls_to_plain_http() {
+        assert!(may_follow("https://a:8443", "https://b:8443"));
+        assert!(!may_follow("https://a:8443", "http://b:8080"));
+        assert!(may_follow("http://127.0.0.1:8080", "http://127.0.0.1:8081"));
+        assert!(may_follow("http://127.0.0.1:8080", "https://b:8443"));
+    }
 }

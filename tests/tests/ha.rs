@@ -504,6 +504,8 @@ fn a_leader_cut_from_the_broker_hands_over_to_one_that_has_it() {
             Err(e) => panic!("refused for another reason: {e}"),
             Ok(_) => {
                 accepted.push(name);
+                // (Not faster than a few a second: the fake nodes' vCPUs are few.)
+                std::thread::sleep(Duration::from_millis(250));
                 None
             }
         }
