@@ -276,7 +276,8 @@ enum NodeCmd {
     /// them elsewhere first). Revoke its credentials too: outpost-provision revoke NODE.
     Remove {
         id: String,
-        /// Move its instances elsewhere first.
+        /// Move its instances elsewhere first (rebuilt from their images: a disk is not
+        /// carried); on a node that is down, those that cannot move are deleted with it.
         #[arg(long)]
         force: bool,
     },
@@ -362,6 +363,10 @@ enum InstanceCmd {
     /// Delete an instance.
     Delete {
         key: String,
+        /// On a node that is down: delete it at once, without waiting for the node (which is
+        /// told it is gone if it ever returns).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         w: WaitArgs,
     },
@@ -1572,7 +1577,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let q = if force { "?force=true" } else { "" };
                     let v = c.send("DELETE", &format!("/v1/nodes/{}{q}", seg(&id)), None)?;
                     if !cli.json {
-                        say!("removed {id} (moved {} instance(s))", v["moved"]);
+                        let deleted: Vec<&str> = v["deleted"]
+                            .as_array()
+                            .map(|a| a.iter().filter_map(Value::as_str).collect())
+                            .unwrap_or_default();
+                        if deleted.is_empty() {
+                            say!("removed {id} (moved {} instance(s))", v["moved"]);
+                        } else {
+                            say!(
+                                "removed {id} (moved {} instance(s); deleted with it, as they could not move: {})",
+                                v["moved"],
+                                deleted.join(", ")
+                            );
+                        }
                         return Ok(());
                     }
                     v
@@ -1760,8 +1777,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         v
                     }
                 }
-                InstanceCmd::Delete { key, w } => {
-                    let mut v = c.send("DELETE", &format!("/v1/instances/{}", seg(&key)), None)?;
+                InstanceCmd::Delete { key, force, w } => {
+                    let q = if force { "?force=true" } else { "" };
+                    let mut v =
+                        c.send("DELETE", &format!("/v1/instances/{}{q}", seg(&key)), None)?;
                     if w.wait {
                         let id = v["id"].clone();
                         v = c.wait_for(&key, Until::Gone, w)?;

@@ -51,8 +51,8 @@ pub enum Action {
     StartInstance(String),
     /// Reboot an instance (a reset when forced).
     RebootInstance(String, PowerMode),
-    /// Delete an instance.
-    DeleteInstance(String),
+    /// Delete an instance; `force`: at once if its node is down.
+    DeleteInstance(String, bool),
     /// The image catalogue.
     ListImages,
     /// One image, by `name[:version]`.
@@ -164,6 +164,8 @@ pub enum Reply {
         id: String,
         /// Instances moved elsewhere first.
         moved: usize,
+        /// Instances that could not move, deleted with the (down) node.
+        deleted: Vec<String>,
     },
     /// An instance deleted at once (it had no node).
     Deleted {
@@ -351,8 +353,8 @@ pub fn execute(
             Reply::Node(node_view(fleet, &n)?)
         }
         Action::RemoveNode(id, force) => {
-            let moved = fleet.remove_node(&node_id(&id)?, force)?;
-            Reply::RemovedNode { id, moved }
+            let (moved, deleted) = fleet.remove_node(&node_id(&id)?, force)?;
+            Reply::RemovedNode { id, moved, deleted }
         }
         Action::ListInstances => Reply::Instances(
             fleet
@@ -390,8 +392,8 @@ pub fn execute(
             let id = fleet.reboot(&key, mode)?;
             instance_reply(fleet, id)
         }
-        Action::DeleteInstance(key) => {
-            let id = fleet.delete(&key)?;
+        Action::DeleteInstance(key, force) => {
+            let id = fleet.delete(&key, force)?;
             instance_reply(fleet, id)
         }
         Action::ListImages => {

@@ -114,6 +114,7 @@ fn status(e: &ActionError) -> StatusCode {
             | FleetError::Deleting(_)
             | FleetError::NotForeign(_)
             | FleetError::NodeNotEmpty(..)
+            | FleetError::CannotMove(..)
             | FleetError::ImageExists(_)
             | FleetError::ImageInUse { .. }
             | FleetError::NotPlaced(_)
@@ -1183,7 +1184,7 @@ struct ResolveBody {
     keep: String,
 }
 
-/// `DELETE /v1/nodes/{id}?force=true`.
+/// `DELETE /v1/nodes/{id}?force=true`, `DELETE /v1/instances/{key}?force=true`.
 #[derive(Debug, Default, serde::Deserialize)]
 struct RemoveQuery {
     #[serde(default)]
@@ -1317,7 +1318,10 @@ pub fn router(
         .route(
             "/v1/instances/{key}",
             get(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::GetInstance(k)).await })
-                .delete(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::DeleteInstance(k)).await }),
+                .delete(|State(a): State<Api>, Path(k): Key, uri: axum::http::Uri| async move {
+                    let q: RemoveQuery = query(&uri)?.unwrap_or_default();
+                    call(&a, Action::DeleteInstance(k, q.force)).await
+                }),
         )
         .route("/v1/instances/{key}/stop", post(|State(a): State<Api>, Path(k): Key, body: Bytes| async move { call(&a, Action::StopInstance(k, power_mode(&body)?)).await }))
         .route("/v1/instances/{key}/start", post(|State(a): State<Api>, Path(k): Key| async move { call(&a, Action::StartInstance(k)).await }))

@@ -195,7 +195,7 @@ fn delete_waits_for_the_node_then_forgets() {
     let id = create(&mut f, 1, 512).unwrap();
     let n = f.instance("vm1").unwrap().node.clone().unwrap();
     f.take_changes();
-    f.delete("vm1").unwrap();
+    f.delete("vm1", false).unwrap();
     assert_eq!(f.instance("vm1").unwrap().phase, Phase::Deleting);
     let ch = f.take_changes();
     assert!(ch.publish[0].1.instances.is_empty());
@@ -603,7 +603,7 @@ fn incremental_claims_match_the_instances_through_every_change() {
         &ev(a, InstanceState::Error(ErrorKind::Hypervisor), "boom"),
     );
     assert_claims_consistent(&f);
-    f.delete("vm2").unwrap();
+    f.delete("vm2", false).unwrap();
     assert_claims_consistent(&f);
     let n2 = f
         .instances()
@@ -727,7 +727,7 @@ proptest::proptest! {
                         group: grouped.then(|| ("g".to_owned(), GroupPolicy::AntiAffinity)),
                     });
                 }
-                Step::Delete(i) => { let _ = f.delete(&format!("vm{i}")); }
+                Step::Delete(i) => { let _ = f.delete(&format!("vm{i}"), false); }
                 Step::Stop(i) => { let _ = f.set_power(&format!("vm{i}"), PowerState::Stopped, PowerMode::default()); }
                 Step::Reboot(i) => { let _ = f.reboot(&format!("vm{i}"), PowerMode::default()); }
                 Step::Drain(n) => { let _ = f.drain(&node(names[n])); }

@@ -258,7 +258,7 @@ fn survives_a_reopen(open: &dyn Fn() -> Box<dyn Store>) {
     let web1 = restored.instances().next().cloned().unwrap();
     let mut f = restored;
     f.take_changes();
-    f.delete("web-1").unwrap();
+    f.delete("web-1", false).unwrap();
     f.on_report(
         9,
         &n,

@@ -254,12 +254,28 @@ impl Fleet {
     }
 
     /// Deletes an instance: removed from its node's desired state; gone once the node confirms
-    /// (or at once if it never had a node).
-    pub fn delete(&mut self, key: &str) -> Result<InstanceId, FleetError> {
+    /// (or at once if it never had a node). With `force`, an instance whose node is down is
+    /// gone at once (Nova's local delete): tombstoned, so that the node, if it ever returns,
+    /// is told it is gone and deletes it. On a node that is up, `force` changes nothing: the
+    /// node confirms as usual.
+    pub fn delete(&mut self, key: &str, force: bool) -> Result<InstanceId, FleetError> {
         let i = self.get_mut(key)?;
-        let id = i.id;
-        match i.node.clone() {
+        let (id, on) = (i.id, i.node.clone());
+        let down = on
+            .as_ref()
+            .is_some_and(|n| self.nodes.get(n).is_none_or(|r| !r.online));
+        match on {
+            Some(node) if force && down => {
+                self.instance_event(
+                    id,
+                    "deleted",
+                    format!("forced while {node} is down: {node} is told it is gone if it returns"),
+                );
+                self.forget(id);
+                self.bump(&node);
+            }
             Some(node) => {
+                let i = self.get_mut(key)?;
                 i.phase = Phase::Deleting;
                 self.touch_instance(id);
                 self.bump(&node);
@@ -394,31 +410,54 @@ impl Fleet {
     }
 
     /// Removes a node an operator says is gone for good: refused while it holds instances,
-    /// unless `force`, which first moves them elsewhere (and refuses if one cannot move).
-    /// Revoke its credentials too (`outpost-provision revoke`), or it comes back as new when it
-    /// reports again. Returns how many instances moved.
-    pub fn remove_node(&mut self, node: &NodeId, force: bool) -> Result<usize, FleetError> {
-        if !self.nodes.contains_key(node) {
+    /// unless `force`, which first moves what can move elsewhere (rebuilt from its image);
+    /// what cannot move (nothing fits, a group's policy) is deleted with the node if the node
+    /// is down (tombstoned, each named in its history), and keeps the node if it is up (its
+    /// agent still runs them: stop it first). Revoke its credentials too (`outpost-provision
+    /// revoke`), or it comes back as new when it reports again. Returns how many instances
+    /// moved, and the names of those deleted with the node.
+    pub fn remove_node(
+        &mut self,
+        node: &NodeId,
+        force: bool,
+    ) -> Result<(usize, Vec<String>), FleetError> {
+        let Some(rec) = self.nodes.get(node) else {
             return Err(FleetError::NoNode(node.to_string()));
-        }
+        };
+        let (was_cordoned, was_draining, up) = (rec.cordoned, rec.draining, rec.online);
         let held: Vec<String> = self.on_node(node).map(|i| i.name.clone()).collect();
         let mut moved = 0;
+        let mut deleted = Vec::new();
         if !held.is_empty() {
             if !force {
                 return Err(FleetError::NodeNotEmpty(node.clone(), held.join(", ")));
             }
-            let (m, stuck) = self.drain(node)?;
+            let (m, _) = self.drain(node)?;
             moved = m;
-            let still: Vec<String> = self.on_node(node).map(|i| i.name.clone()).collect();
-            if !stuck.is_empty() || !still.is_empty() {
-                return Err(FleetError::NodeNotEmpty(
+            let still: Vec<(InstanceId, String)> =
+                self.on_node(node).map(|i| (i.id, i.name.clone())).collect();
+            if !still.is_empty() && up {
+                // Nothing is taken from a node that still runs it: put it back as it was.
+                if let Some(n) = self.nodes.get_mut(node) {
+                    n.cordoned = was_cordoned;
+                    n.draining = was_draining;
+                }
+                self.sync_availability(node);
+                let names: Vec<String> = still.into_iter().map(|(_, n)| n).collect();
+                return Err(FleetError::CannotMove(
                     node.clone(),
-                    if stuck.is_empty() {
-                        still.join(", ")
-                    } else {
-                        stuck.join("; ")
-                    },
+                    names.join(", "),
+                    moved,
                 ));
+            }
+            for (id, name) in still {
+                self.instance_event(
+                    id,
+                    "deleted",
+                    format!("could not move off {node}, removed while down: rebuilt nowhere; {node} is told it is gone if it returns"),
+                );
+                self.forget(id);
+                deleted.push(name);
             }
         }
         self.nodes.remove(node);
@@ -432,9 +471,17 @@ impl Fleet {
         self.journal.removed_nodes.insert(node.clone());
         self.journal.readmitted.remove(node);
         self.removed.insert(node.clone());
-        self.node_event(node, "removed", format!("{moved} instance(s) moved first"));
-        tracing::warn!(%node, moved, "node removed by an operator");
-        Ok(moved)
+        let detail = if deleted.is_empty() {
+            format!("{moved} instance(s) moved first")
+        } else {
+            format!(
+                "{moved} instance(s) moved first; deleted with it: {}",
+                deleted.join(", ")
+            )
+        };
+        self.node_event(node, "removed", detail);
+        tracing::warn!(%node, moved, deleted = deleted.len(), "node removed by an operator");
+        Ok((moved, deleted))
     }
 
     /// An operator ends a node's identity conflict by keeping agent install `keep` (one it

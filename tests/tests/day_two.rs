@@ -1,0 +1,123 @@
+//! The operator's day two (issue 30), through the CLI: a node dies for good. Its instances are
+//! deleted with `--force` or moved off with `nodes remove --force`, which deletes with the node
+//! what cannot move and names it; a forced removal of a node that is up refuses and leaves it
+//! as it was; a dead node that comes back is told what is gone and deletes it.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use outpost_tests::*;
+
+const T: Duration = Duration::from_secs(60);
+
+fn node_of(ctl: &Controller, name: &str) -> String {
+    ctl.cli(&["instances", "show", name]).unwrap()["node"]
+        .as_str()
+        .unwrap_or("-")
+        .to_owned()
+}
+
+fn id_of(ctl: &Controller, name: &str) -> String {
+    ctl.cli(&["instances", "show", name]).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn a_node_dead_for_good_is_removed_with_its_instances_accounted_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    // Never moved by time: the operator decides.
+    ctl.args
+        .extend(["--lost-after".to_owned(), "3600".to_owned()]);
+    ctl.start();
+    let mut a = Agent::fake(dir.path(), "dead-a", ctl.mqtt_port, 4096, "a");
+    let mut b = Agent::fake(dir.path(), "live-b", ctl.mqtt_port, 4096, "b");
+    a.start();
+    b.start();
+    ctl.wait_nodes_up(2);
+    ctl.cli(&["nodes", "cordon", "live-b"]).unwrap();
+    for (name, extra) in [
+        ("pinned-1", vec!["--selector", "zone=a"]),
+        ("pinned-2", vec!["--selector", "zone=a"]),
+        ("mobile", vec![]),
+    ] {
+        let mut args = vec!["--memory", "128"];
+        args.extend(extra);
+        ctl.create(name, &args).unwrap();
+        ctl.wait_phase(name, "running", T);
+        assert_eq!(node_of(&ctl, name), "dead-a");
+    }
+    ctl.cli(&["nodes", "uncordon", "live-b"]).unwrap();
+    let (p1, p2) = (id_of(&ctl, "pinned-1"), id_of(&ctl, "pinned-2"));
+
+    // A forced removal of a node that is up, with an instance that cannot move: refused,
+    // naming it, and the node is left as it was (not draining).
+    let e = ctl
+        .cli(&["nodes", "remove", "dead-a", "--force"])
+        .unwrap_err();
+    assert!(e.contains("is up and still runs"), "{e}");
+    assert!(
+        e.contains("pinned-1") && e.contains("1 other instance(s) moved"),
+        "{e}"
+    );
+    let n = ctl.cli(&["nodes", "show", "dead-a"]).unwrap();
+    assert_eq!(n["state"], "up", "a refused removal left it {n}");
+    ctl.wait_phase("mobile", "running", T);
+    assert_eq!(node_of(&ctl, "mobile"), "live-b", "what could move, moved");
+    // Another that can move, back on the node that will die.
+    ctl.cli(&["nodes", "cordon", "live-b"]).unwrap();
+    ctl.create("mobile-2", &["--memory", "128"]).unwrap();
+    ctl.wait_phase("mobile-2", "running", T);
+    assert_eq!(node_of(&ctl, "mobile-2"), "dead-a");
+    ctl.cli(&["nodes", "uncordon", "live-b"]).unwrap();
+    let mobile = id_of(&ctl, "mobile-2");
+
+    // The node dies for good.
+    a.proc().kill();
+    wait_for(T, "dead-a down", || {
+        (ctl.cli(&["nodes", "show", "dead-a"]).ok()?["state"] == "down").then_some(())
+    });
+    // A plain delete waits for the node, which will not answer; --force does not.
+    let v = ctl.cli(&["instances", "delete", "pinned-1"]).unwrap();
+    assert_eq!(v["phase"], "deleting");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ctl.phase("pinned-1").as_deref(), Some("deleting"));
+    let v = ctl
+        .cli(&["instances", "delete", "pinned-1", "--force", "--wait"])
+        .unwrap();
+    assert_eq!(v["phase"], "deleted", "{v}");
+    assert_eq!(ctl.phase("pinned-1"), None);
+    let h = ctl.cli(&["instances", "events", &p1]).unwrap().to_string();
+    assert!(h.contains("forced while dead-a is down"), "{h}");
+
+    // Removing it: refused without --force; with it, what can move moves and what cannot is
+    // deleted with the node, named.
+    let e = ctl.cli(&["nodes", "remove", "dead-a"]).unwrap_err();
+    assert!(e.contains("--force"), "{e}");
+    let text = ctl
+        .cli_text(&["nodes", "remove", "dead-a", "--force"])
+        .unwrap();
+    assert!(text.contains("moved 1 instance(s)"), "{text}");
+    assert!(
+        text.contains("deleted with it") && text.contains("pinned-2"),
+        "{text}"
+    );
+    ctl.wait_phase("mobile-2", "running", T);
+    assert_eq!(node_of(&ctl, "mobile-2"), "live-b");
+    assert_eq!(ctl.phase("pinned-2"), None);
+    let nodes = ctl.cli(&["nodes", "list"]).unwrap().to_string();
+    assert!(!nodes.contains("dead-a"), "{nodes}");
+    let h = ctl.cli(&["instances", "events", &p2]).unwrap().to_string();
+    assert!(h.contains("could not move off dead-a"), "{h}");
+
+    // The dead node comes back after all (its state file still lists them): it is told
+    // what is gone and deletes it, and nothing runs twice.
+    a.start();
+    wait_for(T, "the returned node to delete what is gone", || {
+        (a.ops("delete", Some(&p2)) >= 1 && a.ops("delete", Some(&mobile)) >= 1).then_some(())
+    });
+    assert_eq!(node_of(&ctl, "mobile-2"), "live-b");
+    assert_eq!(ctl.phase("mobile-2").as_deref(), Some("running"));
+}
