@@ -309,8 +309,8 @@ enum InstanceCmd {
         /// Only those on this node.
         #[arg(long)]
         node: Option<String>,
-        /// Only those in this phase (running, stopped, error, held...).
-        #[arg(long)]
+        /// Only those in this phase (running, stopped, error, held...; another word is refused).
+        #[arg(long, value_parser = phase_name)]
         phase: Option<String>,
         /// Only those of this server group.
         #[arg(long)]
@@ -905,6 +905,21 @@ impl Client {
 /// TLS to plain HTTP (the token would cross in clear).
 fn may_follow(base: &str, leader: &str) -> bool {
     !base.starts_with("https://") || leader.starts_with("https://")
+}
+
+/// An instance phase as `--phase` takes it: one the controller has (or `held`, a foreign
+/// node's), else the list of them.
+fn phase_name(s: &str) -> Result<String, String> {
+    let known: Vec<&str> = outpost_controller::fleet::Phase::ALL
+        .iter()
+        .map(|p| p.as_str())
+        .chain(["held"])
+        .collect();
+    if known.contains(&s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("no phase {s:?}: one of {}", known.join(", ")))
+    }
 }
 
 /// The header that says a request is from Outpost's own client (see the controller's `origin`).
@@ -1698,6 +1713,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     group,
                     selector,
                 } => {
+                    // A node that does not exist is an error, not an empty list.
+                    if let Some(n) = &node {
+                        c.send("GET", &format!("/v1/nodes/{}", seg(n)), None)?;
+                    }
                     let v = c.send("GET", "/v1/instances", None)?;
                     let keep = |i: &Value| {
                         node.as_ref().is_none_or(|n| i["node"] == n.as_str())
@@ -1935,7 +1954,16 @@ enum Kind {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn unknown_phases_are_refused_with_the_known_ones() {
+        assert_eq!(phase_name("running").unwrap(), "running");
+        assert_eq!(phase_name("held").unwrap(), "held");
+        let e = phase_name("runing").unwrap_err();
+        assert!(e.contains("one of pending, scheduled"), "{e}");
+    }
 
     #[test]
     fn a_leader_is_never_followed_from_tls_to_plain_http() {

@@ -97,6 +97,7 @@ fn status(e: &ActionError) -> StatusCode {
             FleetError::NoInstance(_)
             | FleetError::NoNode(_)
             | FleetError::NoImage(_)
+            | FleetError::NoNodeMatches(_)
             | FleetError::NoSuchInstall(..),
         ) => StatusCode::NOT_FOUND,
         ActionError::Fleet(FleetError::BlobDenied) => StatusCode::FORBIDDEN,

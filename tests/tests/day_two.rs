@@ -121,3 +121,49 @@ fn a_node_dead_for_good_is_removed_with_its_instances_accounted_for() {
     assert_eq!(node_of(&ctl, "mobile-2"), "live-b");
     assert_eq!(ctl.phase("mobile-2").as_deref(), Some("running"));
 }
+
+/// Filters that match nothing because they name nothing are errors, not empty answers with
+/// exit 0 (issue 30, item 10).
+#[test]
+fn unknown_filters_are_errors_not_empty_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = Controller::embedded(dir.path());
+    ctl.start();
+    let mut a = Agent::fake(dir.path(), "edge-1", ctl.mqtt_port, 4096, "north");
+    a.start();
+    ctl.wait_nodes_up(1);
+    let e = ctl
+        .cli(&["instances", "list", "--phase", "runing"])
+        .unwrap_err();
+    assert!(
+        e.contains("no phase \"runing\"") && e.contains("running"),
+        "{e}"
+    );
+    let e = ctl
+        .cli(&["instances", "list", "--node", "edge-9"])
+        .unwrap_err();
+    assert!(e.contains("edge-9"), "{e}");
+    assert!(ctl.cli(&["instances", "list", "--node", "edge-1"]).is_ok());
+    let file = dir.path().join("tiny.raw");
+    std::fs::write(&file, vec![0u8; 4096]).unwrap();
+    ctl.cli(&[
+        "images",
+        "upload",
+        file.to_str().unwrap(),
+        "--name",
+        "tiny",
+        "--format",
+        "raw",
+        "--arch",
+        "x86_64",
+    ])
+    .unwrap();
+    let e = ctl
+        .cli(&["images", "prefetch", "tiny", "--selector", "zone=nowhere"])
+        .unwrap_err();
+    assert!(e.contains("no node matches selector zone=nowhere"), "{e}");
+    assert!(
+        ctl.cli(&["images", "prefetch", "tiny", "--selector", "zone=north"])
+            .is_ok()
+    );
+}

@@ -33,6 +33,9 @@ pub enum FleetError {
     /// A node still holds instances: it is not removed.
     #[error("node {0} still holds {1}: drain it first, or remove it with --force to move them")]
     NodeNotEmpty(NodeId, String),
+    /// No node carries the labels asked for (or none runs the image's architecture).
+    #[error("no node matches selector {0} (check the labels: outpost nodes list)")]
+    NoNodeMatches(String),
     /// A forced removal of a node that is up found instances it cannot move.
     #[error(
         "node {0} is up and still runs {1}, which cannot move anywhere (nothing fits, or a group's policy; {2} other instance(s) moved): stop its agent first (then they are deleted with it), or delete them"

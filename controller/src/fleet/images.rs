@@ -297,6 +297,14 @@ impl Fleet {
                 started.queued.push(n.id.clone());
             }
         }
+        if started.queued.is_empty() && started.cached.is_empty() {
+            let sel: Vec<String> = selector.iter().map(ToString::to_string).collect();
+            return Err(FleetError::NoNodeMatches(if sel.is_empty() {
+                "(any)".to_owned()
+            } else {
+                sel.join(",")
+            }));
+        }
         self.prefetches.push(PrefetchJob {
             blob: rec.blob,
             pending: started.queued.iter().cloned().collect(),
