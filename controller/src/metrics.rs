@@ -355,15 +355,12 @@ impl Metrics {
     pub fn broker(&self, up: bool) {
         let was = self.broker_connected.set(i64::from(up)) == 1;
         if up {
-            let ms = u64::try_from(self.uptime().as_millis()).unwrap_or(u64::MAX);
-            self.broker_since
-                .store(ms.saturating_add(1), Ordering::Relaxed);
+            self.broker_since.store(self.mark_now(), Ordering::Relaxed);
             self.broker_lost.store(0, Ordering::Relaxed);
         } else {
             self.broker_since.store(0, Ordering::Relaxed);
             if was {
-                let at = self.since_start_ms().saturating_add(1);
-                self.broker_lost.store(at, Ordering::Relaxed);
+                self.broker_lost.store(self.mark_now(), Ordering::Relaxed);
             }
             if was {
                 self.broker_disconnects.inc();
@@ -390,9 +387,9 @@ impl Metrics {
         u64::try_from(self.uptime().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// How long the broker connection has been down (`None` while it is up).
-    pub fn broker_down_for(&self) -> Option<Duration> {
-        match self.broker_lost.load(Ordering::Relaxed) {
+    /// How long ago the instant kept in `mark` was (ms after `started`, plus one; 0: none).
+    fn since_mark(&self, mark: &AtomicU64) -> Option<Duration> {
+        match mark.load(Ordering::Relaxed) {
             0 => None,
             at => Some(Duration::from_millis(
                 self.since_start_ms().saturating_sub(at - 1),
@@ -400,35 +397,31 @@ impl Metrics {
         }
     }
 
+    /// Now, as a mark for [`since_mark`](Self::since_mark).
+    fn mark_now(&self) -> u64 {
+        self.since_start_ms().saturating_add(1)
+    }
+
+    /// How long the broker connection has been down (`None` while it is up).
+    pub fn broker_down_for(&self) -> Option<Duration> {
+        self.since_mark(&self.broker_lost)
+    }
+
     /// The service loop begins (or stops) waiting on the store.
     pub fn store_waiting(&self, waiting: bool) {
-        let v = if waiting {
-            self.since_start_ms().saturating_add(1)
-        } else {
-            0
-        };
+        let v = if waiting { self.mark_now() } else { 0 };
         self.store_wait.store(v, Ordering::Relaxed);
     }
 
     /// How long the service loop has been waiting on the store (`None` while it is not).
     pub fn store_waiting_for(&self) -> Option<Duration> {
-        match self.store_wait.load(Ordering::Relaxed) {
-            0 => None,
-            at => Some(Duration::from_millis(
-                self.since_start_ms().saturating_sub(at - 1),
-            )),
-        }
+        self.since_mark(&self.store_wait)
     }
 
     /// Connected for at least [`SETTLE`].
     pub fn broker_settled(&self) -> bool {
-        match self.broker_since.load(Ordering::Relaxed) {
-            0 => false,
-            since => {
-                let now = u64::try_from(self.uptime().as_millis()).unwrap_or(u64::MAX);
-                now.saturating_sub(since - 1) >= SETTLE.as_millis() as u64
-            }
-        }
+        self.since_mark(&self.broker_since)
+            .is_some_and(|d| d >= SETTLE)
     }
 
     /// Counts one MQTT message dropped before it was handled.

@@ -193,13 +193,13 @@ fn read_enrolled(
     found.into_iter().collect()
 }
 
-/// The devices' broker credentials from a mosquitto password file (`user:hash` lines), each
-/// entry hashed; `None` if it cannot be read (what was known stands).
-fn read_credentials(
-    path: &std::path::Path,
-) -> Option<std::collections::BTreeMap<NodeId, [u8; 32]>> {
+/// The devices' broker credentials from the password file the controller knows of (see
+/// [`credentials_file`]; `user:hash` lines), each entry hashed; `None` if there is none or it
+/// cannot be read (what was known stands).
+fn read_credentials(cfg: &ServeConfig) -> Option<std::collections::BTreeMap<NodeId, [u8; 32]>> {
     use sha2::Digest as _;
-    let text = match std::fs::read_to_string(path) {
+    let path = credentials_file(cfg)?;
+    let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(file = %path.display(), error = %e, "cannot read the broker's password file: the devices' credentials are as last read");
@@ -874,7 +874,7 @@ impl Shell {
         );
         fleet.set_epoch(epoch);
         // Before anything is published: the blob tokens include the devices' credentials.
-        if let Some(creds) = credentials_file(&self.cfg).and_then(|f| read_credentials(&f)) {
+        if let Some(creds) = read_credentials(&self.cfg) {
             fleet.set_credentials(Some(creds));
         }
         self.metrics.lead(epoch);
@@ -1088,9 +1088,7 @@ impl Shell {
                                 fleet.set_enrolled(read_enrolled(reg));
                             }
                             // Revoked or provisioned-again devices: their blob tokens follow.
-                            if let Some(creds) =
-                                credentials_file(&self.cfg).and_then(|f| read_credentials(&f))
-                            {
+                            if let Some(creds) = read_credentials(&self.cfg) {
                                 fleet.set_credentials(Some(creds));
                             }
                         }
@@ -1268,26 +1266,24 @@ impl Shell {
                 }
                 // Without the broker nothing is queued in the client (it would go out late,
                 // perhaps after another leader's): published again once the broker is back.
-                if self.metrics.broker_down_for().is_some() {
+                let dispatched = if self.metrics.broker_down_for().is_some() {
                     fleet.publish_again(changes.publish.into_iter().map(|(n, _)| n));
-                    for (reply, _, r, _) in f.replies {
-                        let _ = reply.send(r);
-                    }
-                    return None;
-                }
-                let sent = changes.publish.len() as u64;
-                publish(&self.client, changes.publish).await;
-                clear_retained(&self.client, &changes.removed_nodes).await;
-                metrics
-                    .mqtt_sent
-                    .get_or_create(&crate::metrics::ChannelLabel {
-                        channel: Channel::Desired.name(),
-                    })
-                    .inc_by(sent);
-                let dispatched = Instant::now();
+                    None
+                } else {
+                    let sent = changes.publish.len() as u64;
+                    publish(&self.client, changes.publish).await;
+                    clear_retained(&self.client, &changes.removed_nodes).await;
+                    metrics
+                        .mqtt_sent
+                        .get_or_create(&crate::metrics::ChannelLabel {
+                            channel: Channel::Desired.name(),
+                        })
+                        .inc_by(sent);
+                    Some(Instant::now())
+                };
                 for (reply, mutates, r, arrived) in f.replies {
-                    if mutates {
-                        Metrics::observe(&metrics.request_dispatch, dispatched - arrived);
+                    if mutates && let Some(at) = dispatched {
+                        Metrics::observe(&metrics.request_dispatch, at - arrived);
                     }
                     let _ = reply.send(r);
                 }

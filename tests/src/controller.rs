@@ -7,6 +7,19 @@ use std::time::Duration;
 
 use crate::process::{Proc, bin, free_port, wait_for};
 
+/// Makes a named API token with `outpost-controller tokens create NAME --role ROLE` in
+/// `data_dir` (with `extra` arguments, `--expires 3s`...): its secret.
+pub fn make_token(data_dir: &Path, name: &str, role: &str, extra: &[&str]) -> String {
+    crate::process::run_ok(
+        Command::new(bin("outpost-controller"))
+            .args(["tokens", "create", name, "--role", role, "--data-dir"])
+            .arg(data_dir)
+            .args(extra),
+    )
+    .trim()
+    .to_owned()
+}
+
 /// A controller process with its own data directory and ports.
 pub struct Controller {
     /// Its HTTP API, `http://127.0.0.1:PORT`.
@@ -210,6 +223,22 @@ impl Controller {
         }
         args.extend_from_slice(extra);
         self.cli(&args)
+    }
+
+    /// The node instance `name` is on (`-` when none).
+    pub fn node_of(&self, name: &str) -> String {
+        self.cli(&["instances", "show", name]).unwrap()["node"]
+            .as_str()
+            .unwrap_or("-")
+            .to_owned()
+    }
+
+    /// The id of instance `name`.
+    pub fn id_of(&self, name: &str) -> String {
+        self.cli(&["instances", "show", name]).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     /// The phase of an instance (by name), if it exists.

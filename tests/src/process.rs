@@ -64,6 +64,28 @@ pub fn aarch64_agent() -> PathBuf {
     )
 }
 
+/// Sends signal `sig` (`STOP`, `CONT`, `TERM`...) to process `pid` (for a process whose
+/// [`Proc`] is borrowed elsewhere).
+pub fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill -{sig} {pid}");
+}
+
+/// Runs `cmd`, which must succeed (else its stderr is the panic), and returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Waits until `f` returns `Some`, polling every 50 ms, or panics with `what` after `timeout`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + timeout;
@@ -155,12 +177,7 @@ impl Proc {
 
     /// Sends signal `sig` (`STOP`, `CONT`, `TERM`...) to the process.
     pub fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
-        assert!(st.success(), "kill -{sig} {}", self.pid());
+        signal(self.pid(), sig);
     }
 
     /// Its log so far.

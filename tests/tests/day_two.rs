@@ -10,20 +10,6 @@ use outpost_tests::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn node_of(ctl: &Controller, name: &str) -> String {
-    ctl.cli(&["instances", "show", name]).unwrap()["node"]
-        .as_str()
-        .unwrap_or("-")
-        .to_owned()
-}
-
-fn id_of(ctl: &Controller, name: &str) -> String {
-    ctl.cli(&["instances", "show", name]).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 #[test]
 fn a_node_dead_for_good_is_removed_with_its_instances_accounted_for() {
     let dir = tempfile::tempdir().unwrap();
@@ -47,10 +33,10 @@ fn a_node_dead_for_good_is_removed_with_its_instances_accounted_for() {
         args.extend(extra);
         ctl.create(name, &args).unwrap();
         ctl.wait_phase(name, "running", T);
-        assert_eq!(node_of(&ctl, name), "dead-a");
+        assert_eq!(ctl.node_of(name), "dead-a");
     }
     ctl.cli(&["nodes", "uncordon", "live-b"]).unwrap();
-    let (p1, p2) = (id_of(&ctl, "pinned-1"), id_of(&ctl, "pinned-2"));
+    let (p1, p2) = (ctl.id_of("pinned-1"), ctl.id_of("pinned-2"));
 
     // A forced removal of a node that is up, with an instance that cannot move: refused,
     // naming it, and the node is left as it was (not draining).
@@ -65,14 +51,14 @@ fn a_node_dead_for_good_is_removed_with_its_instances_accounted_for() {
     let n = ctl.cli(&["nodes", "show", "dead-a"]).unwrap();
     assert_eq!(n["state"], "up", "a refused removal left it {n}");
     ctl.wait_phase("mobile", "running", T);
-    assert_eq!(node_of(&ctl, "mobile"), "live-b", "what could move, moved");
+    assert_eq!(ctl.node_of("mobile"), "live-b", "what could move, moved");
     // Another that can move, back on the node that will die.
     ctl.cli(&["nodes", "cordon", "live-b"]).unwrap();
     ctl.create("mobile-2", &["--memory", "128"]).unwrap();
     ctl.wait_phase("mobile-2", "running", T);
-    assert_eq!(node_of(&ctl, "mobile-2"), "dead-a");
+    assert_eq!(ctl.node_of("mobile-2"), "dead-a");
     ctl.cli(&["nodes", "uncordon", "live-b"]).unwrap();
-    let mobile = id_of(&ctl, "mobile-2");
+    let mobile = ctl.id_of("mobile-2");
 
     // The node dies for good.
     a.proc().kill();
@@ -105,7 +91,7 @@ fn a_node_dead_for_good_is_removed_with_its_instances_accounted_for() {
         "{text}"
     );
     ctl.wait_phase("mobile-2", "running", T);
-    assert_eq!(node_of(&ctl, "mobile-2"), "live-b");
+    assert_eq!(ctl.node_of("mobile-2"), "live-b");
     assert_eq!(ctl.phase("pinned-2"), None);
     let nodes = ctl.cli(&["nodes", "list"]).unwrap().to_string();
     assert!(!nodes.contains("dead-a"), "{nodes}");
@@ -118,7 +104,7 @@ fn a_node_dead_for_good_is_removed_with_its_instances_accounted_for() {
     wait_for(T, "the returned node to delete what is gone", || {
         (a.ops("delete", Some(&p2)) >= 1 && a.ops("delete", Some(&mobile)) >= 1).then_some(())
     });
-    assert_eq!(node_of(&ctl, "mobile-2"), "live-b");
+    assert_eq!(ctl.node_of("mobile-2"), "live-b");
     assert_eq!(ctl.phase("mobile-2").as_deref(), Some("running"));
 }
 

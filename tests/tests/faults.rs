@@ -168,10 +168,9 @@ impl World {
     /// An agent frozen (SIGSTOP) for up to 6.5 s.
     fn freeze_agent(&mut self, rng: &mut Rng) -> String {
         let i = rng.below(self.agents.len() as u64) as usize;
-        let pid = self.agents[i].proc().pid().to_string();
-        Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+        self.agents[i].proc().signal("STOP");
         std::thread::sleep(Duration::from_millis(500 + rng.below(6000)));
-        Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+        self.agents[i].proc().signal("CONT");
         format!("agent {} cut off for a while", self.agents[i].node)
     }
 

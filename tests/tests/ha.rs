@@ -436,11 +436,7 @@ fn a_frozen_leader_is_replaced_and_wakes_without_a_word() {
         });
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::SeqCst);
-        let st = std::process::Command::new("kill")
-            .args(["-STOP", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        signal(pid, "STOP");
         let frozen_at = Instant::now();
         wait_for(T, "b leading", || (role(&b) == "leader").then_some(()));
         frozen_at.elapsed()

@@ -6,24 +6,9 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outpost_tests::*;
-
-fn admin_token(data_dir: &std::path::Path) -> String {
-    let out = Command::new(bin("outpost-controller"))
-        .args(["tokens", "create", "boss", "--role", "admin", "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
 
 /// The resident memory of process `pid`, in KiB.
 fn rss_kib(pid: u32) -> u64 {
@@ -39,7 +24,7 @@ fn rss_kib(pid: u32) -> u64 {
 fn idle_and_half_sent_connections_do_not_silence_the_api() {
     let dir = tempfile::tempdir().unwrap();
     let mut ctl = Controller::embedded(dir.path());
-    let token = admin_token(&ctl.data_dir.clone());
+    let token = make_token(&ctl.data_dir.clone(), "boss", "admin", &[]);
     ctl.token = Some(token.clone());
     ctl.under = ["prlimit", "--nofile=160:160", "--"]
         .map(String::from)

@@ -11,13 +11,6 @@ use outpost_tests::*;
 
 const T: Duration = Duration::from_secs(60);
 
-fn node_of(ctl: &Controller, name: &str) -> String {
-    ctl.cli(&["instances", "show", name]).unwrap()["node"]
-        .as_str()
-        .unwrap_or("-")
-        .to_owned()
-}
-
 fn state_of(ctl: &Controller, node: &str) -> String {
     ctl.cli(&["nodes", "show", node]).unwrap()["state"]
         .as_str()
@@ -75,7 +68,7 @@ fn partitioned_node_goes_down_then_is_fenced_after_lost_after() {
         .unwrap();
     let id = v["id"].as_str().unwrap().to_owned();
     ctl.wait_phase("p-1", "running", T);
-    let home = node_of(&ctl, "p-1");
+    let home = ctl.node_of("p-1");
     let (ai, bi) = if home == "edge-a" { (0, 1) } else { (1, 0) };
 
     // A short cut: down within the liveness window, nothing moved, back without duplicates.
@@ -84,7 +77,7 @@ fn partitioned_node_goes_down_then_is_fenced_after_lost_after() {
         (state_of(&ctl, &home) == "down").then_some(())
     });
     assert_eq!(
-        node_of(&ctl, "p-1"),
+        ctl.node_of("p-1"),
         home,
         "not moved before the lost-after delay"
     );
@@ -100,7 +93,7 @@ fn partitioned_node_goes_down_then_is_fenced_after_lost_after() {
     // A long cut: moved to the other node after the lost-after delay...
     links[ai].cut();
     wait_for(T, "the instance moved", || {
-        (node_of(&ctl, "p-1") != home).then_some(())
+        (ctl.node_of("p-1") != home).then_some(())
     });
     ctl.wait_phase("p-1", "running", T);
     assert_eq!(ops(&mut agents[bi], "create", &id), 1);
@@ -115,7 +108,7 @@ fn partitioned_node_goes_down_then_is_fenced_after_lost_after() {
         (state_of(&ctl, &home) == "up").then_some(())
     });
     assert_eq!(
-        node_of(&ctl, "p-1"),
+        ctl.node_of("p-1"),
         if ai == 0 { "edge-b" } else { "edge-a" }
     );
     assert_eq!(

@@ -10,21 +10,6 @@ use std::time::Duration;
 
 use outpost_tests::*;
 
-fn token(data_dir: &std::path::Path, name: &str, role: &str, extra: &[&str]) -> String {
-    let out = Command::new(bin("outpost-controller"))
-        .args(["tokens", "create", name, "--role", role, "--data-dir"])
-        .arg(data_dir)
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 /// A request to the controller's API with `token`: (status, body).
 fn req(
     ctl: &Controller,
@@ -41,10 +26,10 @@ fn roles_audit_revocation_and_expiry() {
     let dir = tempfile::tempdir().unwrap();
     let mut ctl = Controller::embedded(dir.path());
     let data = ctl.data_dir.clone();
-    let viewer = token(&data, "viewer", "read", &[]);
-    let ops = token(&data, "ops", "operator", &[]);
-    let boss = token(&data, "boss", "admin", &[]);
-    let temp = token(&data, "temp", "operator", &["--expires", "3s"]);
+    let viewer = make_token(&data, "viewer", "read", &[]);
+    let ops = make_token(&data, "ops", "operator", &[]);
+    let boss = make_token(&data, "boss", "admin", &[]);
+    let temp = make_token(&data, "temp", "operator", &["--expires", "3s"]);
     assert!(boss.starts_with("outpost_"), "{boss}");
     let mode = std::fs::metadata(data.join("tokens.db"))
         .unwrap()
@@ -190,7 +175,7 @@ fn roles_audit_revocation_and_expiry() {
 fn failed_authentications_are_limited_per_address() {
     let dir = tempfile::tempdir().unwrap();
     let mut ctl = Controller::embedded(dir.path());
-    let boss = token(&ctl.data_dir.clone(), "boss", "admin", &[]);
+    let boss = make_token(&ctl.data_dir.clone(), "boss", "admin", &[]);
     ctl.token = Some(boss.clone());
     ctl.start();
     let mut last = 0;
@@ -214,7 +199,7 @@ fn failed_authentications_are_limited_per_address() {
 fn status_page_visits_do_not_lock_the_cli_out() {
     let dir = tempfile::tempdir().unwrap();
     let mut ctl = Controller::embedded(dir.path());
-    let boss = token(&ctl.data_dir.clone(), "boss", "admin", &[]);
+    let boss = make_token(&ctl.data_dir.clone(), "boss", "admin", &[]);
     ctl.token = Some(boss.clone());
     ctl.start();
     for _ in 0..30 {
@@ -236,8 +221,8 @@ fn a_token_made_while_running_locks_the_api_and_revocation_ends_streams() {
         "open on loopback"
     );
     let data = ctl.data_dir.clone();
-    let boss = token(&data, "boss", "admin", &[]);
-    let watcher = token(&data, "watcher", "read", &[]);
+    let boss = make_token(&data, "boss", "admin", &[]);
+    let watcher = make_token(&data, "watcher", "read", &[]);
     wait_for(Duration::from_secs(5), "the API to need a token", || {
         (req(&ctl, None, "GET", "/v1/nodes", "").0 == 401).then_some(())
     });
@@ -253,15 +238,10 @@ fn a_token_made_while_running_locks_the_api_and_revocation_ends_streams() {
         .unwrap();
     std::thread::sleep(Duration::from_secs(1));
     assert!(follow.try_wait().unwrap().is_none(), "the stream is open");
-    let out = Command::new(bin("outpost-controller"))
-        .args(["tokens", "revoke", "watcher", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(bin("outpost-controller"))
+            .args(["tokens", "revoke", "watcher", "--data-dir"])
+            .arg(&data),
     );
     let ended = wait_for(Duration::from_secs(10), "the revoked stream to end", || {
         follow.try_wait().unwrap()
